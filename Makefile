@@ -1,0 +1,31 @@
+# Every target sets up .venv first (scripts/setup.sh); set VENV to use another environment.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-done
+
+.PHONY: setup demo test bench notebooks clean
+
+$(STAMP): pyproject.toml requirements.txt scripts/setup.sh
+	bash scripts/setup.sh $(VENV)
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+## The main job: the paper's pipeline on the embedded refusal model, into runs/demo.
+demo: $(STAMP)
+	$(PY) -m refusal_helpers run --model embedded --out runs/demo
+
+## The test suite (offline).
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+## Benchmarks: each prints its ratio or figure on its last line.
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+## Rebuild exercise.ipynb from solutions.ipynb.
+notebooks: $(STAMP)
+	$(PY) -m refusal_helpers.notebooks build
+
+clean:
+	rm -rf runs/demo .pytest_cache

@@ -1,0 +1,66 @@
+"""Command line: ``python -m refusal_helpers run --model embedded --out runs/embedded``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .pipeline import PipelineConfig
+
+
+def _n(value: str) -> int | None:
+    if value == "all":
+        return None
+    n = int(value)
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'all', got {value}")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m refusal_helpers",
+                                     description="Refusal in language models is mediated by a single direction.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the paper's pipeline: extract, select, generate, evaluate, loss")
+    d = PipelineConfig()
+    run.add_argument("--model", default=d.model, help="'embedded', a hub name, a local folder or a .gguf file")
+    run.add_argument("--out", default=None, help="output folder (default: runs/<model alias>)")
+    run.add_argument("--n-train", type=_n, default=d.n_train, help="instructions per kind for the means")
+    run.add_argument("--n-val", type=_n, default=d.n_val, help="instructions per kind for selection")
+    run.add_argument("--n-test", type=_n, default=d.n_test, help="test instructions per kind, or 'all'")
+    run.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    run.add_argument("--batch-size", type=int, default=d.batch_size)
+    run.add_argument("--selection-mode", choices=("lazy", "exhaustive"), default=d.selection_mode,
+                     help="lazy: stop at the first passing candidate; exhaustive: every score (full plots)")
+    run.add_argument("--kl-threshold", type=float, default=None, help="default: model preset, else 0.1")
+    run.add_argument("--induce-threshold", type=float, default=d.induce_threshold)
+    run.add_argument("--max-layer-fraction", type=float, default=d.max_layer_fraction)
+    run.add_argument("--harmful", dest="harmful_source", default=d.harmful_source,
+                     help="'bundled' or a hub dataset: advbench, jailbreakbench, harmbench")
+    run.add_argument("--harmless", dest="harmless_source", default=d.harmless_source, help="'bundled' or 'alpaca'")
+    run.add_argument("--device", default=None)
+    run.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "run":
+        from .pipeline import Pipeline, format_summary
+
+        options = {k: v for k, v in vars(args).items() if k != "command"}
+        if options["out"] is None:
+            options["out"] = f"runs/{args.model.rstrip('/').split('/')[-1].removesuffix('.gguf')}"
+        try:
+            summary = Pipeline(PipelineConfig(**options)).run()
+        except (OSError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print()
+        print(format_summary(summary))
+        print(f"\nartifacts: {options['out']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Residual-stream activations at chosen positions and layers, and their streaming means."""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .generation import batches
+from .interventions import hooks
+from .models import ChatModel
+
+
+def _check_instructions(instructions: list[str]) -> None:
+    if isinstance(instructions, str) or len(instructions) == 0:
+        raise ValueError("Expected a non-empty list of instruction strings.")
+
+
+@torch.inference_mode()
+def residual_activations(
+    cm: ChatModel,
+    inputs: dict[str, Tensor],
+    positions: list[int],
+    layers: list[int],
+) -> Float[Tensor, "batch pos layer d_model"]:
+    """The residual stream entering each of `layers`, at `positions` (negative: from the end), for one batch."""
+    captured: dict[int, Tensor] = {}
+
+    def capture(layer: int):
+        def fn(x: Tensor) -> Tensor:
+            captured[layer] = x[:, positions, :]
+            return x
+
+        return fn
+
+    with hooks(cm, {f"blocks.{layer}.hook_resid_pre": capture(layer) for layer in layers}):
+        cm.forward(inputs, logits_to_keep=1)
+    return torch.stack([captured[layer] for layer in layers], dim=2)
+
+
+def _resolve(cm: ChatModel, positions: list[int] | None, layers: list[int] | None) -> tuple[list[int], list[int]]:
+    positions = cm.post_instruction_positions if positions is None else list(positions)
+    layers = list(range(cm.n_layers)) if layers is None else list(layers)
+    return positions, layers
+
+
+def mean_activations(
+    cm: ChatModel,
+    instructions: list[str],
+    positions: list[int] | None = None,
+    layers: list[int] | None = None,
+    batch_size: int = 32,
+    progress: bool | str = False,
+) -> Float[Tensor, "pos layer d_model"]:
+    """Mean residual activation over `instructions`, per position and layer, accumulated in float64.
+
+    Defaults: the post-instruction positions and every layer. Memory does not grow with the number of
+    instructions: each batch is added to a running float64 sum.
+    """
+    _check_instructions(instructions)
+    positions, layers = _resolve(cm, positions, layers)
+    total = torch.zeros(len(positions), len(layers), cm.d_model, dtype=torch.float64, device=cm.device)
+    chunks = list(batches(instructions, batch_size))
+    desc = progress if isinstance(progress, str) else "mean activations"
+    for chunk in tqdm(chunks, desc=desc, disable=not progress, leave=False):
+        acts = residual_activations(cm, cm.tokenize(chunk), positions, layers)
+        total += acts.to(torch.float64).sum(dim=0)
+    return (total / len(instructions)).cpu()
+
+
+def collect_activations(
+    cm: ChatModel,
+    instructions: list[str],
+    positions: list[int] | None = None,
+    layers: list[int] | None = None,
+    batch_size: int = 32,
+) -> Float[Tensor, "n pos layer d_model"]:
+    """Per-instruction residual activations (float32, on CPU), e.g. for projection plots."""
+    _check_instructions(instructions)
+    positions, layers = _resolve(cm, positions, layers)
+    parts = [
+        residual_activations(cm, cm.tokenize(chunk), positions, layers).float().cpu()
+        for chunk in batches(instructions, batch_size)
+    ]
+    return torch.cat(parts)

@@ -1,0 +1,96 @@
+"""Instruction sets: the project's bundled splits and loaders for the standard hub datasets.
+
+The bundled sets (``data/instructions/{harmful,harmless}.jsonl``) were written for this project; see
+``data/DATASHEET.md``. Each line is ``{"id", "instruction", "category", "split"}`` with fixed splits.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from functools import lru_cache
+from pathlib import Path
+
+KINDS = ("harmful", "harmless")
+SPLITS = ("train", "val", "test")
+
+
+def data_dir() -> Path:
+    """The repository's data/ folder (the package is used from a checkout: ``pip install -e .``)."""
+    return Path(__file__).resolve().parent.parent / "data"
+
+
+@lru_cache(maxsize=None)
+def _records(kind: str) -> tuple[dict, ...]:
+    if kind not in KINDS:
+        raise ValueError(f"Unknown instruction kind {kind!r}: expected one of {KINDS}.")
+    path = data_dir() / "instructions" / f"{kind}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Bundled instructions not found at {path}. Use refusal_helpers from a checkout of the repository "
+            "(git clone, then pip install -e .), which holds data/."
+        )
+    with open(path, encoding="utf-8") as f:
+        return tuple(json.loads(line) for line in f if line.strip())
+
+
+def load_records(kind: str, split: str | None = None) -> list[dict]:
+    """Bundled records (id, instruction, category, split) of one kind, optionally of one split."""
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"Unknown split {split!r}: expected one of {SPLITS} or None for all.")
+    return [dict(r) for r in _records(kind) if split is None or r["split"] == split]
+
+
+def load_instructions(kind: str, split: str, n: int | None = None, seed: int | None = None) -> list[str]:
+    """Bundled instructions of one kind ("harmful"/"harmless") and split; the first `n`, or `n` sampled with `seed`."""
+    instructions = [r["instruction"] for r in load_records(kind, split)]
+    return take(instructions, n, seed)
+
+
+def take(items: list[str], n: int | None, seed: int | None = None) -> list[str]:
+    """The first `n` items (all if None), or `n` sampled without replacement when a seed is given."""
+    if n is None or n >= len(items):
+        return list(items)
+    if n <= 0:
+        raise ValueError(f"Asked for {n} instructions; expected a positive number.")
+    if seed is None:
+        return list(items[:n])
+    return random.Random(seed).sample(list(items), n)
+
+
+def categories(kind: str) -> list[str]:
+    return sorted({r["category"] for r in _records(kind)})
+
+
+# ----- hub datasets --------------------------------------------------------------------------------
+# Each entry: dataset name, config, split, column holding the instruction.
+HUB_DATASETS: dict[str, tuple[str, str | None, str, str]] = {
+    "advbench": ("walledai/AdvBench", None, "train", "prompt"),
+    "alpaca": ("tatsu-lab/alpaca", None, "train", "instruction"),
+    "jailbreakbench": ("JailbreakBench/JBB-Behaviors", "behaviors", "harmful", "Goal"),
+    "jailbreakbench_benign": ("JailbreakBench/JBB-Behaviors", "behaviors", "benign", "Goal"),
+    "harmbench": ("walledai/HarmBench", "standard", "train", "prompt"),
+}
+
+
+def load_hub_instructions(name: str, n: int | None = None, seed: int | None = None) -> list[str]:
+    """Instructions from a standard hub dataset (advbench, alpaca, jailbreakbench, harmbench) via `datasets`."""
+    if name not in HUB_DATASETS:
+        raise ValueError(f"Unknown hub dataset {name!r}: expected one of {sorted(HUB_DATASETS)}.")
+    repo, config, split, column = HUB_DATASETS[name]
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(repo, config, split=split)
+    except Exception as err:  # datasets raises several types for "cannot reach the hub"
+        raise ConnectionError(
+            f"Could not load {name!r} ({repo}) from the Hugging Face Hub: {type(err).__name__}: {err}. "
+            "This needs network access (and, for gated sets, HF_TOKEN and accepted terms). Offline, use "
+            "the bundled sets: load_instructions('harmful' | 'harmless', split)."
+        ) from err
+    instructions = [row[column] for row in dataset]
+    if name == "alpaca":  # keep instructions that stand alone, as the paper does
+        instructions = [row["instruction"] for row in dataset if not row.get("input", "").strip()]
+    if not instructions:
+        raise ValueError(f"Hub dataset {name!r} returned no instructions.")
+    return take(instructions, n, seed)

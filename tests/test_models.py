@@ -1,0 +1,108 @@
+import pytest
+import torch
+
+from refusal_helpers.models import ArchitectureError, ChatModel, common_suffix_length, find_blocks, load_model
+from refusal_helpers.testing import ARCHITECTURES, tiny_chat_model, tiny_tokenizer
+
+EXPECTED_WRITERS = {  # (attention writer, MLP writer) class-name fragments per family
+    "llama": ("Attention", "MLP"), "gemma2": ("RMSNorm", "RMSNorm"), "gemma3": ("RMSNorm", "RMSNorm"),
+    "gpt2": ("Attention", "MLP"),
+}
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_module_discovery(arch):
+    cm = tiny_chat_model(arch, n_layers=3)
+    assert cm.n_layers == 3 and cm.d_model == 64
+    for layer in range(3):
+        parts = cm.parts(layer)
+        assert parts.block is cm.blocks[layer]
+        assert parts.attn_out_proj.weight.shape[0 if arch != "gpt2" else 1] == 64
+        assert parts.mlp_out_proj.weight.shape[0 if arch != "gpt2" else 1] == 64
+        attn_kind, mlp_kind = EXPECTED_WRITERS.get(arch, ("Attention", "MLP"))
+        assert attn_kind in type(parts.attn_writer).__name__
+        assert mlp_kind in type(parts.mlp_writer).__name__
+    assert cm.has_post_norms == (arch in ("gemma2", "gemma3"))
+    assert (cm.position_embed is not None) == (arch == "gpt2")
+    assert cm.unembed.weight.shape == (len(cm.tokenizer), 64)
+
+
+@pytest.mark.parametrize(
+    "template, expected",
+    [
+        ("chatml", "<|im_end|>\n<|im_start|>assistant\n"),
+        ("gemma", "<end_of_turn>\n<start_of_turn>model\n"),
+        ("llama3", "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"),
+    ],
+)
+def test_post_instruction_tokens_follow_the_template(template, expected):
+    cm = tiny_chat_model("llama", template=template, n_layers=2)
+    assert cm.tokenizer.decode(cm.post_instruction_ids) == expected
+    n = len(cm.post_instruction_ids)
+    assert cm.post_instruction_positions == list(range(-n, 0))
+    # In a left-padded batch the template tokens are the last n of every row.
+    batch = cm.tokenize(["a", "a much longer instruction with many words in it"])
+    for row in batch["input_ids"]:
+        assert row[-n:].tolist() == cm.post_instruction_ids
+
+
+def test_left_padding_and_no_duplicate_bos():
+    cm = tiny_chat_model("llama", template="gemma", n_layers=2)
+    batch = cm.tokenize(["short", "a longer instruction here"])
+    assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][1, 0] == 1
+    bos = cm.tokenizer.bos_token_id
+    assert (batch["input_ids"][1] == bos).sum() == 1
+
+
+def test_refusal_tokens_are_first_tokens_of_refusals(llama):
+    from refusal_helpers.models import REFUSAL_OPENINGS
+
+    tokens = [llama.tokenizer.decode([t]) for t in llama.refusal_token_ids]
+    assert tokens[:2] == ["I", "Sorry"]
+    assert len(set(tokens)) == len(tokens)
+    assert all(any(o.startswith(t) for o in REFUSAL_OPENINGS) for t in tokens)
+
+
+def test_no_chat_template_is_a_clear_error(llama):
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        ChatModel(model=llama.model, tokenizer=tokenizer)
+
+
+def test_unfindable_blocks_is_a_clear_error(llama):
+    class Weird(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = llama.model.config
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+
+    with pytest.raises(ArchitectureError, match="decoder blocks"):
+        find_blocks(Weird())
+
+
+def test_unknown_model_is_a_clear_error(tmp_path):
+    with pytest.raises(OSError, match="Could not load model 'no-such-org/no-such-model'"):
+        load_model("no-such-org/no-such-model", device="cpu")
+    with pytest.raises(FileNotFoundError):
+        load_model(str(tmp_path / "missing.gguf"), device="cpu")
+
+
+def test_load_model_from_a_local_folder(tmp_path, llama):
+    llama.model.save_pretrained(tmp_path)
+    llama.tokenizer.save_pretrained(tmp_path)
+    cm = load_model(str(tmp_path), device="cpu", dtype="float32")
+    inputs = cm.tokenize(["Hello world!"])
+    torch.testing.assert_close(cm.forward(inputs), llama.forward(inputs))
+    assert not cm.model.config.to_dict().get("trust_remote_code", False)
+
+
+def test_common_suffix_length():
+    assert common_suffix_length([[1, 2, 3], [9, 2, 3], [3]]) == 1
+    assert common_suffix_length([[1, 2], [3, 4]]) == 0
+
+
+def test_forward_respects_left_padding(llama):
+    alone = llama.forward(llama.tokenize(["Hello world!"]))
+    padded = llama.forward(llama.tokenize(["Hello world!", "a much longer instruction with many words"]))
+    torch.testing.assert_close(padded[:1], alone, atol=1e-4, rtol=1e-4)

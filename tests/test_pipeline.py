@@ -1,0 +1,77 @@
+import json
+import os
+
+import pytest
+from safetensors.torch import load_file
+
+from refusal_helpers.__main__ import main
+from refusal_helpers.pipeline import CONDITIONS, load_direction
+from refusal_helpers.testing import tiny_chat_model
+
+ARTIFACTS = [
+    "candidates.safetensors", "direction.safetensors", "direction.json", "selection.json", "evaluations.json",
+    "loss.json", "summary.json", "plots/selection_scores.html", "plots/projections.html",
+    "plots/cosine_similarity.html", "plots/norms.html",
+] + [f"completions/{c}.json" for c in CONDITIONS]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-model")
+    cm = tiny_chat_model("qwen2", n_layers=3)
+    cm.model.save_pretrained(folder)
+    cm.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def run_cli(model, out, *extra):
+    return main(["run", "--model", str(model), "--out", str(out), "--n-train", "6", "--n-val", "3", "--n-test", "3",
+                 "--max-new-tokens", "4", "--batch-size", "4", "--kl-threshold", "1e6", "--induce-threshold=-1e6",
+                 "--device", "cpu", *extra])
+
+
+def test_cli_end_to_end_writes_every_artifact(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(tiny_folder, out) == 0
+    for name in ARTIFACTS:
+        assert (out / name).is_file(), name
+    printed = capsys.readouterr().out
+    assert "harmful, ablation" in printed and "CE loss" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["refusal_rate"]) == set(CONDITIONS)
+    candidates = load_file(str(out / "candidates.safetensors"))["candidates"]
+    direction, description = load_direction(out)
+    assert candidates.shape[1:] == (3, 64)
+    assert (direction == candidates[description["position_index"], description["layer"]]).all()
+    table = json.loads((out / "selection.json").read_text())["table"]
+    assert len(table["bypass"]) == candidates.shape[0] and len(table["bypass"][0]) == 3
+    completions = json.loads((out / "completions/harmful_ablation.json").read_text())
+    assert completions["n"] == 3 and {"instruction", "completion", "refusal"} <= set(completions["items"][0])
+
+    # A second run skips finished steps: artifacts are not rewritten.
+    mtimes = {name: os.stat(out / name).st_mtime_ns for name in ARTIFACTS if name != "summary.json"}
+    assert run_cli(tiny_folder, out) == 0
+    assert mtimes == {name: os.stat(out / name).st_mtime_ns for name in mtimes}
+    # Changing a test-time setting redoes only the later steps.
+    assert run_cli(tiny_folder, out, "--max-new-tokens", "3") == 0
+    assert os.stat(out / "candidates.safetensors").st_mtime_ns == mtimes["candidates.safetensors"]
+    assert os.stat(out / "completions/harmless_actadd.json").st_mtime_ns != mtimes["completions/harmless_actadd.json"]
+
+
+def test_cli_bad_inputs_are_clear_errors(tiny_folder, tmp_path, capsys):
+    assert run_cli("no-such-org/no-such-model", tmp_path / "a") == 2
+    assert "Could not load model" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert run_cli(tiny_folder, blocker / "sub") == 2
+    assert "Cannot write to the output folder" in capsys.readouterr().err
+
+
+def test_failed_run_leaves_earlier_artifacts_intact(tiny_folder, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(tiny_folder, out) == 0
+    before = (out / "direction.json").read_text()
+    # impossible thresholds: selection fails, the earlier direction stays as it was
+    assert main(["run", "--model", str(tiny_folder), "--out", str(out), "--n-train", "6", "--n-val", "3",
+                 "--n-test", "3", "--induce-threshold", "1e9", "--device", "cpu"]) == 2
+    assert (out / "direction.json").read_text() == before

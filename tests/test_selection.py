@@ -1,0 +1,91 @@
+import pytest
+import torch
+
+from refusal_helpers.activations import mean_activations
+from refusal_helpers.directions import diff_of_means
+from refusal_helpers.interventions import ablate, add, active_hook_count
+from refusal_helpers.evaluation import refusal_scores, last_logits
+from refusal_helpers.metrics import kl_divergence
+from refusal_helpers.selection import (
+    ScoreTable, SelectionConfig, choose, passing_mask, score_candidates, select_direction,
+)
+from tests.conftest import HARMFUL, HARMLESS
+
+NAN = float("nan")
+
+
+def crafted_table():
+    # 2 positions x 5 layers; with max_layer_fraction 0.8, layer 4 is excluded.
+    bypass = torch.tensor([[0.0, -3.0, -1.0, -2.0, -9.0], [-4.0, -0.5, -2.5, NAN, -8.0]])
+    induce = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0], [-0.5, 1.0, 2.0, 1.0, 1.0]])
+    kl = torch.tensor([[0.0, 0.3, 0.05, 0.02, 0.0], [0.01, 0.01, 0.09, 0.0, 0.0]])
+    return ScoreTable([-2, -1], bypass, induce, kl, 2.0, -3.0)
+
+
+def test_choose_applies_every_filter():
+    table = crafted_table()
+    config = SelectionConfig(max_layer_fraction=0.8, kl_threshold=0.1, induce_threshold=0.0)
+    # layer 4 (-9, -8) is too late; (0,1) has KL 0.3; (1,0) has induce -0.5; best remaining: (1,2) = -2.5
+    selection = choose(table, config)
+    assert (selection.position_index, selection.layer, selection.position) == (1, 2, -1)
+    assert selection.bypass == -2.5
+    mask = passing_mask(table, config)
+    assert mask.sum() == 5 and not mask[:, 4].any() and not mask[0, 1] and not mask[1, 0] and not mask[1, 3]
+
+
+def test_choose_thresholds_are_parameters():
+    table = crafted_table()
+    assert choose(table, SelectionConfig(kl_threshold=1.0)).layer == 1  # (0,1) now passes with -3
+    assert choose(table, SelectionConfig(induce_threshold=-1.0)).position_index == 1  # (1,0) = -4
+    assert choose(table, SelectionConfig(max_layer_fraction=1.0)).bypass == -9.0
+    with pytest.raises(ValueError, match="No candidate"):
+        choose(table, SelectionConfig(induce_threshold=5.0))
+
+
+def test_score_table_round_trips_through_dict():
+    table = crafted_table()
+    again = ScoreTable.from_dict(table.to_dict())
+    torch.testing.assert_close(again.bypass, table.bypass, equal_nan=True)
+    assert again.positions == table.positions
+
+
+@pytest.fixture(scope="module")
+def candidates(llama):
+    return diff_of_means(mean_activations(llama, HARMFUL), mean_activations(llama, HARMLESS)).float()
+
+
+def test_scores_equal_straightforward_computation(llama, candidates):
+    table = score_candidates(llama, candidates, HARMFUL, HARMLESS, mode="exhaustive", batch_size=3, progress=False)
+    base = last_logits(llama, HARMLESS)
+    for p, l in [(0, 1), (len(table.positions) - 1, 3), (2, 2)]:
+        r = candidates[p, l]
+        with ablate(llama, r):
+            bypass = refusal_scores(llama, HARMFUL).mean()
+            kl = kl_divergence(base, last_logits(llama, HARMLESS)).mean()
+        with add(llama, r, layer=l):
+            induce = refusal_scores(llama, HARMLESS).mean()
+        assert abs(table.bypass[p, l] - bypass) < 1e-3
+        assert abs(table.kl[p, l] - kl) < 1e-4
+        assert abs(table.induce[p, l] - induce) < 1e-3
+    assert torch.isnan(table.bypass[:, 0]).all()  # layer 0: zero directions at template positions
+    assert active_hook_count(llama) == 0
+
+
+def test_lazy_and_exhaustive_choose_the_same(llama, candidates):
+    config = SelectionConfig(kl_threshold=10.0, induce_threshold=-100.0)
+    lazy_sel, direction, lazy = select_direction(llama, candidates, HARMFUL, HARMLESS, config, mode="lazy", progress=False)
+    full_sel, _, full = select_direction(llama, candidates, HARMFUL, HARMLESS, config, mode="exhaustive", progress=False)
+    assert (lazy_sel.position_index, lazy_sel.layer) == (full_sel.position_index, full_sel.layer)
+    torch.testing.assert_close(direction, candidates[lazy_sel.position_index, lazy_sel.layer])
+    assert torch.isnan(lazy.kl).sum() > torch.isnan(full.kl).sum()  # lazy computed less
+
+
+def test_bad_candidates_are_clear_errors(llama, candidates):
+    with pytest.raises(ValueError, match="shape"):
+        score_candidates(llama, candidates[:, :2], HARMFUL, HARMLESS, progress=False)
+    bad = candidates.clone()
+    bad[0, 1, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        score_candidates(llama, bad, HARMFUL, HARMLESS, progress=False)
+    with pytest.raises(ValueError, match="non-empty"):
+        score_candidates(llama, candidates, [], HARMLESS, progress=False)
