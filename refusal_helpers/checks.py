@@ -340,3 +340,56 @@ def check_orthogonalize(fn: Callable) -> None:
 
 
 __all__ = [name for name in dir() if name.startswith("check_")] + ["CheckFailed", "compare"]
+
+
+# ----- 10. TransformerLens and nnsight ---------------------------------------------------------------
+def check_tl_ablation_hooks(fn: Callable) -> None:
+    """fn(bridge, direction) -> TransformerLens fwd_hooks [(hook_name, hook_fn(activation, hook))] ablating everywhere."""
+    from .backends.transformer_lens import bridge_from_chat_model
+    from .interventions import ablate
+
+    cm = _tiny()
+    bridge = bridge_from_chat_model(cm)
+    r = torch.randn(cm.d_model)
+    fwd_hooks = fn(bridge, r)
+    try:
+        names = {name for name, _ in fwd_hooks}
+    except (TypeError, ValueError):
+        raise CheckFailed("Return a list of (hook_name, hook_function) pairs, TransformerLens's fwd_hooks format.") from None
+    missing = set(hook_names(cm)) - names
+    if missing:
+        kinds = sorted({m.split(".")[-1] for m in missing})
+        raise CheckFailed(f"Missing hooks {kinds} at some layers: ablate hook_resid_pre, hook_attn_out and hook_mlp_out "
+                          "at every layer.")
+    inputs = cm.tokenize(PROMPTS)
+    with ablate(cm, r):
+        expected = cm.forward(inputs)[:, -1]
+    try:
+        with torch.no_grad():
+            got = bridge.run_with_hooks(inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                        fwd_hooks=fwd_hooks)[:, -1]
+    except TypeError as err:
+        raise CheckFailed(f"TransformerLens calls hook functions as fn(activation, hook): {err}") from None
+    compare("last-position logits under your TransformerLens hooks", got, expected, atol=1e-3, rtol=1e-3)
+    _ok("check_tl_ablation_hooks", "bridge logits equal the main path's ablation")
+
+
+def check_nnsight_resid_pre(fn: Callable) -> None:
+    """fn(nn_model, cm, instructions, layer) -> (batch, d_model) residual entering `layer` at the last position."""
+    from .activations import residual_activations
+    from .backends.nnsight import nnsight_model
+
+    cm = _tiny()
+    nn_model = nnsight_model(cm)
+    inputs = cm.tokenize(PROMPTS)
+    for layer in (0, 2):
+        expected = residual_activations(cm, inputs, [-1], [layer])[:, 0, 0]
+        got = fn(nn_model, cm, PROMPTS, layer)
+        got = _as_tensor(getattr(got, "value", got), "your nnsight function")
+        mistakes = {}
+        if layer + 1 < cm.n_layers:
+            mistakes["that is the block's output: read `.input` (the residual stream entering the block)."] = \
+                residual_activations(cm, inputs, [-1], [layer + 1])[:, 0, 0]
+        mistakes["take the last position, `[:, -1, :]`, not the first."] = residual_activations(cm, inputs, [0], [layer])[:, 0, 0]
+        compare(f"nnsight resid_pre at layer {layer}", got, expected, mistakes, atol=1e-4)
+    _ok("check_nnsight_resid_pre")

@@ -237,7 +237,7 @@ class ChatModel:
         return format_prompts(self.tokenizer, instructions, self.system_prompt)
 
     def tokenize(self, instructions: list[str]) -> dict[str, Int[Tensor, "batch seq"]]:
-        """Left-padded input ids, attention mask and matching position ids on the model's device."""
+        """Left-padded input ids and attention mask on the model's device (`forward` derives position ids)."""
         batch = self.tokenizer(
             self.format(instructions), return_tensors="pt", padding=True, add_special_tokens=False
         )

@@ -17,6 +17,12 @@ controller) but keeps the module tree, so ``cm`` and the main path's hooks keep 
 The hook points are the main path's own (`ChatModel.hook_module`), so the envoys edited here are
 exactly the modules the main path hooks, whatever the architecture.
 
+Two quirks of nnsight 0.8.1's serialised path (``remote=True``, and its local dry run
+``remote="local"``), found while testing the NDIF demo: a trace body must not contain comment-only
+lines (``WithBlockNotFoundError``), and a bounded ``tracer.iter[:n]`` loop fails when EOS ends the
+generation before step n. The bodies here have no comment lines and loop with ``tracer.iter[:]``,
+reading the result in a second invoke.
+
 nnsight is imported only when a function here is called (importing it mounts ``.save()`` on every
 Python object, process-wide).
 """
@@ -91,10 +97,11 @@ def mean_activations_nnsight(
     total = torch.zeros(len(positions), len(blocks), cm.d_model, dtype=torch.float64)
     for chunk in batches(instructions, batch_size):
         saved: list[Tensor] = []
+        # nnsight.save(x) is x.save() without relying on nnsight's process-wide mount. (No comment lines
+        # inside trace bodies: nnsight 0.8.1's serialised path, remote=True or "local", fails on them.)
         with torch.no_grad():
             with nn_model.trace(cm.tokenize(chunk)):
                 for block in blocks:
-                    # nnsight.save(x) is x.save() without relying on nnsight's process-wide mount.
                     saved.append(nnsight.save(block.input[:, positions, :]))
         acts = torch.stack(saved, dim=2)  # batch pos layer d_model
         total += acts.to(torch.float64).sum(dim=0).cpu()
@@ -117,10 +124,10 @@ def generate_tokens_ablated_nnsight(
 ) -> Int[Tensor, "batch new"]:
     """Greedy new-token ids for a left-padded batch, with ``direction`` ablated at every layer and step.
 
-    ``tracer.iter[:max_new_tokens]`` repeats the edits at every forward pass of the decode loop (the
-    prompt's, then each new token's): project the direction out of each block's input and of what
-    attention and the MLP write to the residual stream. ``direction=None`` generates unedited.
-    Decoding matches ``cm.model.generate`` (greedy, stops at EOS, pads finished rows).
+    ``tracer.iter[:]`` repeats the edits at every forward pass of the decode loop (the prompt's, then
+    each new token's): project the direction out of each block's input and of what attention and the
+    MLP write to the residual stream. ``direction=None`` generates unedited. Decoding matches
+    ``cm.model.generate`` (greedy, stops at EOS, pads finished rows).
     """
     import nnsight
 
@@ -134,21 +141,22 @@ def generate_tokens_ablated_nnsight(
         pad_token_id=cm.tokenizer.pad_token_id,
     )
     with warnings.catch_warnings():
-        # When every row stops at EOS before max_new_tokens, the loop's request for the next step is
-        # never served; nnsight ends the loop there and warns. That is expected here.
+        # An open loop (`tracer.iter[:]`) ends when the generation does: its request for the step after
+        # the last one is never served, and nnsight warns that it cut the loop there. Expected here.
+        # (A bounded `tracer.iter[:max_new_tokens]` works locally too, but when EOS ends generation
+        # early, nnsight 0.8.1's serialised path, remote=True or "local", fails on it.)
+        # The result is read in a separate invoke: statements after the cut-short loop do not run.
         warnings.filterwarnings("ignore", message=".*was never reached.*")
         with torch.no_grad():
             with nn_model.generate(**generate_kwargs) as tracer:
                 with tracer.invoke(inputs):
                     if ablate is not None:
-                        for _ in tracer.iter[:max_new_tokens]:
+                        for _ in tracer.iter[:]:
                             for envoy, on_input in points:
                                 if on_input:
                                     envoy.input = ablate(envoy.input)
                                 else:
                                     envoy.output = _edit(ablate, envoy.output)
-                # A separate invoke, so the result is read even if generation stopped early and cut the
-                # loop above short (statements after a cut-short loop do not run).
                 with tracer.invoke():
                     ids = nnsight.save(tracer.result)
     return ids[:, inputs["input_ids"].shape[1] :]
@@ -235,26 +243,29 @@ def ablation_demo(
         batch = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
+    # Encoded here, so that only tensors travel with the request.
+    harmful_inputs, harmless_inputs, inputs = encode(harmful), encode(harmless), encode([instruction])
     blocks = model.model.layers
     layer = len(blocks) // 2 if layer is None else layer
     with torch.no_grad():
         with model.trace(remote=remote) as tracer:
-            with tracer.invoke(encode(harmful)):
+            with tracer.invoke(harmful_inputs):
                 harmful_mean = nnsight.save(blocks[layer].input[:, -1, :].double().mean(0))
-            with tracer.invoke(encode(harmless)):
+            with tracer.invoke(harmless_inputs):
                 harmless_mean = nnsight.save(blocks[layer].input[:, -1, :].double().mean(0))
     direction = (harmful_mean - harmless_mean).cpu()
     r_hat = direction / direction.norm()
 
-    inputs = encode([instruction])
+    # Ablation at every step (`tracer.iter[:]`): x - (x . r_hat) r_hat at each block's input and at the
+    # outputs of its attention and MLP. No comment lines inside the trace bodies: nnsight 0.8.1's
+    # serialised path (remote=True, "local") fails on them.
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*was never reached.*")
+        warnings.filterwarnings("ignore", message=".*was never reached.*")  # the open loop's end
         with torch.no_grad():
             with model.generate(max_new_tokens=max_new_tokens, do_sample=False, remote=remote) as tracer:
                 with tracer.invoke(inputs):
-                    for _ in tracer.iter[:max_new_tokens]:
+                    for _ in tracer.iter[:]:
                         for block in blocks:
-                            # x - (x . r_hat) r_hat at the block input, attention output and MLP output.
                             h = block.input
                             r = r_hat.to(device=h.device, dtype=h.dtype)
                             block.input = h - (h @ r).unsqueeze(-1) * r

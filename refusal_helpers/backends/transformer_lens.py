@@ -56,6 +56,7 @@ TLHookFn = Callable[[Tensor, "HookPoint"], Tensor]
 ABLATION_HOOK_KINDS = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out")
 
 _SHIM_FLAG = "_refusal_helpers_cache_shim"
+_DROP = object()  # marks what shared_weight_copy leaves out of the copy
 
 
 def _require_transformer_lens() -> None:
@@ -73,15 +74,24 @@ def shared_weight_copy(model: nn.Module) -> nn.Module:
 
     Library code may rebuild the copy's structure (as TransformerLens's bridge does) without touching
     the original's, while both compute with the same weights and no weight memory is duplicated.
+    nnsight's per-module instrumentation (an instance-level ``forward``) is not carried over.
     """
-    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    memo: dict[int, Any] = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    for module in model.modules():
+        forward = module.__dict__.get("forward")
+        if forward is not None and type(forward).__module__.startswith("nnsight."):
+            memo[id(forward)] = _DROP
     try:
-        return copy.deepcopy(model, memo)
+        clone = copy.deepcopy(model, memo)
     except Exception as err:  # noqa: BLE001 - e.g. dispatched/quantized models that refuse deepcopy
         raise RuntimeError(
             f"Could not copy the structure of {type(model).__name__} to wrap it in a TransformerBridge "
             f"({type(err).__name__}: {err})."
         ) from err
+    for module in clone.modules():
+        if module.__dict__.get("forward") is _DROP:
+            del module.__dict__["forward"]
+    return clone
 
 
 def _takes_cache_keyword(module: nn.Module) -> bool:
