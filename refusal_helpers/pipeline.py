@@ -52,8 +52,8 @@ class PipelineConfig:
     model: str = "embedded"
     out: str = "runs/embedded"
     n_train: int = 128
-    n_val: int = 32
-    n_test: int | None = 64  # None: the whole test split
+    n_val: int = 16
+    n_test: int | None = 32  # None: the whole test split
     max_new_tokens: int = 48
     batch_size: int = 32
     selection_mode: str = "lazy"
@@ -206,16 +206,25 @@ class Pipeline:
     # ----- 2. select -----------------------------------------------------------------------------
     def select(self, candidates: torch.Tensor) -> tuple[Selection, torch.Tensor]:
         sel_config = self.config.selection_config()
-        settings = {**self._settings("n_train", "n_val", "selection_mode", "harmful_source", "harmless_source"),
-                    "selection": asdict(sel_config)}
-        if not self.art.done("direction.safetensors", settings):
-            cm = self.cm
-            table = score_candidates(cm, candidates, self.data("harmful", "val"), self.data("harmless", "val"),
+        lazy = self.config.selection_mode == "lazy"
+        # The exhaustive table does not depend on the filters: changing a threshold only re-chooses.
+        score_settings = {**self._settings("n_train", "n_val", "selection_mode", "harmful_source", "harmless_source"),
+                          **({"selection": asdict(sel_config)} if lazy else {})}
+        settings = {**score_settings, "selection": asdict(sel_config)}
+        if not self.art.done("selection.json", score_settings):
+            table = score_candidates(self.cm, candidates, self.data("harmful", "val"), self.data("harmless", "val"),
                                      sel_config, self.config.selection_mode, self.config.batch_size, self.progress)
+            self.art.write_json("selection.json", {"table": table.to_dict(),
+                                                   "position_tokens": self.cm.post_instruction_tokens, **score_settings})
+            self.art.mark("selection.json", score_settings)
+        if not self.art.done("direction.safetensors", settings):
+            record = self.art.read_json("selection.json")
+            table = ScoreTable.from_dict(record["table"])
             selection = choose(table, sel_config)
             direction = candidates[selection.position_index, selection.layer].clone()
-            self.art.write_json("selection.json", {"selection": selection.to_dict(), "table": table.to_dict(),
-                                                   "position_tokens": cm.post_instruction_tokens, **settings})
+            self.art.write_json("selection.json", {**record, "selection": selection.to_dict(),
+                                                   "config": asdict(sel_config)})
+            cm = self.cm
             self._plot_selection(table, selection, sel_config, direction)
             description = {**selection.to_dict(), "model": self.config.model, "d_model": cm.d_model,
                            "norm": float(direction.norm()),

@@ -211,8 +211,12 @@ class _Scorer:
         return self._resid_cache[layer]
 
     @torch.inference_mode()
-    def induce(self, cells: list[tuple[int, int]], skip_lower_layers: bool = True) -> Tensor:
-        """Refusal score on harmless prompts with each candidate added at its own layer."""
+    def induce(self, cells: list[tuple[int, int]]) -> Tensor:
+        """Refusal score on harmless prompts with each candidate added at its own layer.
+
+        The layers below the candidate's are unchanged by the addition, so their output (the cached
+        residual stream entering that layer) is reused and only the layers above run.
+        """
         scores = torch.empty(len(cells))
         n = self.harmless["input_ids"].shape[0]
         by_layer: dict[int, list[int]] = {}
@@ -227,13 +231,9 @@ class _Scorer:
                 sl = slice(start, start + self.batch_size)
                 idx = rows[sl].to(self.cm.device)
                 batch = {k: v[idx] for k, v in self.harmless.items()}
-                if skip_lower_layers:
-                    resid = self._resid_pre(layer)[idx]
-                    with start_at_layer(self.cm, layer, addition_hook(per_row[sl])(resid)):
-                        logits.append(self.cm.forward(batch, logits_to_keep=1)[:, -1].float())
-                else:
-                    with hooks(self.cm, {f"blocks.{layer}.hook_resid_pre": addition_hook(per_row[sl])}):
-                        logits.append(self.cm.forward(batch, logits_to_keep=1)[:, -1].float())
+                resid = self._resid_pre(layer)[idx]
+                with start_at_layer(self.cm, layer, addition_hook(per_row[sl])(resid)):
+                    logits.append(self.cm.forward(batch, logits_to_keep=1)[:, -1].float())
             per = refusal_score(torch.cat(logits), self.refusal_ids).view(len(members), n).mean(1).cpu()
             scores[members] = per
         return scores

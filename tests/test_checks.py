@@ -160,3 +160,53 @@ def test_orthogonalize():
     fails(checks.check_orthogonalize, lambda w, r: w, "wrong side")
     fails(checks.check_orthogonalize, lambda w, r: w - 2 * torch.outer(r / r.norm(), (r / r.norm()) @ w), "twice")
     fails(checks.check_orthogonalize, lambda w, r: orthogonalize_matrix(w.T, r, dim=-1), "shape")
+
+
+# ----- TransformerLens and nnsight ---------------------------------------------------------------------
+def test_tl_ablation_hooks():
+    from refusal_helpers.backends.transformer_lens import ablation_hooks_tl
+
+    checks.check_tl_ablation_hooks(ablation_hooks_tl)
+    kinds = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out")
+
+    def only_resid(bridge, r):
+        return [(f"blocks.{l}.hook_resid_pre", lambda a, hook: project_out(a, r)) for l in range(bridge.cfg.n_layers)]
+
+    def one_argument(bridge, r):
+        return [(f"blocks.{l}.{k}", lambda a: project_out(a, r)) for l in range(bridge.cfg.n_layers) for k in kinds]
+
+    def unnormalised(bridge, r):
+        return [(f"blocks.{l}.{k}", lambda a, hook: a - (a @ r)[..., None] * r) for l in range(bridge.cfg.n_layers) for k in kinds]
+
+    fails(checks.check_tl_ablation_hooks, only_resid, "missing hooks", "hook_attn_out")
+    fails(checks.check_tl_ablation_hooks, one_argument, "fn(activation, hook)")
+    fails(checks.check_tl_ablation_hooks, unnormalised, "values differ")
+
+
+def test_nnsight_resid_pre():
+    import nnsight
+
+    def ref(nn_model, cm, instructions, layer):
+        with torch.no_grad(), nn_model.trace(cm.tokenize(instructions)):
+            saved = nnsight.save(nn_model.model.layers[layer].input[:, -1, :])
+        return saved
+
+    def output_not_input(nn_model, cm, instructions, layer):
+        with torch.no_grad(), nn_model.trace(cm.tokenize(instructions)):
+            saved = nnsight.save(nn_model.model.layers[layer].output[:, -1, :])
+        return saved
+
+    def first_position(nn_model, cm, instructions, layer):
+        with torch.no_grad(), nn_model.trace(cm.tokenize(instructions)):
+            saved = nnsight.save(nn_model.model.layers[layer].input[:, 0, :])
+        return saved
+
+    def whole_sequence(nn_model, cm, instructions, layer):
+        with torch.no_grad(), nn_model.trace(cm.tokenize(instructions)):
+            saved = nnsight.save(nn_model.model.layers[layer].input)
+        return saved
+
+    checks.check_nnsight_resid_pre(ref)
+    fails(checks.check_nnsight_resid_pre, output_not_input, "read `.input`")
+    fails(checks.check_nnsight_resid_pre, first_position, "last position")
+    fails(checks.check_nnsight_resid_pre, whole_sequence, "wrong shape")

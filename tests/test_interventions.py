@@ -106,3 +106,24 @@ def test_hooks_cast_to_activation_dtype():
     with ablate(cm, r):
         logits = cm.forward(cm.tokenize(HARMFUL))
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_starting_at_a_layer_equals_the_full_forward(arch):
+    from refusal_helpers.activations import residual_activations
+    from refusal_helpers.evaluation import start_at_layer
+
+    cm = tiny_chat_model(arch, n_layers=3)
+    r = torch.randn(cm.d_model)
+    inputs = cm.tokenize(HARMFUL)
+    n = inputs["input_ids"].shape[1]
+    resid = residual_activations(cm, inputs, list(range(-n, 0)), [2])[:, :, 0]
+    with add(cm, r, layer=2):
+        expected = cm.forward(inputs)
+    ran = []
+    with hooks(cm, {"blocks.0.hook_resid_pre": lambda x: ran.append(0) or x}):
+        with start_at_layer(cm, 2, resid + r):
+            got = cm.forward(inputs)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert ran == []  # block 0 did not run
+    assert all(type(b).__name__ != "_PassThrough" for b in cm.blocks)  # restored

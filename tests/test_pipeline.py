@@ -75,3 +75,17 @@ def test_failed_run_leaves_earlier_artifacts_intact(tiny_folder, tmp_path):
     assert main(["run", "--model", str(tiny_folder), "--out", str(out), "--n-train", "6", "--n-val", "3",
                  "--n-test", "3", "--induce-threshold", "1e9", "--device", "cpu"]) == 2
     assert (out / "direction.json").read_text() == before
+
+
+def test_changing_a_threshold_rechooses_without_rescoring(tiny_folder, tmp_path, monkeypatch):
+    import refusal_helpers.pipeline as pipeline
+
+    out = tmp_path / "run"
+    assert run_cli(tiny_folder, out, "--selection-mode", "exhaustive") == 0
+    table = json.loads((out / "selection.json").read_text())["table"]
+    monkeypatch.setattr(pipeline, "score_candidates", lambda *a, **k: pytest.fail("the table was recomputed"))
+    assert main(["run", "--model", str(tiny_folder), "--out", str(out), "--n-train", "6", "--n-val", "3", "--n-test", "3",
+                 "--max-new-tokens", "4", "--batch-size", "4", "--kl-threshold", "1e5", "--induce-threshold=-1e6",
+                 "--device", "cpu", "--selection-mode", "exhaustive"]) == 0
+    record = json.loads((out / "selection.json").read_text())
+    assert record["table"] == table and record["config"]["kl_threshold"] == 1e5
