@@ -24,6 +24,7 @@ import platform
 import random
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -105,6 +106,12 @@ def load_base(device: torch.device | str = "cpu", dtype: torch.dtype = torch.flo
     path = gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    # The weights are de-quantised to plain tensors; drop the GGUF quantizer state so the model can be
+    # edited and saved with save_pretrained like any other.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     return ChatModel(model=model.to(device), tokenizer=tokenizer, name="SmolLM2-135M-Instruct")
 
 
@@ -163,8 +170,9 @@ def _try_save(model, tokenizer, folder: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         tmp.replace(folder)
-    except OSError:
+    except (OSError, ValueError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        warnings.warn(f"Could not cache the merged embedded model in {folder}: {err}", stacklevel=2)
 
 
 # ----- training ------------------------------------------------------------------------------------

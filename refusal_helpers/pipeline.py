@@ -34,9 +34,10 @@ from .metrics import refusal_rate, is_refusal
 from .models import ChatModel, load_model
 from .selection import ScoreTable, Selection, SelectionConfig, choose, score_candidates
 
-# Settings measured for the embedded model (see README, "The embedded model"): its ablation KL is
-# larger than the paper's 0.1 for every candidate, so its filter is set from measurement.
-MODEL_PRESETS: dict[str, dict] = {"embedded": {"kl_threshold": 0.5}}
+# Settings measured for the embedded model (see README, "The embedded model"): every candidate's
+# ablation KL exceeds the paper's 0.1, so its KL filter was set on the validation split: with 1.0 the
+# chosen direction removed all refusals on harmful validation prompts (0.5 left 30%).
+MODEL_PRESETS: dict[str, dict] = {"embedded": {"kl_threshold": 1.0}}
 
 CONDITIONS = {  # name: (kind of prompts, intervention)
     "harmful_baseline": ("harmful", None),
