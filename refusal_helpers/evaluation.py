@@ -39,29 +39,34 @@ def refusal_scores(cm: ChatModel, instructions: list[str], batch_size: int = 32)
 
 @torch.inference_mode()
 def completion_loss(
-    cm: ChatModel, instructions: list[str], completions: list[str], batch_size: int = 16
+    cm: ChatModel, instructions: list[str], completions: list[str], batch_size: int = 8, progress: bool | str = False
 ) -> float:
-    """Mean cross-entropy (nats per token) of `completions` given their instructions."""
+    """Mean cross-entropy (nats per token) of `completions` given their instructions.
+
+    Completions sit at the end of left-padded rows, so logits are computed only for the last
+    (longest completion + 1) positions: the unembedding never runs on the prompts.
+    """
     if len(instructions) != len(completions) or not instructions:
         raise ValueError("Expected equally many (and at least one) instructions and completions.")
     total, count = 0.0, 0
     pairs = list(zip(instructions, completions))
-    for chunk in batches(pairs, batch_size):
-        prompts = cm.format([i for i, _ in chunk])
+    desc = progress if isinstance(progress, str) else "completion loss"
+    for chunk in tqdm(list(batches(pairs, batch_size)), desc=desc, disable=not progress, leave=False):
         encoded = []
-        for prompt, completion in zip(prompts, (c for _, c in chunk)):
+        for prompt, (_, completion) in zip(cm.format([i for i, _ in chunk]), chunk):
             p = cm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
             c = cm.tokenizer(completion, add_special_tokens=False)["input_ids"]
             encoded.append((p + c, [-100] * len(p) + c))
         width = max(len(ids) for ids, _ in encoded)
+        keep = min(width, 1 + max(sum(label != -100 for label in lab) for _, lab in encoded))
         pad = cm.tokenizer.pad_token_id
         # Left padding, as everywhere else; labels built from lengths, never from pad ids.
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _ in encoded])
         labels = torch.tensor([[-100] * (width - len(lab)) + lab for _, lab in encoded])
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in encoded])
         inputs = {"input_ids": input_ids.to(cm.device), "attention_mask": mask.to(cm.device)}
-        logits = cm.forward(inputs, logits_to_keep=0)
-        chunk_total, chunk_count = completion_cross_entropy(logits, labels.to(cm.device))
+        logits = cm.forward(inputs, logits_to_keep=keep)
+        chunk_total, chunk_count = completion_cross_entropy(logits, labels[:, -keep:].to(cm.device))
         total += float(chunk_total)
         count += chunk_count
     if count == 0:

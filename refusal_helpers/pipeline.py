@@ -289,9 +289,10 @@ class Pipeline:
             instructions = [i["instruction"] for i in items]
             completions = [i["completion"] for i in items]
             cm = self.cm
-            baseline = completion_loss(cm, instructions, completions, self.config.batch_size)
+            progress = "completion loss" if self.progress else False
+            baseline = completion_loss(cm, instructions, completions, progress=progress)
             with ablate(cm, direction):
-                ablated = completion_loss(cm, instructions, completions, self.config.batch_size)
+                ablated = completion_loss(cm, instructions, completions, progress=progress)
             self.art.write_json("loss.json", {"data": "harmless test completions of the unmodified model",
                                               "baseline": baseline, "ablation": ablated, "increase": ablated - baseline})
             self.art.mark("loss.json", settings)

@@ -156,7 +156,8 @@ def test_solutions_execute_every_check_passes_and_cells_rerun_identically():
                 assert outputs_text(cell) == first, cell.source[:200]
         probe = nbformat.v4.new_code_cell(
             "from refusal_helpers.interventions import active_hook_count\nprint(active_hook_count(cm))")
-        client.execute_cell(probe, len(nb.cells))
+        nb.cells.append(probe)
+        client.execute_cell(probe, len(nb.cells) - 1)
         assert outputs_text(probe).strip() == "0"
     text = "".join(outputs_text(c) for c in nb.cells if c.cell_type == "code")
     assert text.count("passed") >= 11
