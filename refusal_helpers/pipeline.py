@@ -157,6 +157,7 @@ class Pipeline:
         self.progress = progress
         self.art = Artifacts(config.out)  # fail early on an unwritable folder, before loading anything
         self._cm = cm
+        self.reused: set[str] = set()  # artifacts found finished and not recomputed in this invocation
 
     @property
     def cm(self) -> ChatModel:
@@ -172,6 +173,12 @@ class Pipeline:
         source = c.harmful_source if kind == "harmful" else c.harmless_source
         return _instructions(source, kind, split, n)
 
+    def _done(self, name: str, settings: dict) -> bool:
+        if self.art.done(name, settings):
+            self.reused.add(name)
+            return True
+        return False
+
     def _settings(self, *keys: str) -> dict:
         c = asdict(self.config)
         return {"model": c["model"], **{k: c[k] for k in keys}}
@@ -180,7 +187,7 @@ class Pipeline:
     def extract(self) -> torch.Tensor:
         settings = self._settings("n_train", "harmful_source", "harmless_source")
         name = "candidates.safetensors"
-        if not self.art.done(name, settings):
+        if not self._done(name, settings):
             cm = self.cm
             harmful = mean_activations(cm, self.data("harmful", "train"), batch_size=self.config.batch_size,
                                        progress="mean activations (harmful)" if self.progress else False)
@@ -212,13 +219,13 @@ class Pipeline:
         score_settings = {**self._settings("n_train", "n_val", "selection_mode", "harmful_source", "harmless_source"),
                           **({"selection": asdict(sel_config)} if lazy else {})}
         settings = {**score_settings, "selection": asdict(sel_config)}
-        if not self.art.done("selection.json", score_settings):
+        if not self._done("selection.json", score_settings):
             table = score_candidates(self.cm, candidates, self.data("harmful", "val"), self.data("harmless", "val"),
                                      sel_config, self.config.selection_mode, self.config.batch_size, self.progress)
             self.art.write_json("selection.json", {"table": table.to_dict(),
                                                    "position_tokens": self.cm.post_instruction_tokens, **score_settings})
             self.art.mark("selection.json", score_settings)
-        if not self.art.done("direction.safetensors", settings):
+        if not self._done("direction.safetensors", settings):
             record = self.art.read_json("selection.json")
             table = ScoreTable.from_dict(record["table"])
             selection = choose(table, sel_config)
@@ -257,7 +264,7 @@ class Pipeline:
         rates = {}
         for condition, (kind, intervention) in CONDITIONS.items():
             name = f"completions/{condition}.json"
-            if not self.art.done(name, settings):
+            if not self._done(name, settings):
                 instructions = self.data(kind, "test")
                 cm = self.cm
                 with self._intervention(intervention, direction, selection.layer):
@@ -284,7 +291,7 @@ class Pipeline:
     # ----- 5. loss -------------------------------------------------------------------------------
     def loss(self, direction: torch.Tensor) -> dict[str, float]:
         settings = self._settings("n_test", "max_new_tokens")
-        if not self.art.done("loss.json", settings):
+        if not self._done("loss.json", settings):
             items = self.art.read_json("completions/harmless_baseline.json")["items"]
             instructions = [i["instruction"] for i in items]
             completions = [i["completion"] for i in items]
@@ -315,6 +322,7 @@ class Pipeline:
             "sizes": {"n_train": c.n_train, "n_val": c.n_val, "n_test": c.n_test, "max_new_tokens": c.max_new_tokens},
             "selection": asdict(c.selection_config()),
             "timings_s": {**c.timings, "total_s": round(time.time() - start, 1)},
+            "reused_artifacts": sorted(self.reused),  # finished earlier with the same settings: not timed here
             "peak_rss_mib": round(_peak_rss_mib()),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {self._cm.device if self._cm else 'cpu'}",
             "versions": {"torch": torch.__version__},

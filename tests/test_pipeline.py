@@ -52,6 +52,8 @@ def test_cli_end_to_end_writes_every_artifact(tiny_folder, tmp_path, capsys):
     mtimes = {name: os.stat(out / name).st_mtime_ns for name in ARTIFACTS if name != "summary.json"}
     assert run_cli(tiny_folder, out) == 0
     assert mtimes == {name: os.stat(out / name).st_mtime_ns for name in mtimes}
+    reused = json.loads((out / "summary.json").read_text())["reused_artifacts"]
+    assert "candidates.safetensors" in reused and "loss.json" in reused
     # Changing a test-time setting redoes only the later steps.
     assert run_cli(tiny_folder, out, "--max-new-tokens", "3") == 0
     assert os.stat(out / "candidates.safetensors").st_mtime_ns == mtimes["candidates.safetensors"]
