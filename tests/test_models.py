@@ -106,3 +106,28 @@ def test_forward_respects_left_padding(llama):
     alone = llama.forward(llama.tokenize(["Hello world!"]))
     padded = llama.forward(llama.tokenize(["Hello world!", "a much longer instruction with many words"]))
     torch.testing.assert_close(padded[:1], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_hub_datasets_fail_offline_with_a_clear_message(monkeypatch):
+    from refusal_helpers.data import load_hub_instructions
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(ConnectionError, match="Could not load 'advbench'.*load_instructions"):
+        load_hub_instructions("advbench")
+    with pytest.raises(ValueError, match="Unknown hub dataset"):
+        load_hub_instructions("no-such-set")
+
+
+def test_bundled_splits_are_fixed_disjoint_and_categorised():
+    from refusal_helpers.data import categories, load_instructions, load_records
+
+    harmful = load_records("harmful")
+    assert len(harmful) >= 300 and len(categories("harmful")) == 12
+    assert len(load_records("harmless")) >= 600 and "edgy_benign" in categories("harmless")
+    for kind in ("harmful", "harmless"):
+        splits = [set(load_instructions(kind, s)) for s in ("train", "val", "test")]
+        assert not (splits[0] & splits[1] or splits[0] & splits[2] or splits[1] & splits[2])
+    assert load_instructions("harmful", "test", n=3) == load_instructions("harmful", "test")[:3]
+    with pytest.raises(ValueError, match="Unknown split"):
+        load_instructions("harmful", "dev")
