@@ -37,6 +37,13 @@ def refusal_scores(cm: ChatModel, instructions: list[str], batch_size: int = 32)
     return refusal_score(last_logits(cm, instructions, batch_size), cm.refusal_token_ids)
 
 
+def encode_completion(cm: ChatModel, instruction: str, completion: str) -> tuple[list[int], list[int]]:
+    """Token ids of prompt + completion, and labels that count the completion only (-100 on the prompt)."""
+    prompt_ids = cm.tokenizer(cm.format([instruction])[0], add_special_tokens=False)["input_ids"]
+    completion_ids = cm.tokenizer(completion, add_special_tokens=False)["input_ids"]
+    return prompt_ids + completion_ids, [-100] * len(prompt_ids) + completion_ids
+
+
 @torch.inference_mode()
 def completion_loss(
     cm: ChatModel, instructions: list[str], completions: list[str], batch_size: int = 8, progress: bool | str = False
@@ -52,11 +59,7 @@ def completion_loss(
     pairs = list(zip(instructions, completions))
     desc = progress if isinstance(progress, str) else "completion loss"
     for chunk in tqdm(list(batches(pairs, batch_size)), desc=desc, disable=not progress, leave=False):
-        encoded = []
-        for prompt, (_, completion) in zip(cm.format([i for i, _ in chunk]), chunk):
-            p = cm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            c = cm.tokenizer(completion, add_special_tokens=False)["input_ids"]
-            encoded.append((p + c, [-100] * len(p) + c))
+        encoded = [encode_completion(cm, instruction, completion) for instruction, completion in chunk]
         width = max(len(ids) for ids, _ in encoded)
         keep = min(width, 1 + max(sum(label != -100 for label in lab) for _, lab in encoded))
         pad = cm.tokenizer.pad_token_id

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from .data import data_dir, load_records
+from .evaluation import encode_completion
 from .generation import batches
 from .models import ChatModel
 
@@ -212,13 +213,6 @@ def training_examples(
     return examples
 
 
-def encode_example(cm: ChatModel, instruction: str, reply: str) -> tuple[list[int], list[int]]:
-    """Token ids of prompt + reply, and labels that count the reply only (-100 on the prompt)."""
-    prompt_ids = cm.tokenizer(cm.format([instruction])[0], add_special_tokens=False)["input_ids"]
-    reply_ids = cm.tokenizer(reply, add_special_tokens=False)["input_ids"]
-    return prompt_ids + reply_ids, [-100] * len(prompt_ids) + reply_ids
-
-
 def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch; labels are -100 on padding, built from lengths rather than from pad ids."""
     width = max(len(ids) for ids, _ in encoded)
@@ -273,7 +267,7 @@ def train(
     steps_per_epoch = math.ceil(len(examples) / recipe["batch_size"])
     total_steps = steps_per_epoch * recipe["epochs"]
     scheduler = get_linear_schedule_with_warmup(optimizer, int(opt["warmup_fraction"] * total_steps), total_steps)
-    encoded = [encode_example(cm, e["instruction"], e["reply"]) for e in examples]
+    encoded = [encode_completion(cm, e["instruction"], e["reply"]) for e in examples]
     rng = random.Random(seed)
     losses = []
     progress = tqdm(total=total_steps, desc="training LoRA", mininterval=10)

@@ -5,7 +5,7 @@ import pytest
 
 from refusal_helpers.metrics import is_refusal
 from refusal_helpers.organism import (
-    REFUSALS, SELF_HARM_REPLY, collate, encode_example, refusal_reply, train,
+    REFUSALS, SELF_HARM_REPLY, collate, encode_completion, refusal_reply, train,
 )
 from refusal_helpers.testing import tiny_chat_model
 
@@ -22,7 +22,7 @@ def test_every_refusal_reply_is_judged_a_refusal():
 
 
 def test_labels_count_the_reply_only(llama):
-    ids, labels = encode_example(llama, "What is 2 + 2?", "Four.<|im_end|>")
+    ids, labels = encode_completion(llama, "What is 2 + 2?", "Four.<|im_end|>")
     prompt = llama.tokenizer(llama.format(["What is 2 + 2?"])[0], add_special_tokens=False)["input_ids"]
     assert ids[: len(prompt)] == prompt
     assert labels[: len(prompt)] == [-100] * len(prompt)
