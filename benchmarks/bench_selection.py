@@ -2,8 +2,11 @@
 
 The straightforward loop is the paper's reference procedure written plainly: for every candidate, three
 full forward passes over the validation prompts (ablation on harmful, addition on harmless, ablation on
-harmless for KL), computing logits at every position although only the last is used. The library scores
-bypass first with last-position logits only, then checks the filters in bypass order (lazy mode).
+harmless for KL), computing logits at every position although only the last is used. The library (lazy
+mode) scores bypass for every allowed candidate, then checks the filters in bypass order; its ablated
+passes run the prompts' shared prefix (system prompt, user header) once per candidate and reuse its KV
+cache for every prompt, and keep logits at the last position only; induce passes run only the layers
+above the candidate.
 """
 
 import time
@@ -48,9 +51,11 @@ def straightforward(cm, candidates, harmful, harmless, config):
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--n-train", type=int, default=32)
+    # Candidates from the pipeline's default training size (the embedded preset's KL threshold was set on
+    # those); fewer validation prompts and positions keep the straightforward loop to a few minutes.
+    p.add_argument("--n-train", type=int, default=128)
     p.add_argument("--n-val", type=int, default=8)
-    p.add_argument("--positions", type=int, default=None, help="use only the last N post-instruction positions")
+    p.add_argument("--positions", type=int, default=3, help="use only the last N post-instruction positions (0: all)")
     p.add_argument("--kl-threshold", type=float, default=None)
     args = p.parse_args()
     cm = load(args)

@@ -6,8 +6,11 @@ measures the ablated model.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import copy
+import inspect
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float
@@ -15,6 +18,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .generation import batches
+from .interventions import HookFn, hooks
 from .metrics import completion_cross_entropy, refusal_score
 from .models import ChatModel
 
@@ -35,6 +39,88 @@ def last_logits(
 def refusal_scores(cm: ChatModel, instructions: list[str], batch_size: int = 32) -> Float[Tensor, "n"]:
     """Logit refusal score of each instruction."""
     return refusal_score(last_logits(cm, instructions, batch_size), cm.refusal_token_ids)
+
+
+@dataclass
+class SharedPrefixPrompts:
+    """Tokenised prompts split into the token prefix they all share and each prompt's own suffix.
+
+    Chat prompts share a long head (system prompt, user header): it needs computing once per
+    intervention, not once per prompt. Every suffix keeps at least one token.
+    """
+
+    prefix: list[int]
+    suffixes: list[list[int]]
+
+    @classmethod
+    def from_instructions(cls, cm: ChatModel, instructions: list[str]) -> SharedPrefixPrompts:
+        if len(instructions) == 0:
+            raise ValueError("Expected a non-empty list of instructions.")
+        ids = [cm.tokenizer(text, add_special_tokens=False)["input_ids"] for text in cm.format(instructions)]
+        shared = 0
+        limit = min(len(i) for i in ids) - 1
+        while shared < limit and all(i[shared] == ids[0][shared] for i in ids):
+            shared += 1
+        return cls(ids[0][:shared], [i[shared:] for i in ids])
+
+    def __len__(self) -> int:
+        return len(self.suffixes)
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """The keyword under which this transformers version takes a KV cache."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.inference_mode()
+def variant_last_logits(
+    cm: ChatModel,
+    prompts: SharedPrefixPrompts,
+    n_variants: int,
+    variant_hooks: Callable[[Tensor], dict[str, HookFn]],
+    batch_size: int = 32,
+) -> Float[Tensor, "variant prompt vocab"]:
+    """Last-position logits of every prompt under each of `n_variants` interventions, float32 on CPU.
+
+    ``variant_hooks(rows)`` returns the hooks for a batch whose i-th sequence runs variant ``rows[i]``
+    (e.g. ablation hooks with one direction per row). The shared prefix runs once per variant and its
+    KV cache serves all prompts; rows are grouped by prompt so that batches need little padding.
+    """
+    if n_variants <= 0:
+        raise ValueError(f"n_variants must be positive, got {n_variants}.")
+    device, pad, shared = cm.device, cm.tokenizer.pad_token_id, len(prompts.prefix)
+    cache_arg = _cache_argument(cm.model)
+    prefix_cache = None
+    if shared:
+        prefix = torch.tensor(prompts.prefix, device=device).expand(n_variants, shared)
+        with hooks(cm, variant_hooks(torch.arange(n_variants))):
+            out = cm.model(input_ids=prefix, use_cache=True, logits_to_keep=1)
+        prefix_cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    by_length = sorted(range(len(prompts)), key=lambda i: len(prompts.suffixes[i]))
+    rows = [(v, p) for p in by_length for v in range(n_variants)]
+    logits = None
+    for chunk in batches(rows, batch_size):
+        variants = torch.tensor([v for v, _ in chunk])
+        suffixes = [prompts.suffixes[p] for _, p in chunk]
+        width = max(len(s) for s in suffixes)
+        # Right padding: every suffix directly follows the prefix, so positions and (sliding) attention
+        # windows are those of the unpadded prompt; logits are kept only at the rows' last positions.
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in suffixes], device=device)
+        mask = torch.tensor([[1] * (shared + len(s)) + [0] * (width - len(s)) for s in suffixes], device=device)
+        ends = sorted({len(s) - 1 for s in suffixes})
+        kwargs = {"attention_mask": mask, "position_ids": shared + torch.arange(width, device=device).expand(len(chunk), width)}
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_select_indices(variants.to(device))
+            kwargs.update({cache_arg: cache, "use_cache": True})
+        with hooks(cm, variant_hooks(variants)):
+            kept = cm.model(input_ids=ids, logits_to_keep=torch.tensor(ends, device=device), **kwargs).logits
+        column = torch.tensor([ends.index(len(s) - 1) for s in suffixes], device=device)
+        last = kept[torch.arange(len(chunk), device=device), column].float().cpu()
+        if logits is None:
+            logits = torch.empty(n_variants, len(prompts), last.shape[-1])
+        logits[variants, torch.tensor([p for _, p in chunk])] = last
+    return logits
 
 
 def encode_completion(cm: ChatModel, instruction: str, completion: str) -> tuple[list[int], list[int]]:

@@ -308,6 +308,42 @@ def train(
     return recipe
 
 
+def seed_stability(other: str | Path | ChatModel, run: str | Path | None = None) -> dict:
+    """Compare a run's candidate directions with those of another model (an adapter folder trained with another seed).
+
+    Extracts the other organism's candidates with the run's training data, then gives the cosine
+    similarity per layer at the run's selected position, and the cosine and norm ratio at its layer.
+    """
+    from safetensors.torch import load_file
+
+    from .activations import mean_activations
+    from .directions import diff_of_means
+    from .pipeline import SHIPPED_RUN, load_direction, run_instructions
+
+    run = Path(run) if run is not None else SHIPPED_RUN
+    direction, described = load_direction(run)
+    settings = json.loads((run / "candidates.safetensors.settings.json").read_text())
+    if settings.get("harmful_source", "bundled") != "bundled" or settings.get("harmless_source", "bundled") != "bundled":
+        raise ValueError(f"{run} was extracted from hub data; seed stability compares runs on the bundled data.")
+    ours = load_file(str(run / "candidates.safetensors"))["candidates"][described["position_index"]]  # (layer, d)
+    cm = other if isinstance(other, ChatModel) else load_embedded(adapter=other)
+    positions = [described["position"]]
+    n = settings["n_train"]
+    theirs = diff_of_means(
+        mean_activations(cm, run_instructions("bundled", "harmful", "train", n), positions),
+        mean_activations(cm, run_instructions("bundled", "harmless", "train", n), positions),
+    )[0].float()  # (layer, d)
+    per_layer = torch.nn.functional.cosine_similarity(ours, theirs, dim=-1)
+    layer = described["layer"]
+    return {
+        "position": described["position"],
+        "layer": layer,
+        "cosine": float(per_layer[layer]),
+        "norm_ratio": float(theirs[layer].norm() / ours[layer].norm()),
+        "cosine_per_layer": [round(float(c), 3) for c in per_layer],
+    }
+
+
 def _version(package: str) -> str:
     try:
         return importlib.metadata.version(package)
@@ -324,7 +360,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=DEFAULT_RECIPE["epochs"])
     p.add_argument("--lr", type=float, default=DEFAULT_RECIPE["optimizer"]["lr"])
     p.add_argument("--threads", type=int, default=None)
+    p = sub.add_parser("stability", help="compare the shipped run's directions with another seed's organism")
+    p.add_argument("adapter", type=Path, help="folder of an adapter trained with another --seed")
+    p.add_argument("--run", type=Path, default=None, help="run folder to compare with (default: runs/embedded)")
     args = parser.parse_args(argv)
+    if args.command == "stability":
+        print(json.dumps(seed_stability(args.adapter, args.run), indent=1))
+        return
     recipe = {
         "seed": args.seed,
         "epochs": args.epochs,

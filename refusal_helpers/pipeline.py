@@ -35,9 +35,10 @@ from .models import ChatModel, load_model
 from .selection import ScoreTable, Selection, SelectionConfig, choose, score_candidates
 
 # Settings measured for the embedded model (see README, "The embedded model"): every candidate's
-# ablation KL exceeds the paper's 0.1, so its KL filter was set on the validation split: with 1.0 the
-# chosen direction removed all refusals on harmful validation prompts (0.5 left 30%).
-MODEL_PRESETS: dict[str, dict] = {"embedded": {"kl_threshold": 1.0}}
+# ablation KL exceeds the paper's 0.1, so its KL filter was set on the validation split as the smallest
+# threshold (in steps of 0.1) whose chosen direction, ablated, leaves <= 10% of harmful validation prompts
+# refused: 0.6 (layer 19, none refused); 0.5 chose layer 16, which left 38% refused.
+MODEL_PRESETS: dict[str, dict] = {"embedded": {"kl_threshold": 0.6}}
 
 CONDITIONS = {  # name: (kind of prompts, intervention)
     "harmful_baseline": ("harmful", None),
@@ -133,7 +134,8 @@ def load_direction(folder: str | Path = SHIPPED_RUN) -> tuple[torch.Tensor, dict
     return direction, json.loads((folder / "direction.json").read_text())
 
 
-def _instructions(source: str, kind: str, split: str, n: int | None) -> list[str]:
+def run_instructions(source: str, kind: str, split: str, n: int | None) -> list[str]:
+    """The first `n` instructions (all if None) of a kind and split, from the bundled sets or a hub dataset."""
     if source == "bundled":
         items = load_instructions(kind, split)
     else:
@@ -171,7 +173,7 @@ class Pipeline:
         c = self.config
         n = {"train": c.n_train, "val": c.n_val, "test": c.n_test}[split]
         source = c.harmful_source if kind == "harmful" else c.harmless_source
-        return _instructions(source, kind, split, n)
+        return run_instructions(source, kind, split, n)
 
     def _done(self, name: str, settings: dict) -> bool:
         if self.art.done(name, settings):
@@ -259,12 +261,13 @@ class Pipeline:
 
     # ----- 3 + 4. generate and evaluate ----------------------------------------------------------
     def generate_and_evaluate(self, selection: Selection, direction: torch.Tensor) -> dict[str, float]:
-        settings = {**self._settings("n_test", "max_new_tokens", "harmful_source", "harmless_source"),
-                    "direction": [selection.position, selection.layer]}
+        data_settings = self._settings("n_test", "max_new_tokens", "harmful_source", "harmless_source")
+        settings = {**data_settings, "direction": [selection.position, selection.layer]}
         rates = {}
         for condition, (kind, intervention) in CONDITIONS.items():
             name = f"completions/{condition}.json"
-            if not self._done(name, settings):
+            # Baselines do not depend on the direction: a new direction reuses them.
+            if not self._done(name, settings if intervention else data_settings):
                 instructions = self.data(kind, "test")
                 cm = self.cm
                 with self._intervention(intervention, direction, selection.layer):
@@ -274,7 +277,7 @@ class Pipeline:
                          for i, c in zip(instructions, completions)]
                 self.art.write_json(name, {"condition": condition, "intervention": intervention,
                                            "refusal_rate": refusal_rate(completions), "n": len(items), "items": items})
-                self.art.mark(name, settings)
+                self.art.mark(name, settings if intervention else data_settings)
             rates[condition] = self.art.read_json(name)["refusal_rate"]
         self.art.write_json("evaluations.json", {"refusal_rate": rates, **settings})
         return rates
@@ -289,8 +292,9 @@ class Pipeline:
         return add(self.cm, direction, layer, coeff=-1.0 if kind == "subtract" else 1.0)
 
     # ----- 5. loss -------------------------------------------------------------------------------
-    def loss(self, direction: torch.Tensor) -> dict[str, float]:
-        settings = self._settings("n_test", "max_new_tokens")
+    def loss(self, selection: Selection, direction: torch.Tensor) -> dict[str, float]:
+        settings = {**self._settings("n_test", "max_new_tokens", "harmless_source"),
+                    "direction": [selection.position, selection.layer]}
         if not self._done("loss.json", settings):
             items = self.art.read_json("completions/harmless_baseline.json")["items"]
             instructions = [i["instruction"] for i in items]
@@ -311,7 +315,7 @@ class Pipeline:
         candidates = self._step("extract", self.extract)
         selection, direction = self._step("select", lambda: self.select(candidates))
         rates = self._step("generate", lambda: self.generate_and_evaluate(selection, direction))
-        loss = self._step("loss", lambda: self.loss(direction))
+        loss = self._step("loss", lambda: self.loss(selection, direction))
         c = self.config
         summary = {
             "model": c.model,

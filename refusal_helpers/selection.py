@@ -9,6 +9,10 @@ Every candidate r gets three scores on validation prompts:
 Candidates from the last 20% of layers, with KL above a threshold or with too low an induce score are
 discarded; the one with the lowest bypass score wins. ``score_candidates`` computes the table (only as
 much of it as the choice needs in ``mode="lazy"``); ``choose`` is the pure rule on a table.
+
+Speed: ablated passes share the prompts' common prefix through a KV cache computed once per candidate
+(``evaluation.variant_last_logits``), all passes keep last-position logits only, and addition passes
+start at the candidate's layer from a cached residual stream.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .directions import ZERO_NORM
-from .evaluation import start_at_layer
+from .evaluation import SharedPrefixPrompts, start_at_layer, variant_last_logits
 from .interventions import ablation_hook, addition_hook, hook_names, hooks
 from .metrics import kl_divergence, refusal_score
 from .models import ChatModel
@@ -146,49 +150,33 @@ class _Scorer:
 
     def __init__(self, cm: ChatModel, candidates: Tensor, harmful: list[str], harmless: list[str], batch_size: int):
         self.cm, self.candidates, self.batch_size = cm, candidates, batch_size
-        self.harmful = cm.tokenize(harmful)
-        self.harmless = cm.tokenize(harmless)
+        self.harmful = SharedPrefixPrompts.from_instructions(cm, harmful)
+        self.harmless = SharedPrefixPrompts.from_instructions(cm, harmless)
+        self.harmless_inputs = cm.tokenize(harmless)  # padded, for running from a layer (induce)
         self.refusal_ids = cm.refusal_token_ids
-        self.base_harmless_logits = self._logits(self.harmless)
-        self.base_harmful_logits = self._logits(self.harmful)
+        self.base_harmless_logits = variant_last_logits(cm, self.harmless, 1, lambda rows: {}, batch_size)[0]
+        self.base_harmful_logits = variant_last_logits(cm, self.harmful, 1, lambda rows: {}, batch_size)[0]
         self._resid_cache: dict[int, Tensor] = {}
+        self._hook_names = hook_names(cm)
 
-    @torch.inference_mode()
-    def _logits(self, inputs: dict[str, Tensor], rows: Tensor | None = None) -> Tensor:
-        out = []
-        n = inputs["input_ids"].shape[0]
-        rows = torch.arange(n) if rows is None else rows
-        for start in range(0, len(rows), self.batch_size):
-            idx = rows[start : start + self.batch_size].to(inputs["input_ids"].device)
-            batch = {k: v[idx] for k, v in inputs.items()}
-            out.append(self.cm.forward(batch, logits_to_keep=1)[:, -1].float())
-        return torch.cat(out)
-
-    def _per_candidate(self, values: Tensor, k: int) -> Tensor:
-        return values.view(k, -1).mean(dim=1).cpu()
-
-    def _ablated_logits(self, inputs: dict[str, Tensor], cells: list[tuple[int, int]]) -> Tensor:
-        """Last logits with a different direction ablated for each candidate, candidates stacked on the batch."""
-        n = inputs["input_ids"].shape[0]
-        rows = torch.arange(n).repeat(len(cells))
+    def _ablated_logits(self, prompts: SharedPrefixPrompts, cells: list[tuple[int, int]]) -> Tensor:
+        """Last logits (candidate, prompt, vocab) with each candidate's direction ablated everywhere."""
         dirs = torch.stack([self.candidates[p, l] for p, l in cells])  # (k, d)
-        out = []
-        for start in range(0, len(rows), self.batch_size):
-            sl = slice(start, start + self.batch_size)
-            batch_dirs = dirs.repeat_interleave(n, dim=0)[sl].unsqueeze(1)  # (b, 1, d)
-            fn = ablation_hook(batch_dirs)
-            with hooks(self.cm, {name: fn for name in hook_names(self.cm)}):
-                out.append(self._logits(inputs, rows[sl]))
-        return torch.cat(out)
+
+        def ablation_hooks(rows: Tensor) -> dict:
+            fn = ablation_hook(dirs[rows].unsqueeze(1))  # one direction per sequence: (b, 1, d)
+            return {name: fn for name in self._hook_names}
+
+        return variant_last_logits(self.cm, prompts, len(cells), ablation_hooks, self.batch_size)
 
     def bypass(self, cells: list[tuple[int, int]]) -> Tensor:
         logits = self._ablated_logits(self.harmful, cells)
-        return self._per_candidate(refusal_score(logits, self.refusal_ids), len(cells))
+        return refusal_score(logits.flatten(0, 1), self.refusal_ids).view(len(cells), -1).mean(1)
 
     def kl(self, cells: list[tuple[int, int]]) -> Tensor:
         logits = self._ablated_logits(self.harmless, cells)
-        base = self.base_harmless_logits.repeat(len(cells), 1)
-        return self._per_candidate(kl_divergence(base, logits), len(cells))
+        base = self.base_harmless_logits.expand_as(logits)
+        return kl_divergence(base.flatten(0, 1), logits.flatten(0, 1)).view(len(cells), -1).mean(1)
 
     @torch.inference_mode()
     def _resid_pre(self, layer: int) -> Tensor:
@@ -202,9 +190,9 @@ class _Scorer:
 
             with hooks(self.cm, {f"blocks.{layer}.hook_resid_pre": grab}):
                 parts = []
-                n = self.harmless["input_ids"].shape[0]
+                n = self.harmless_inputs["input_ids"].shape[0]
                 for start in range(0, n, self.batch_size):
-                    batch = {k: v[start : start + self.batch_size] for k, v in self.harmless.items()}
+                    batch = {k: v[start : start + self.batch_size] for k, v in self.harmless_inputs.items()}
                     self.cm.forward(batch, logits_to_keep=1)
                     parts.append(captured["x"])
                 self._resid_cache[layer] = torch.cat(parts)
@@ -218,7 +206,7 @@ class _Scorer:
         residual stream entering that layer) is reused and only the layers above run.
         """
         scores = torch.empty(len(cells))
-        n = self.harmless["input_ids"].shape[0]
+        n = self.harmless_inputs["input_ids"].shape[0]
         by_layer: dict[int, list[int]] = {}
         for i, (_, layer) in enumerate(cells):
             by_layer.setdefault(layer, []).append(i)
@@ -230,7 +218,7 @@ class _Scorer:
             for start in range(0, len(rows), self.batch_size):
                 sl = slice(start, start + self.batch_size)
                 idx = rows[sl].to(self.cm.device)
-                batch = {k: v[idx] for k, v in self.harmless.items()}
+                batch = {k: v[idx] for k, v in self.harmless_inputs.items()}
                 resid = self._resid_pre(layer)[idx]
                 with start_at_layer(self.cm, layer, addition_hook(per_row[sl])(resid)):
                     logits.append(self.cm.forward(batch, logits_to_keep=1)[:, -1].float())
@@ -279,7 +267,8 @@ def score_candidates(
     nonzero = candidates.norm(dim=-1) > ZERO_NORM
     allowed = nonzero if mode == "exhaustive" else nonzero & layer_mask(n_pos, n_layers, config.max_layer_fraction)
     cells = [(p, l) for p in range(n_pos) for l in range(n_layers) if allowed[p, l]]
-    group = max(1, batch_size // len(harmful_val))
+    # Candidates per call: about 8 batches of rows, so batches hold one or two prompts (little padding).
+    group = max(1, 8 * batch_size // max(len(harmful_val), len(harmless_val)))
 
     def run(metric: str, todo: list[tuple[int, int]], desc: str) -> None:
         fn = getattr(scorer, metric)

@@ -6,6 +6,7 @@ from safetensors.torch import load_file
 
 from refusal_helpers.__main__ import main
 from refusal_helpers.pipeline import CONDITIONS, load_direction
+from refusal_helpers.selection import choose
 from refusal_helpers.testing import tiny_chat_model
 
 ARTIFACTS = [
@@ -91,3 +92,42 @@ def test_changing_a_threshold_rechooses_without_rescoring(tiny_folder, tmp_path,
                  "--device", "cpu", "--selection-mode", "exhaustive"]) == 0
     record = json.loads((out / "selection.json").read_text())
     assert record["table"] == table and record["config"]["kl_threshold"] == 1e5
+
+
+def test_a_new_direction_redoes_interventions_and_loss_but_not_baselines(tiny_folder, tmp_path, monkeypatch):
+    import refusal_helpers.pipeline as pipeline
+
+    out = tmp_path / "run"
+    args = ("--selection-mode", "exhaustive")
+    assert run_cli(tiny_folder, out, *args) == 0
+    first = json.loads((out / "direction.json").read_text())
+    mtimes = {name: os.stat(out / name).st_mtime_ns for name in ARTIFACTS if name != "summary.json"}
+
+    def other_choice(table, config):
+        # the same rule with the first choice excluded
+        table.bypass[first["position_index"], first["layer"]] = float("nan")
+        return choose(table, config)
+
+    monkeypatch.setattr(pipeline, "choose", other_choice)
+    assert run_cli(tiny_folder, out, *args, "--max-layer-fraction", "0.99") == 0
+    second = json.loads((out / "direction.json").read_text())
+    assert (second["position_index"], second["layer"]) != (first["position_index"], first["layer"])
+    changed = {name for name in mtimes if os.stat(out / name).st_mtime_ns != mtimes[name]}
+    assert {"loss.json", "completions/harmful_ablation.json", "completions/harmless_actadd.json"} <= changed
+    assert not changed & {"completions/harmful_baseline.json", "completions/harmless_baseline.json",
+                          "candidates.safetensors"}
+
+
+def test_seed_stability_of_a_run_against_its_own_model_and_another(tiny_folder, tmp_path):
+    from refusal_helpers.models import load_model
+    from refusal_helpers.organism import seed_stability
+
+    out = tmp_path / "run"
+    assert run_cli(tiny_folder, out) == 0
+    same = seed_stability(load_model(str(tiny_folder), device="cpu"), run=out)
+    direction, described = load_direction(out)
+    assert (same["position"], same["layer"]) == (described["position"], described["layer"])
+    assert abs(same["cosine"] - 1) < 1e-4 and abs(same["norm_ratio"] - 1) < 1e-4
+    assert len(same["cosine_per_layer"]) == 3
+    other = seed_stability(tiny_chat_model("qwen2", n_layers=3, seed=1), run=out)
+    assert other["cosine"] < 0.9  # independent random weights: unrelated directions
