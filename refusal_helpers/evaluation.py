@@ -54,6 +54,7 @@ class SharedPrefixPrompts:
 
     @classmethod
     def from_instructions(cls, cm: ChatModel, instructions: list[str]) -> SharedPrefixPrompts:
+        """Format with the chat template, tokenise each prompt unpadded, and split at the longest common prefix."""
         if len(instructions) == 0:
             raise ValueError("Expected a non-empty list of instructions.")
         ids = [cm.tokenizer(text, add_special_tokens=False)["input_ids"] for text in cm.format(instructions)]
