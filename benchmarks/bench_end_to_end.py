@@ -4,6 +4,7 @@ Targets on 2 CPU cores: notebook <= 3 minutes; CLI peak RSS <= 2 GiB.
 """
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -25,16 +26,13 @@ def run_notebook(path: Path) -> float:
 
 def run_cli(extra: list[str]) -> tuple[float, float]:
     """Wall time and peak RSS (MiB) of the CLI process alone (not of earlier children such as a kernel)."""
-    import os
-
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-m", "refusal_helpers", "run", "--out", out, *extra], cwd=ROOT)
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
-            raise subprocess.CalledProcessError(proc.returncode, proc.args)
+    if status:
+        raise subprocess.CalledProcessError(os.waitstatus_to_exitcode(status), proc.args)
     return seconds, usage.ru_maxrss / 1024
 
 

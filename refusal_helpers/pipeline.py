@@ -267,7 +267,8 @@ class Pipeline:
         for condition, (kind, intervention) in CONDITIONS.items():
             name = f"completions/{condition}.json"
             # Baselines do not depend on the direction: a new direction reuses them.
-            if not self._done(name, settings if intervention else data_settings):
+            condition_settings = settings if intervention else data_settings
+            if not self._done(name, condition_settings):
                 instructions = self.data(kind, "test")
                 cm = self.cm
                 with self._intervention(intervention, direction, selection.layer):
@@ -277,7 +278,7 @@ class Pipeline:
                          for i, c in zip(instructions, completions)]
                 self.art.write_json(name, {"condition": condition, "intervention": intervention,
                                            "refusal_rate": refusal_rate(completions), "n": len(items), "items": items})
-                self.art.mark(name, settings if intervention else data_settings)
+                self.art.mark(name, condition_settings)
             rates[condition] = self.art.read_json(name)["refusal_rate"]
         self.art.write_json("evaluations.json", {"refusal_rate": rates, **settings})
         return rates
