@@ -16,6 +16,7 @@ Hook points follow TransformerLens names: ``blocks.{l}.hook_resid_pre``, ``block
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -307,7 +308,8 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def _parse_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+def parse_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """A torch dtype from a name ('float32', 'float16', 'bfloat16'), or the device's default for None."""
     if dtype is None:
         return default_dtype(device)
     if isinstance(dtype, str):
@@ -316,6 +318,30 @@ def _parse_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch
         except KeyError:
             raise ValueError(f"Unknown dtype {dtype!r}: expected float32, float16 or bfloat16.") from None
     return dtype
+
+
+def model_version(name_or_path: str) -> str | None:
+    """A short fingerprint of the weights a name refers to, or None for a hub name.
+
+    ``"embedded"``: its adapter's hash; a local folder or file: the names, sizes and modification times of
+    its files. Runs record it so that artifacts made with other weights under the same name are not reused.
+    """
+    if name_or_path == "embedded":
+        from .organism import adapter_digest
+
+        return adapter_digest()
+    if not os.path.exists(name_or_path):
+        return None
+    if os.path.isfile(name_or_path):
+        files = [name_or_path]
+    else:
+        files = sorted(os.path.join(name_or_path, f) for f in os.listdir(name_or_path))
+    digest = hashlib.sha256()
+    for f in files:
+        if os.path.isfile(f):
+            st = os.stat(f)
+            digest.update(f"{os.path.basename(f)}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return digest.hexdigest()[:12]
 
 
 def load_model(
@@ -329,7 +355,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = torch.device(device) if device is not None else default_device()
-    dtype = _parse_dtype(dtype, device)
+    dtype = parse_dtype(dtype, device)
     if name_or_path == "embedded":
         from .organism import load_embedded
 

@@ -59,8 +59,9 @@ def strip_solutions(source: str, where: str = "cell") -> str:
 
 
 def exercise_notebook(solutions: nbformat.NotebookNode) -> nbformat.NotebookNode:
-    """The exercise version of a solutions notebook: answers stubbed, outputs stripped."""
+    """The exercise version of a solutions notebook: answers stubbed, outputs and saved widget state stripped."""
     nb = copy.deepcopy(solutions)
+    nb.metadata.pop("widgets", None)
     for index, cell in enumerate(nb.cells):
         cell.metadata.pop("execution", None)
         if cell.cell_type == "code":

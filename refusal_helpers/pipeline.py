@@ -31,7 +31,7 @@ from .evaluation import completion_loss
 from .generation import generate
 from .interventions import ablate, add
 from .metrics import refusal_rate, is_refusal
-from .models import ChatModel, load_model
+from .models import ChatModel, default_device, load_model, model_version, parse_dtype
 from .selection import ScoreTable, Selection, SelectionConfig, choose, score_candidates
 
 # Settings measured for the embedded model (see README, "The embedded model"): every candidate's
@@ -160,6 +160,13 @@ class Pipeline:
         self.art = Artifacts(config.out)  # fail early on an unwritable folder, before loading anything
         self._cm = cm
         self.reused: set[str] = set()  # artifacts found finished and not recomputed in this invocation
+        # What every artifact depends on: which weights, in which precision.
+        device = torch.device(config.device) if config.device else default_device()
+        self._model_identity = {
+            "model": config.model,
+            "model_version": model_version(config.model),
+            "dtype": str(parse_dtype(config.dtype, device)).removeprefix("torch."),
+        }
 
     @property
     def cm(self) -> ChatModel:
@@ -183,7 +190,7 @@ class Pipeline:
 
     def _settings(self, *keys: str) -> dict:
         c = asdict(self.config)
-        return {"model": c["model"], **{k: c[k] for k in keys}}
+        return {**self._model_identity, **{k: c[k] for k in keys}}
 
     # ----- 1. extract ----------------------------------------------------------------------------
     def extract(self) -> torch.Tensor:

