@@ -34,10 +34,10 @@ from .metrics import refusal_rate, is_refusal
 from .models import ChatModel, default_device, load_model, model_version, parse_dtype
 from .selection import ScoreTable, Selection, SelectionConfig, choose, score_candidates
 
-# Settings measured for the embedded model (see README, "The embedded model"): every candidate's
-# ablation KL exceeds the paper's 0.1, so its KL filter was set on the validation split as the smallest
-# threshold (in steps of 0.1) whose chosen direction, ablated, leaves <= 10% of harmful validation prompts
-# refused: 0.6 (layer 19, none refused); 0.5 chose layer 16, which left 38% refused.
+# Settings measured for the embedded model (see README, "The embedded model"): no candidate that passes
+# the induce filter has an ablation KL under the paper's 0.1, so its KL filter was set on the validation
+# split as the smallest threshold (in steps of 0.1) whose chosen direction, ablated, leaves <= 10% of
+# harmful validation prompts refused: 0.6 (layer 19, KL 0.58, none of 60 refused); nothing passes at 0.5.
 MODEL_PRESETS: dict[str, dict] = {"embedded": {"kl_threshold": 0.6}}
 
 CONDITIONS = {  # name: (kind of prompts, intervention)
