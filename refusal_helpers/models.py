@@ -308,16 +308,20 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def parse_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
-    """A torch dtype from a name ('float32', 'float16', 'bfloat16'), or the device's default for None."""
+def resolve_device_dtype(
+    device: torch.device | str | None, dtype: torch.dtype | str | None
+) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype a model loads with: None means the default device and that device's default dtype;
+    a dtype may be named ('float32', 'float16', 'bfloat16')."""
+    device = torch.device(device) if device is not None else default_device()
     if dtype is None:
-        return default_dtype(device)
+        return device, default_dtype(device)
     if isinstance(dtype, str):
         try:
-            return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+            dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
         except KeyError:
             raise ValueError(f"Unknown dtype {dtype!r}: expected float32, float16 or bfloat16.") from None
-    return dtype
+    return device, dtype
 
 
 def model_version(name_or_path: str) -> str | None:
@@ -354,8 +358,7 @@ def load_model(
     """Load a chat model: ``"embedded"`` (the project's refusal model), a hub name, a folder or a .gguf file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = torch.device(device) if device is not None else default_device()
-    dtype = parse_dtype(dtype, device)
+    device, dtype = resolve_device_dtype(device, dtype)
     if name_or_path == "embedded":
         from .organism import load_embedded
 

