@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--harmful", dest="harmful_source", default=d.harmful_source,
                      help="'bundled' or a hub dataset: advbench, jailbreakbench, harmbench")
     run.add_argument("--harmless", dest="harmless_source", default=d.harmless_source, help="'bundled' or 'alpaca'")
+    run.add_argument("--random-controls", type=int, default=d.random_controls,
+                     help="random unit directions ablated as a control for the CE increase (0: none)")
     run.add_argument("--device", default=None)
     run.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"))
     return parser

@@ -44,6 +44,14 @@ def normalize(
     return torch.where(norms > eps, directions / norms.clamp_min(eps), torch.zeros_like(directions))
 
 
+def random_directions(n: int, d_model: int, seed: int = 0) -> Float[Tensor, "n d_model"]:
+    """`n` unit vectors drawn uniformly on the sphere, reproducibly from `seed` (controls for an ablation)."""
+    if n < 0 or d_model < 1:
+        raise ValueError(f"Expected n >= 0 and d_model >= 1, got n={n}, d_model={d_model}.")
+    generator = torch.Generator().manual_seed(seed)
+    return normalize(torch.randn(n, d_model, generator=generator))
+
+
 def project_out(
     x: Float[Tensor, "... d_model"], direction: Float[Tensor, "*dir d_model"]
 ) -> Float[Tensor, "... d_model"]:

@@ -4,7 +4,8 @@
 2. select: score candidates on validation prompts and choose the direction;
 3. generate: completions on held-out prompts, plain and under interventions;
 4. evaluate: substring refusal rates per condition;
-5. loss: cross-entropy of harmless completions with and without ablation (coherence check).
+5. loss: cross-entropy of harmless completions with and without ablation (coherence check), and
+   under ablation of random unit directions, as a control for what removing any one direction costs.
 
 Each step writes its artifacts atomically and is skipped when they exist for the same settings, so a
 re-run resumes where the last one stopped and a failure leaves earlier artifacts intact.
@@ -26,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from .activations import collect_activations, mean_activations
 from .data import load_hub_instructions, load_instructions
-from .directions import diff_of_means
+from .directions import diff_of_means, random_directions
 from .evaluation import completion_loss
 from .generation import generate
 from .interventions import ablate, add
@@ -62,6 +63,7 @@ class PipelineConfig:
     kl_threshold: float | None = None  # None: model preset, else the paper's 0.1
     induce_threshold: float = 0.0
     max_layer_fraction: float = 0.8
+    random_controls: int = 3  # random unit directions ablated as a control in the loss step
     harmful_source: str = "bundled"  # or a hub dataset name (advbench, jailbreakbench, harmbench)
     harmless_source: str = "bundled"  # or "alpaca"
     device: str | None = None
@@ -300,8 +302,9 @@ class Pipeline:
         return add(self.cm, direction, layer, coeff=-1.0 if kind == "subtract" else 1.0)
 
     # ----- 5. loss -------------------------------------------------------------------------------
-    def loss(self, selection: Selection, direction: torch.Tensor) -> dict[str, float]:
-        settings = {**self._settings("n_test", "max_new_tokens", "harmless_source"),
+    def loss(self, selection: Selection, direction: torch.Tensor) -> dict:
+        """CE of the harmless test completions: plain, with the direction ablated, and with random ones ablated."""
+        settings = {**self._settings("n_test", "max_new_tokens", "harmless_source", "random_controls"),
                     "direction": [selection.position, selection.layer]}
         if not self._done("loss.json", settings):
             items = self.art.read_json("completions/harmless_baseline.json")["items"]
@@ -309,11 +312,20 @@ class Pipeline:
             completions = [i["completion"] for i in items]
             cm = self.cm
             progress = "completion loss" if self.progress else False
+
+            def ablated_loss(r: torch.Tensor) -> float:
+                with ablate(cm, r):
+                    return completion_loss(cm, instructions, completions, progress=progress)
+
             baseline = completion_loss(cm, instructions, completions, progress=progress)
-            with ablate(cm, direction):
-                ablated = completion_loss(cm, instructions, completions, progress=progress)
-            self.art.write_json("loss.json", {"data": "harmless test completions of the unmodified model",
-                                              "baseline": baseline, "ablation": ablated, "increase": ablated - baseline})
+            ablated = ablated_loss(direction)
+            controls = [ablated_loss(r) - baseline for r in random_directions(self.config.random_controls, cm.d_model)]
+            self.art.write_json("loss.json", {
+                "data": "harmless test completions of the unmodified model",
+                "baseline": baseline, "ablation": ablated, "increase": ablated - baseline,
+                "random_controls": {"seed": 0, "increases": controls,
+                                    "mean_increase": sum(controls) / len(controls) if controls else None},
+            })
             self.art.mark("loss.json", settings)
         return self.art.read_json("loss.json")
 
@@ -349,6 +361,15 @@ class Pipeline:
         return result
 
 
+def _control_line(loss: dict) -> list[str]:
+    increases = loss.get("random_controls", {}).get("increases") or []
+    if not increases:
+        return []
+    each = ", ".join(f"{x:+.3f}" for x in increases)
+    return [f"  control, {len(increases)} random unit directions ablated instead: "
+            f"{sum(increases) / len(increases):+.3f} on average ({each})"]
+
+
 def format_summary(summary: dict) -> str:
     """A plain-text table of a run's results."""
     d = summary["direction"]
@@ -367,5 +388,6 @@ def format_summary(summary: dict) -> str:
     loss = summary["ce_loss"]
     lines += ["", f"CE loss on harmless completions: {loss['baseline']:.3f} -> {loss['ablation']:.3f} "
                   f"nats/token under ablation ({loss['increase']:+.3f})",
+              *_control_line(loss),
               f"time: {summary['timings_s']['total_s']:.0f} s, peak RSS {summary['peak_rss_mib']} MiB"]
     return "\n".join(lines)

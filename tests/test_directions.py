@@ -69,3 +69,17 @@ def test_orthogonalize_matrix_along_output_dim():
     assert (r @ out).abs().max() < 1e-5
     x = torch.randn(5)
     torch.testing.assert_close(out @ x, project_out(w @ x, r), atol=1e-5, rtol=1e-5)
+
+
+def test_random_directions_are_reproducible_unit_vectors():
+    from refusal_helpers.directions import random_directions
+
+    r = random_directions(5, 32, seed=3)
+    assert r.shape == (5, 32)
+    assert torch.allclose(r.norm(dim=-1), torch.ones(5))
+    assert torch.equal(r, random_directions(5, 32, seed=3))
+    assert not torch.allclose(r, random_directions(5, 32, seed=4))
+    assert (cosine_similarity_matrix(r) - torch.eye(5)).abs().max() < 0.9  # five different directions
+    assert random_directions(0, 32).shape == (0, 32)
+    with pytest.raises(ValueError, match="n >= 0"):
+        random_directions(-1, 32)

@@ -154,3 +154,30 @@ def test_artifacts_record_which_weights_and_precision_made_them(tiny_folder, tmp
               metadata={"format": "pt"})
     assert run_cli(folder, out) == 0
     assert json.loads((out / "summary.json").read_text())["reused_artifacts"] == []
+
+
+def test_loss_step_reports_random_direction_controls(tiny_folder, tmp_path, capsys):
+    from refusal_helpers.directions import random_directions
+    from refusal_helpers.evaluation import completion_loss
+    from refusal_helpers.interventions import ablate
+    from refusal_helpers.models import load_model
+
+    out = tmp_path / "run"
+    assert run_cli(tiny_folder, out, "--random-controls", "2") == 0
+    assert "2 random unit directions ablated instead" in capsys.readouterr().out
+    loss = json.loads((out / "loss.json").read_text())
+    controls = loss["random_controls"]["increases"]
+    assert len(controls) == 2 and controls[0] != controls[1]
+    assert abs(loss["random_controls"]["mean_increase"] - sum(controls) / 2) < 1e-9
+    # each control is the loss with that random direction ablated, minus the same baseline
+    items = json.loads((out / "completions/harmless_baseline.json").read_text())["items"]
+    cm = load_model(str(tiny_folder), device="cpu")
+    args = [i["instruction"] for i in items], [i["completion"] for i in items]
+    baseline = completion_loss(cm, *args)
+    with ablate(cm, random_directions(2, cm.d_model)[1]):
+        expected = completion_loss(cm, *args) - baseline
+    assert abs(controls[1] - expected) < 1e-4
+
+    assert run_cli(tiny_folder, out, "--random-controls", "0") == 0  # a new setting redoes the loss step only
+    assert "random unit directions" not in capsys.readouterr().out
+    assert json.loads((out / "loss.json").read_text())["random_controls"] == {"seed": 0, "increases": [], "mean_increase": None}
