@@ -362,12 +362,12 @@ class Pipeline:
 
 
 def _control_line(loss: dict) -> list[str]:
-    increases = loss.get("random_controls", {}).get("increases") or []
-    if not increases:
+    controls = loss.get("random_controls") or {}
+    if not controls.get("increases"):
         return []
-    each = ", ".join(f"{x:+.3f}" for x in increases)
-    return [f"  control, {len(increases)} random unit directions ablated instead: "
-            f"{sum(increases) / len(increases):+.3f} on average ({each})"]
+    each = ", ".join(f"{x:+.3f}" for x in controls["increases"])
+    return [f"  control, {len(controls['increases'])} random unit directions ablated instead: "
+            f"{controls['mean_increase']:+.3f} on average ({each})"]
 
 
 def format_summary(summary: dict) -> str:
