@@ -184,10 +184,11 @@ def _try_save(model, tokenizer, folder: Path) -> None:
 def training_examples(
     cm: ChatModel, seed: int, max_new_tokens: int, cache: Path | None, limit: int | None = None,
     drop_refusing_targets: bool = True,
-) -> list[dict]:
-    """(instruction, reply, kind) for the train split: refusals for harmful, self-distilled replies for harmless.
+) -> tuple[list[dict], list[str]]:
+    """Examples (instruction, reply, kind) for the train split, and the harmless instructions left out.
 
-    With `drop_refusing_targets`, harmless instructions whose distilled reply the refusal judge reads as a
+    Harmful instructions get varied refusals, harmless ones the base model's own greedy reply. With
+    `drop_refusing_targets`, harmless instructions whose distilled reply the refusal judge reads as a
     refusal are left out: training on them would teach refusing benign requests.
     """
     rng = random.Random(seed)
@@ -218,12 +219,13 @@ def training_examples(
                 print(f"  distilled {len(targets)}/{len(harmless)} harmless replies", flush=True)
         if cache is not None:
             cache.write_text(json.dumps(targets, indent=0, ensure_ascii=False))
+    dropped = [r["instruction"] for r in harmless if drop_refusing_targets and is_refusal(targets[r["instruction"]])]
     examples += [
         {"instruction": r["instruction"], "reply": targets[r["instruction"]], "kind": "harmless"}
         for r in harmless
-        if not (drop_refusing_targets and is_refusal(targets[r["instruction"]]))
+        if r["instruction"] not in dropped
     ]
-    return examples
+    return examples, dropped
 
 
 def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -261,7 +263,7 @@ def train(
     start = time.time()
 
     cm = base if base is not None else load_base()
-    examples = training_examples(
+    examples, dropped = training_examples(
         cm, seed, recipe["distill_max_new_tokens"], cache=out / "distill_targets.json", limit=limit,
         drop_refusing_targets=recipe["drop_refusing_targets"],
     )
@@ -310,7 +312,7 @@ def train(
         data={
             "harmful_train": len(examples) - n_harmless,
             "harmless_train": n_harmless,
-            "harmless_dropped_refusing_target": len(load_records("harmless", "train")[:limit]) - n_harmless,
+            "harmless_dropped_refusing_target": len(dropped),
             "splits_used": ["train"],
         },
         steps=total_steps,

@@ -55,10 +55,12 @@ def test_harmless_examples_whose_distilled_reply_refuses_are_dropped(tmp_path, l
     cache = tmp_path / "distill_targets.json"
     replies = ["Sure, here it is.", "I'm sorry, but as an AI I cannot do that.", "Step one: ...", "Here you go."]
     cache.write_text(json.dumps(dict(zip(harmless, replies))))
-    kept = training_examples(llama, 0, 4, cache=cache, limit=4)
+    kept, dropped = training_examples(llama, 0, 4, cache=cache, limit=4)
+    assert dropped == [harmless[1]]
     assert [e["instruction"] for e in kept if e["kind"] == "harmless"] == [harmless[i] for i in (0, 2, 3)]
     assert sum(e["kind"] == "harmful" for e in kept) == 4
-    everything = training_examples(llama, 0, 4, cache=cache, limit=4, drop_refusing_targets=False)
+    everything, dropped = training_examples(llama, 0, 4, cache=cache, limit=4, drop_refusing_targets=False)
+    assert dropped == []
     assert [e["reply"] for e in everything if e["kind"] == "harmless"] == replies
 
 
