@@ -27,7 +27,11 @@ from .models import ChatModel
 def last_logits(
     cm: ChatModel, instructions: list[str], batch_size: int = 32, progress: bool | str = False
 ) -> Float[Tensor, "n vocab"]:
-    """Next-token logits at the last prompt position (the model's first reply token), float32 on CPU."""
+    """Next-token logits at the last prompt position (the model's first reply token), float32 on CPU.
+
+    The plain path, one padded batch at a time; `variant_last_logits` is the fast path for many
+    interventions at once and is tested against this one.
+    """
     if len(instructions) == 0:
         raise ValueError("Expected a non-empty list of instructions.")
     chunks = list(batches(instructions, batch_size))

@@ -89,14 +89,18 @@ def test_backends_import_their_libraries_lazily():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-# ----- TransformerLens ---------------------------------------------------------------------------
-
-
-def test_tl_mean_activations_match_main_path(cm, bridge, reference):
-    means = tlb.mean_activations_tl(bridge, cm, HARMFUL + HARMLESS, batch_size=3)
+@pytest.mark.parametrize("backend", ["transformer_lens", "nnsight"])
+def test_backend_mean_activations_match_main_path(cm, reference, backend, request):
+    if backend == "transformer_lens":
+        means = tlb.mean_activations_tl(request.getfixturevalue("bridge"), cm, HARMFUL + HARMLESS, batch_size=3)
+    else:
+        means = nb.mean_activations_nnsight(request.getfixturevalue("nn_model"), cm, HARMFUL + HARMLESS, batch_size=3)
     assert means.shape == (len(cm.post_instruction_positions), cm.n_layers, cm.d_model)
     assert means.dtype == torch.float64
     torch.testing.assert_close(means, reference["mean"], atol=1e-4, rtol=0)
+
+
+# ----- TransformerLens ---------------------------------------------------------------------------
 
 
 def test_tl_generation_matches_main_path_token_for_token(cm, bridge, reference, direction):
@@ -155,13 +159,6 @@ def test_tl_ablation_hooks_reject_bad_directions(bridge, cm):
 
 
 # ----- nnsight -----------------------------------------------------------------------------------
-
-
-def test_nnsight_mean_activations_match_main_path(cm, nn_model, reference):
-    means = nb.mean_activations_nnsight(nn_model, cm, HARMFUL + HARMLESS, batch_size=3)
-    assert means.shape == (len(cm.post_instruction_positions), cm.n_layers, cm.d_model)
-    assert means.dtype == torch.float64
-    torch.testing.assert_close(means, reference["mean"], atol=1e-4, rtol=0)
 
 
 def test_nnsight_generation_matches_main_path_token_for_token(cm, nn_model, reference, direction):
