@@ -49,6 +49,13 @@ CONDITIONS = {  # name: (kind of prompts, intervention)
     "harmless_actadd": ("harmless", "add"),
 }
 
+STEP_ARTIFACTS = {  # step: the artifacts whose making is that step's work
+    "extract": ["candidates.safetensors"],
+    "select": ["selection.json", "direction.safetensors"],
+    "generate": [f"completions/{c}.json" for c in CONDITIONS],
+    "loss": ["loss.json"],
+}
+
 
 @dataclass
 class PipelineConfig:
@@ -115,13 +122,23 @@ class Artifacts:
     def write_figure(self, name: str, fig) -> None:
         self._atomic(name, lambda p: fig.write_html(str(p), include_plotlyjs="cdn"))
 
+    def _record(self, name: str) -> dict | None:
+        meta = self.path(name + ".settings.json")
+        return json.loads(meta.read_text()) if self.path(name).exists() and meta.exists() else None
+
     def done(self, name: str, settings: dict) -> bool:
         """Whether `name` exists and was made with the same settings."""
-        meta = self.path(name + ".settings.json")
-        return self.path(name).exists() and meta.exists() and json.loads(meta.read_text()) == settings
+        record = self._record(name)
+        return record is not None and {k: v for k, v in record.items() if k != "compute_s"} == settings
 
-    def mark(self, name: str, settings: dict) -> None:
-        self.write_json(name + ".settings.json", settings)
+    def mark(self, name: str, settings: dict, seconds: float) -> None:
+        """Record the settings `name` was made with and the seconds making it took."""
+        self.write_json(name + ".settings.json", {**settings, "compute_s": round(seconds, 1)})
+
+    def compute_seconds(self, name: str) -> float | None:
+        """Seconds that making `name` took, as recorded when it was made (None if not recorded)."""
+        record = self._record(name)
+        return None if record is None else record.get("compute_s")
 
 
 SHIPPED_RUN = Path(__file__).resolve().parent.parent / "runs" / "embedded"
@@ -199,7 +216,7 @@ class Pipeline:
         settings = self._settings("n_train", "harmful_source", "harmless_source")
         name = "candidates.safetensors"
         if not self._done(name, settings):
-            cm = self.cm
+            cm, started = self.cm, time.time()
             harmful = mean_activations(cm, self.data("harmful", "train"), batch_size=self.config.batch_size,
                                        progress="mean activations (harmful)" if self.progress else False)
             harmless = mean_activations(cm, self.data("harmless", "train"), batch_size=self.config.batch_size,
@@ -210,7 +227,7 @@ class Pipeline:
                                    {"positions": cm.post_instruction_positions,
                                     "position_tokens": cm.post_instruction_tokens, **settings})
             self._plot_candidates(candidates)
-            self.art.mark(name, settings)
+            self.art.mark(name, settings, time.time() - started)
         return load_file(str(self.art.path(name)))["candidates"]
 
     def _plot_candidates(self, candidates: torch.Tensor) -> None:
@@ -231,26 +248,27 @@ class Pipeline:
                           **({"selection": asdict(sel_config)} if lazy else {})}
         settings = {**score_settings, "selection": asdict(sel_config)}
         if not self._done("selection.json", score_settings):
-            table = score_candidates(self.cm, candidates, self.data("harmful", "val"), self.data("harmless", "val"),
+            cm, started = self.cm, time.time()
+            table = score_candidates(cm, candidates, self.data("harmful", "val"), self.data("harmless", "val"),
                                      sel_config, self.config.selection_mode, self.config.batch_size, self.progress)
             self.art.write_json("selection.json", {"table": table.to_dict(),
-                                                   "position_tokens": self.cm.post_instruction_tokens, **score_settings})
-            self.art.mark("selection.json", score_settings)
+                                                   "position_tokens": cm.post_instruction_tokens, **score_settings})
+            self.art.mark("selection.json", score_settings, time.time() - started)
         if not self._done("direction.safetensors", settings):
+            cm, started = self.cm, time.time()
             record = self.art.read_json("selection.json")
             table = ScoreTable.from_dict(record["table"])
             selection = choose(table, sel_config)
             direction = candidates[selection.position_index, selection.layer].clone()
             self.art.write_json("selection.json", {**record, "selection": selection.to_dict(),
                                                    "config": asdict(sel_config)})
-            cm = self.cm
             self._plot_selection(table, selection, sel_config, direction)
             description = {**selection.to_dict(), "model": self.config.model, "d_model": cm.d_model,
                            "norm": float(direction.norm()),
                            "position_token": cm.post_instruction_tokens[selection.position]}
             self.art.write_tensors("direction.safetensors", {"direction": direction}, {"layer": selection.layer})
             self.art.write_json("direction.json", description)
-            self.art.mark("direction.safetensors", settings)
+            self.art.mark("direction.safetensors", settings, time.time() - started)
         direction, description = load_direction(self.art.root)
         selection = Selection(**{k: description[k] for k in Selection.__dataclass_fields__})
         return selection, direction
@@ -279,7 +297,7 @@ class Pipeline:
             condition_settings = settings if intervention else data_settings
             if not self._done(name, condition_settings):
                 instructions = self.data(kind, "test")
-                cm = self.cm
+                cm, started = self.cm, time.time()
                 with self._intervention(intervention, direction, selection.layer):
                     completions = generate(cm, instructions, self.config.max_new_tokens, self.config.batch_size,
                                            progress=f"generating {condition}" if self.progress else False)
@@ -287,7 +305,7 @@ class Pipeline:
                          for i, c in zip(instructions, completions)]
                 self.art.write_json(name, {"condition": condition, "intervention": intervention,
                                            "refusal_rate": refusal_rate(completions), "n": len(items), "items": items})
-                self.art.mark(name, condition_settings)
+                self.art.mark(name, condition_settings, time.time() - started)
             rates[condition] = self.art.read_json(name)["refusal_rate"]
         self.art.write_json("evaluations.json", {"refusal_rate": rates, **settings})
         return rates
@@ -310,7 +328,7 @@ class Pipeline:
             items = self.art.read_json("completions/harmless_baseline.json")["items"]
             instructions = [i["instruction"] for i in items]
             completions = [i["completion"] for i in items]
-            cm = self.cm
+            cm, started = self.cm, time.time()
             progress = "completion loss" if self.progress else False
 
             def ablated_loss(r: torch.Tensor) -> float:
@@ -326,7 +344,7 @@ class Pipeline:
                 "random_controls": {"seed": 0, "increases": controls,
                                     "mean_increase": sum(controls) / len(controls) if controls else None},
             })
-            self.art.mark("loss.json", settings)
+            self.art.mark("loss.json", settings, time.time() - started)
         return self.art.read_json("loss.json")
 
     # ----- all -----------------------------------------------------------------------------------
@@ -345,14 +363,25 @@ class Pipeline:
             "ce_loss": loss,
             "sizes": {"n_train": c.n_train, "n_val": c.n_val, "n_test": c.n_test, "max_new_tokens": c.max_new_tokens},
             "selection": asdict(c.selection_config()),
-            "timings_s": {**c.timings, "total_s": round(time.time() - start, 1)},
-            "reused_artifacts": sorted(self.reused),  # finished earlier with the same settings: not timed here
+            "timings_s": {**c.timings, "total_s": round(time.time() - start, 1)},  # this invocation
+            "compute_s": self.compute_seconds(),  # making each step's artifacts, whenever that happened
+            "reused_artifacts": sorted(self.reused),  # finished earlier with the same settings: not redone here
             "peak_rss_mib": round(_peak_rss_mib()),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {self._cm.device if self._cm else 'cpu'}",
             "versions": {"torch": torch.__version__},
         }
         self.art.write_json("summary.json", summary)
         return summary
+
+    def compute_seconds(self) -> dict[str, float | None]:
+        """Seconds each step's artifacts took to make, from their records (None where one is missing)."""
+        steps = {}
+        for step, names in STEP_ARTIFACTS.items():
+            seconds = [self.art.compute_seconds(n) for n in names]
+            steps[step + "_s"] = None if None in seconds else round(sum(seconds), 1)
+        known = [v for v in steps.values() if v is not None]
+        steps["total_s"] = round(sum(known), 1) if len(known) == len(STEP_ARTIFACTS) else None
+        return steps
 
     def _step(self, name: str, fn):
         t = time.time()
@@ -368,6 +397,14 @@ def _control_line(loss: dict) -> list[str]:
     each = ", ".join(f"{x:+.3f}" for x in controls["increases"])
     return [f"  control, {len(controls['increases'])} random unit directions ablated instead: "
             f"{controls['mean_increase']:+.3f} on average ({each})"]
+
+
+def _time_line(summary: dict) -> str:
+    line = f"time: {summary['timings_s']['total_s']:.0f} s"
+    made = (summary.get("compute_s") or {}).get("total_s")
+    if summary.get("reused_artifacts") and made is not None:
+        line += f" (artifacts from earlier runs reused; making all of them took {made:.0f} s)"
+    return line + f", peak RSS {summary['peak_rss_mib']} MiB"
 
 
 def format_summary(summary: dict) -> str:
@@ -389,5 +426,5 @@ def format_summary(summary: dict) -> str:
     lines += ["", f"CE loss on harmless completions: {loss['baseline']:.3f} -> {loss['ablation']:.3f} "
                   f"nats/token under ablation ({loss['increase']:+.3f})",
               *_control_line(loss),
-              f"time: {summary['timings_s']['total_s']:.0f} s, peak RSS {summary['peak_rss_mib']} MiB"]
+              _time_line(summary)]
     return "\n".join(lines)

@@ -5,7 +5,7 @@ import pytest
 from safetensors.torch import load_file
 
 from refusal_helpers.__main__ import main
-from refusal_helpers.pipeline import CONDITIONS, load_direction
+from refusal_helpers.pipeline import CONDITIONS, Artifacts, load_direction
 from refusal_helpers.selection import choose
 from refusal_helpers.testing import tiny_chat_model
 
@@ -49,16 +49,39 @@ def test_cli_end_to_end_writes_every_artifact(tiny_folder, tmp_path, capsys):
     completions = json.loads((out / "completions/harmful_ablation.json").read_text())
     assert completions["n"] == 3 and {"instruction", "completion", "refusal"} <= set(completions["items"][0])
 
-    # A second run skips finished steps: artifacts are not rewritten.
+    made = summary["compute_s"]
+    assert set(made) == {"extract_s", "select_s", "generate_s", "loss_s", "total_s"}
+    assert all(v is not None and v >= 0 for v in made.values())
+    assert made["total_s"] == pytest.approx(sum(v for k, v in made.items() if k != "total_s"), abs=0.06)
+
+    # A second run skips finished steps: artifacts are not rewritten, and what making them took is kept.
     mtimes = {name: os.stat(out / name).st_mtime_ns for name in ARTIFACTS if name != "summary.json"}
+    capsys.readouterr()
     assert run_cli(tiny_folder, out) == 0
     assert mtimes == {name: os.stat(out / name).st_mtime_ns for name in mtimes}
-    reused = json.loads((out / "summary.json").read_text())["reused_artifacts"]
-    assert "candidates.safetensors" in reused and "loss.json" in reused
+    again = json.loads((out / "summary.json").read_text())
+    assert "candidates.safetensors" in again["reused_artifacts"] and "loss.json" in again["reused_artifacts"]
+    assert again["compute_s"] == made
+    assert f"making all of them took {made['total_s']:.0f} s" in capsys.readouterr().out
     # Changing a test-time setting redoes only the later steps.
     assert run_cli(tiny_folder, out, "--max-new-tokens", "3") == 0
     assert os.stat(out / "candidates.safetensors").st_mtime_ns == mtimes["candidates.safetensors"]
     assert os.stat(out / "completions/harmless_actadd.json").st_mtime_ns != mtimes["completions/harmless_actadd.json"]
+
+
+def test_artifact_records_compare_settings_only(tmp_path):
+    art = Artifacts(tmp_path)
+    art.write_json("a.json", {"x": 1})
+    assert not art.done("a.json", {"n": 1}) and art.compute_seconds("a.json") is None
+    art.mark("a.json", {"n": 1}, seconds=2.345)
+    assert art.done("a.json", {"n": 1}) and not art.done("a.json", {"n": 2})
+    assert art.compute_seconds("a.json") == 2.3
+    # a record written before timings were kept (settings only) still counts as done
+    art.write_json("a.json.settings.json", {"n": 1})
+    assert art.done("a.json", {"n": 1}) and art.compute_seconds("a.json") is None
+    # no artifact, no record
+    (tmp_path / "a.json").unlink()
+    assert not art.done("a.json", {"n": 1}) and art.compute_seconds("a.json") is None
 
 
 def test_cli_bad_inputs_are_clear_errors(tiny_folder, tmp_path, capsys):
