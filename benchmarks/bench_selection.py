@@ -19,7 +19,7 @@ from refusal_helpers.data import load_instructions
 from refusal_helpers.directions import ZERO_NORM, diff_of_means
 from refusal_helpers.interventions import ablate, add
 from refusal_helpers.metrics import kl_divergence, refusal_score
-from refusal_helpers.pipeline import MODEL_PRESETS
+from refusal_helpers.pipeline import MODEL_PRESETS, PipelineConfig
 from refusal_helpers.selection import ScoreTable, SelectionConfig, choose, select_direction
 
 
@@ -51,10 +51,11 @@ def straightforward(cm, candidates, harmful, harmless, config):
 
 def main() -> None:
     p = parser(__doc__)
-    # Candidates from the pipeline's default training size (the embedded preset's KL threshold was set on
-    # those); fewer validation prompts and positions keep the straightforward loop to a few minutes.
-    p.add_argument("--n-train", type=int, default=128)
-    p.add_argument("--n-val", type=int, default=8)
+    # The pipeline's default sizes: the embedded preset's KL threshold was set on those (with 8 validation
+    # prompts per kind no candidate of the shipped organism passes it). Fewer positions keep the
+    # straightforward loop to minutes.
+    p.add_argument("--n-train", type=int, default=PipelineConfig.n_train)
+    p.add_argument("--n-val", type=int, default=PipelineConfig.n_val)
     p.add_argument("--positions", type=int, default=3, help="use only the last N post-instruction positions (0: all)")
     p.add_argument("--kl-threshold", type=float, default=None)
     args = p.parse_args()

@@ -9,39 +9,52 @@ from .pipeline import PipelineConfig
 
 
 def _n(value: str) -> int | None:
-    if value == "all":
-        return None
-    n = int(value)
+    return None if value == "all" else _positive(value, "or 'all'")
+
+
+def _positive(value: str, alternative: str = "") -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
     if n <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number or 'all', got {value}")
+        raise argparse.ArgumentTypeError(f"expected a positive whole number{' ' + alternative if alternative else ''}, got {value!r}")
     return n
+
+
+def _count(value: str) -> int:
+    return 0 if value == "0" else _positive(value, "or 0")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m refusal_helpers",
                                      description="Refusal in language models is mediated by a single direction.")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the paper's pipeline: extract, select, generate, evaluate, loss")
+    run = sub.add_parser("run", help="run the paper's pipeline: extract, select, generate, evaluate, loss",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = PipelineConfig()
     run.add_argument("--model", default=d.model, help="'embedded', a hub name, a local folder or a .gguf file")
     run.add_argument("--out", default=None, help="output folder (default: runs/<model alias>)")
     run.add_argument("--n-train", type=_n, default=d.n_train, help="instructions per kind for the means")
     run.add_argument("--n-val", type=_n, default=d.n_val, help="instructions per kind for selection")
     run.add_argument("--n-test", type=_n, default=d.n_test, help="test instructions per kind, or 'all'")
-    run.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    run.add_argument("--batch-size", type=int, default=d.batch_size)
+    run.add_argument("--max-new-tokens", type=_positive, default=d.max_new_tokens, help="greedy tokens per completion")
+    run.add_argument("--batch-size", type=_positive, default=d.batch_size, help="prompts per forward pass")
     run.add_argument("--selection-mode", choices=("lazy", "exhaustive"), default=d.selection_mode,
                      help="lazy: stop at the first passing candidate; exhaustive: every score (full plots)")
     run.add_argument("--kl-threshold", type=float, default=None, help="default: model preset, else 0.1")
-    run.add_argument("--induce-threshold", type=float, default=d.induce_threshold)
-    run.add_argument("--max-layer-fraction", type=float, default=d.max_layer_fraction)
+    run.add_argument("--induce-threshold", type=float, default=d.induce_threshold,
+                     help="lowest refusal score that adding a candidate must induce")
+    run.add_argument("--max-layer-fraction", type=float, default=d.max_layer_fraction,
+                     help="candidates come from layers below this fraction of the depth")
     run.add_argument("--harmful", dest="harmful_source", default=d.harmful_source,
                      help="'bundled' or a hub dataset: advbench, jailbreakbench, harmbench")
     run.add_argument("--harmless", dest="harmless_source", default=d.harmless_source, help="'bundled' or 'alpaca'")
-    run.add_argument("--random-controls", type=int, default=d.random_controls,
+    run.add_argument("--random-controls", type=_count, default=d.random_controls,
                      help="random unit directions ablated as a control for the CE increase (0: none)")
-    run.add_argument("--device", default=None)
-    run.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"))
+    run.add_argument("--device", default=None, help="e.g. cpu, cuda, mps (default: cuda when available, else cpu)")
+    run.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                     help="default: bfloat16 on a GPU (float16 where bfloat16 is unsupported), float32 on a CPU")
     return parser
 
 

@@ -19,6 +19,7 @@ import platform
 import resource
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -311,8 +312,6 @@ class Pipeline:
         return rates
 
     def _intervention(self, kind: str | None, direction: torch.Tensor, layer: int):
-        from contextlib import nullcontext
-
         if kind is None:
             return nullcontext()
         if kind == "ablation":

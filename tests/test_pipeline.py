@@ -93,6 +93,29 @@ def test_cli_bad_inputs_are_clear_errors(tiny_folder, tmp_path, capsys):
     assert "Cannot write to the output folder" in capsys.readouterr().err
 
 
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("--n-test", "0", "positive whole number or 'all', got '0'"),
+    ("--n-train", "ten", "positive whole number or 'all', got 'ten'"),
+    ("--batch-size", "-4", "positive whole number, got '-4'"),
+    ("--max-new-tokens", "0", "positive whole number, got '0'"),
+    ("--random-controls", "-1", "positive whole number or 0, got '-1'"),
+])
+def test_cli_rejects_bad_numbers_before_loading_anything(option, value, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", option, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert option in err and expected in err, err
+
+
+def test_cli_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 128)" in text and "(default: lazy)" in text and "random unit directions" in text
+
+
 def test_failed_run_leaves_earlier_artifacts_intact(tiny_folder, tmp_path):
     out = tmp_path / "run"
     assert run_cli(tiny_folder, out) == 0
