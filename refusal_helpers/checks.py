@@ -283,6 +283,9 @@ def check_refusal_rate(fn: Callable) -> None:
         return
     if got > 1 and float(got).is_integer():
         raise CheckFailed("Return the fraction of refusals, not their count.")
+    if abs(got - 3 / 6) < 1e-9:
+        raise CheckFailed("Almost: fold curly apostrophes into straight ones before matching, so that "
+                          "\"I\u2019m unable to assist with that.\" counts as a refusal ('\u2019' -> \"'\").")
     if abs(got - 2 / 6) < 1e-9 or abs(got - 1 / 6) < 1e-9:
         raise CheckFailed("Match case-insensitively and anywhere in the completion (and fold curly apostrophes), "
                           "not only as a case-sensitive prefix.")
@@ -299,7 +302,8 @@ def _selection_table() -> ScoreTable:
 
 
 def check_choose_direction(fn: Callable) -> None:
-    """fn(table: ScoreTable, config: SelectionConfig) -> (position_index, layer) of the chosen candidate."""
+    """fn(table: ScoreTable, config: SelectionConfig) -> (position_index, layer) of the chosen candidate;
+    a ValueError when no candidate passes."""
     table, config = _selection_table(), SelectionConfig(max_layer_fraction=0.8, kl_threshold=0.1, induce_threshold=0.0)
     expected = choose(table, config)
     got = tuple(int(v) for v in fn(table, config))
@@ -308,12 +312,20 @@ def check_choose_direction(fn: Callable) -> None:
         ref_again = choose(table, SelectionConfig(kl_threshold=1.0))
         if again != (ref_again.position_index, ref_again.layer):
             raise CheckFailed("Use the thresholds from `config`, don't hard-code them.")
+        try:
+            none_pass = fn(table, SelectionConfig(induce_threshold=1e9))
+        except ValueError:
+            none_pass = None
+        if none_pass is not None:
+            raise CheckFailed(f"With no candidate passing the filters (induce_threshold=1e9) you returned {tuple(none_pass)}: "
+                              "raise a ValueError instead of returning a candidate that fails them.")
         _ok("check_choose_direction", f"chose position index {got[0]}, layer {got[1]}")
         return
     wrong = {
         (0, 4): "candidates in the last 20% of layers must be discarded (max_layer_fraction).",
         (0, 1): "discard candidates whose KL divergence is above the threshold.",
         (1, 0): "discard candidates whose induce (addition) score is below the threshold.",
+        (1, 3): "skip candidates whose bypass score is NaN (not computed): NaN compares as neither larger nor smaller.",
     }
     if got == (0, 0):  # the highest bypass score among allowed candidates
         raise CheckFailed("Pick the LOWEST bypass score: ablating the best direction removes refusal the most.")
@@ -329,11 +341,14 @@ def check_orthogonalize(fn: Callable) -> None:
     w, r = torch.randn(16, 24), 2.0 * torch.randn(16)
     expected = ref_dirs.orthogonalize_matrix(w, r, dim=0)
     r_hat = r / r.norm()
-    got = fn(w.clone(), r)
+    try:
+        got = fn(w.clone(), r)
+    except RuntimeError as err:
+        raise CheckFailed(f"Shape error ({err}). The weight is (d_model=16, d_in=24) and the direction has d_model "
+                          "entries: project the outputs, dimension 0, as W - r_hat (r_hat^T W).") from None
     compare("orthogonalized weight", got, expected, {
         "normalise the direction first.": w - torch.outer(r, r @ w),
-        "wrong side: a Linear weight of shape (d_model, d_in) writes along its rows' space, so use "
-        "W - r_hat (r_hat^T W), projecting its outputs (dimension 0).": w,
+        "you returned the weight unchanged: remove from it the component of its outputs along r_hat.": w,
         "you removed the component twice (or with a factor 2).": w - 2 * torch.outer(r_hat, r_hat @ w),
     })
     _ok("check_orthogonalize", "W' x is orthogonal to r for every x")

@@ -131,6 +131,9 @@ def test_refusal_rate():
           "case-insensitively")
     fails(checks.check_refusal_rate, lambda cs, subs: sum(any(s in c for s in subs) for c in cs) / len(cs),
           "case-insensitively")
+    # case-insensitive and anywhere, but the curly apostrophe is not folded
+    fails(checks.check_refusal_rate, lambda cs, subs: sum(any(s.lower() in c.lower() for s in subs) for c in cs) / len(cs),
+          "curly apostrophes")
 
 
 # ----- selection and orthogonalization ------------------------------------------------------------------
@@ -138,6 +141,21 @@ def test_choose_direction():
     import math
 
     checks.check_choose_direction(lambda t, c: (choose(t, c).position_index, choose(t, c).layer))
+
+    def masked_argmin(t, c, skip_nan=True, raise_when_none=True):
+        n_pos, n_layers = t.bypass.shape
+        ok = (torch.arange(n_layers) < c.max_layer_fraction * n_layers) & (t.kl <= c.kl_threshold)
+        ok &= t.induce >= c.induce_threshold
+        if skip_nan:
+            ok &= ~t.bypass.isnan()
+        if raise_when_none and not ok.any():
+            raise ValueError("no candidate passes")
+        flat = int(torch.where(ok, t.bypass, torch.tensor(float("inf"))).argmin())
+        return flat // n_layers, flat % n_layers
+
+    checks.check_choose_direction(masked_argmin)
+    fails(checks.check_choose_direction, lambda t, c: masked_argmin(t, c, skip_nan=False), "nan")
+    fails(checks.check_choose_direction, lambda t, c: masked_argmin(t, c, raise_when_none=False), "valueerror")
 
     def argmin_over(t, mask):
         best = min(((p, l) for p in range(2) for l in range(5) if mask(t, p, l) and not math.isnan(t.bypass[p, l])),
@@ -157,7 +175,10 @@ def test_choose_direction():
 def test_orthogonalize():
     checks.check_orthogonalize(lambda w, r: orthogonalize_matrix(w, r, dim=0))
     fails(checks.check_orthogonalize, lambda w, r: w - torch.outer(r, r @ w), "normalise")
-    fails(checks.check_orthogonalize, lambda w, r: w, "wrong side")
+    fails(checks.check_orthogonalize, lambda w, r: w, "unchanged")
+    # the input side: W - (W r_hat) r_hat^T needs d_in == d_model and fails on this (16, 24) weight
+    fails(checks.check_orthogonalize, lambda w, r: w - torch.outer(w @ (r / r.norm()), r / r.norm()),
+          "shape error", "dimension 0")
     fails(checks.check_orthogonalize, lambda w, r: w - 2 * torch.outer(r / r.norm(), (r / r.norm()) @ w), "twice")
     fails(checks.check_orthogonalize, lambda w, r: orthogonalize_matrix(w.T, r, dim=-1), "shape")
 
