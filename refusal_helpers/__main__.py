@@ -8,22 +8,23 @@ import sys
 from .pipeline import PipelineConfig
 
 
-def _n(value: str) -> int | None:
-    return None if value == "all" else _positive(value, "or 'all'")
-
-
-def _positive(value: str, alternative: str = "") -> int:
+def _positive(value: str, alternative: str = "", minimum: int = 1) -> int:
+    """A whole number >= `minimum` (1 unless `alternative` admits 0), or an error naming what was expected."""
     try:
         n = int(value)
     except ValueError:
-        n = 0
-    if n <= 0:
+        n = None
+    if n is None or n < minimum:
         raise argparse.ArgumentTypeError(f"expected a positive whole number{' ' + alternative if alternative else ''}, got {value!r}")
     return n
 
 
+def _n(value: str) -> int | None:
+    return None if value == "all" else _positive(value, "or 'all'")
+
+
 def _count(value: str) -> int:
-    return 0 if value == "0" else _positive(value, "or 0")
+    return _positive(value, "or 0", minimum=0)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,7 +19,8 @@ import platform
 import resource
 import tempfile
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -208,6 +209,15 @@ class Pipeline:
             return True
         return False
 
+    @contextmanager
+    def _making(self, name: str, settings: dict) -> Iterator[ChatModel]:
+        """The model, for a block that makes `name`; on success records the settings and the seconds the
+        block took (model loading excluded)."""
+        cm = self.cm
+        started = time.time()
+        yield cm
+        self.art.mark(name, settings, time.time() - started)
+
     def _settings(self, *keys: str) -> dict:
         c = asdict(self.config)
         return {**self._model_identity, **{k: c[k] for k in keys}}
@@ -217,18 +227,17 @@ class Pipeline:
         settings = self._settings("n_train", "harmful_source", "harmless_source")
         name = "candidates.safetensors"
         if not self._done(name, settings):
-            cm, started = self.cm, time.time()
-            harmful = mean_activations(cm, self.data("harmful", "train"), batch_size=self.config.batch_size,
-                                       progress="mean activations (harmful)" if self.progress else False)
-            harmless = mean_activations(cm, self.data("harmless", "train"), batch_size=self.config.batch_size,
-                                        progress="mean activations (harmless)" if self.progress else False)
-            candidates = diff_of_means(harmful, harmless).float()
-            self.art.write_tensors(name, {"candidates": candidates, "harmful_mean": harmful.float(),
-                                          "harmless_mean": harmless.float()},
-                                   {"positions": cm.post_instruction_positions,
-                                    "position_tokens": cm.post_instruction_tokens, **settings})
-            self._plot_candidates(candidates)
-            self.art.mark(name, settings, time.time() - started)
+            with self._making(name, settings) as cm:
+                harmful = mean_activations(cm, self.data("harmful", "train"), batch_size=self.config.batch_size,
+                                           progress="mean activations (harmful)" if self.progress else False)
+                harmless = mean_activations(cm, self.data("harmless", "train"), batch_size=self.config.batch_size,
+                                            progress="mean activations (harmless)" if self.progress else False)
+                candidates = diff_of_means(harmful, harmless).float()
+                self.art.write_tensors(name, {"candidates": candidates, "harmful_mean": harmful.float(),
+                                              "harmless_mean": harmless.float()},
+                                       {"positions": cm.post_instruction_positions,
+                                        "position_tokens": cm.post_instruction_tokens, **settings})
+                self._plot_candidates(candidates)
         return load_file(str(self.art.path(name)))["candidates"]
 
     def _plot_candidates(self, candidates: torch.Tensor) -> None:
@@ -249,27 +258,25 @@ class Pipeline:
                           **({"selection": asdict(sel_config)} if lazy else {})}
         settings = {**score_settings, "selection": asdict(sel_config)}
         if not self._done("selection.json", score_settings):
-            cm, started = self.cm, time.time()
-            table = score_candidates(cm, candidates, self.data("harmful", "val"), self.data("harmless", "val"),
-                                     sel_config, self.config.selection_mode, self.config.batch_size, self.progress)
-            self.art.write_json("selection.json", {"table": table.to_dict(),
-                                                   "position_tokens": cm.post_instruction_tokens, **score_settings})
-            self.art.mark("selection.json", score_settings, time.time() - started)
+            with self._making("selection.json", score_settings) as cm:
+                table = score_candidates(cm, candidates, self.data("harmful", "val"), self.data("harmless", "val"),
+                                         sel_config, self.config.selection_mode, self.config.batch_size, self.progress)
+                self.art.write_json("selection.json", {"table": table.to_dict(),
+                                                       "position_tokens": cm.post_instruction_tokens, **score_settings})
         if not self._done("direction.safetensors", settings):
-            cm, started = self.cm, time.time()
-            record = self.art.read_json("selection.json")
-            table = ScoreTable.from_dict(record["table"])
-            selection = choose(table, sel_config)
-            direction = candidates[selection.position_index, selection.layer].clone()
-            self.art.write_json("selection.json", {**record, "selection": selection.to_dict(),
-                                                   "config": asdict(sel_config)})
-            self._plot_selection(table, selection, sel_config, direction)
-            description = {**selection.to_dict(), "model": self.config.model, "d_model": cm.d_model,
-                           "norm": float(direction.norm()),
-                           "position_token": cm.post_instruction_tokens[selection.position]}
-            self.art.write_tensors("direction.safetensors", {"direction": direction}, {"layer": selection.layer})
-            self.art.write_json("direction.json", description)
-            self.art.mark("direction.safetensors", settings, time.time() - started)
+            with self._making("direction.safetensors", settings) as cm:
+                record = self.art.read_json("selection.json")
+                table = ScoreTable.from_dict(record["table"])
+                selection = choose(table, sel_config)
+                direction = candidates[selection.position_index, selection.layer].clone()
+                self.art.write_json("selection.json", {**record, "selection": selection.to_dict(),
+                                                       "config": asdict(sel_config)})
+                self._plot_selection(table, selection, sel_config, direction)
+                description = {**selection.to_dict(), "model": self.config.model, "d_model": cm.d_model,
+                               "norm": float(direction.norm()),
+                               "position_token": cm.post_instruction_tokens[selection.position]}
+                self.art.write_tensors("direction.safetensors", {"direction": direction}, {"layer": selection.layer})
+                self.art.write_json("direction.json", description)
         direction, description = load_direction(self.art.root)
         selection = Selection(**{k: description[k] for k in Selection.__dataclass_fields__})
         return selection, direction
@@ -298,15 +305,14 @@ class Pipeline:
             condition_settings = settings if intervention else data_settings
             if not self._done(name, condition_settings):
                 instructions = self.data(kind, "test")
-                cm, started = self.cm, time.time()
-                with self._intervention(intervention, direction, selection.layer):
-                    completions = generate(cm, instructions, self.config.max_new_tokens, self.config.batch_size,
-                                           progress=f"generating {condition}" if self.progress else False)
-                items = [{"instruction": i, "completion": c, "refusal": is_refusal(c)}
-                         for i, c in zip(instructions, completions)]
-                self.art.write_json(name, {"condition": condition, "intervention": intervention,
-                                           "refusal_rate": refusal_rate(completions), "n": len(items), "items": items})
-                self.art.mark(name, condition_settings, time.time() - started)
+                with self._making(name, condition_settings) as cm:
+                    with self._intervention(intervention, direction, selection.layer):
+                        completions = generate(cm, instructions, self.config.max_new_tokens, self.config.batch_size,
+                                               progress=f"generating {condition}" if self.progress else False)
+                    items = [{"instruction": i, "completion": c, "refusal": is_refusal(c)}
+                             for i, c in zip(instructions, completions)]
+                    self.art.write_json(name, {"condition": condition, "intervention": intervention,
+                                               "refusal_rate": refusal_rate(completions), "n": len(items), "items": items})
             rates[condition] = self.art.read_json(name)["refusal_rate"]
         self.art.write_json("evaluations.json", {"refusal_rate": rates, **settings})
         return rates
@@ -327,23 +333,22 @@ class Pipeline:
             items = self.art.read_json("completions/harmless_baseline.json")["items"]
             instructions = [i["instruction"] for i in items]
             completions = [i["completion"] for i in items]
-            cm, started = self.cm, time.time()
-            progress = "completion loss" if self.progress else False
+            with self._making("loss.json", settings) as cm:
+                progress = "completion loss" if self.progress else False
 
-            def ablated_loss(r: torch.Tensor) -> float:
-                with ablate(cm, r):
-                    return completion_loss(cm, instructions, completions, progress=progress)
+                def ablated_loss(r: torch.Tensor) -> float:
+                    with ablate(cm, r):
+                        return completion_loss(cm, instructions, completions, progress=progress)
 
-            baseline = completion_loss(cm, instructions, completions, progress=progress)
-            ablated = ablated_loss(direction)
-            controls = [ablated_loss(r) - baseline for r in random_directions(self.config.random_controls, cm.d_model)]
-            self.art.write_json("loss.json", {
-                "data": "harmless test completions of the unmodified model",
-                "baseline": baseline, "ablation": ablated, "increase": ablated - baseline,
-                "random_controls": {"seed": 0, "increases": controls,
-                                    "mean_increase": sum(controls) / len(controls) if controls else None},
-            })
-            self.art.mark("loss.json", settings, time.time() - started)
+                baseline = completion_loss(cm, instructions, completions, progress=progress)
+                ablated = ablated_loss(direction)
+                controls = [ablated_loss(r) - baseline for r in random_directions(self.config.random_controls, cm.d_model)]
+                self.art.write_json("loss.json", {
+                    "data": "harmless test completions of the unmodified model",
+                    "baseline": baseline, "ablation": ablated, "increase": ablated - baseline,
+                    "random_controls": {"seed": 0, "increases": controls,
+                                        "mean_increase": sum(controls) / len(controls) if controls else None},
+                })
         return self.art.read_json("loss.json")
 
     # ----- all -----------------------------------------------------------------------------------
@@ -378,8 +383,7 @@ class Pipeline:
         for step, names in STEP_ARTIFACTS.items():
             seconds = [self.art.compute_seconds(n) for n in names]
             steps[step + "_s"] = None if None in seconds else round(sum(seconds), 1)
-        known = [v for v in steps.values() if v is not None]
-        steps["total_s"] = round(sum(known), 1) if len(known) == len(STEP_ARTIFACTS) else None
+        steps["total_s"] = None if None in steps.values() else round(sum(steps.values()), 1)
         return steps
 
     def _step(self, name: str, fn):
