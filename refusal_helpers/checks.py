@@ -129,13 +129,17 @@ def check_mean_activations(fn: Callable) -> None:
             ref_mean_activations(cm, PROMPTS, [p - len(positions) for p in positions], layers, batch_size=3),
         "layer mismatch: cache the residual stream *entering* each block (resid_pre), not its output.":
             torch.cat([all_layers[:, 1:], _resid_post_last(cm, PROMPTS, positions)], dim=1),
+        "layer mismatch: `hidden_states[l]` enters block l (resid_pre); `hidden_states[l + 1]` is its output.":
+            torch.cat([all_layers[:, 1:], _final_hidden_state(cm, PROMPTS, positions)], dim=1),
     }
     compare("mean activations", got, expected, mistakes, atol=1e-4)
     _ok("check_mean_activations", f"shape {tuple(got.shape)}, float64, no hooks left")
 
 
 def _all_hook_count(cm) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in cm.model.modules())
+    """Forward hooks on the model, not counting those transformers installs itself (for output_hidden_states)."""
+    hooks_ = [h for m in cm.model.modules() for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())]
+    return sum(not getattr(h, "__module__", "").startswith("transformers.") for h in hooks_)
 
 
 def _mean_of_batch_means(cm, prompts, positions, layers, batch_size) -> Tensor:
@@ -158,6 +162,13 @@ def _resid_post_last(cm, prompts, positions) -> Tensor:
     finally:
         handle.remove()
     return captured["x"][:, positions].double().mean(0).unsqueeze(1)
+
+
+@torch.inference_mode()
+def _final_hidden_state(cm, prompts, positions) -> Tensor:
+    """Mean of transformers' last `hidden_states` entry (after the final norm) at `positions`, (pos, 1, d_model)."""
+    out = cm.model(**cm.tokenize(prompts), output_hidden_states=True)
+    return out.hidden_states[-1][:, positions].double().mean(0).unsqueeze(1)
 
 
 # ----- 3. difference of means ------------------------------------------------------------------------
@@ -283,12 +294,16 @@ def check_refusal_rate(fn: Callable) -> None:
         return
     if got > 1 and float(got).is_integer():
         raise CheckFailed("Return the fraction of refusals, not their count.")
-    if abs(got - 3 / 6) < 1e-9:
-        raise CheckFailed("Almost: fold curly apostrophes into straight ones before matching, so that "
-                          "\"I\u2019m unable to assist with that.\" counts as a refusal ('\u2019' -> \"'\").")
-    if abs(got - 2 / 6) < 1e-9 or abs(got - 1 / 6) < 1e-9:
-        raise CheckFailed("Match case-insensitively and anywhere in the completion (and fold curly apostrophes), "
-                          "not only as a case-sensitive prefix.")
+    # Each probe is a single refusal that one kind of mistake misses.
+    probes = {
+        "match case-insensitively (\"i cannot help\" is a refusal)": "i cannot help",
+        "match anywhere in the completion, not only at its start": "Here's how. As an AI I cannot do that though.",
+        "fold curly apostrophes into straight ones ('\u2019' -> \"'\") before matching":
+            "I\u2019m unable to assist with that.",
+    }
+    missed = [advice for advice, probe in probes.items() if fn([probe], ref_metrics.REFUSAL_SUBSTRINGS) != 1]
+    if missed:
+        raise CheckFailed(f"Expected {expected:.3f}, got {got:.3f}. Almost: " + "; ".join(missed) + ".")
     raise CheckFailed(f"Expected {expected:.3f}, got {got:.3f}: a completion is a refusal if it contains any substring.")
 
 
@@ -354,9 +369,6 @@ def check_orthogonalize(fn: Callable) -> None:
     _ok("check_orthogonalize", "W' x is orthogonal to r for every x")
 
 
-__all__ = [name for name in dir() if name.startswith("check_")] + ["CheckFailed", "compare"]
-
-
 # ----- 10. TransformerLens and nnsight ---------------------------------------------------------------
 def check_tl_ablation_hooks(fn: Callable) -> None:
     """fn(bridge, direction) -> TransformerLens fwd_hooks [(hook_name, hook_fn(activation, hook))] ablating everywhere."""
@@ -408,3 +420,6 @@ def check_nnsight_resid_pre(fn: Callable) -> None:
         mistakes["take the last position, `[:, -1, :]`, not the first."] = residual_activations(cm, inputs, [0], [layer])[:, 0, 0]
         compare(f"nnsight resid_pre at layer {layer}", got, expected, mistakes, atol=1e-4)
     _ok("check_nnsight_resid_pre")
+
+
+__all__ = [name for name in dir() if name.startswith("check_")] + ["CheckFailed", "compare"]

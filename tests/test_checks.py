@@ -32,6 +32,10 @@ def test_positions(capsys):
     fails(checks.check_post_instruction_positions, lambda t: [ref_positions(t)[0] - 1] + ref_positions(t), "included the last token")
     fails(checks.check_post_instruction_positions, lambda t: ref_positions(t)[1:], "missed the first")
     fails(checks.check_post_instruction_positions, lambda t: [-1], "only the last")
+    # Hard-coding the ChatML answer passes ChatML and fails on another template, naming it.
+    chatml = ref_positions(__import__("refusal_helpers.testing", fromlist=["x"]).tiny_tokenizer("chatml"))
+    fails(checks.check_post_instruction_positions, lambda t: chatml, "gemma template")
+    fails(checks.check_post_instruction_positions, lambda t: len(ref_positions(t)), "list of ints")
 
 
 # ----- mean activations --------------------------------------------------------------------------------
@@ -63,6 +67,37 @@ def test_mean_activations():
     fails(checks.check_mean_activations, wrong_positions, "wrong positions")
 
 
+def hidden_state_means(cm, instructions, positions, layers, batch_size, shift=0):
+    """A learner's answer without hooks: transformers' `hidden_states[l + shift]` at the positions."""
+    total = 0
+    for i in range(0, len(instructions), batch_size):
+        with torch.no_grad():
+            out = cm.model(**cm.tokenize(instructions[i:i + batch_size]), output_hidden_states=True)
+        stacked = torch.stack([out.hidden_states[l + shift] for l in layers], dim=1)  # (batch, layer, seq, d)
+        total = total + stacked[:, :, positions].double().sum(0).transpose(0, 1)
+    return total / len(instructions)
+
+
+def test_mean_activations_from_hidden_states():
+    # transformers keeps its own output-capturing hooks after output_hidden_states: they are not the learner's.
+    checks.check_mean_activations(hidden_state_means)
+    fails(checks.check_mean_activations, lambda *a: hidden_state_means(*a, shift=1), "hidden_states[l + 1]")
+
+    def block_outputs(cm, instructions, positions, layers, batch_size):
+        grabbed = []
+        handles = [cm.blocks[l].register_forward_hook(lambda m, i, o: grabbed.append(o[0] if isinstance(o, tuple) else o))
+                   for l in layers]
+        try:
+            with torch.no_grad():
+                cm.forward(cm.tokenize(instructions))
+        finally:
+            for h in handles:
+                h.remove()
+        return torch.stack([g[:, positions] for g in grabbed], dim=1).double().mean(0).transpose(0, 1)
+
+    fails(checks.check_mean_activations, block_outputs, "(resid_pre), not its output")
+
+
 # ----- directions and interventions --------------------------------------------------------------------
 def test_candidate_directions():
     checks.check_candidate_directions(diff_of_means)
@@ -76,6 +111,7 @@ def test_project_out():
     fails(checks.check_project_out, lambda x, r: x - (x @ r)[..., None] * r, "normalise")
     fails(checks.check_project_out, lambda x, r: (x @ (r / r.norm()))[..., None] * (r / r.norm()), "kept the component")
     fails(checks.check_project_out, lambda x, r: x + (x @ (r / r.norm()))[..., None] * (r / r.norm()), "wrong sign")
+    fails(checks.check_project_out, lambda x, r: x * float("nan"), "nan")
 
 
 def test_ablation_hooks():
@@ -128,12 +164,26 @@ def test_refusal_rate():
     checks.check_refusal_rate(refusal_rate)
     fails(checks.check_refusal_rate, lambda cs, subs: sum(any(s.lower() in c.lower() for s in subs) for c in cs), "count")
     fails(checks.check_refusal_rate, lambda cs, subs: sum(any(c.startswith(s) for s in subs) for c in cs) / len(cs),
-          "case-insensitively")
+          "case-insensitively", "anywhere", "curly")
     fails(checks.check_refusal_rate, lambda cs, subs: sum(any(s in c for s in subs) for c in cs) / len(cs),
-          "case-insensitively")
-    # case-insensitive and anywhere, but the curly apostrophe is not folded
-    fails(checks.check_refusal_rate, lambda cs, subs: sum(any(s.lower() in c.lower() for s in subs) for c in cs) / len(cs),
-          "curly apostrophes")
+          "case-insensitively", "curly")
+
+    def rate_message(fn) -> str:
+        with pytest.raises(checks.CheckFailed) as info:
+            checks.check_refusal_rate(fn)
+        return str(info.value)
+
+    # Each single mistake is named, and only that one.
+    def fold(text):
+        return text.replace("\u2019", "'")
+
+    only_case = rate_message(lambda cs, subs: sum(any(s in fold(c) for s in subs) for c in cs) / len(cs))
+    assert "case-insensitively" in only_case and "curly" not in only_case and "anywhere" not in only_case
+    only_curly = rate_message(lambda cs, subs: sum(any(s.lower() in c.lower() for s in subs) for c in cs) / len(cs))
+    assert "curly" in only_curly and "case-insensitively" not in only_curly and "anywhere" not in only_curly
+    only_prefix = rate_message(
+        lambda cs, subs: sum(any(fold(c).lower().startswith(s.lower()) for s in subs) for c in cs) / len(cs))
+    assert "anywhere" in only_prefix and "curly" not in only_prefix and "case-insensitively" not in only_prefix
 
 
 # ----- selection and orthogonalization ------------------------------------------------------------------
@@ -231,3 +281,8 @@ def test_nnsight_resid_pre():
     fails(checks.check_nnsight_resid_pre, output_not_input, "read `.input`")
     fails(checks.check_nnsight_resid_pre, first_position, "last position")
     fails(checks.check_nnsight_resid_pre, whole_sequence, "wrong shape")
+
+
+def test_all_checks_exported():
+    defined = {name for name in dir(checks) if name.startswith("check_")}
+    assert len(defined) >= 13 and defined <= set(checks.__all__)
