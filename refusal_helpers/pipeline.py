@@ -13,8 +13,10 @@ re-run resumes where the last one stopped and a failure leaves earlier artifacts
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import warnings
 import platform
 import resource
 import tempfile
@@ -28,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .activations import collect_activations, mean_activations
-from .data import load_hub_instructions, load_instructions
+from .data import load_hub_instructions, load_instructions, take
 from .directions import diff_of_means, random_directions
 from .evaluation import completion_loss
 from .generation import generate
@@ -162,12 +164,23 @@ def run_instructions(source: str, kind: str, split: str, n: int | None) -> list[
     else:
         items = load_hub_instructions(source)
         # hub sets have no fixed splits: carve disjoint slices deterministically
-        thirds = {"train": slice(0, len(items) // 2), "val": slice(len(items) // 2, 3 * len(items) // 4),
+        halves_and_quarters = {"train": slice(0, len(items) // 2), "val": slice(len(items) // 2, 3 * len(items) // 4),
                   "test": slice(3 * len(items) // 4, None)}
-        items = items[thirds[split]]
+        items = items[halves_and_quarters[split]]
     if not items:
         raise ValueError(f"No {kind} instructions in split {split!r} of {source!r}.")
-    return items if n is None else items[:n]
+    if n is not None and n > len(items):
+        warnings.warn(f"Asked for {n} {kind} {split} instructions but {source!r} has {len(items)}: using {len(items)}.",
+                      stacklevel=2)
+    return take(items, n)
+
+
+def direction_settings(selection: Selection, direction: torch.Tensor) -> dict:
+    """What artifacts made with a direction depend on: its candidate and a digest of its values (which
+    change with the training data even where the candidate does not)."""
+    values = direction.detach().float().cpu().contiguous().numpy().tobytes()
+    return {"direction": [selection.position, selection.layer],
+            "direction_sha256": hashlib.sha256(values).hexdigest()[:16]}
 
 
 def _peak_rss_mib() -> float:
@@ -175,14 +188,24 @@ def _peak_rss_mib() -> float:
 
 
 class Pipeline:
+    """The paper's steps on one model, each reading and writing its artifacts in `config.out`.
+
+    `run()` does them all; each step method can also be called alone (later ones take earlier results).
+    The model loads on first use, so a resumed run with every artifact finished never loads it.
+    """
+
     def __init__(self, config: PipelineConfig, cm: ChatModel | None = None, progress: bool = True):
         self.config = config
         self.progress = progress
-        self.art = Artifacts(config.out)  # fail early on an unwritable folder, before loading anything
+        config.selection_config()  # fail early on invalid thresholds, before loading anything
+        self.art = Artifacts(config.out)  # and on an unwritable folder
+        if cm is not None and cm.name != config.model:
+            raise ValueError(f"The model passed is {cm.name!r} but config.model is {config.model!r}: artifacts "
+                             "record config.model, so the two must name the same model.")
         self._cm = cm
         self.reused: set[str] = set()  # artifacts found finished and not recomputed in this invocation
         # What every artifact depends on: which weights, in which precision.
-        _, dtype = resolve_device_dtype(config.device, config.dtype)
+        dtype = cm.dtype if cm is not None else resolve_device_dtype(config.device, config.dtype)[1]
         self._model_identity = {
             "model": config.model,
             "model_version": model_version(config.model),
@@ -198,6 +221,7 @@ class Pipeline:
         return self._cm
 
     def data(self, kind: str, split: str) -> list[str]:
+        """The run's instructions of a kind ('harmful' / 'harmless') and split, sized by the config."""
         c = self.config
         n = {"train": c.n_train, "val": c.n_val, "test": c.n_test}[split]
         source = c.harmful_source if kind == "harmful" else c.harmless_source
@@ -224,6 +248,7 @@ class Pipeline:
 
     # ----- 1. extract ----------------------------------------------------------------------------
     def extract(self) -> torch.Tensor:
+        """Difference-of-means candidates, shape (n_positions, n_layers, d_model)."""
         settings = self._settings("n_train", "harmful_source", "harmless_source")
         name = "candidates.safetensors"
         if not self._done(name, settings):
@@ -251,6 +276,7 @@ class Pipeline:
 
     # ----- 2. select -----------------------------------------------------------------------------
     def select(self, candidates: torch.Tensor) -> tuple[Selection, torch.Tensor]:
+        """The score table, the chosen candidate and its direction, shape (d_model,)."""
         sel_config = self.config.selection_config()
         lazy = self.config.selection_mode == "lazy"
         # The exhaustive table does not depend on the filters: changing a threshold only re-chooses.
@@ -296,8 +322,9 @@ class Pipeline:
 
     # ----- 3 + 4. generate and evaluate ----------------------------------------------------------
     def generate_and_evaluate(self, selection: Selection, direction: torch.Tensor) -> dict[str, float]:
+        """Test-split completions for every condition and their substring refusal rates."""
         data_settings = self._settings("n_test", "max_new_tokens", "harmful_source", "harmless_source")
-        settings = {**data_settings, "direction": [selection.position, selection.layer]}
+        settings = {**data_settings, **direction_settings(selection, direction)}
         rates = {}
         for condition, (kind, intervention) in CONDITIONS.items():
             name = f"completions/{condition}.json"
@@ -328,21 +355,21 @@ class Pipeline:
     def loss(self, selection: Selection, direction: torch.Tensor) -> dict:
         """CE of the harmless test completions: plain, with the direction ablated, and with random ones ablated."""
         settings = {**self._settings("n_test", "max_new_tokens", "harmless_source", "random_controls"),
-                    "direction": [selection.position, selection.layer]}
+                    **direction_settings(selection, direction)}
         if not self._done("loss.json", settings):
             items = self.art.read_json("completions/harmless_baseline.json")["items"]
             instructions = [i["instruction"] for i in items]
             completions = [i["completion"] for i in items]
             with self._making("loss.json", settings) as cm:
-                progress = "completion loss" if self.progress else False
+                def loss_under(label: str, r: torch.Tensor | None = None) -> float:
+                    with ablate(cm, r) if r is not None else nullcontext():
+                        return completion_loss(cm, instructions, completions,
+                                               progress=f"completion loss, {label}" if self.progress else False)
 
-                def ablated_loss(r: torch.Tensor) -> float:
-                    with ablate(cm, r):
-                        return completion_loss(cm, instructions, completions, progress=progress)
-
-                baseline = completion_loss(cm, instructions, completions, progress=progress)
-                ablated = ablated_loss(direction)
-                controls = [ablated_loss(r) - baseline for r in random_directions(self.config.random_controls, cm.d_model)]
+                baseline = loss_under("baseline")
+                ablated = loss_under("direction ablated", direction)
+                randoms = random_directions(self.config.random_controls, cm.d_model)
+                controls = [loss_under(f"random direction {i + 1} ablated", r) - baseline for i, r in enumerate(randoms)]
                 self.art.write_json("loss.json", {
                     "data": "harmless test completions of the unmodified model",
                     "baseline": baseline, "ablation": ablated, "increase": ablated - baseline,

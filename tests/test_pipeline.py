@@ -2,6 +2,7 @@ import json
 import os
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from refusal_helpers.__main__ import main
@@ -227,3 +228,100 @@ def test_loss_step_reports_random_direction_controls(tiny_folder, tmp_path, caps
     assert run_cli(tiny_folder, out, "--random-controls", "0") == 0  # a new setting redoes the loss step only
     assert "random unit directions" not in capsys.readouterr().out
     assert json.loads((out / "loss.json").read_text())["random_controls"] == {"seed": 0, "increases": [], "mean_increase": None}
+
+
+def test_a_direction_with_new_values_at_the_same_candidate_redoes_what_used_it(tiny_folder, tmp_path, monkeypatch):
+    """Other training data change the direction's values but maybe not its (position, layer): the completions
+    under interventions and the loss must not be reused from the old direction."""
+    import refusal_helpers.pipeline as pipeline
+
+    out = tmp_path / "run"
+    assert run_cli(tiny_folder, out, "--selection-mode", "exhaustive") == 0
+    first = json.loads((out / "direction.json").read_text())
+    old_direction, _ = load_direction(out)
+
+    def same_candidate(table, config):  # the rule, restricted to the first run's choice
+        keep = table.bypass[first["position_index"], first["layer"]].clone()
+        table.bypass[:] = float("nan")
+        table.bypass[first["position_index"], first["layer"]] = keep
+        return choose(table, config)
+
+    monkeypatch.setattr(pipeline, "choose", same_candidate)
+    assert run_cli(tiny_folder, out, "--selection-mode", "exhaustive", "--n-train", "5") == 0
+    new_direction, second = load_direction(out)
+    assert (second["position_index"], second["layer"]) == (first["position_index"], first["layer"])
+    assert not torch.equal(new_direction, old_direction)
+    reused = set(json.loads((out / "summary.json").read_text())["reused_artifacts"])
+    used_direction = {"loss.json", "completions/harmful_ablation.json", "completions/harmful_actadd.json",
+                      "completions/harmless_actadd.json"}
+    assert not reused & used_direction
+    assert {"completions/harmful_baseline.json", "completions/harmless_baseline.json"} <= reused
+    digest = pipeline.direction_settings(
+        pipeline.Selection(**{k: second[k] for k in pipeline.Selection.__dataclass_fields__}), new_direction)
+    for name in used_direction:
+        assert json.loads((out / f"{name}.settings.json").read_text())["direction_sha256"] == digest["direction_sha256"]
+
+
+def test_each_condition_is_made_under_its_own_intervention(tiny_folder, tmp_path):
+    from refusal_helpers.evaluation import completion_loss
+    from refusal_helpers.generation import generate
+    from refusal_helpers.interventions import ablate, add
+    from refusal_helpers.models import load_model
+
+    out = tmp_path / "run"
+    assert run_cli(tiny_folder, out) == 0
+    cm = load_model(str(tiny_folder), device="cpu")
+    direction, described = load_direction(out)
+    r = 50 * direction / direction.norm()  # a larger copy, only to check that the conditions can differ at all
+    saved = {c: json.loads((out / f"completions/{c}.json").read_text()) for c in CONDITIONS}
+    contexts = {"harmful_baseline": lambda d: torch.no_grad(), "harmful_ablation": lambda d: ablate(cm, d),
+                "harmful_actadd": lambda d: add(cm, d, described["layer"], coeff=-1.0),
+                "harmless_baseline": lambda d: torch.no_grad(),
+                "harmless_actadd": lambda d: add(cm, d, described["layer"], coeff=1.0)}
+    for condition, make_context in contexts.items():
+        instructions = [i["instruction"] for i in saved[condition]["items"]]
+        with make_context(direction):
+            expected = generate(cm, instructions, max_new_tokens=4, batch_size=4, progress=False)
+        assert [i["completion"] for i in saved[condition]["items"]] == expected, condition
+    # Subtracting and adding are distinguishable on this model, so a swapped sign would fail above.
+    harmful = [i["instruction"] for i in saved["harmful_actadd"]["items"]]
+    with add(cm, r, described["layer"], coeff=-1.0):
+        minus = generate(cm, harmful, max_new_tokens=4, batch_size=4, progress=False)
+    with add(cm, r, described["layer"], coeff=1.0):
+        plus = generate(cm, harmful, max_new_tokens=4, batch_size=4, progress=False)
+    assert minus != plus
+    loss = json.loads((out / "loss.json").read_text())
+    items = saved["harmless_baseline"]["items"]
+    args = [i["instruction"] for i in items], [i["completion"] for i in items]
+    with ablate(cm, direction):
+        assert loss["ablation"] == pytest.approx(completion_loss(cm, *args), abs=1e-5)
+    assert loss["baseline"] == pytest.approx(completion_loss(cm, *args), abs=1e-5)
+    assert loss["ablation"] != loss["baseline"]
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("--max-layer-fraction", "80", "max_layer_fraction is a fraction of the depth in (0, 1], got 80.0"),
+    ("--kl-threshold", "-1", "kl_threshold bounds a KL divergence, so it must be >= 0, got -1.0"),
+])
+def test_cli_rejects_bad_thresholds_before_loading_anything(option, value, expected, tmp_path, capsys, monkeypatch):
+    import refusal_helpers.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["run", option, value, "--out", str(tmp_path / "run")]) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_pipeline_refuses_a_model_other_than_the_configured_one(tmp_path):
+    from refusal_helpers.pipeline import Pipeline, PipelineConfig
+
+    with pytest.raises(ValueError, match="config.model is 'embedded'"):
+        Pipeline(PipelineConfig(out=str(tmp_path)), cm=tiny_chat_model("llama", n_layers=2))
+
+
+def test_asking_for_more_instructions_than_a_split_has_warns():
+    from refusal_helpers.data import load_instructions
+    from refusal_helpers.pipeline import run_instructions
+
+    available = len(load_instructions("harmful", "val"))
+    with pytest.warns(UserWarning, match=f"has {available}: using {available}"):
+        assert len(run_instructions("bundled", "harmful", "val", available + 5)) == available
