@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--harmless", dest="harmless_source", default=d.harmless_source, help="'bundled' or 'alpaca'")
     run.add_argument("--random-controls", type=_count, default=d.random_controls,
                      help="random unit directions ablated as a control for the CE increase (0: none)")
-    run.add_argument("--device", default=None, help="e.g. cpu, cuda, mps (default: cuda when available, else cpu)")
+    run.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
     run.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                      help="default: bfloat16 on a GPU (float16 where bfloat16 is unsupported), float32 on a CPU")
     return parser

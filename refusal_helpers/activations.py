@@ -5,16 +5,10 @@ from __future__ import annotations
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from .generation import batches
+from .generation import batches, check_instructions, progress_batches
 from .interventions import hooks
 from .models import ChatModel
-
-
-def _check_instructions(instructions: list[str]) -> None:
-    if isinstance(instructions, str) or len(instructions) == 0:
-        raise ValueError("Expected a non-empty list of instruction strings.")
 
 
 @torch.inference_mode()
@@ -39,6 +33,19 @@ def residual_activations(
     return torch.stack([captured[layer] for layer in layers], dim=2)
 
 
+def check_template_tail(cm: ChatModel, inputs: dict[str, Tensor]) -> None:
+    """Raise a clear error unless every prompt of the batch ends with the post-instruction template tokens,
+    so that the negative post-instruction positions really point at them."""
+    tail = torch.tensor(cm.post_instruction_ids, device=inputs["input_ids"].device)
+    ends = inputs["input_ids"][:, -len(tail):]
+    bad = (ends != tail).any(dim=-1).nonzero().flatten().tolist()
+    if bad:
+        got = cm.tokenizer.convert_ids_to_tokens(ends[bad[0]].tolist())
+        raise ValueError(f"Prompt {bad[0]} of the batch does not end with the post-instruction template tokens "
+                         f"{cm.post_instruction_tokens}, but with {got}: its instruction's last characters merged "
+                         "with the template when tokenised. Strip trailing whitespace, or pass explicit positions.")
+
+
 def _resolve(cm: ChatModel, positions: list[int] | None, layers: list[int] | None) -> tuple[list[int], list[int]]:
     positions = cm.post_instruction_positions if positions is None else list(positions)
     layers = list(range(cm.n_layers)) if layers is None else list(layers)
@@ -58,13 +65,15 @@ def mean_activations(
     Defaults: the post-instruction positions and every layer. Memory does not grow with the number of
     instructions: each batch is added to a running float64 sum.
     """
-    _check_instructions(instructions)
+    check_instructions(instructions)
+    template_positions = positions is None
     positions, layers = _resolve(cm, positions, layers)
     total = torch.zeros(len(positions), len(layers), cm.d_model, dtype=torch.float64, device=cm.device)
-    chunks = list(batches(instructions, batch_size))
-    desc = progress if isinstance(progress, str) else "mean activations"
-    for chunk in tqdm(chunks, desc=desc, disable=not progress, leave=False):
-        acts = residual_activations(cm, cm.tokenize(chunk), positions, layers)
+    for chunk in progress_batches(instructions, batch_size, progress, "mean activations"):
+        inputs = cm.tokenize(chunk)
+        if template_positions:
+            check_template_tail(cm, inputs)
+        acts = residual_activations(cm, inputs, positions, layers)
         total += acts.to(torch.float64).sum(dim=0)
     return (total / len(instructions)).cpu()
 
@@ -77,7 +86,7 @@ def collect_activations(
     batch_size: int = 32,
 ) -> Float[Tensor, "n pos layer d_model"]:
     """Per-instruction residual activations (float32, on CPU), e.g. for projection plots."""
-    _check_instructions(instructions)
+    check_instructions(instructions)
     positions, layers = _resolve(cm, positions, layers)
     parts = [
         residual_activations(cm, cm.tokenize(chunk), positions, layers).float().cpu()

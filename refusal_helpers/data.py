@@ -59,6 +59,7 @@ def take(items: list[str], n: int | None, seed: int | None = None) -> list[str]:
 
 
 def categories(kind: str) -> list[str]:
+    """The category labels of a bundled set ('harmful' or 'harmless'), sorted."""
     return sorted({r["category"] for r in _records(kind)})
 
 
@@ -88,9 +89,8 @@ def load_hub_instructions(name: str, n: int | None = None, seed: int | None = No
             "This needs network access (and, for gated sets, HF_TOKEN and accepted terms). Offline, use "
             "the bundled sets: load_instructions('harmful' | 'harmless', split)."
         ) from err
-    instructions = [row[column] for row in dataset]
-    if name == "alpaca":  # keep instructions that stand alone, as the paper does
-        instructions = [row["instruction"] for row in dataset if not row.get("input", "").strip()]
+    # Alpaca: keep the instructions that stand alone (no separate input), as the paper does.
+    instructions = [row[column] for row in dataset if name != "alpaca" or not row.get("input", "").strip()]
     if not instructions:
         raise ValueError(f"Hub dataset {name!r} returned no instructions.")
     return take(instructions, n, seed)

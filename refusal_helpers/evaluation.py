@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from .generation import batches
+from .generation import batches, check_instructions, progress_batches
 from .interventions import HookFn, hooks
 from .metrics import completion_cross_entropy, refusal_score
 from .models import ChatModel
@@ -32,17 +31,17 @@ def last_logits(
     The plain path, one padded batch at a time; `variant_last_logits` is the fast path for many
     interventions at once and is tested against this one.
     """
-    if len(instructions) == 0:
-        raise ValueError("Expected a non-empty list of instructions.")
-    chunks = list(batches(instructions, batch_size))
-    desc = progress if isinstance(progress, str) else "forward"
-    out = [cm.forward(cm.tokenize(c), logits_to_keep=1)[:, -1].float().cpu() for c in tqdm(chunks, desc=desc, disable=not progress, leave=False)]
+    check_instructions(instructions)
+    out = [cm.forward(cm.tokenize(chunk), logits_to_keep=1)[:, -1].float().cpu()
+           for chunk in progress_batches(instructions, batch_size, progress, "forward")]
     return torch.cat(out)
 
 
-def refusal_scores(cm: ChatModel, instructions: list[str], batch_size: int = 32) -> Float[Tensor, "n"]:
+def refusal_scores(
+    cm: ChatModel, instructions: list[str], batch_size: int = 32, progress: bool | str = False
+) -> Float[Tensor, "n"]:
     """Logit refusal score of each instruction."""
-    return refusal_score(last_logits(cm, instructions, batch_size), cm.refusal_token_ids)
+    return refusal_score(last_logits(cm, instructions, batch_size, progress), cm.refusal_token_ids)
 
 
 @dataclass
@@ -59,8 +58,7 @@ class SharedPrefixPrompts:
     @classmethod
     def from_instructions(cls, cm: ChatModel, instructions: list[str]) -> SharedPrefixPrompts:
         """Format with the chat template, tokenise each prompt unpadded, and split at the longest common prefix."""
-        if len(instructions) == 0:
-            raise ValueError("Expected a non-empty list of instructions.")
+        check_instructions(instructions)
         ids = [cm.tokenizer(text, add_special_tokens=False)["input_ids"] for text in cm.format(instructions)]
         shared = 0
         limit = min(len(i) for i in ids) - 1
@@ -148,8 +146,7 @@ def completion_loss(
         raise ValueError("Expected equally many (and at least one) instructions and completions.")
     total, count = 0.0, 0
     pairs = list(zip(instructions, completions))
-    desc = progress if isinstance(progress, str) else "completion loss"
-    for chunk in tqdm(list(batches(pairs, batch_size)), desc=desc, disable=not progress, leave=False):
+    for chunk in progress_batches(pairs, batch_size, progress, "completion loss"):
         encoded = [encode_completion(cm, instruction, completion) for instruction, completion in chunk]
         width = max(len(ids) for ids, _ in encoded)
         keep = min(width, 1 + max(sum(label != -100 for label in lab) for _, lab in encoded))
@@ -176,11 +173,14 @@ class _PassThrough(nn.Module):
 
 
 @contextmanager
-def start_at_layer(cm: ChatModel, layer: int, resid_pre: Tensor) -> Iterator[None]:
+def start_at_layer(
+    cm: ChatModel, layer: int, resid_pre: Float[Tensor, "batch seq d_model"]
+) -> Iterator[dict[str, Tensor]]:
     """Run only blocks `layer`.. on the next forward passes, feeding `resid_pre` as block `layer`'s input.
 
     The blocks below `layer` are swapped for pass-throughs, so a forward pass over the same inputs as
-    those that produced `resid_pre` costs only the layers above. Restored on exit, also on error.
+    those that produced `resid_pre` costs only the layers above. Restored on exit, also on error. Yields
+    a dict whose "resid" entry can be replaced to feed another residual stream to later passes.
     """
     saved = [cm.blocks[i] for i in range(layer)]
     holder = {"resid": resid_pre}

@@ -21,13 +21,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .directions import check_direction, normalize, project_out_unit
-from .models import ChatModel
+from .directions import ZERO_NORM, check_direction, normalize, project_out_unit
+from .models import HOOK_KINDS, ChatModel
 
 HookFn = Callable[[Tensor], Tensor]
 
 
-def hook_names(cm: ChatModel, kinds: tuple[str, ...] = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out"),
+def hook_names(cm: ChatModel, kinds: tuple[str, ...] = HOOK_KINDS,
                layers: list[int] | None = None) -> list[str]:
     """Hook names for the given kinds at the given layers (all layers by default)."""
     layers = range(cm.n_layers) if layers is None else layers
@@ -109,17 +109,26 @@ def addition_hook(vector: Float[Tensor, "*dir d_model"], coeff: float = 1.0) -> 
 
 
 def _validated(cm: ChatModel, direction: Tensor, name: str) -> Tensor:
+    """`direction` itself if it is (d_model,) or (batch, 1, d_model), finite and non-zero; else a clear error."""
     if direction.ndim == 1:
         check_direction(direction, cm.d_model, name)
-    elif direction.shape[-1] != cm.d_model:
+        return direction
+    if direction.ndim != 3 or direction.shape[1] != 1:
+        raise ValueError(f"{name} must have shape (d_model,) = ({cm.d_model},), or (batch, 1, d_model) for one per "
+                         f"sequence; got {tuple(direction.shape)}. To use one candidate, index it: candidates[pos, layer].")
+    if direction.shape[-1] != cm.d_model:
         raise ValueError(f"{name} has last dimension {direction.shape[-1]}, expected d_model = {cm.d_model}.")
-    elif not torch.isfinite(direction).all():
+    if not torch.isfinite(direction).all():
         raise ValueError(f"{name} contains NaN or inf values.")
+    if (direction.norm(dim=-1) <= ZERO_NORM).any():
+        raise ValueError(f"{name} has a row of (near-)zero norm, which cannot be normalised.")
     return direction
 
 
 @contextmanager
-def ablate(cm: ChatModel, direction: Float[Tensor, "*dir d_model"], layers: list[int] | None = None):
+def ablate(
+    cm: ChatModel, direction: Float[Tensor, "*dir d_model"], layers: list[int] | None = None
+) -> Iterator[ChatModel]:
     """Directional ablation: project r_hat out of every block input and every attention / MLP output.
 
     `direction` is (d_model,), or (batch, 1, d_model) for one direction per sequence of the batch.
@@ -130,7 +139,7 @@ def ablate(cm: ChatModel, direction: Float[Tensor, "*dir d_model"], layers: list
 
 
 @contextmanager
-def add(cm: ChatModel, vector: Float[Tensor, "*dir d_model"], layer: int, coeff: float = 1.0):
+def add(cm: ChatModel, vector: Float[Tensor, "*dir d_model"], layer: int, coeff: float = 1.0) -> Iterator[ChatModel]:
     """Activation addition: add coeff * vector to the residual stream entering `layer`, at every position."""
     if not 0 <= layer < cm.n_layers:
         raise ValueError(f"layer must be in 0..{cm.n_layers - 1}, got {layer}.")

@@ -49,6 +49,7 @@ def kl_divergence(
 
 
 def normalize_text(text: str) -> str:
+    """Lower-cased, with curly apostrophes folded into straight ones, for substring matching."""
     return text.replace("\u2019", "'").replace("\u2018", "'").lower()
 
 
@@ -60,6 +61,8 @@ def is_refusal(completion: str, substrings: tuple[str, ...] = REFUSAL_SUBSTRINGS
 
 def refusal_rate(completions: list[str], substrings: tuple[str, ...] = REFUSAL_SUBSTRINGS) -> float:
     """Fraction of completions judged refusals by substring matching."""
+    if isinstance(completions, str):
+        raise TypeError("refusal_rate takes a list of completions, got one string: use is_refusal for one.")
     if len(completions) == 0:
         raise ValueError("refusal_rate needs at least one completion.")
     return sum(is_refusal(c, substrings) for c in completions) / len(completions)

@@ -30,7 +30,6 @@ ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
 MLP_NAMES = ("mlp", "feed_forward", "ffn")
 ATTN_OUT_PROJ_NAMES = ("o_proj", "c_proj", "out_proj", "dense")
 MLP_OUT_PROJ_NAMES = ("down_proj", "c_proj", "fc2", "dense_4h_to_h", "w2")
-FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm")
 POSITION_EMBEDDING_NAMES = ("wpe", "embed_positions")
 
 # Openings of typical refusals; their first tokens are the refusal tokens of the logit refusal score.
@@ -208,10 +207,12 @@ class ChatModel:
         return _child(self.model.get_decoder(), POSITION_EMBEDDING_NAMES)
 
     def parts(self, layer: int) -> BlockParts:
+        """The modules of block `layer` that the method touches (attention, MLP, their out-projections)."""
         return self._parts[layer]
 
     @property
     def has_post_norms(self) -> bool:
+        """Whether sublayer outputs are normalised before the residual add (Gemma 2/3)."""
         return any(p.post_norms for p in self._parts)
 
     def hook_module(self, hook_name: str) -> tuple[nn.Module, bool]:
@@ -298,6 +299,7 @@ class ChatModel:
 
 
 def default_device() -> torch.device:
+    """CUDA when available, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -314,6 +316,9 @@ def resolve_device_dtype(
     """The device and dtype a model loads with: None means the default device and that device's default dtype;
     a dtype may be named ('float32', 'float16', 'bfloat16')."""
     device = torch.device(device) if device is not None else default_device()
+    if device.type == "mps":
+        raise ValueError("Apple's MPS backend has no float64, which this library uses for exact means, projections "
+                         "and scores: use device='cpu' (the embedded model is sized for a CPU) or a CUDA GPU.")
     if dtype is None:
         return device, default_dtype(device)
     if isinstance(dtype, str):

@@ -9,7 +9,7 @@ from plotly.subplots import make_subplots
 from torch import Tensor
 
 from .directions import cosine_similarity_matrix, projection
-from .selection import ScoreTable, Selection, SelectionConfig
+from .selection import ScoreTable, Selection, SelectionConfig, layer_mask
 
 
 def _position_label(position: int, tokens: list[str] | None) -> str:
@@ -41,8 +41,10 @@ def plot_selection_scores(
     if config is not None:
         fig.add_hline(y=config.induce_threshold, line_dash="dash", line_color="grey", row=2, col=1)
         fig.add_hline(y=config.kl_threshold, line_dash="dash", line_color="grey", row=3, col=1)
-        fig.add_vrect(x0=config.max_layer_fraction * len(layers) - 0.5, x1=len(layers) - 0.5,
-                      fillcolor="grey", opacity=0.12, line_width=0, annotation_text="excluded layers")
+        first_excluded = int(layer_mask(1, len(layers), config.max_layer_fraction).sum())
+        if first_excluded < len(layers):
+            fig.add_vrect(x0=first_excluded - 0.5, x1=len(layers) - 0.5,
+                          fillcolor="grey", opacity=0.12, line_width=0, annotation_text="excluded layers")
     if selection is not None:
         for row, value in enumerate((selection.bypass, selection.induce, selection.kl), start=1):
             fig.add_trace(go.Scatter(x=[selection.layer], y=[value], mode="markers", showlegend=row == 1,

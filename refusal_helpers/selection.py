@@ -24,9 +24,10 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .activations import residual_activations
 from .directions import ZERO_NORM
 from .evaluation import SharedPrefixPrompts, start_at_layer, variant_last_logits
-from .interventions import ablation_hook, addition_hook, hook_names, hooks
+from .interventions import ablation_hook, addition_hook, hook_names
 from .metrics import kl_divergence, refusal_score
 from .models import ChatModel
 
@@ -38,6 +39,14 @@ class SelectionConfig:
     max_layer_fraction: float = 0.8
     kl_threshold: float = 0.1
     induce_threshold: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_layer_fraction <= 1:
+            raise ValueError(f"max_layer_fraction is a fraction of the depth in (0, 1], got {self.max_layer_fraction}.")
+        if not self.kl_threshold >= 0:  # also rejects NaN
+            raise ValueError(f"kl_threshold bounds a KL divergence, so it must be >= 0, got {self.kl_threshold}.")
+        if self.induce_threshold != self.induce_threshold:
+            raise ValueError("induce_threshold is NaN: no candidate could pass it.")
 
 
 @dataclass
@@ -178,24 +187,17 @@ class _Scorer:
         base = self.base_harmless_logits.expand_as(logits)
         return kl_divergence(base.flatten(0, 1), logits.flatten(0, 1)).view(len(cells), -1).mean(1)
 
-    @torch.inference_mode()
     def _resid_pre(self, layer: int) -> Tensor:
         """Harmless residual stream entering `layer` (all positions), cached once per layer."""
         if layer not in self._resid_cache:
-            captured = {}
-
-            def grab(x):
-                captured["x"] = x
-                return x
-
-            with hooks(self.cm, {f"blocks.{layer}.hook_resid_pre": grab}):
-                parts = []
-                n = self.harmless_inputs["input_ids"].shape[0]
-                for start in range(0, n, self.batch_size):
-                    batch = {k: v[start : start + self.batch_size] for k, v in self.harmless_inputs.items()}
-                    self.cm.forward(batch, logits_to_keep=1)
-                    parts.append(captured["x"])
-                self._resid_cache[layer] = torch.cat(parts)
+            inputs = self.harmless_inputs
+            n, seq = inputs["input_ids"].shape
+            every_position = list(range(-seq, 0))
+            self._resid_cache[layer] = torch.cat([
+                residual_activations(self.cm, {k: v[start : start + self.batch_size] for k, v in inputs.items()},
+                                     every_position, [layer])[:, :, 0]
+                for start in range(0, n, self.batch_size)
+            ])
         return self._resid_cache[layer]
 
     @torch.inference_mode()

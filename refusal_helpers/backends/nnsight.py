@@ -38,7 +38,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..directions import check_direction
-from ..generation import batches
+from ..generation import check_instructions, progress_batches
 from ..interventions import ablation_hook, hook_names
 from ..models import ChatModel
 
@@ -81,7 +81,8 @@ def _envoys(nn_model: TransformersModel, cm: ChatModel, names: list[str]) -> lis
 
 
 def mean_activations_nnsight(
-    nn_model: TransformersModel, cm: ChatModel, instructions: list[str], batch_size: int = 32
+    nn_model: TransformersModel, cm: ChatModel, instructions: list[str], batch_size: int = 32,
+    progress: bool | str = False,
 ) -> Float[Tensor, "pos layer d_model"]:
     """Mean residual stream entering every block at the post-instruction positions, in float64.
 
@@ -90,12 +91,11 @@ def mean_activations_nnsight(
     """
     import nnsight
 
-    if isinstance(instructions, str) or len(instructions) == 0:
-        raise ValueError("Expected a non-empty list of instruction strings.")
+    check_instructions(instructions)
     blocks = [envoy for envoy, _ in _envoys(nn_model, cm, hook_names(cm, kinds=("hook_resid_pre",)))]
     positions = cm.post_instruction_positions
     total = torch.zeros(len(positions), len(blocks), cm.d_model, dtype=torch.float64)
-    for chunk in batches(instructions, batch_size):
+    for chunk in progress_batches(instructions, batch_size, progress, "mean activations (nnsight)"):
         saved: list[Tensor] = []
         # nnsight.save(x) is x.save() without relying on nnsight's process-wide mount. (No comment lines
         # inside trace bodies: nnsight 0.8.1's serialised path, remote=True or "local", fails on them.)
@@ -169,6 +169,7 @@ def generate_ablated_nnsight(
     direction: Float[Tensor, "d_model"] | None,
     max_new_tokens: int = 64,
     batch_size: int = 16,
+    progress: bool | str = False,
 ) -> list[str]:
     """Greedy completions with ``direction`` ablated everywhere, through nnsight.
 
@@ -177,7 +178,7 @@ def generate_ablated_nnsight(
     if isinstance(instructions, str):
         instructions = [instructions]
     completions: list[str] = []
-    for chunk in batches(instructions, batch_size):
+    for chunk in progress_batches(instructions, batch_size, progress, "generating (nnsight)"):
         new = generate_tokens_ablated_nnsight(nn_model, cm, cm.tokenize(chunk), direction, max_new_tokens)
         completions.extend(cm.tokenizer.batch_decode(new, skip_special_tokens=True))
     return [c.strip() for c in completions]

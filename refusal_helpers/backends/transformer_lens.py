@@ -42,9 +42,9 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from ..directions import check_direction
-from ..generation import batches
+from ..generation import check_instructions, progress_batches
 from ..interventions import ablation_hook
-from ..models import ChatModel
+from ..models import HOOK_KINDS, ChatModel
 
 if TYPE_CHECKING:
     from transformer_lens.hook_points import HookPoint
@@ -53,7 +53,6 @@ if TYPE_CHECKING:
 # A TransformerLens hook function: (activation, hook) -> activation.
 TLHookFn = Callable[[Tensor, "HookPoint"], Tensor]
 
-ABLATION_HOOK_KINDS = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out")
 
 _SHIM_FLAG = "_refusal_helpers_cache_shim"
 _DROP = object()  # marks what shared_weight_copy leaves out of the copy
@@ -184,20 +183,20 @@ def _check_sizes(bridge: TransformerBridge, cm: ChatModel) -> None:
 
 
 def mean_activations_tl(
-    bridge: TransformerBridge, cm: ChatModel, instructions: list[str], batch_size: int = 32
+    bridge: TransformerBridge, cm: ChatModel, instructions: list[str], batch_size: int = 32,
+    progress: bool | str = False,
 ) -> Float[Tensor, "pos layer d_model"]:
     """Mean of ``blocks.{l}.hook_resid_pre`` at the post-instruction positions, every layer, in float64.
 
     The TransformerLens counterpart of `refusal_helpers.activations.mean_activations` (same prompts,
     same left padding and positions), using ``run_with_cache``.
     """
-    if isinstance(instructions, str) or len(instructions) == 0:
-        raise ValueError("Expected a non-empty list of instruction strings.")
+    check_instructions(instructions)
     _check_sizes(bridge, cm)
     positions = cm.post_instruction_positions
     names = [f"blocks.{layer}.hook_resid_pre" for layer in range(cm.n_layers)]
     total = torch.zeros(len(positions), len(names), cm.d_model, dtype=torch.float64)
-    for chunk in batches(instructions, batch_size):
+    for chunk in progress_batches(instructions, batch_size, progress, "mean activations (TransformerLens)"):
         inputs = cm.tokenize(chunk)
         with torch.no_grad():
             _, cache = bridge.run_with_cache(
@@ -225,7 +224,7 @@ def ablation_hooks_tl(
         return ablate(activation)
 
     layers = range(bridge.cfg.n_layers) if layers is None else layers
-    return [(f"blocks.{layer}.{kind}", hook) for layer in layers for kind in ABLATION_HOOK_KINDS]
+    return [(f"blocks.{layer}.{kind}", hook) for layer in layers for kind in HOOK_KINDS]
 
 
 def _as_list(token_ids: int | list[int] | None) -> list[int]:
@@ -279,6 +278,7 @@ def generate_tl(
     fwd_hooks: Sequence[tuple[str, TLHookFn]] = (),
     batch_size: int = 16,
     use_kv_cache: bool = True,
+    progress: bool | str = False,
 ) -> list[str]:
     """Greedy completions of ``instructions`` through the bridge, under ``fwd_hooks`` (e.g. `ablation_hooks_tl`).
 
@@ -289,7 +289,7 @@ def generate_tl(
         instructions = [instructions]
     _check_sizes(bridge, cm)
     completions: list[str] = []
-    for chunk in batches(instructions, batch_size):
+    for chunk in progress_batches(instructions, batch_size, progress, "generating (TransformerLens)"):
         new = generate_tokens_tl(bridge, cm, cm.tokenize(chunk), max_new_tokens, fwd_hooks, use_kv_cache)
         completions.extend(cm.tokenizer.batch_decode(new, skip_special_tokens=True))
     return [c.strip() for c in completions]
