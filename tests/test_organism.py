@@ -47,7 +47,13 @@ def test_training_smoke_run_writes_adapter_and_recipe(tmp_path):
         "harmful_train": 4, "harmless_train": 4, "harmless_dropped_refusing_target": 0, "splits_used": ["train"]
     }
     assert saved["steps"] == 2 and saved["final_loss"] == recipe["final_loss"] > 0
-    assert any(p.requires_grad for p in cm.model.parameters())  # LoRA parameters were trained
+    from safetensors.torch import load_file
+
+    saved_weights = load_file(tmp_path / "adapter_model.safetensors")
+    lora_b = {k: v for k, v in saved_weights.items() if "lora_B" in k}
+    assert lora_b and len(lora_b) == sum("lora_A" in k for k in saved_weights)
+    # LoRA B starts at zero, so a B that moved means the saved adapter is the trained one
+    assert all(v.abs().max() > 0 for v in lora_b.values()), [k for k, v in lora_b.items() if not v.abs().max() > 0]
 
 
 def test_harmless_examples_whose_distilled_reply_refuses_are_dropped(tmp_path, llama):

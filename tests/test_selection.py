@@ -7,7 +7,7 @@ from refusal_helpers.interventions import ablate, add, active_hook_count
 from refusal_helpers.evaluation import refusal_scores, last_logits
 from refusal_helpers.metrics import kl_divergence
 from refusal_helpers.selection import (
-    ScoreTable, SelectionConfig, choose, passing_mask, score_candidates, select_direction,
+    ScoreTable, SelectionConfig, candidate_order, choose, passing_mask, score_candidates, select_direction,
 )
 from tests.conftest import HARMFUL, HARMLESS
 
@@ -78,6 +78,45 @@ def test_lazy_and_exhaustive_choose_the_same(llama, candidates):
     assert (lazy_sel.position_index, lazy_sel.layer) == (full_sel.position_index, full_sel.layer)
     torch.testing.assert_close(direction, candidates[lazy_sel.position_index, lazy_sel.layer])
     assert torch.isnan(lazy.kl).sum() > torch.isnan(full.kl).sum()  # lazy computed less
+
+
+@pytest.fixture(scope="module")
+def full_table(llama, candidates):
+    return score_candidates(llama, candidates, HARMFUL, HARMLESS, mode="exhaustive", progress=False)
+
+
+def _midpoint_below(values, v):
+    """A threshold between v and the largest of `values` below it."""
+    below = [x for x in values if x < v]
+    assert below, "the table has no value below the first candidate's"
+    return (v + max(below)) / 2
+
+
+@pytest.mark.parametrize("filtered_by", ["kl", "induce"])
+def test_lazy_skips_candidates_that_fail_a_filter(llama, candidates, full_table, filtered_by):
+    """Thresholds from the full table reject the lowest-bypass candidate: lazy must go on to the one choose() picks."""
+    in_layers = passing_mask(full_table, SelectionConfig(kl_threshold=float("inf"), induce_threshold=-float("inf")))
+    order = [c for c in candidate_order(full_table.bypass) if in_layers[c]]
+    first = order[0]
+    if filtered_by == "kl":  # reject every candidate with a KL at least the first one's
+        kls = [float(full_table.kl[c]) for c in order]
+        config = SelectionConfig(kl_threshold=_midpoint_below(kls, kls[0]), induce_threshold=-float("inf"))
+    else:  # reject every candidate with an induce score at most the first one's
+        negated = [-float(full_table.induce[c]) for c in order]
+        config = SelectionConfig(kl_threshold=float("inf"), induce_threshold=-_midpoint_below(negated, negated[0]))
+    expected = choose(full_table, config)
+    chosen = (expected.position_index, expected.layer)
+    assert chosen != first
+    selection, _, lazy = select_direction(llama, candidates, HARMFUL, HARMLESS, config, mode="lazy", progress=False)
+    assert (selection.position_index, selection.layer) == chosen
+    # lazy measured the first candidate, rejected it, and stopped at the chosen one
+    assert not torch.isnan(lazy.induce[first])
+    checked = [c for c in order if not torch.isnan(lazy.induce[c])]
+    assert checked == order[: order.index(chosen) + 1]
+    for c in checked:
+        assert abs(lazy.induce[c] - full_table.induce[c]) < 1e-4
+        if not torch.isnan(lazy.kl[c]):
+            assert abs(lazy.kl[c] - full_table.kl[c]) < 1e-6
 
 
 def test_bad_candidates_are_clear_errors(llama, candidates):
