@@ -2,9 +2,10 @@
 # Create (or update) the virtual environment used by `make demo`, `make test` and `make bench`.
 #   bash scripts/setup.sh [VENV]      (default .venv; set PYTHON to choose the interpreter and
 #                                      REQUIREMENTS another requirements file, e.g. requirements-oldest.txt)
-# torch: an importable torch is kept. Otherwise a locally provided wheel is used when pip can find one,
-# else the CPU build from PyTorch's CPU index on machines without an NVIDIA GPU, so no multi-GB CUDA
-# wheels land on a CPU-only machine. Set TORCH_INDEX_URL to force another index.
+# torch: an importable torch is kept. Otherwise machines with an NVIDIA GPU (nvidia-smi) get the CUDA
+# build from PyPI; machines without one get a CPU build, from a locally provided wheel when pip can find
+# one, else from PyTorch's CPU index, so no multi-GB CUDA wheels land on a CPU-only machine.
+# Set TORCH_INDEX_URL to force another index.
 set -euo pipefail
 VENV="${1:-.venv}"
 PYTHON="${PYTHON:-python3}"
@@ -16,10 +17,10 @@ pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
 if ! "$PY" -c "import torch" 2>/dev/null; then
   if [ -n "${TORCH_INDEX_URL:-}" ]; then
     pip_install torch --index-url "$TORCH_INDEX_URL"
+  elif command -v nvidia-smi >/dev/null 2>&1; then
+    pip_install "torch>=2.6"             # CUDA build from PyPI on GPU machines (pyproject's floor)
   elif "$PY" -m pip download -q --no-index --no-deps "torch==2.13.0" -d "$(mktemp -d)" >/dev/null 2>&1; then
     pip_install "torch==2.13.0"          # a local wheel (pip find-links) of the CPU build
-  elif command -v nvidia-smi >/dev/null 2>&1; then
-    pip_install "torch>=2.4"             # CUDA build from PyPI on GPU machines
   else
     pip_install torch --index-url https://download.pytorch.org/whl/cpu
   fi
