@@ -100,6 +100,16 @@ def test_backend_mean_activations_match_main_path(cm, reference, backend, reques
     torch.testing.assert_close(means, reference["mean"], atol=1e-4, rtol=0)
 
 
+def test_nnsight_means_respect_left_padding_with_absolute_positions():
+    # GPT-2 adds a learned embedding per position: rows padded on the left must still count from their
+    # first real token, as the main path's position ids do, or their activations differ.
+    gpt2 = tiny_chat_model("gpt2", n_layers=2)
+    instructions = HARMFUL + HARMLESS
+    assert len(set(gpt2.tokenize(instructions)["attention_mask"].sum(-1).tolist())) > 1  # really padded
+    means = nb.mean_activations_nnsight(nb.nnsight_model(gpt2), gpt2, instructions, batch_size=3)
+    torch.testing.assert_close(means, mean_activations(gpt2, instructions, batch_size=3), atol=1e-5, rtol=0)
+
+
 # ----- TransformerLens ---------------------------------------------------------------------------
 
 
