@@ -1,12 +1,12 @@
 """Direction selection: the straightforward per-candidate loop vs the library (target: >= 4x, same choice).
 
-The straightforward loop is the paper's reference procedure written plainly: for every candidate, three
-full forward passes over the validation prompts (ablation on harmful, addition on harmless, ablation on
+The straightforward loop is the paper's reference procedure written plainly: for every candidate in the
+allowed layers (the same ones the library scores), three full forward passes over the validation prompts (ablation on harmful, addition on harmless, ablation on
 harmless for KL), computing logits at every position although only the last is used. The library (lazy
 mode) scores bypass for every allowed candidate, then checks the filters in bypass order; its ablated
 passes run the prompts' shared prefix (system prompt, user header) once per candidate and reuse its KV
 cache for every prompt, and keep logits at the last position only; induce passes run only the layers
-above the candidate.
+above the candidate. Each side runs once (the loop takes minutes), the library first.
 """
 
 import time
@@ -20,7 +20,7 @@ from refusal_helpers.directions import ZERO_NORM, diff_of_means
 from refusal_helpers.interventions import ablate, add
 from refusal_helpers.metrics import kl_divergence, refusal_score
 from refusal_helpers.pipeline import MODEL_PRESETS, PipelineConfig
-from refusal_helpers.selection import ScoreTable, SelectionConfig, choose, select_direction
+from refusal_helpers.selection import ScoreTable, SelectionConfig, choose, layer_mask, select_direction
 
 
 @torch.inference_mode()
@@ -34,12 +34,13 @@ def straightforward(cm, candidates, harmful, harmless, config):
     ids = cm.refusal_token_ids
     base = last_full_logits(cm, harmless_in)
     n_pos, n_layers, _ = candidates.shape
+    allowed = layer_mask(n_pos, n_layers, config.max_layer_fraction)
     nan = torch.full((n_pos, n_layers), float("nan"))
     bypass, induce, kl = nan.clone(), nan.clone(), nan.clone()
     for p in range(n_pos):
         for layer in range(n_layers):
             r = candidates[p, layer]
-            if r.norm() <= ZERO_NORM:
+            if not allowed[p, layer] or r.norm() <= ZERO_NORM:
                 continue
             with ablate(cm, r):
                 bypass[p, layer] = refusal_score(last_full_logits(cm, harmful_in), ids).mean()

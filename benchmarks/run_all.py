@@ -1,4 +1,5 @@
-"""Run every benchmark in turn and print each one's final line (the ratio or figure it measured)."""
+"""Run every benchmark in turn, showing its output as it runs, then print each one's final line (the ratio
+or figure it measured). Arguments are passed to the benchmarks that take a model (not bench_end_to_end)."""
 
 import subprocess
 import sys
@@ -12,13 +13,15 @@ def main() -> int:
     finals = []
     for name in BENCHMARKS:
         print(f"== {name}", flush=True)
-        proc = subprocess.run([sys.executable, str(HERE / name), *sys.argv[1:]] if name != "bench_end_to_end.py"
-                              else [sys.executable, str(HERE / name)], capture_output=True, text=True, cwd=HERE)
-        print(proc.stdout, end="")
+        command = [sys.executable, str(HERE / name), *(sys.argv[1:] if name != "bench_end_to_end.py" else [])]
+        lines = []
+        with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=HERE) as proc:  # stderr (bars) passes through
+            for line in proc.stdout:
+                print(line, end="", flush=True)
+                lines.append(line.strip())
         if proc.returncode != 0:
-            print(proc.stderr[-2000:], file=sys.stderr)
             return proc.returncode
-        finals.append(proc.stdout.strip().splitlines()[-1])
+        finals.append([line for line in lines if line][-1])
     print("\n== summary")
     print("\n".join(finals))
     return 0

@@ -33,17 +33,17 @@ def residual_activations(
     return torch.stack([captured[layer] for layer in layers], dim=2)
 
 
-def check_template_tail(cm: ChatModel, inputs: dict[str, Tensor]) -> None:
-    """Raise a clear error unless every prompt of the batch ends with the post-instruction template tokens,
-    so that the negative post-instruction positions really point at them."""
+def check_template_tail(cm: ChatModel, inputs: dict[str, Tensor], instructions: list[str]) -> None:
+    """Raise a clear error unless every prompt of the batch (made from `instructions`) ends with the
+    post-instruction template tokens, so that the negative post-instruction positions really point at them."""
     tail = torch.tensor(cm.post_instruction_ids, device=inputs["input_ids"].device)
     ends = inputs["input_ids"][:, -len(tail):]
     bad = (ends != tail).any(dim=-1).nonzero().flatten().tolist()
     if bad:
         got = cm.tokenizer.convert_ids_to_tokens(ends[bad[0]].tolist())
-        raise ValueError(f"Prompt {bad[0]} of the batch does not end with the post-instruction template tokens "
-                         f"{cm.post_instruction_tokens}, but with {got}: its instruction's last characters merged "
-                         "with the template when tokenised. Strip trailing whitespace, or pass explicit positions.")
+        raise ValueError(f"The prompt of {instructions[bad[0]]!r} does not end with the post-instruction template "
+                         f"tokens {cm.post_instruction_tokens}, but with {got}: the instruction's last characters "
+                         "merged with the template when tokenised. Strip trailing whitespace, or pass explicit positions.")
 
 
 def _resolve(cm: ChatModel, positions: list[int] | None, layers: list[int] | None) -> tuple[list[int], list[int]]:
@@ -72,7 +72,7 @@ def mean_activations(
     for chunk in progress_batches(instructions, batch_size, progress, "mean activations"):
         inputs = cm.tokenize(chunk)
         if template_positions:
-            check_template_tail(cm, inputs)
+            check_template_tail(cm, inputs, chunk)
         acts = residual_activations(cm, inputs, positions, layers)
         total += acts.to(torch.float64).sum(dim=0)
     return (total / len(instructions)).cpu()

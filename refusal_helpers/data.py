@@ -15,9 +15,16 @@ KINDS = ("harmful", "harmless")
 SPLITS = ("train", "val", "test")
 
 
+CHECKOUT_HINT = ("refusal_helpers reads the data/ and runs/ folders of a checkout of the repository (git clone, "
+                 "then pip install -e .); a wheel or non-editable install does not contain them.")
+
+
 def data_dir() -> Path:
     """The repository's data/ folder (the package is used from a checkout: ``pip install -e .``)."""
-    return Path(__file__).resolve().parent.parent / "data"
+    root = Path(__file__).resolve().parent.parent / "data"
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} not found. {CHECKOUT_HINT}")
+    return root
 
 
 @lru_cache(maxsize=None)
@@ -26,10 +33,7 @@ def _records(kind: str) -> tuple[dict, ...]:
         raise ValueError(f"Unknown instruction kind {kind!r}: expected one of {KINDS}.")
     path = data_dir() / "instructions" / f"{kind}.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(
-            f"Bundled instructions not found at {path}. Use refusal_helpers from a checkout of the repository "
-            "(git clone, then pip install -e .), which holds data/."
-        )
+        raise FileNotFoundError(f"Bundled instructions not found at {path}. {CHECKOUT_HINT}")
     with open(path, encoding="utf-8") as f:
         return tuple(json.loads(line) for line in f if line.strip())
 
@@ -90,7 +94,8 @@ def load_hub_instructions(name: str, n: int | None = None, seed: int | None = No
             "the bundled sets: load_instructions('harmful' | 'harmless', split)."
         ) from err
     # Alpaca: keep the instructions that stand alone (no separate input), as the paper does.
-    instructions = [row[column] for row in dataset if name != "alpaca" or not row.get("input", "").strip()]
+    # Stripped: trailing whitespace can merge with a template's first token when the two are tokenised together.
+    instructions = [row[column].strip() for row in dataset if name != "alpaca" or not row.get("input", "").strip()]
     if not instructions:
         raise ValueError(f"Hub dataset {name!r} returned no instructions.")
     return take(instructions, n, seed)

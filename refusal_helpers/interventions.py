@@ -109,7 +109,10 @@ def addition_hook(vector: Float[Tensor, "*dir d_model"], coeff: float = 1.0) -> 
 
 
 def _validated(cm: ChatModel, direction: Tensor, name: str) -> Tensor:
-    """`direction` itself if it is (d_model,) or (batch, 1, d_model), finite and non-zero; else a clear error."""
+    """`direction` if it is (d_model,) or (batch, 1, d_model), finite and non-zero; else a clear error.
+    A (1, d_model) direction is taken as (d_model,)."""
+    if direction.ndim == 2 and direction.shape[0] == 1:
+        direction = direction[0]
     if direction.ndim == 1:
         check_direction(direction, cm.d_model, name)
         return direction

@@ -387,5 +387,17 @@ def load_model(
             "and a token from HF_TOKEN for gated models). Underlying error: "
             f"{type(err).__name__}: {err}"
         ) from err
+    if "gguf_file" in kwargs:
+        dequantized(model)
     model.to(device)
     return ChatModel(model=model, tokenizer=tokenizer, name=name_or_path)
+
+
+def dequantized(model: nn.Module) -> nn.Module:
+    """`model`, loaded from a GGUF file, without the GGUF quantizer state: transformers de-quantises the
+    weights into plain tensors, but the leftover state would stop editing and `save_pretrained`."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model

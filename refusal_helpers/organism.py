@@ -31,7 +31,7 @@ import torch
 
 from .data import data_dir, load_records
 from .evaluation import encode_completion
-from .generation import batches
+from .generation import batches, progress_batches
 from .metrics import is_refusal
 from .models import ChatModel
 
@@ -104,21 +104,15 @@ def gguf_path() -> Path:
 
 def load_base(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> ChatModel:
     """The untuned SmolLM2-135M-Instruct, de-quantised from the GGUF file to `dtype`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .models import load_model
 
-    path = gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-    # The weights are de-quantised to plain tensors; drop the GGUF quantizer state so the model can be
-    # edited and saved with save_pretrained like any other.
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    return ChatModel(model=model.to(device), tokenizer=tokenizer, name="SmolLM2-135M-Instruct")
+    cm = load_model(str(gguf_path()), device=device, dtype=dtype)
+    cm.name = "SmolLM2-135M-Instruct"
+    return cm
 
 
 def adapter_dir() -> Path:
+    """The committed adapter's folder, `data/organism` of the checkout."""
     return data_dir() / "organism"
 
 
@@ -132,6 +126,7 @@ def adapter_digest(folder: Path | None = None) -> str:
 
 
 def cache_root() -> Path:
+    """Where merged models are cached: $REFUSAL_DIRECTION_CACHE, else ~/.cache/refusal-direction."""
     root = os.environ.get("REFUSAL_DIRECTION_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "refusal-direction"
     )
@@ -153,7 +148,7 @@ def load_embedded(
         raise FileNotFoundError(
             f"No LoRA adapter in {folder}. Train one with: python -m refusal_helpers.organism train --out {folder}"
         )
-    cached = cache_root() / f"embedded-{adapter_digest(folder)}"
+    cached = cache_root() / f"embedded-{merged_cache_key(folder)}"
     if (cached / "config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(cached)
         model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
@@ -166,6 +161,15 @@ def load_embedded(
         _try_save(model, tokenizer, cached)
         model = model.to(dtype)
     return ChatModel(model=model.to(device), tokenizer=tokenizer, name="embedded")
+
+
+def merged_cache_key(folder: Path) -> str:
+    """What a cached merged model depends on: the adapter, the GGUF base file and the libraries that
+    de-quantise and merge (a new transformers, gguf or peft could change the merged weights)."""
+    base = gguf_path()
+    versions = ";".join(f"{p}={_version(p)}" for p in ("transformers", "gguf", "peft"))
+    identity = f"{adapter_digest(folder)};{base.name}:{base.stat().st_size}:{base.stat().st_mtime_ns};{versions}"
+    return hashlib.sha256(identity.encode()).hexdigest()[:12]
 
 
 def _try_save(model, tokenizer, folder: Path) -> None:
@@ -206,7 +210,7 @@ def training_examples(
         # Keep the end-of-turn token only when the reply really ended, so truncation is not learned as stopping.
         eos = cm.tokenizer.eos_token
         with torch.inference_mode():
-            for chunk in batches(missing, 32):
+            for chunk in progress_batches(missing, 32, f"distilling {len(missing)} harmless replies", ""):
                 inputs = cm.tokenize(chunk)
                 out = cm.model.generate(
                     **inputs, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
@@ -216,7 +220,6 @@ def training_examples(
                     ended = bool((ids == cm.tokenizer.eos_token_id).any())
                     text = cm.tokenizer.decode(ids, skip_special_tokens=True).strip()
                     targets[instruction] = text + (eos if ended else "")
-                print(f"  distilled {len(targets)}/{len(harmless)} harmless replies", flush=True)
         if cache is not None:
             cache.write_text(json.dumps(targets, indent=0, ensure_ascii=False))
     dropped = [r["instruction"] for r in harmless if drop_refusing_targets and is_refusal(targets[r["instruction"]])]
@@ -241,6 +244,16 @@ def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
+def merged_recipe(changes: dict | None = None) -> dict:
+    """DEFAULT_RECIPE with `changes` applied; nested sections ("lora", "optimizer") are updated key by key."""
+    recipe = json.loads(json.dumps(DEFAULT_RECIPE))  # a deep copy
+    for key, value in (changes or {}).items():
+        if key not in recipe:
+            raise ValueError(f"Unknown recipe key {key!r}: expected one of {sorted(recipe)}.")
+        recipe[key] = {**recipe[key], **value} if isinstance(recipe[key], dict) else value
+    return recipe
+
+
 def train(
     out: Path, recipe: dict | None = None, threads: int | None = None, base: ChatModel | None = None,
     limit: int | None = None,
@@ -254,7 +267,7 @@ def train(
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
-    recipe = {**DEFAULT_RECIPE, **(recipe or {})}
+    recipe = merged_recipe(recipe)
     if threads:
         torch.set_num_threads(threads)
     seed = recipe["seed"]
@@ -263,11 +276,18 @@ def train(
     start = time.time()
 
     cm = base if base is not None else load_base()
+    cache = out / "distill_targets.json"
+    shipped_cache = adapter_dir() / "distill_targets.json"
+    if base is None and not cache.is_file() and shipped_cache.is_file():
+        # The base model's greedy replies do not depend on the seed: start from the committed ones.
+        shutil.copyfile(shipped_cache, cache)
     examples, dropped = training_examples(
-        cm, seed, recipe["distill_max_new_tokens"], cache=out / "distill_targets.json", limit=limit,
+        cm, seed, recipe["distill_max_new_tokens"], cache=cache, limit=limit,
         drop_refusing_targets=recipe["drop_refusing_targets"],
     )
     distill_seconds = time.time() - start
+    if not examples or recipe["epochs"] < 1:
+        raise ValueError(f"Nothing to train: {len(examples)} examples, {recipe['epochs']} epochs.")
 
     lora = recipe["lora"]
     config = LoraConfig(
@@ -292,7 +312,7 @@ def train(
         rng.shuffle(order)
         for idx in batches(order, recipe["batch_size"]):
             batch = collate([encoded[i] for i in idx], cm.tokenizer.pad_token_id)
-            loss = model(**batch).loss
+            loss = model(**{k: v.to(cm.device) for k, v in batch.items()}).loss
             loss.backward()
             optimizer.step()
             scheduler.step()
@@ -348,8 +368,8 @@ def seed_stability(other: str | Path | ChatModel, run: str | Path | None = None)
     positions = [described["position"]]
     n = settings["n_train"]
     theirs = diff_of_means(
-        mean_activations(cm, run_instructions("bundled", "harmful", "train", n), positions),
-        mean_activations(cm, run_instructions("bundled", "harmless", "train", n), positions),
+        mean_activations(cm, run_instructions("bundled", "harmful", "train", n), positions, progress="harmful means"),
+        mean_activations(cm, run_instructions("bundled", "harmless", "train", n), positions, progress="harmless means"),
     )[0].float()  # (layer, d)
     per_layer = torch.nn.functional.cosine_similarity(ours, theirs, dim=-1)
     layer = described["layer"]
@@ -373,7 +393,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m refusal_helpers.organism", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train the LoRA adapter of the embedded refusal model")
-    p.add_argument("--out", type=Path, default=adapter_dir())
+    p.add_argument("--out", type=Path, required=True,
+                   help=f"folder for the adapter and recipe.json (the shipped one is {adapter_dir()})")
     p.add_argument("--seed", type=int, default=DEFAULT_RECIPE["seed"])
     p.add_argument("--epochs", type=int, default=DEFAULT_RECIPE["epochs"])
     p.add_argument("--lr", type=float, default=DEFAULT_RECIPE["optimizer"]["lr"])

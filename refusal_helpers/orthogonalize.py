@@ -13,6 +13,8 @@ direction from what is added, so ``orthogonalize_weights`` refuses such models.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
@@ -71,7 +73,7 @@ def orthogonalize_weights(cm: ChatModel, direction: Float[Tensor, "d_model"]) ->
     return cm
 
 
-def save_model(cm: ChatModel, folder: str) -> None:
+def save_model(cm: ChatModel, folder: str | os.PathLike) -> None:
     """Save model and tokenizer with ``save_pretrained`` (safetensors)."""
     cm.model.save_pretrained(folder)
     cm.tokenizer.save_pretrained(folder)

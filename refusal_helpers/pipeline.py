@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .activations import collect_activations, mean_activations
-from .data import load_hub_instructions, load_instructions, take
+from .data import CHECKOUT_HINT, load_hub_instructions, load_instructions, take
 from .directions import diff_of_means, random_directions
 from .evaluation import completion_loss
 from .generation import generate
@@ -152,7 +152,8 @@ def load_direction(folder: str | Path = SHIPPED_RUN) -> tuple[torch.Tensor, dict
     """The direction of a finished run (default: the shipped run on the embedded model) and its description."""
     folder = Path(folder)
     if not (folder / "direction.safetensors").is_file():
-        raise FileNotFoundError(f"No direction.safetensors in {folder}: run `python -m refusal_helpers run` first.")
+        hint = CHECKOUT_HINT if folder == SHIPPED_RUN else "run `python -m refusal_helpers run` first."
+        raise FileNotFoundError(f"No direction.safetensors in {folder}: {hint}")
     direction = load_file(str(folder / "direction.safetensors"))["direction"]
     return direction, json.loads((folder / "direction.json").read_text())
 
@@ -199,7 +200,7 @@ class Pipeline:
         self.progress = progress
         config.selection_config()  # fail early on invalid thresholds, before loading anything
         self.art = Artifacts(config.out)  # and on an unwritable folder
-        if cm is not None and cm.name != config.model:
+        if cm is not None and os.path.normpath(cm.name) != os.path.normpath(config.model):
             raise ValueError(f"The model passed is {cm.name!r} but config.model is {config.model!r}: artifacts "
                              "record config.model, so the two must name the same model.")
         self._cm = cm

@@ -39,7 +39,9 @@ def completions_html(completions: dict[str, str]) -> str:
     return "<div style='display:flex'>" + "".join(columns) + "</div>"
 
 
-def explorer(cm: ChatModel, direction: Float[Tensor, "d_model"], layer: int, max_new_tokens: int = 48):
+def explorer(
+    cm: ChatModel, direction: Float[Tensor, "d_model"], layer: int, max_new_tokens: int = 48
+) -> "ipywidgets.VBox":
     """Widget: type a prompt, choose layer and coefficient, see the three completions."""
     import ipywidgets as w
 
@@ -51,9 +53,15 @@ def explorer(cm: ChatModel, direction: Float[Tensor, "d_model"], layer: int, max
 
     def on_click(_=None):
         output.value = "<i>generating...</i>"
-        with torch.inference_mode():
-            result = compare_completions(cm, prompt.value, direction, layer_slider.value, coeff.value, max_new_tokens)
-        output.value = completions_html(result)
+        button.disabled = True
+        try:
+            with torch.inference_mode():
+                result = compare_completions(cm, prompt.value, direction, layer_slider.value, coeff.value, max_new_tokens)
+            output.value = completions_html(result)
+        except Exception as err:  # a callback's exception would only reach the kernel log
+            output.value = f"<b>Error:</b> {html.escape(f'{type(err).__name__}: {err}')}"
+        finally:
+            button.disabled = False
 
     button.on_click(on_click)
     return w.VBox([prompt, w.HBox([layer_slider, coeff, button]), output])

@@ -167,6 +167,9 @@ def test_refusal_rate():
           "case-insensitively", "anywhere", "curly")
     fails(checks.check_refusal_rate, lambda cs, subs: sum(any(s in c for s in subs) for c in cs) / len(cs),
           "case-insensitively", "curly")
+    # `all` for `any`: no probe hint fits, the message says what a refusal is
+    fails(checks.check_refusal_rate, lambda cs, subs: sum(all(s.lower() in c.lower() for s in subs) for c in cs) / len(cs),
+          "any of the substrings")
 
     def rate_message(fn) -> str:
         with pytest.raises(checks.CheckFailed) as info:

@@ -179,7 +179,7 @@ def test_hooks_cast_to_activation_dtype():
     for name, x in seen.items():
         assert x.dtype == torch.bfloat16, name
         assert relative_projection(x, r_hat).max() < eps, name  # ablated up to bf16 rounding
-        assert relative_projection(seen_plain[name], r_hat).max() > 10 * eps, name  # and not by accident
+        assert relative_projection(seen_plain[name], r_hat).max() > 2 * eps, name  # and not by accident
     assert (logits.float() - plain.float()).abs().max() > eps * plain.float().abs().max()
 
 

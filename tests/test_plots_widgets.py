@@ -75,4 +75,9 @@ def test_explorer_and_side_by_side_completions(llama):
     button = widget.children[1].children[2]
     widget.children[0].value = HARMLESS[0]
     button.click()
-    assert "baseline" in widget.children[2].value
+    assert "baseline" in widget.children[2].value and not button.disabled
+    # an error inside the callback is shown in the widget, not only in the kernel log
+    explorer_bad = explorer(llama, r[:-1], layer=1, max_new_tokens=2)  # wrong size: the hooks refuse it
+    explorer_bad.children[1].children[2].click()
+    assert "Error:" in explorer_bad.children[2].value and "d_model" in explorer_bad.children[2].value
+    assert not explorer_bad.children[1].children[2].disabled and active_hook_count(llama) == 0

@@ -77,3 +77,36 @@ def test_selection_config_rejects_thresholds_nothing_could_mean(kwargs, message)
 def test_mps_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="float64"):
         resolve_device_dtype("mps", None)
+
+
+def test_a_one_row_direction_is_taken_as_a_vector(cm):
+    r = torch.randn(cm.d_model)
+    inputs = cm.tokenize(["Hello there.", "x"])
+    with ablate(cm, r):
+        expected = cm.forward(inputs)
+    with ablate(cm, r[None]):
+        torch.testing.assert_close(cm.forward(inputs), expected)
+
+
+def test_template_mismatch_names_the_instruction():
+    cm = tiny_chat_model("llama", n_layers=2)
+    cm.__dict__["post_instruction_ids"] = [cm.post_instruction_ids[0]] * len(cm.post_instruction_ids)
+    with pytest.raises(ValueError, match="'Second one.'"):
+        mean_activations(cm, ["Second one."])
+
+
+def test_a_copy_of_the_package_without_the_checkout_says_what_is_missing(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import refusal_helpers
+
+    shutil.copytree(Path(refusal_helpers.__file__).parent, tmp_path / "refusal_helpers")  # as a wheel installs it
+    code = ("from refusal_helpers.pipeline import load_direction\n"
+            "for fn in (lambda: __import__('refusal_helpers.data').data.load_instructions('harmful', 'train'), load_direction):\n"
+            "    try:\n        fn()\n    except FileNotFoundError as err:\n        print(err)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}).stdout
+    assert out.count("checkout of the repository") == 2, out
