@@ -72,21 +72,25 @@ def exercise_notebook(solutions: nbformat.NotebookNode) -> nbformat.NotebookNode
 
 
 def render(nb: nbformat.NotebookNode) -> str:
+    """The notebook as the exact text written to disk (so that `is_current` can compare bytes)."""
     return nbformat.writes(nb) + "\n"
 
 
 def build(solutions: Path = SOLUTIONS, exercise: Path = EXERCISE) -> Path:
+    """Write the exercise notebook generated from `solutions`; return its path."""
     nb = nbformat.read(solutions, as_version=4)
     exercise.write_text(render(exercise_notebook(nb)), encoding="utf-8")
     return exercise
 
 
 def is_current(solutions: Path = SOLUTIONS, exercise: Path = EXERCISE) -> bool:
+    """Whether `exercise` is exactly what `build` would write from `solutions`."""
     expected = render(exercise_notebook(nbformat.read(solutions, as_version=4)))
     return exercise.is_file() and exercise.read_text(encoding="utf-8") == expected
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command line: `build` writes exercise.ipynb; `check` exits 1 if it is out of date."""
     parser = argparse.ArgumentParser(prog="python -m refusal_helpers.notebooks", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("build", "check"))
     parser.add_argument("--solutions", type=Path, default=SOLUTIONS)

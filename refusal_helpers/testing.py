@@ -58,11 +58,13 @@ def _tokenizer_json() -> str:
     return tok.to_str()
 
 
-def tiny_tokenizer(template: str = "chatml"):
+def tiny_tokenizer(template: str = "chatml") -> "PreTrainedTokenizerFast":
     """A ~400-token byte-level BPE tokenizer with the given chat template (chatml, gemma or llama3)."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
+    if template not in TEMPLATES:
+        raise ValueError(f"Unknown template {template!r}: expected one of {sorted(TEMPLATES)}.")
     eos = {"chatml": "<|im_end|>", "gemma": "<end_of_turn>", "llama3": "<|eot_id|>"}[template]
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
@@ -72,7 +74,9 @@ def tiny_tokenizer(template: str = "chatml"):
     return tokenizer
 
 
-def tiny_config(arch: str, vocab_size: int, n_layers: int = 4, d_model: int = 64, tie: bool = False):
+def tiny_config(
+    arch: str, vocab_size: int, n_layers: int = 4, d_model: int = 64, tie: bool = False
+) -> "transformers.PretrainedConfig":
     """A transformers config of the given architecture family with tiny sizes."""
     import transformers as tf
 

@@ -110,3 +110,12 @@ def test_a_copy_of_the_package_without_the_checkout_says_what_is_missing(tmp_pat
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}).stdout
     assert out.count("checkout of the repository") == 2, out
+
+
+def test_tiny_fixtures_name_what_they_support():
+    from refusal_helpers.testing import tiny_tokenizer
+
+    with pytest.raises(ValueError, match="expected one of"):
+        tiny_tokenizer("mistral")
+    with pytest.raises(ValueError, match="Unknown test architecture"):
+        tiny_chat_model("bert")
