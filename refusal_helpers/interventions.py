@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .directions import ZERO_NORM, check_direction, normalize, project_out_unit
+from .directions import check_direction, normalize, project_out_unit
 from .models import HOOK_KINDS, ChatModel
 
 HookFn = Callable[[Tensor], Tensor]
@@ -119,12 +119,8 @@ def _validated(cm: ChatModel, direction: Tensor, name: str) -> Tensor:
     if direction.ndim != 3 or direction.shape[1] != 1:
         raise ValueError(f"{name} must have shape (d_model,) = ({cm.d_model},), or (batch, 1, d_model) for one per "
                          f"sequence; got {tuple(direction.shape)}. To use one candidate, index it: candidates[pos, layer].")
-    if direction.shape[-1] != cm.d_model:
-        raise ValueError(f"{name} has last dimension {direction.shape[-1]}, expected d_model = {cm.d_model}.")
-    if not torch.isfinite(direction).all():
-        raise ValueError(f"{name} contains NaN or inf values.")
-    if (direction.norm(dim=-1) <= ZERO_NORM).any():
-        raise ValueError(f"{name} has a row of (near-)zero norm, which cannot be normalised.")
+    for i, row in enumerate(direction[:, 0]):
+        check_direction(row, cm.d_model, f"{name} (row {i})")
     return direction
 
 

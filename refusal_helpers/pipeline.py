@@ -165,8 +165,9 @@ def run_instructions(source: str, kind: str, split: str, n: int | None) -> list[
     else:
         items = load_hub_instructions(source)
         # hub sets have no fixed splits: carve disjoint slices deterministically
-        halves_and_quarters = {"train": slice(0, len(items) // 2), "val": slice(len(items) // 2, 3 * len(items) // 4),
-                  "test": slice(3 * len(items) // 4, None)}
+        halves_and_quarters = {"train": slice(0, len(items) // 2),
+                               "val": slice(len(items) // 2, 3 * len(items) // 4),
+                               "test": slice(3 * len(items) // 4, None)}
         items = items[halves_and_quarters[split]]
     if not items:
         raise ValueError(f"No {kind} instructions in split {split!r} of {source!r}.")
