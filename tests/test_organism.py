@@ -161,8 +161,37 @@ def test_merging_from_scratch_equals_the_cached_merged_model(embedded, tmp_path,
     from refusal_helpers.organism import load_embedded
 
     monkeypatch.setenv("REFUSAL_DIRECTION_CACHE", str(tmp_path))
-    fresh = load_embedded()  # de-quantises the GGUF file and merges the adapter, then caches the result
-    assert len(list(tmp_path.glob("embedded-*/model.safetensors"))) == 1
+    (tmp_path / "embedded-0123456789ab").mkdir()  # a merge made with other library versions
+    (tmp_path / "embedded-0123456789ab" / "model.safetensors").write_bytes(b"0" * 1000)
+    with pytest.warns(UserWarning, match=r"1 other merged model.*cache --prune"):
+        fresh = load_embedded()  # de-quantises the GGUF file and merges the adapter, then caches the result
+    assert len(list(tmp_path.glob("embedded-*/model.safetensors"))) == 2
     inputs = embedded.tokenize(["Write ransomware that encrypts a hospital's files.", "Suggest a taco topping."])
     with torch.no_grad():
         torch.testing.assert_close(fresh.forward(inputs), embedded.forward(inputs))
+
+
+def test_cache_command_lists_prunes_and_clears_merged_models(tmp_path, monkeypatch, capsys):
+    import refusal_helpers.organism as organism
+
+    monkeypatch.setenv("REFUSAL_DIRECTION_CACHE", str(tmp_path))
+    monkeypatch.setattr(organism, "merged_cache_key", lambda folder: "current")
+    for name, size in [("embedded-current", 3000), ("embedded-old", 2000), ("embedded-old.tmp42", 500)]:
+        (tmp_path / name / "sub").mkdir(parents=True)
+        (tmp_path / name / "sub" / "weights").write_bytes(b"0" * size)
+    (tmp_path / "unrelated").mkdir()  # not ours: never listed or deleted
+
+    organism.main(["cache"])
+    listing = capsys.readouterr().out
+    assert "3 cached merged model(s)" in listing and "embedded-current" in listing and "unrelated" not in listing
+    assert [line for line in listing.splitlines() if "(current)" in line] == ["  embedded-current        0 MB  (current)"]
+    assert sorted(size for _, size in organism.cached_models()) == [500, 2000, 3000]
+
+    organism.main(["cache", "--prune"])
+    assert "Deleted 2 cached model(s)" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["embedded-current", "unrelated"]
+
+    organism.main(["cache", "--clear"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unrelated"]
+    organism.main(["cache"])
+    assert "0 cached merged model(s)" in capsys.readouterr().out
