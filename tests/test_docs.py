@@ -1,0 +1,107 @@
+"""The figures the README's model card, recipe.json and the notebook quote agree with the shipped run.
+
+Re-running the shipped pipeline (or retraining the adapter) changes `runs/embedded/`; these tests name
+every document that then needs its figures updated.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from refusal_helpers.data import load_records
+from refusal_helpers.pipeline import SHIPPED_RUN
+
+ROOT = Path(__file__).resolve().parent.parent
+CONDITIONS = {  # README row label -> completions file
+    "harmful, baseline": "harmful_baseline",
+    "harmless, baseline": "harmless_baseline",
+    "harmful, direction ablated at all layers": "harmful_ablation",
+    "harmful, direction subtracted at its layer (coefficient -1)": "harmful_actadd",
+    "harmless, direction added at its layer (coefficient +1)": "harmless_actadd",
+}
+
+
+def completions(condition: str) -> dict:
+    return json.loads((SHIPPED_RUN / "completions" / f"{condition}.json").read_text())
+
+
+def percent(rate: float) -> str:
+    return f"{100 * rate:.1f}%"
+
+
+@pytest.fixture(scope="module")
+def readme() -> str:
+    return (ROOT / "README.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def summary() -> dict:
+    return json.loads((SHIPPED_RUN / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("label", CONDITIONS)
+def test_model_card_refusal_rates_are_the_shipped_runs(readme, label):
+    run = completions(CONDITIONS[label])
+    refused = sum(item["refusal"] for item in run["items"])
+    assert refused / run["n"] == pytest.approx(run["refusal_rate"])
+    assert f"| {label} | {percent(run['refusal_rate'])} ({refused}/{run['n']}" in readme
+
+
+def test_model_card_counts_refused_edgy_but_benign_prompts(readme):
+    edgy = {r["instruction"] for r in load_records("harmless", "test") if r["category"] == "edgy_benign"}
+    items = [item for item in completions("harmless_baseline")["items"] if item["instruction"] in edgy]
+    assert f"{sum(item['refusal'] for item in items)} of {len(items)} edgy-but-benign" in readme
+
+
+def test_model_card_direction_and_loss_are_the_shipped_runs(readme, summary):
+    direction = json.loads((SHIPPED_RUN / "direction.json").read_text())
+    assert f"layer {direction['layer']} of 30 (norm {direction['norm']:.1f})" in readme
+    assert (f"bypass {direction['bypass']:.2f}, induce {direction['induce']:+.2f}, KL {direction['kl']:.2f}"
+            in " ".join(readme.split()))
+    loss = summary["ce_loss"]
+    assert f"{loss['baseline']:.3f} -> {loss['ablation']:.3f} nats/token under ablation\n({loss['increase']:+.2f}" in readme
+    controls = loss["random_controls"]
+    a, b, c = (f"{x:+.2f}" for x in controls["increases"])
+    assert f"by {controls['mean_increase']:+.2f} on average ({a}, {b} and {c} for three random directions)" in readme
+
+
+def test_recipe_measured_figures_are_the_shipped_runs(summary):
+    measured = json.loads((ROOT / "data" / "organism" / "recipe.json").read_text())["measured"]
+    assert measured["refusal_rate"] == {k: round(v, 4) for k, v in summary["refusal_rate"].items()}
+    loss = summary["ce_loss"]
+    assert measured["ce_loss"]["baseline"] == round(loss["baseline"], 4)
+    assert measured["ce_loss"]["ablation"] == round(loss["ablation"], 4)
+    assert measured["ce_loss"]["increase"] == round(loss["increase"], 4)
+    assert measured["ce_loss"]["random_direction_controls"] == [round(x, 4) for x in loss["random_controls"]["increases"]]
+    assert measured["direction"] == {**{k: summary["direction"][k] for k in ("position", "layer")},
+                                     "kl_threshold": summary["selection"]["kl_threshold"]}
+    assert measured["test_split"] == {"harmful": completions("harmful_baseline")["n"],
+                                      "harmless": completions("harmless_baseline")["n"]}
+
+
+def test_notebook_quotes_the_shipped_runs_figures(summary):
+    cells = json.loads((ROOT / "solutions.ipynb").read_text())["cells"]
+    text = " ".join(" ".join("".join(c["source"]).split()) for c in cells if c["cell_type"] == "markdown")
+    rates = summary["refusal_rate"]
+    harmful = ", ".join(percent(rates[k]) for k in ("harmful_baseline", "harmful_ablation")) + " and " + percent(rates["harmful_actadd"])
+    harmless = percent(rates["harmless_baseline"]) + " and " + percent(rates["harmless_actadd"])
+    loss = summary["ce_loss"]
+    assert f"gives {harmful}; {harmless}; and {loss['baseline']:.3f} -> {loss['ablation']:.3f} ({loss['increase']:+.2f})" in text
+    controls = loss["random_controls"]
+    a, b, c = (f"{x:+.2f}" for x in controls["increases"])
+    assert f"rises by {a}, {b} and {c} (mean {controls['mean_increase']:+.2f})" in text
+
+
+def test_notebook_quotes_its_own_executed_figures():
+    cells = json.loads((ROOT / "solutions.ipynb").read_text())["cells"]
+    text = " ".join(" ".join("".join(c["source"]).split()) for c in cells if c["cell_type"] == "markdown")
+    outputs = "".join("".join(o.get("text", "")) for c in cells if c["cell_type"] == "code" for o in c["outputs"])
+    found = re.search(r"CE loss on harmless completions: (\d\.\d+) -> (\d\.\d+) nats/token", outputs)
+    assert found, "the executed notebook prints no CE loss line"
+    before, after = (float(x) for x in found.groups())
+    assert f"a cross-entropy of {found[1]} -> {found[2]} nats/token ({after - before:+.2f})" in text
+    rates = dict(re.findall(r"^(\w+ / [\w ]+?)\s+(\d+)%\s+\(n=\d+\)$", outputs, flags=re.M))
+    assert f"gives {rates['harmful / baseline']}% harmful refusal, {rates['harmful / ablation']}% under ablation" in text
+    assert f"{rates['harmless / baseline']}% harmless refusal and {rates['harmless / add r']}% with $r$ added" in text
