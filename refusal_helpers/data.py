@@ -15,13 +15,21 @@ KINDS = ("harmful", "harmless")
 SPLITS = ("train", "val", "test")
 
 
-CHECKOUT_HINT = ("refusal_helpers reads the data/ and runs/ folders of a checkout of the repository (git clone, "
-                 "then pip install -e .); a wheel or non-editable install does not contain them.")
+PACKAGE_DIR = Path(__file__).resolve().parent
+BUNDLED_DIR = PACKAGE_DIR / "_bundled"  # a wheel's copy of data/ and runs/embedded/ (see setup.py)
+CHECKOUT_HINT = ("refusal_helpers reads the data/ and runs/embedded/ folders of the repository: from a checkout "
+                 "(git clone, then pip install -e .) or from the copy a wheel built from one carries.")
+
+
+def repository_path(relative: str) -> Path:
+    """A path of the repository, e.g. "data": a wheel's bundled copy, else the checkout's (which may be missing)."""
+    bundled = BUNDLED_DIR / relative
+    return bundled if bundled.exists() else PACKAGE_DIR.parent / relative
 
 
 def data_dir() -> Path:
-    """The repository's data/ folder (the package is used from a checkout: ``pip install -e .``)."""
-    root = Path(__file__).resolve().parent.parent / "data"
+    """The repository's data/ folder (instructions and the embedded model's adapter)."""
+    root = repository_path("data")
     if not root.is_dir():
         raise FileNotFoundError(f"{root} not found. {CHECKOUT_HINT}")
     return root

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .activations import collect_activations, mean_activations
-from .data import CHECKOUT_HINT, load_hub_instructions, load_instructions, take
+from .data import CHECKOUT_HINT, load_hub_instructions, load_instructions, repository_path, take
 from .directions import diff_of_means, random_directions
 from .evaluation import completion_loss
 from .generation import generate
@@ -145,7 +145,7 @@ class Artifacts:
         return None if record is None else record.get("compute_s")
 
 
-SHIPPED_RUN = Path(__file__).resolve().parent.parent / "runs" / "embedded"
+SHIPPED_RUN = repository_path("runs/embedded")  # the shipped run on the embedded model
 
 
 def load_direction(folder: str | Path = SHIPPED_RUN) -> tuple[torch.Tensor, dict]:

@@ -95,23 +95,6 @@ def test_template_mismatch_names_the_instruction():
         mean_activations(cm, ["Second one."])
 
 
-def test_a_copy_of_the_package_without_the_checkout_says_what_is_missing(tmp_path):
-    import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import refusal_helpers
-
-    shutil.copytree(Path(refusal_helpers.__file__).parent, tmp_path / "refusal_helpers")  # as a wheel installs it
-    code = ("from refusal_helpers.pipeline import load_direction\n"
-            "for fn in (lambda: __import__('refusal_helpers.data').data.load_instructions('harmful', 'train'), load_direction):\n"
-            "    try:\n        fn()\n    except FileNotFoundError as err:\n        print(err)\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
-                         env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}).stdout
-    assert out.count("checkout of the repository") == 2, out
-
-
 def test_tiny_fixtures_name_what_they_support():
     from refusal_helpers.testing import tiny_tokenizer
 
