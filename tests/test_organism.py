@@ -47,6 +47,8 @@ def test_training_smoke_run_writes_adapter_and_recipe(tmp_path):
         "harmful_train": 4, "harmless_train": 4, "harmless_dropped_refusing_target": 0, "splits_used": ["train"]
     }
     assert saved["steps"] == 2 and saved["final_loss"] == recipe["final_loss"] > 0
+    distilled = json.loads((tmp_path / "distill_targets.json").read_text())
+    assert (distilled["model"], distilled["max_new_tokens"], len(distilled["replies"])) == (cm.name, 4, 4)
     from safetensors.torch import load_file
 
     saved_weights = load_file(tmp_path / "adapter_model.safetensors")
@@ -60,7 +62,7 @@ def test_harmless_examples_whose_distilled_reply_refuses_are_dropped(tmp_path, l
     harmless = [r["instruction"] for r in load_records("harmless", "train")[:4]]
     cache = tmp_path / "distill_targets.json"
     replies = ["Sure, here it is.", "I'm sorry, but as an AI I cannot do that.", "Step one: ...", "Here you go."]
-    cache.write_text(json.dumps(dict(zip(harmless, replies))))
+    cache.write_text(json.dumps({"model": llama.name, "max_new_tokens": 4, "replies": dict(zip(harmless, replies))}))
     kept, dropped = training_examples(llama, 0, 4, cache=cache, limit=4)
     assert dropped == [harmless[1]]
     assert [e["instruction"] for e in kept if e["kind"] == "harmless"] == [harmless[i] for i in (0, 2, 3)]
@@ -68,6 +70,26 @@ def test_harmless_examples_whose_distilled_reply_refuses_are_dropped(tmp_path, l
     everything, dropped = training_examples(llama, 0, 4, cache=cache, limit=4, drop_refusing_targets=False)
     assert dropped == []
     assert [e["reply"] for e in everything if e["kind"] == "harmless"] == replies
+
+
+def test_distilled_replies_of_another_model_or_token_budget_are_refused(tmp_path, llama):
+    cache = tmp_path / "distill_targets.json"
+    replies = {r["instruction"]: "Sure." for r in load_records("harmless", "train")[:2]}
+    for made_with in ({"model": llama.name, "max_new_tokens": 64}, {"model": "other-model", "max_new_tokens": 4}, {}):
+        cache.write_text(json.dumps({**made_with, "replies": replies}))
+        with pytest.raises(ValueError, match="Delete the file"):
+            training_examples(llama, 0, 4, cache=cache, limit=2)
+    cache.write_text(json.dumps(replies))  # a bare instruction -> reply map: made by what, is unknown
+    with pytest.raises(ValueError, match="Delete the file"):
+        training_examples(llama, 0, 4, cache=cache, limit=2)
+
+
+def test_the_committed_distilled_replies_are_the_untuned_models_for_the_recipe():
+    from refusal_helpers.organism import BASE_NAME, DEFAULT_RECIPE, adapter_dir, read_distill_cache
+
+    replies = read_distill_cache(adapter_dir() / "distill_targets.json", BASE_NAME,
+                                 DEFAULT_RECIPE["distill_max_new_tokens"])
+    assert set(replies) == {r["instruction"] for r in load_records("harmless", "train")}
 
 
 @pytest.fixture(scope="module")
