@@ -15,8 +15,10 @@ class BuildPyWithData(build_py):
         super().run()
         if getattr(self, "editable_mode", False):
             return
+        target = Path(self.build_lib) / "refusal_helpers" / "_bundled"
+        shutil.rmtree(target, ignore_errors=True)  # a reused build/ folder must not keep deleted files
         for folder in BUNDLED:
-            shutil.copytree(folder, Path(self.build_lib) / "refusal_helpers" / "_bundled" / folder, dirs_exist_ok=True)
+            shutil.copytree(folder, target / folder)
 
 
 setup(cmdclass={"build_py": BuildPyWithData})
