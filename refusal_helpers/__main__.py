@@ -1,10 +1,11 @@
-"""Command line: ``python -m refusal_helpers run --model embedded --out runs/embedded``."""
+"""Command line: ``python -m refusal_helpers run --model embedded`` (see ``--help``)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from .data import HARMFUL_HUB_SETS, HARMLESS_HUB_SETS
 from .pipeline import PipelineConfig
 
 
@@ -35,26 +36,30 @@ def build_parser() -> argparse.ArgumentParser:
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = PipelineConfig()
     run.add_argument("--model", default=d.model, help="'embedded', a hub name, a local folder or a .gguf file")
-    run.add_argument("--out", default=None, help="output folder (default: runs/<model alias>)")
-    run.add_argument("--n-train", type=_n, default=d.n_train, help="instructions per kind for the means")
-    run.add_argument("--n-val", type=_n, default=d.n_val, help="instructions per kind for selection")
+    run.add_argument("--out", default=argparse.SUPPRESS,
+                     help="output folder (default: runs/<model alias>; runs/demo for the embedded model, whose "
+                          "runs/embedded is the shipped run)")
+    run.add_argument("--n-train", type=_n, default=d.n_train, help="instructions per kind for the means, or 'all'")
+    run.add_argument("--n-val", type=_n, default=d.n_val, help="instructions per kind for selection, or 'all'")
     run.add_argument("--n-test", type=_n, default=d.n_test, help="test instructions per kind, or 'all'")
     run.add_argument("--max-new-tokens", type=_positive, default=d.max_new_tokens, help="greedy tokens per completion")
     run.add_argument("--batch-size", type=_positive, default=d.batch_size, help="prompts per forward pass")
     run.add_argument("--selection-mode", choices=("lazy", "exhaustive"), default=d.selection_mode,
                      help="lazy: stop at the first passing candidate; exhaustive: every score (full plots)")
-    run.add_argument("--kl-threshold", type=float, default=None, help="default: model preset, else 0.1")
+    run.add_argument("--kl-threshold", type=float, default=argparse.SUPPRESS, help="default: model preset, else 0.1")
     run.add_argument("--induce-threshold", type=float, default=d.induce_threshold,
                      help="lowest refusal score that adding a candidate must induce")
     run.add_argument("--max-layer-fraction", type=float, default=d.max_layer_fraction,
                      help="candidates come from layers below this fraction of the depth")
     run.add_argument("--harmful", dest="harmful_source", default=d.harmful_source,
-                     help="'bundled' or a hub dataset: advbench, jailbreakbench, harmbench")
-    run.add_argument("--harmless", dest="harmless_source", default=d.harmless_source, help="'bundled' or 'alpaca'")
+                     choices=("bundled", *HARMFUL_HUB_SETS), help="the bundled set or a hub dataset (needs network)")
+    run.add_argument("--harmless", dest="harmless_source", default=d.harmless_source,
+                     choices=("bundled", *HARMLESS_HUB_SETS), help="the bundled set or a hub dataset (needs network)")
     run.add_argument("--random-controls", type=_count, default=d.random_controls,
                      help="random unit directions ablated as a control for the CE increase (0: none)")
-    run.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
-    run.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+    run.add_argument("--device", default=argparse.SUPPRESS,
+                     help="e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
+    run.add_argument("--dtype", default=argparse.SUPPRESS, choices=("float32", "float16", "bfloat16"),
                      help="default: bfloat16 on a GPU (float16 where bfloat16 is unsupported), float32 on a CPU")
     return parser
 
@@ -64,9 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         from .pipeline import Pipeline, format_summary
 
+        from .pipeline import default_out
+
         options = {k: v for k, v in vars(args).items() if k != "command"}
-        if options["out"] is None:
-            options["out"] = f"runs/{args.model.rstrip('/').split('/')[-1].removesuffix('.gguf')}"
+        options.setdefault("out", default_out(args.model))
         try:
             summary = Pipeline(PipelineConfig(**options)).run()
         except (OSError, ValueError) as err:

@@ -84,6 +84,8 @@ HUB_DATASETS: dict[str, tuple[str, str | None, str, str]] = {
     "jailbreakbench_benign": ("JailbreakBench/JBB-Behaviors", "behaviors", "benign", "Goal"),
     "harmbench": ("walledai/HarmBench", "standard", "train", "prompt"),
 }
+HARMFUL_HUB_SETS = ("advbench", "jailbreakbench", "harmbench")
+HARMLESS_HUB_SETS = ("alpaca", "jailbreakbench_benign")
 
 
 def load_hub_instructions(name: str, n: int | None = None, seed: int | None = None) -> list[str]:
@@ -99,7 +101,8 @@ def load_hub_instructions(name: str, n: int | None = None, seed: int | None = No
         raise ConnectionError(
             f"Could not load {name!r} ({repo}) from the Hugging Face Hub: {type(err).__name__}: {err}. "
             "This needs network access (and, for gated sets, HF_TOKEN and accepted terms). Offline, use "
-            "the bundled sets: load_instructions('harmful' | 'harmless', split)."
+            "the bundled sets: load_instructions('harmful' | 'harmless', split), or on the command line "
+            "--harmful bundled --harmless bundled (the default)."
         ) from err
     # Alpaca: keep the instructions that stand alone (no separate input), as the paper does.
     # Stripped: trailing whitespace can merge with a template's first token when the two are tokenised together.

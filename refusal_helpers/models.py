@@ -315,7 +315,13 @@ def resolve_device_dtype(
 ) -> tuple[torch.device, torch.dtype]:
     """The device and dtype a model loads with: None means the default device and that device's default dtype;
     a dtype may be named ('float32', 'float16', 'bfloat16')."""
-    device = torch.device(device) if device is not None else default_device()
+    try:
+        device = torch.device(device) if device is not None else default_device()
+    except RuntimeError:
+        raise ValueError(f"Unknown device {device!r}: expected 'cpu', 'cuda' or 'cuda:N'.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} but this torch sees no CUDA GPU (torch {torch.__version__}, "
+                         "torch.cuda.is_available() is False): use device='cpu', or install a CUDA build of torch.")
     if device.type == "mps":
         raise ValueError("Apple's MPS backend has no float64, which this library uses for exact means, projections "
                          "and scores: use device='cpu' (the embedded model is sized for a CPU) or a CUDA GPU.")

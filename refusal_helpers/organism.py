@@ -408,21 +408,23 @@ def seed_stability(other: str | Path | ChatModel, run: str | Path | None = None)
 
     from .activations import mean_activations
     from .directions import diff_of_means
-    from .pipeline import SHIPPED_RUN, load_direction, run_instructions
+    from .pipeline import SHIPPED_RUN, data_record, load_direction, run_instructions
 
     run = Path(run) if run is not None else SHIPPED_RUN
     direction, described = load_direction(run)
     settings = json.loads((run / "candidates.safetensors.settings.json").read_text())
-    if settings.get("harmful_source", "bundled") != "bundled" or settings.get("harmless_source", "bundled") != "bundled":
+    data = {kind: settings[f"{kind}_train"] for kind in ("harmful", "harmless")}
+    if any(record["source"] != "bundled" for record in data.values()):
         raise ValueError(f"{run} was extracted from hub data; seed stability compares runs on the bundled data.")
     ours = load_file(str(run / "candidates.safetensors"))["candidates"][described["position_index"]]  # (layer, d)
     cm = other if isinstance(other, ChatModel) else load_embedded(adapter=other)
     positions = [described["position"]]
-    n = settings["n_train"]
-    theirs = diff_of_means(
-        mean_activations(cm, run_instructions("bundled", "harmful", "train", n), positions, progress="harmful means"),
-        mean_activations(cm, run_instructions("bundled", "harmless", "train", n), positions, progress="harmless means"),
-    )[0].float()  # (layer, d)
+    instructions = {kind: run_instructions("bundled", kind, "train", data[kind]["n"]) for kind in data}
+    if any(data_record("bundled", instructions[kind]) != data[kind] for kind in data):
+        raise ValueError(f"The bundled training instructions differ from those {run} was extracted from.")
+    theirs = diff_of_means(*(
+        mean_activations(cm, instructions[kind], positions, progress=f"{kind} means") for kind in ("harmful", "harmless")
+    ))[0].float()  # (layer, d)
     per_layer = torch.nn.functional.cosine_similarity(ours, theirs, dim=-1)
     layer = described["layer"]
     return {

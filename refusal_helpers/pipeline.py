@@ -16,10 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
 import platform
-import resource
+import sys
 import tempfile
+import warnings
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -30,7 +30,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .activations import collect_activations, mean_activations
-from .data import CHECKOUT_HINT, load_hub_instructions, load_instructions, repository_path, take
+from .data import (
+    CHECKOUT_HINT, HARMFUL_HUB_SETS, HARMLESS_HUB_SETS, load_hub_instructions, load_instructions, repository_path,
+    take,
+)
 from .directions import diff_of_means, random_directions
 from .evaluation import completion_loss
 from .generation import generate
@@ -59,12 +62,15 @@ STEP_ARTIFACTS = {  # step: the artifacts whose making is that step's work
     "generate": [f"completions/{c}.json" for c in CONDITIONS],
     "loss": ["loss.json"],
 }
+TRAIN = (("harmful", "train"), ("harmless", "train"))  # (kind, split) pairs each step reads
+VAL = (("harmful", "val"), ("harmless", "val"))
+TEST = (("harmful", "test"), ("harmless", "test"))
 
 
 @dataclass
 class PipelineConfig:
     model: str = "embedded"
-    out: str = "runs/embedded"
+    out: str = "runs/demo"  # never the shipped run's folder by default (see default_out)
     n_train: int = 128
     n_val: int = 16
     n_test: int | None = 32  # None: the whole test split
@@ -185,8 +191,33 @@ def direction_settings(selection: Selection, direction: torch.Tensor) -> dict:
             "direction_sha256": hashlib.sha256(values).hexdigest()[:16]}
 
 
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def data_record(source: str, instructions: list[str]) -> dict:
+    """What artifacts made from instructions depend on: their source, number and a digest of their text
+    (edited files or an updated hub dataset change it where the sizes do not)."""
+    digest = hashlib.sha256(json.dumps(instructions, ensure_ascii=False).encode()).hexdigest()[:16]
+    return {"source": source, "n": len(instructions), "sha256": digest}
+
+
+def model_identity_name(model: str) -> str:
+    """The name a run records for a model: local paths resolved, so 'tiny', 'tiny/' and '/abs/tiny' are one model."""
+    return os.path.realpath(model) if os.path.exists(model) else model
+
+
+def default_out(model: str) -> str:
+    """runs/<model alias>; the embedded model's runs go to runs/demo, since runs/embedded is the shipped run."""
+    if model == "embedded":
+        return "runs/demo"
+    alias = os.path.basename(model_identity_name(model).rstrip("/")).removesuffix(".gguf")
+    return f"runs/{alias}"
+
+
+def _peak_rss_mib() -> float | None:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 class Pipeline:
@@ -200,16 +231,21 @@ class Pipeline:
         self.config = config
         self.progress = progress
         config.selection_config()  # fail early on invalid thresholds, before loading anything
+        for kind, source, allowed in (("harmful", config.harmful_source, HARMFUL_HUB_SETS),
+                                      ("harmless", config.harmless_source, HARMLESS_HUB_SETS)):
+            if source != "bundled" and source not in allowed:
+                raise ValueError(f"Unknown {kind} source {source!r}: expected 'bundled' or one of {allowed}.")
         self.art = Artifacts(config.out)  # and on an unwritable folder
-        if cm is not None and os.path.normpath(cm.name) != os.path.normpath(config.model):
+        if cm is not None and model_identity_name(cm.name) != model_identity_name(config.model):
             raise ValueError(f"The model passed is {cm.name!r} but config.model is {config.model!r}: artifacts "
                              "record config.model, so the two must name the same model.")
         self._cm = cm
         self.reused: set[str] = set()  # artifacts found finished and not recomputed in this invocation
+        self._data: dict[tuple[str, str], list[str]] = {}
         # What every artifact depends on: which weights, in which precision.
         dtype = cm.dtype if cm is not None else resolve_device_dtype(config.device, config.dtype)[1]
         self._model_identity = {
-            "model": config.model,
+            "model": model_identity_name(config.model),
             "model_version": model_version(config.model),
             "dtype": str(dtype).removeprefix("torch."),
         }
@@ -224,10 +260,14 @@ class Pipeline:
 
     def data(self, kind: str, split: str) -> list[str]:
         """The run's instructions of a kind ('harmful' / 'harmless') and split, sized by the config."""
-        c = self.config
-        n = {"train": c.n_train, "val": c.n_val, "test": c.n_test}[split]
-        source = c.harmful_source if kind == "harmful" else c.harmless_source
-        return run_instructions(source, kind, split, n)
+        if (kind, split) not in self._data:
+            c = self.config
+            n = {"train": c.n_train, "val": c.n_val, "test": c.n_test}[split]
+            self._data[kind, split] = run_instructions(self._source(kind), kind, split, n)
+        return self._data[kind, split]
+
+    def _source(self, kind: str) -> str:
+        return self.config.harmful_source if kind == "harmful" else self.config.harmless_source
 
     def _done(self, name: str, settings: dict) -> bool:
         if self.art.done(name, settings):
@@ -244,14 +284,17 @@ class Pipeline:
         yield cm
         self.art.mark(name, settings, time.time() - started)
 
-    def _settings(self, *keys: str) -> dict:
+    def _settings(self, *keys: str, data: tuple[tuple[str, str], ...] = ()) -> dict:
+        """What an artifact depends on: the model, the named config fields and the instructions of each
+        (kind, split) in `data`."""
         c = asdict(self.config)
-        return {**self._model_identity, **{k: c[k] for k in keys}}
+        return {**self._model_identity, **{k: c[k] for k in keys},
+                **{f"{kind}_{split}": data_record(self._source(kind), self.data(kind, split)) for kind, split in data}}
 
     # ----- 1. extract ----------------------------------------------------------------------------
     def extract(self) -> torch.Tensor:
         """Difference-of-means candidates, shape (n_positions, n_layers, d_model)."""
-        settings = self._settings("n_train", "harmful_source", "harmless_source")
+        settings = self._settings(data=TRAIN)
         name = "candidates.safetensors"
         if not self._done(name, settings):
             with self._making(name, settings) as cm:
@@ -282,7 +325,7 @@ class Pipeline:
         sel_config = self.config.selection_config()
         lazy = self.config.selection_mode == "lazy"
         # The exhaustive table does not depend on the filters: changing a threshold only re-chooses.
-        score_settings = {**self._settings("n_train", "n_val", "selection_mode", "harmful_source", "harmless_source"),
+        score_settings = {**self._settings("selection_mode", data=TRAIN + VAL),
                           **({"selection": asdict(sel_config)} if lazy else {})}
         settings = {**score_settings, "selection": asdict(sel_config)}
         if not self._done("selection.json", score_settings):
@@ -325,13 +368,13 @@ class Pipeline:
     # ----- 3 + 4. generate and evaluate ----------------------------------------------------------
     def generate_and_evaluate(self, selection: Selection, direction: torch.Tensor) -> dict[str, float]:
         """Test-split completions for every condition and their substring refusal rates."""
-        data_settings = self._settings("n_test", "max_new_tokens", "harmful_source", "harmless_source")
-        settings = {**data_settings, **direction_settings(selection, direction)}
+        with_direction = direction_settings(selection, direction)
         rates = {}
         for condition, (kind, intervention) in CONDITIONS.items():
             name = f"completions/{condition}.json"
-            # Baselines do not depend on the direction: a new direction reuses them.
-            condition_settings = settings if intervention else data_settings
+            # Each condition depends on its own kind's prompts; baselines not on the direction either.
+            condition_settings = {**self._settings("max_new_tokens", data=((kind, "test"),)),
+                                  **(with_direction if intervention else {})}
             if not self._done(name, condition_settings):
                 instructions = self.data(kind, "test")
                 with self._making(name, condition_settings) as cm:
@@ -343,7 +386,8 @@ class Pipeline:
                     self.art.write_json(name, {"condition": condition, "intervention": intervention,
                                                "refusal_rate": refusal_rate(completions), "n": len(items), "items": items})
             rates[condition] = self.art.read_json(name)["refusal_rate"]
-        self.art.write_json("evaluations.json", {"refusal_rate": rates, **settings})
+        self.art.write_json("evaluations.json", {"refusal_rate": rates,
+                                                 **self._settings("max_new_tokens", data=TEST), **with_direction})
         return rates
 
     def _intervention(self, kind: str | None, direction: torch.Tensor, layer: int):
@@ -356,7 +400,7 @@ class Pipeline:
     # ----- 5. loss -------------------------------------------------------------------------------
     def loss(self, selection: Selection, direction: torch.Tensor) -> dict:
         """CE of the harmless test completions: plain, with the direction ablated, and with random ones ablated."""
-        settings = {**self._settings("n_test", "max_new_tokens", "harmless_source", "random_controls"),
+        settings = {**self._settings("max_new_tokens", "random_controls", data=(("harmless", "test"),)),
                     **direction_settings(selection, direction)}
         if not self._done("loss.json", settings):
             items = self.art.read_json("completions/harmless_baseline.json")["items"]
@@ -383,6 +427,8 @@ class Pipeline:
     # ----- all -----------------------------------------------------------------------------------
     def run(self) -> dict:
         start = time.time()
+        for kind, split in TRAIN + VAL + TEST:  # every prompt, before the model loads: bad data fails early
+            self.data(kind, split)
         candidates = self._step("extract", self.extract)
         selection, direction = self._step("select", lambda: self.select(candidates))
         rates = self._step("generate", lambda: self.generate_and_evaluate(selection, direction))
@@ -394,13 +440,15 @@ class Pipeline:
                           "induce": selection.induce, "kl": selection.kl},
             "refusal_rate": rates,
             "ce_loss": loss,
-            "sizes": {"n_train": c.n_train, "n_val": c.n_val, "n_test": c.n_test, "max_new_tokens": c.max_new_tokens},
+            "sizes": {**{f"{kind}_{split}": len(self.data(kind, split)) for kind, split in TRAIN + VAL + TEST},
+                      "max_new_tokens": c.max_new_tokens},  # instructions used per kind and split
             "selection": asdict(c.selection_config()),
             "timings_s": {**c.timings, "total_s": round(time.time() - start, 1)},  # this invocation
             "compute_s": self.compute_seconds(),  # making each step's artifacts, whenever that happened
             "reused_artifacts": sorted(self.reused),  # finished earlier with the same settings: not redone here
-            "peak_rss_mib": round(_peak_rss_mib()),
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {self._cm.device if self._cm else 'cpu'}",
+            "peak_rss_mib": None if (peak := _peak_rss_mib()) is None else round(peak),
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
+                       f"{self._cm.device if self._cm else 'model not loaded (every artifact reused)'}",
             "versions": {"torch": torch.__version__},
         }
         self.art.write_json("summary.json", summary)
@@ -436,7 +484,7 @@ def _time_line(summary: dict) -> str:
     made = (summary.get("compute_s") or {}).get("total_s")
     if summary.get("reused_artifacts") and made is not None:
         line += f" (artifacts from earlier runs reused; making all of them took {made:.0f} s)"
-    return line + f", peak RSS {summary['peak_rss_mib']} MiB"
+    return line + (f", peak RSS {summary['peak_rss_mib']} MiB" if summary.get("peak_rss_mib") is not None else "")
 
 
 def format_summary(summary: dict) -> str:

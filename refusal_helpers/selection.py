@@ -134,12 +134,16 @@ def choose(table: ScoreTable, config: SelectionConfig | None = None) -> Selectio
         if passing[p, l]:
             return Selection(p, table.positions[p], l, float(table.bypass[p, l]), float(table.induce[p, l]),
                              float(table.kl[p, l]), asdict(config))
+    allowed = layer_mask(*table.shape, config.max_layer_fraction)
+    lowest_kl = _nanmin(table.kl[allowed])
+    kl_note = (f"lowest KL among allowed layers: {lowest_kl:.3f}" if lowest_kl == lowest_kl else
+               "KL was not computed: lazy scoring computes it only for candidates that pass the induce filter")
     raise ValueError(
         "No candidate direction passes the filters "
         f"(layers < {config.max_layer_fraction:.0%} of depth, KL <= {config.kl_threshold}, induce >= "
-        f"{config.induce_threshold}). Lowest KL among allowed layers: "
-        f"{_nanmin(table.kl[layer_mask(*table.shape, config.max_layer_fraction)]):.3f}; highest induce: "
-        f"{_nanmax(table.induce):.3f}. Relax the thresholds (small models often need a larger KL threshold)."
+        f"{config.induce_threshold}). Highest induce among allowed layers: {_nanmax(table.induce[allowed]):.3f}; "
+        f"{kl_note}. Relax the thresholds (--induce-threshold, --kl-threshold; small models often need a larger "
+        "KL threshold), and see every score with --selection-mode exhaustive."
     )
 
 

@@ -325,3 +325,66 @@ def test_asking_for_more_instructions_than_a_split_has_warns():
     available = len(load_instructions("harmful", "val"))
     with pytest.warns(UserWarning, match=f"has {available}: using {available}"):
         assert len(run_instructions("bundled", "harmful", "val", available + 5)) == available
+
+
+def test_default_output_folders_never_name_the_shipped_run(tmp_path, monkeypatch):
+    from refusal_helpers.pipeline import default_out
+
+    assert default_out("embedded") == "runs/demo"
+    assert default_out("Qwen/Qwen2.5-1.5B-Instruct") == "runs/Qwen2.5-1.5B-Instruct"
+    (tmp_path / "tiny").mkdir()
+    monkeypatch.chdir(tmp_path / "tiny")
+    assert default_out(".") == default_out("../tiny/") == "runs/tiny"
+    assert default_out("model.Q4.gguf") == "runs/model.Q4"
+
+
+def test_one_local_model_under_several_spellings_is_one_model(tiny_folder, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    assert run_cli(tiny_folder, out) == 0
+    monkeypatch.chdir(tiny_folder.parent)
+    assert run_cli(f"{tiny_folder.name}/", out) == 0  # relative, with a trailing slash
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["reused_artifacts"]) == {"candidates.safetensors", "selection.json", "direction.safetensors",
+                                                "loss.json", *(f"completions/{c}.json" for c in CONDITIONS)}
+    assert "model not loaded" in summary["machine"]
+
+
+def test_changed_instructions_are_never_paired_with_old_results(tiny_folder, tmp_path, monkeypatch):
+    import refusal_helpers.pipeline as pipeline
+
+    out = tmp_path / "run"
+    assert run_cli(tiny_folder, out) == 0
+    original = pipeline.load_instructions
+
+    def edited(kind, split, *args):  # the bundled harmless test file, edited after the run
+        items = original(kind, split, *args)
+        return items[:1] + ["An instruction added later."] + items[2:] if (kind, split) == ("harmless", "test") else items
+
+    monkeypatch.setattr(pipeline, "load_instructions", edited)
+    assert run_cli(tiny_folder, out) == 0
+    reused = set(json.loads((out / "summary.json").read_text())["reused_artifacts"])
+    assert {"candidates.safetensors", "selection.json", "completions/harmful_baseline.json",
+            "completions/harmful_ablation.json", "completions/harmful_actadd.json"} <= reused
+    assert not reused & {"completions/harmless_baseline.json", "completions/harmless_actadd.json", "loss.json"}
+    items = json.loads((out / "completions/harmless_baseline.json").read_text())["items"]
+    assert items[1]["instruction"] == "An instruction added later."
+
+
+def test_asking_for_more_prompts_than_a_split_has_reuses_the_whole_split(tiny_folder, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(tiny_folder, out, "--n-val", "all") == 0
+    with pytest.warns(UserWarning, match="val instructions but 'bundled' has"):
+        assert run_cli(tiny_folder, out, "--n-val", "5000") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert "selection.json" in summary["reused_artifacts"]
+    assert summary["sizes"]["harmful_val"] == 60 and summary["sizes"]["harmless_test"] == 3
+
+
+def test_data_sources_are_checked_before_anything_loads(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--harmless", "advbench"])  # a harmful set as the harmless one
+    assert "invalid choice: 'advbench'" in capsys.readouterr().err
+    from refusal_helpers.pipeline import Pipeline, PipelineConfig
+
+    with pytest.raises(ValueError, match="Unknown harmful source 'advbnech'"):
+        Pipeline(PipelineConfig(harmful_source="advbnech", device="cpu"))

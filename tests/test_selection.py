@@ -38,8 +38,17 @@ def test_choose_thresholds_are_parameters():
     assert choose(table, SelectionConfig(kl_threshold=1.0)).layer == 1  # (0,1) now passes with -3
     assert choose(table, SelectionConfig(induce_threshold=-1.0)).position_index == 1  # (1,0) = -4
     assert choose(table, SelectionConfig(max_layer_fraction=1.0)).bypass == -9.0
-    with pytest.raises(ValueError, match="No candidate"):
+    with pytest.raises(ValueError, match="No candidate") as info:
         choose(table, SelectionConfig(induce_threshold=5.0))
+    assert "Highest induce among allowed layers: 2.000; lowest KL among allowed layers: 0.000" in str(info.value)
+
+
+def test_no_passing_candidate_in_a_lazy_table_says_why_kl_is_missing():
+    table = crafted_table()
+    table.kl[:] = NAN  # lazy scoring computes KL only where the induce filter passed
+    with pytest.raises(ValueError, match="KL was not computed") as info:
+        choose(table, SelectionConfig(induce_threshold=5.0))
+    assert "--induce-threshold" in str(info.value) and "--selection-mode exhaustive" in str(info.value)
 
 
 def test_score_table_round_trips_through_dict():

@@ -79,6 +79,16 @@ def test_mps_is_refused_with_the_reason():
         resolve_device_dtype("mps", None)
 
 
+def test_unknown_or_unavailable_devices_are_refused_before_loading(monkeypatch):
+    import torch
+
+    with pytest.raises(ValueError, match="Unknown device 'gpu'"):
+        resolve_device_dtype("gpu", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="sees no CUDA GPU"):
+        resolve_device_dtype("cuda:1", None)
+
+
 def test_a_one_row_direction_is_taken_as_a_vector(cm):
     r = torch.randn(cm.d_model)
     inputs = cm.tokenize(["Hello there.", "x"])
