@@ -98,8 +98,10 @@ def check_post_instruction_positions(fn: Callable) -> None:
             raise CheckFailed(f"Off by one: you missed the first template token after the instruction ({template} template).")
         if got == [-1]:
             raise CheckFailed("Only the last position: the paper uses every post-instruction template token.")
-        raise CheckFailed(f"For the {template} template expected {expected}, got {got}. Hint: compare the token ids "
-                          "of prompts with different instructions from the end.")
+        raise CheckFailed(f"For the {template} template expected {expected}, got {got}. The check runs your function "
+                          "on small test tokenizers of several templates, so compute the positions from the tokenizer "
+                          "you are given rather than hard-coding your model's. Hint: compare the token ids of prompts "
+                          "with different instructions from the end.")
     _ok("check_post_instruction_positions", "ChatML, Gemma and Llama-3 templates")
 
 
@@ -115,6 +117,10 @@ def check_mean_activations(fn: Callable) -> None:
         raise CheckFailed("Hooks left attached to the model after your function returned: remove them "
                           "(use a `with` block or a try/finally).")
     got = _as_tensor(got, "mean activations")
+    if got.requires_grad:
+        raise CheckFailed("Your means carry gradients (requires_grad=True): run the forward passes under "
+                          "`torch.inference_mode()` (or `torch.no_grad()`). Nothing here needs gradients, and "
+                          "keeping them costs memory and breaks `.numpy()` in the plots later.")
     expected = ref_mean_activations(cm, PROMPTS, positions, layers, batch_size=3)
     if got.dtype != torch.float64:
         raise CheckFailed(f"Accumulate (and return) the means in float64, got {got.dtype}: float32 sums drift over "
@@ -208,7 +214,7 @@ def check_ablation_hooks(fn: Callable) -> None:
     from .interventions import ablate
 
     cm = _tiny()
-    r = torch.randn(cm.d_model)
+    r = torch.randn(cm.d_model, dtype=torch.float64)  # not the model's dtype, as on a bfloat16 GPU model
     hook_fns = fn(cm, r)
     if not isinstance(hook_fns, dict):
         raise CheckFailed(f"Return a dict {{hook_name: hook_fn}}, got {type(hook_fns).__name__}.")
@@ -222,8 +228,18 @@ def check_ablation_hooks(fn: Callable) -> None:
     inputs = cm.tokenize(PROMPTS)
     with ablate(cm, r):
         expected = cm.forward(inputs)
-    with hooks(cm, hook_fns):
-        got = cm.forward(inputs)
+    cast = "Cast the direction to the activation's dtype and device inside the hook: `direction.to(x)`."
+    probe = torch.randn(2, 3, cm.d_model)
+    try:
+        out = hook_fns[hook_names(cm)[0]](probe.clone())
+        if isinstance(out, Tensor) and out.dtype != probe.dtype:
+            raise CheckFailed(f"Your hook turned a {probe.dtype} activation into {out.dtype}. {cast}")
+        with hooks(cm, hook_fns):
+            got = cm.forward(inputs)
+    except RuntimeError as err:
+        if "dtype" not in str(err) and "Double" not in str(err):
+            raise
+        raise CheckFailed(f"Your hooks fail when the direction's dtype differs from the model's ({err}). {cast}") from None
     compare("logits under your ablation hooks", got, expected, atol=1e-4)
     _ok("check_ablation_hooks", f"{len(expected_names)} hooks, logits equal the reference ablation")
 
@@ -231,13 +247,17 @@ def check_ablation_hooks(fn: Callable) -> None:
 def check_addition_hook(fn: Callable) -> None:
     """fn(vector, coeff) -> hook function adding coeff * vector to an activation."""
     torch.manual_seed(0)
-    x, v = torch.randn(2, 3, 16), 2.5 * torch.randn(16)
+    x, v = torch.randn(2, 3, 16), 2.5 * torch.randn(16, dtype=torch.float64)  # dtypes differ, as on a GPU model
     for coeff in (1.0, -1.0, 0.5):
         hook = fn(v, coeff)
         if not callable(hook):
             raise CheckFailed("Return a function (the hook) that takes an activation and returns it modified.")
         expected = addition_hook(v, coeff)(x)
-        compare(f"addition hook (coeff {coeff})", hook(x.clone()), expected, {
+        got = hook(x.clone())
+        if isinstance(got, Tensor) and got.dtype != x.dtype:
+            raise CheckFailed(f"Your hook turned a {x.dtype} activation into {got.dtype}: cast the vector to the "
+                              "activation's dtype and device, `vector.to(x)`, or the next layer fails on a GPU model.")
+        compare(f"addition hook (coeff {coeff})", got, expected, {
             "don't normalise the vector: activation addition adds the difference of means as it is.":
                 x + coeff * v / v.norm(),
             "the coefficient is ignored.": x + v,
@@ -271,8 +291,12 @@ def check_kl_divergence(fn: Callable) -> None:
     torch.manual_seed(0)
     base, new = torch.randn(4, 30), torch.randn(4, 30)
     expected = ref_metrics.kl_divergence(base, new)
-    got = fn(base, new)
+    got = _as_tensor(fn(base, new), "KL divergence")
     pb, pn = base.double().log_softmax(-1), new.double().log_softmax(-1)
+    if got.shape == expected.shape and got.isnan().any():
+        raise CheckFailed("KL divergence: NaN values. With `F.kl_div(input, target)` and log-probabilities as the "
+                          "target, pass `log_target=True` (it takes the log of `target` otherwise, and log of a "
+                          "negative number is NaN).")
     compare("KL divergence", got, expected, {
         "reversed: compute KL(P_base || P_new), the baseline distribution first.": ref_metrics.kl_divergence(new, base),
         "use log-probabilities (log_softmax), not raw logits.": (base.double().softmax(-1) * (base - new)).sum(-1),
@@ -294,6 +318,8 @@ def check_refusal_rate(fn: Callable) -> None:
         return
     if got > 1 and float(got).is_integer():
         raise CheckFailed("Return the fraction of refusals, not their count.")
+    if abs(got - 100 * expected) < 1e-6:
+        raise CheckFailed(f"Return a fraction between 0 and 1, not a percentage ({got:.1f}).")
     # Each probe is a single refusal that one kind of mistake misses.
     probes = {
         "match case-insensitively (\"i cannot help\" is a refusal)": "i cannot help",
@@ -302,6 +328,10 @@ def check_refusal_rate(fn: Callable) -> None:
             "I\u2019m unable to assist with that.",
     }
     plain_refusal = "I'm sorry, but I can't help with that."
+    lowered = [s.lower() for s in ref_metrics.REFUSAL_SUBSTRINGS]
+    if fn([plain_refusal], ref_metrics.REFUSAL_SUBSTRINGS) != 1 and fn([plain_refusal], lowered) == 1:
+        raise CheckFailed(f"Expected {expected:.3f}, got {got:.3f}. Lower-case the substrings as well as the "
+                          "completion: the list has capitals (\"I'm sorry\"), which a lower-cased completion never contains.")
     if fn([plain_refusal], ref_metrics.REFUSAL_SUBSTRINGS) != 1:
         raise CheckFailed(f"Expected {expected:.3f}, got {got:.3f}. Even {plain_refusal!r} alone is not counted as "
                           "one refusal (rate 1.0): a completion is a refusal if it contains ANY of the substrings.")
@@ -334,14 +364,21 @@ def check_choose_direction(fn: Callable) -> None:
         try:
             none_pass = fn(table, SelectionConfig(induce_threshold=1e9))
         except ValueError:
-            none_pass = None
-        if none_pass is not None:
-            raise CheckFailed(f"With no candidate passing the filters (induce_threshold=1e9) you returned {tuple(none_pass)}: "
-                              "raise a ValueError instead of returning a candidate that fails them.")
+            pass
+        except (IndexError, RuntimeError) as err:
+            raise CheckFailed(f"With no candidate passing the filters (induce_threshold=1e9) your function raised "
+                              f"{type(err).__name__}: {err}. Check whether any candidate passes first, and raise a "
+                              "ValueError if none does.") from None
+        else:
+            raise CheckFailed(f"With no candidate passing the filters (induce_threshold=1e9) you returned {none_pass!r}: "
+                              "raise a ValueError instead, so that a failed selection cannot go unnoticed.")
         _ok("check_choose_direction", f"chose position index {got[0]}, layer {got[1]}")
         return
     wrong = {
-        (0, 4): "candidates in the last 20% of layers must be discarded (max_layer_fraction).",
+        (0, 4): "(0, 4) is in the last 20% of layers, which max_layer_fraction excludes. If your mask does exclude "
+                "it, check how you turn the argmin back into (position_index, layer): an argmin over the masked "
+                "values `bypass[mask]` counts passing candidates, not cells of the table. Keep the table's shape "
+                "(e.g. `torch.where(mask, bypass, inf)`) before taking the argmin.",
         (0, 1): "discard candidates whose KL divergence is above the threshold.",
         (1, 0): "discard candidates whose induce (addition) score is below the threshold.",
         (1, 3): "skip candidates whose bypass score is NaN (not computed): NaN compares as neither larger nor smaller.",
@@ -415,7 +452,11 @@ def check_nnsight_resid_pre(fn: Callable) -> None:
     inputs = cm.tokenize(PROMPTS)
     for layer in (0, 2):
         expected = residual_activations(cm, inputs, [-1], [layer])[:, 0, 0]
-        got = fn(nn_model, cm, PROMPTS, layer)
+        try:
+            got = fn(nn_model, cm, PROMPTS, layer)
+        except (UnboundLocalError, NameError) as err:
+            raise CheckFailed(f"{type(err).__name__}: {err}. A value read inside `nn_model.trace(...)` exists after the "
+                              "`with` block only if you call `.save()` on it inside the block.") from None
         got = _as_tensor(getattr(got, "value", got), "your nnsight function")
         mistakes = {}
         if layer + 1 < cm.n_layers:

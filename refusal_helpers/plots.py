@@ -70,7 +70,7 @@ def plot_direction_norms(
 
 def plot_cosine_similarity(candidates_at_position: Float[Tensor, "layer d_model"], title: str = "") -> go.Figure:
     """Heatmap of cosine similarity between the candidate directions of different layers."""
-    sim = cosine_similarity_matrix(candidates_at_position).numpy()
+    sim = cosine_similarity_matrix(candidates_at_position.detach().cpu()).numpy()  # any device, grad or not
     fig = go.Figure(go.Heatmap(z=sim, zmin=-1, zmax=1, colorscale="RdBu", reversescale=True))
     fig.update_layout(title=title or "Cosine similarity of candidate directions across layers",
                       xaxis_title="layer", yaxis_title="layer", width=600, height=550)

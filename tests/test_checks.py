@@ -9,7 +9,7 @@ from refusal_helpers.directions import diff_of_means, normalize, orthogonalize_m
 from refusal_helpers.interventions import ablation_hook, addition_hook, hook_names
 from refusal_helpers.metrics import kl_divergence, refusal_rate, refusal_score
 from refusal_helpers.models import find_post_instruction_ids
-from refusal_helpers.selection import choose
+from refusal_helpers.selection import choose, passing_mask
 
 
 def fails(check, fn, *fragments):
@@ -34,7 +34,7 @@ def test_positions(capsys):
     fails(checks.check_post_instruction_positions, lambda t: [-1], "only the last")
     # Hard-coding the ChatML answer passes ChatML and fails on another template, naming it.
     chatml = ref_positions(__import__("refusal_helpers.testing", fromlist=["x"]).tiny_tokenizer("chatml"))
-    fails(checks.check_post_instruction_positions, lambda t: chatml, "gemma template")
+    fails(checks.check_post_instruction_positions, lambda t: chatml, "gemma template", "rather than hard-coding")
     fails(checks.check_post_instruction_positions, lambda t: len(ref_positions(t)), "list of ints")
 
 
@@ -67,11 +67,11 @@ def test_mean_activations():
     fails(checks.check_mean_activations, wrong_positions, "wrong positions")
 
 
-def hidden_state_means(cm, instructions, positions, layers, batch_size, shift=0):
+def hidden_state_means(cm, instructions, positions, layers, batch_size, shift=0, grad=False):
     """A learner's answer without hooks: transformers' `hidden_states[l + shift]` at the positions."""
     total = 0
     for i in range(0, len(instructions), batch_size):
-        with torch.no_grad():
+        with torch.enable_grad() if grad else torch.no_grad():
             out = cm.model(**cm.tokenize(instructions[i:i + batch_size]), output_hidden_states=True)
         stacked = torch.stack([out.hidden_states[l + shift] for l in layers], dim=1)  # (batch, layer, seq, d)
         total = total + stacked[:, :, positions].double().sum(0).transpose(0, 1)
@@ -82,6 +82,7 @@ def test_mean_activations_from_hidden_states():
     # transformers keeps its own output-capturing hooks after output_hidden_states: they are not the learner's.
     checks.check_mean_activations(hidden_state_means)
     fails(checks.check_mean_activations, lambda *a: hidden_state_means(*a, shift=1), "hidden_states[l + 1]")
+    fails(checks.check_mean_activations, lambda *a: hidden_state_means(*a, grad=True), "torch.inference_mode()")
 
     def block_outputs(cm, instructions, positions, layers, batch_size):
         grabbed = []
@@ -123,15 +124,25 @@ def test_ablation_hooks():
     fails(checks.check_ablation_hooks, lambda cm, r: {n: ablation_hook(r) for n in hook_names(cm, ("hook_resid_pre",))},
           "missing hooks", "hook_attn_out")
     fails(checks.check_ablation_hooks, lambda cm, r: {n: ablation_hook(r) for n in hook_names(cm, layers=[0])}, "missing hooks")
-    fails(checks.check_ablation_hooks, lambda cm, r: {n: (lambda x: x - (x @ r)[..., None] * r) for n in hook_names(cm)},
-          "values differ")
+    fails(checks.check_ablation_hooks, lambda cm, r: {n: (lambda x: x - (x @ r.to(x))[..., None] * r.to(x))
+                                                     for n in hook_names(cm)}, "values differ")
+    # No cast to the activation's dtype: fails (here float32 vs float64; on a GPU, bfloat16 vs float32) or promotes.
+    def uncast(x, r):
+        r_hat = r / r.norm()
+        return x - (x @ r_hat)[..., None] * r_hat
+
+    fails(checks.check_ablation_hooks, lambda cm, r: {n: (lambda x: uncast(x, r)) for n in hook_names(cm)},
+          "direction.to(x)")
+    fails(checks.check_ablation_hooks, lambda cm, r: {n: (lambda x: uncast(x.double(), r)) for n in hook_names(cm)},
+          "into torch.float64", "direction.to(x)")
 
 
 def test_addition_hook():
     checks.check_addition_hook(addition_hook)
-    fails(checks.check_addition_hook, lambda v, c: (lambda x: x + c * v / v.norm()), "don't normalise")
-    fails(checks.check_addition_hook, lambda v, c: (lambda x: x + v), "coefficient is ignored")
-    fails(checks.check_addition_hook, lambda v, c: (lambda x: x - c * v), "wrong sign")
+    fails(checks.check_addition_hook, lambda v, c: (lambda x: x + c * (v / v.norm()).to(x)), "don't normalise")
+    fails(checks.check_addition_hook, lambda v, c: (lambda x: x + v.to(x)), "coefficient is ignored")
+    fails(checks.check_addition_hook, lambda v, c: (lambda x: x - c * v.to(x)), "wrong sign")
+    fails(checks.check_addition_hook, lambda v, c: (lambda x: x + c * v), "vector.to(x)")
 
 
 # ----- metrics -----------------------------------------------------------------------------------------
@@ -158,6 +169,8 @@ def test_kl_divergence():
         return (pb.exp() * (pb - pn)).mean(-1)
 
     fails(checks.check_kl_divergence, mean_not_sum, "sum over the vocabulary")
+    fails(checks.check_kl_divergence, lambda b, n: torch.nn.functional.kl_div(
+        n.log_softmax(-1), b.log_softmax(-1), reduction="none").sum(-1), "log_target=True")
 
 
 def test_refusal_rate():
@@ -167,6 +180,10 @@ def test_refusal_rate():
           "case-insensitively", "anywhere", "curly")
     fails(checks.check_refusal_rate, lambda cs, subs: sum(any(s in c for s in subs) for c in cs) / len(cs),
           "case-insensitively", "curly")
+    fails(checks.check_refusal_rate, lambda cs, subs: 100 * refusal_rate(cs, subs), "not a percentage")
+    # the completion lower-cased, the substrings not: "I'm sorry" never matches
+    fails(checks.check_refusal_rate, lambda cs, subs: sum(any(s in c.lower().replace("\u2019", "'") for s in subs)
+                                                          for c in cs) / len(cs), "lower-case the substrings")
     # `all` for `any`: no probe hint fits, the message says what a refusal is
     fails(checks.check_refusal_rate, lambda cs, subs: sum(all(s.lower() in c.lower() for s in subs) for c in cs) / len(cs),
           "any of the substrings")
@@ -209,6 +226,23 @@ def test_choose_direction():
     checks.check_choose_direction(masked_argmin)
     fails(checks.check_choose_direction, lambda t, c: masked_argmin(t, c, skip_nan=False), "nan")
     fails(checks.check_choose_direction, lambda t, c: masked_argmin(t, c, raise_when_none=False), "valueerror")
+    fails(checks.check_choose_direction, lambda t, c: masked_argmin(t, c) if passing_mask(t, c).any() else None,
+          "you returned none", "raise a valueerror")
+
+    def argmin_of_masked_values(t, c, check_empty=True):  # indexes the passing candidates, not the table
+        ok = passing_mask(t, c)
+        if check_empty and not ok.any():
+            raise ValueError("no candidate passes")
+        flat = int(t.bypass[ok].argmin())
+        return flat // t.bypass.shape[1], flat % t.bypass.shape[1]
+
+    fails(checks.check_choose_direction, argmin_of_masked_values, "argmin over the masked values")
+
+    def no_empty_check(t, c):  # right on the table, but an empty mask makes argmin raise
+        ok = passing_mask(t, c)
+        return tuple(int(i) for i in ok.nonzero()[int(t.bypass[ok].argmin())])
+
+    fails(checks.check_choose_direction, no_empty_check, "check whether any candidate passes first")
 
     def argmin_over(t, mask):
         best = min(((p, l) for p in range(2) for l in range(5) if mask(t, p, l) and not math.isnan(t.bypass[p, l])),
@@ -280,7 +314,13 @@ def test_nnsight_resid_pre():
             saved = nnsight.save(nn_model.model.layers[layer].input)
         return saved
 
+    def unsaved(nn_model, cm, instructions, layer):  # forgot .save(): the value is gone after the trace
+        with torch.no_grad(), nn_model.trace(cm.tokenize(instructions)):
+            resid = nn_model.model.layers[layer].input[:, -1, :]
+        return resid
+
     checks.check_nnsight_resid_pre(ref)
+    fails(checks.check_nnsight_resid_pre, unsaved, ".save()")
     fails(checks.check_nnsight_resid_pre, output_not_input, "read `.input`")
     fails(checks.check_nnsight_resid_pre, first_position, "last position")
     fails(checks.check_nnsight_resid_pre, whole_sequence, "wrong shape")
