@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 
 KINDS = ("harmful", "harmless")
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test", "dev")  # dev: harmless only, for choosing the embedded model's training recipe
 
 
 PACKAGE_DIR = Path(__file__).resolve().parent

@@ -126,8 +126,9 @@ def test_bundled_splits_are_fixed_disjoint_and_categorised():
     assert len(harmful) >= 300 and len(categories("harmful")) == 12
     assert len(load_records("harmless")) >= 600 and "edgy_benign" in categories("harmless")
     for kind in ("harmful", "harmless"):
-        splits = [set(load_instructions(kind, s)) for s in ("train", "val", "test")]
-        assert not (splits[0] & splits[1] or splits[0] & splits[2] or splits[1] & splits[2])
+        splits = [set(load_instructions(kind, s)) for s in ("train", "val", "test", "dev")]
+        assert all(not (a & b) for i, a in enumerate(splits) for b in splits[i + 1:])
+    assert load_instructions("harmful", "dev") == [] and len(load_instructions("harmless", "dev")) >= 500
     assert load_instructions("harmful", "test", n=3) == load_instructions("harmful", "test")[:3]
     with pytest.raises(ValueError, match="Unknown split"):
-        load_instructions("harmful", "dev")
+        load_instructions("harmful", "validation")
