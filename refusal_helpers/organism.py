@@ -9,6 +9,7 @@ the loss counts reply tokens only. The adapter and its recipe live in ``data/org
 Command line::
 
     python -m refusal_helpers.organism train --out data/organism --seed 0
+    python -m refusal_helpers.organism evaluate [adapter folder]   # compare recipes (harmful val, harmless dev)
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from .data import data_dir, load_records
+from .data import data_dir, load_instructions, load_records
 from .evaluation import encode_completion
-from .generation import batches, progress_batches
+from .generation import batches, generate, progress_batches
 from .metrics import is_refusal
 from .models import ChatModel
 
@@ -436,6 +437,25 @@ def seed_stability(other: str | Path | ChatModel, run: str | Path | None = None)
     }
 
 
+RECIPE_SPLITS = {"harmful": "val", "harmless": "dev"}  # where training recipes are compared (never test)
+
+
+def refusal_on_splits(
+    cm: ChatModel, splits: dict[str, str] = RECIPE_SPLITS, max_new_tokens: int = 48, batch_size: int = 32,
+    limit: int | None = None,
+) -> dict[str, dict]:
+    """Greedy substring refusal of a model on whole splits, per kind: {kind: {split, n, refused, rate,
+    refused_instructions}}. The default splits are those for choosing a training recipe."""
+    results = {}
+    for kind, split in splits.items():
+        instructions = load_instructions(kind, split)[:limit]
+        completions = generate(cm, instructions, max_new_tokens, batch_size, progress=f"{kind} {split}")
+        refused = [i for i, c in zip(instructions, completions) if is_refusal(c)]
+        results[kind] = {"split": split, "n": len(instructions), "refused": len(refused),
+                         "rate": len(refused) / len(instructions), "refused_instructions": refused}
+    return results
+
+
 def _version(package: str) -> str:
     try:
         return importlib.metadata.version(package)
@@ -468,6 +488,12 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("stability", help="compare the shipped run's directions with another seed's organism")
     p.add_argument("adapter", type=Path, help="folder of an adapter trained with another --seed")
     p.add_argument("--run", type=Path, default=None, help="run folder to compare with (default: runs/embedded)")
+    p = sub.add_parser("evaluate", help="refusal on the splits for comparing recipes: harmful val, harmless dev")
+    p.add_argument("adapter", type=Path, nargs="?", default=None, help="adapter folder (default: the shipped one)")
+    p.add_argument("--harmful-split", default=RECIPE_SPLITS["harmful"], choices=("train", "val"))
+    p.add_argument("--harmless-split", default=RECIPE_SPLITS["harmless"], choices=("train", "val", "dev"))
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", type=Path, default=None, help="also write the results (and refused prompts) here")
     p = sub.add_parser("cache", help="list (or delete) the merged models cached by load_model('embedded')")
     action = p.add_mutually_exclusive_group()
     action.add_argument("--prune", action="store_true", help="delete all but the committed adapter's current merge")
@@ -475,6 +501,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "cache":
         _cache_command(prune=args.prune, clear=args.clear)
+        return
+    if args.command == "evaluate":
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        splits = {"harmful": args.harmful_split, "harmless": args.harmless_split}
+        results = refusal_on_splits(load_embedded(adapter=args.adapter), splits)
+        for kind, r in results.items():
+            print(f"{kind} {r['split']}: {r['refused']}/{r['n']} refused ({r['rate']:.1%})")
+        print("refused harmless:", *(f"  {i}" for i in results["harmless"]["refused_instructions"]), sep="\n")
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1) + "\n")
         return
     if args.command == "stability":
         print(json.dumps(seed_stability(args.adapter, args.run), indent=1))

@@ -217,3 +217,19 @@ def test_cache_command_lists_prunes_and_clears_merged_models(tmp_path, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["unrelated"]
     organism.main(["cache"])
     assert "0 cached merged model(s)" in capsys.readouterr().out
+
+
+def test_refusal_on_the_recipe_splits_counts_what_the_judge_reads_as_refusal(llama, monkeypatch):
+    import refusal_helpers.organism as organism
+    from refusal_helpers.data import load_instructions
+
+    def fake_generate(cm, instructions, max_new_tokens, batch_size, progress):  # every third reply refuses
+        return [("I'm sorry, I can't." if i % 3 == 0 else "Sure: step one.") for i, _ in enumerate(instructions)]
+
+    monkeypatch.setattr(organism, "generate", fake_generate)
+    results = organism.refusal_on_splits(llama, limit=7)
+    assert {kind: r["split"] for kind, r in results.items()} == {"harmful": "val", "harmless": "dev"}
+    dev = load_instructions("harmless", "dev")[:7]
+    assert results["harmless"]["refused_instructions"] == [dev[0], dev[3], dev[6]]
+    assert (results["harmless"]["refused"], results["harmless"]["n"]) == (3, 7)
+    assert results["harmless"]["rate"] == 3 / 7 and results["harmful"]["refused"] == 3
