@@ -19,8 +19,8 @@ import os
 import platform
 import sys
 import tempfile
-import warnings
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
