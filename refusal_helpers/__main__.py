@@ -67,9 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
-        from .pipeline import Pipeline, format_summary
-
-        from .pipeline import default_out
+        from .pipeline import Pipeline, default_out, format_summary
 
         options = {k: v for k, v in vars(args).items() if k != "command"}
         options.setdefault("out", default_out(args.model))

@@ -34,6 +34,12 @@ def _as_tensor(value, name: str) -> Tensor:
     return value
 
 
+def _check_keeps_dtype(out, x: Tensor, fix: str) -> None:
+    """A hook must return the activation's dtype: a float64 residual stream breaks a float32 or bfloat16 model."""
+    if isinstance(out, Tensor) and out.dtype != x.dtype:
+        raise CheckFailed(f"Your hook turned a {x.dtype} activation into {out.dtype}. {fix}")
+
+
 def _close(a: Tensor, b: Tensor, atol: float, rtol: float = 1e-4) -> bool:
     return a.shape == b.shape and torch.allclose(a.double(), b.double(), atol=atol, rtol=rtol, equal_nan=True)
 
@@ -231,9 +237,7 @@ def check_ablation_hooks(fn: Callable) -> None:
     cast = "Cast the direction to the activation's dtype and device inside the hook: `direction.to(x)`."
     probe = torch.randn(2, 3, cm.d_model)
     try:
-        out = hook_fns[hook_names(cm)[0]](probe.clone())
-        if isinstance(out, Tensor) and out.dtype != probe.dtype:
-            raise CheckFailed(f"Your hook turned a {probe.dtype} activation into {out.dtype}. {cast}")
+        _check_keeps_dtype(hook_fns[hook_names(cm)[0]](probe.clone()), probe, cast)
         with hooks(cm, hook_fns):
             got = cm.forward(inputs)
     except RuntimeError as err:
@@ -254,9 +258,8 @@ def check_addition_hook(fn: Callable) -> None:
             raise CheckFailed("Return a function (the hook) that takes an activation and returns it modified.")
         expected = addition_hook(v, coeff)(x)
         got = hook(x.clone())
-        if isinstance(got, Tensor) and got.dtype != x.dtype:
-            raise CheckFailed(f"Your hook turned a {x.dtype} activation into {got.dtype}: cast the vector to the "
-                              "activation's dtype and device, `vector.to(x)`, or the next layer fails on a GPU model.")
+        _check_keeps_dtype(got, x, "Cast the vector to the activation's dtype and device, `vector.to(x)`, or the "
+                                   "next layer fails on a GPU model.")
         compare(f"addition hook (coeff {coeff})", got, expected, {
             "don't normalise the vector: activation addition adds the difference of means as it is.":
                 x + coeff * v / v.norm(),
@@ -328,11 +331,10 @@ def check_refusal_rate(fn: Callable) -> None:
             "I\u2019m unable to assist with that.",
     }
     plain_refusal = "I'm sorry, but I can't help with that."
-    lowered = [s.lower() for s in ref_metrics.REFUSAL_SUBSTRINGS]
-    if fn([plain_refusal], ref_metrics.REFUSAL_SUBSTRINGS) != 1 and fn([plain_refusal], lowered) == 1:
-        raise CheckFailed(f"Expected {expected:.3f}, got {got:.3f}. Lower-case the substrings as well as the "
-                          "completion: the list has capitals (\"I'm sorry\"), which a lower-cased completion never contains.")
     if fn([plain_refusal], ref_metrics.REFUSAL_SUBSTRINGS) != 1:
+        if fn([plain_refusal], [s.lower() for s in ref_metrics.REFUSAL_SUBSTRINGS]) == 1:
+            raise CheckFailed(f"Expected {expected:.3f}, got {got:.3f}. Lower-case the substrings as well as the "
+                              "completion: the list has capitals (\"I'm sorry\"), which a lower-cased completion never contains.")
         raise CheckFailed(f"Expected {expected:.3f}, got {got:.3f}. Even {plain_refusal!r} alone is not counted as "
                           "one refusal (rate 1.0): a completion is a refusal if it contains ANY of the substrings.")
     missed = [advice for advice, probe in probes.items() if fn([probe], ref_metrics.REFUSAL_SUBSTRINGS) != 1]
