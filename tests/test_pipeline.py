@@ -224,6 +224,12 @@ def test_loss_step_reports_random_direction_controls(tiny_folder, tmp_path, caps
     with ablate(cm, random_directions(2, cm.d_model)[1]):
         expected = completion_loss(cm, *args) - baseline
     assert abs(controls[1] - expected) < 1e-4
+    direction, _ = load_direction(out)
+    with ablate(cm, direction, spare_first_token=True):
+        spared = completion_loss(cm, *args)
+    assert abs(loss["first_token_spared"]["ablation"] - spared) < 1e-4
+    assert abs(loss["first_token_spared"]["increase"] - (spared - baseline)) < 1e-9
+    assert abs(loss["first_token_spared"]["ablation"] - loss["ablation"]) > 1e-6  # not the plain ablation again
 
     assert run_cli(tiny_folder, out, "--random-controls", "0") == 0  # a new setting redoes the loss step only
     assert "random unit directions" not in capsys.readouterr().out
