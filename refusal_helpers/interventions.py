@@ -16,7 +16,7 @@ Hooks act at every position, during plain forward passes and during generation a
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from jaxtyping import Float, Int
@@ -141,15 +141,21 @@ def ablate(
     orthogonalization) ablates at every position; this variant isolates what the sink contributes.
     """
     fn = ablation_hook(_validated(cm, direction, "ablation direction"))
-    if not spare_first_token:
-        with hooks(cm, {name: fn for name in hook_names(cm, layers=layers)}):
+    with _sparing_first_token(cm, fn) if spare_first_token else nullcontext(fn) as hook_fn:
+        with hooks(cm, {name: hook_fn for name in hook_names(cm, layers=layers)}):
             yield cm
-        return
+
+
+@contextmanager
+def _sparing_first_token(cm: ChatModel, fn: HookFn) -> Iterator[HookFn]:
+    """`fn` wrapped to return each sequence's first real token unchanged; the positions are read from
+    every model call's inputs while the block is open."""
     first: dict[str, Tensor | None] = {"index": None}
 
     def find_first(module, args, kwargs):
         first["index"] = _first_token_index(args, kwargs)
 
+    find_first.is_refusal_hook = True  # counted by active_hook_count, like the block hooks
     def sparing(x: Tensor) -> Tensor:
         out = fn(x)
         if first["index"] is None:  # a step that continues from a KV cache
@@ -161,8 +167,7 @@ def ablate(
 
     handle = cm.model.register_forward_pre_hook(find_first, with_kwargs=True)
     try:
-        with hooks(cm, {name: sparing for name in hook_names(cm, layers=layers)}):
-            yield cm
+        yield sparing
     finally:
         handle.remove()
 

@@ -142,8 +142,11 @@ def test_sparing_the_first_token_leaves_each_prompts_first_real_token_alone(llam
     with hooks(llama, recorders):
         llama.forward(inputs)
     spared, recorders = capture_all(llama)
-    with ablate(llama, 100 * r, spare_first_token=True), hooks(llama, recorders):
-        llama.forward(inputs)
+    with ablate(llama, 100 * r, spare_first_token=True):
+        assert active_hook_count(llama) == 3 * llama.n_layers + 1  # the block hooks and one on the model's inputs
+        with hooks(llama, recorders):
+            llama.forward(inputs)
+    assert active_hook_count(llama) == 0
     real = inputs["attention_mask"].bool().clone()
     real[rows, first] = False  # every real token but the first
     for name in plain:
