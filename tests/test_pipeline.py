@@ -141,6 +141,29 @@ def test_changing_a_threshold_rechooses_without_rescoring(tiny_folder, tmp_path,
     assert record["table"] == table and record["config"]["kl_threshold"] == 1e5
 
 
+def test_a_lazy_run_reuses_an_exhaustive_table_but_not_the_reverse(tiny_folder, tmp_path, monkeypatch):
+    import refusal_helpers.pipeline as pipeline
+
+    out = tmp_path / "run"
+    assert run_cli(tiny_folder, out, "--selection-mode", "exhaustive") == 0
+    record = json.loads((out / "selection.json").read_text())
+    direction = (out / "direction.safetensors").read_bytes()
+    real_scoring = pipeline.score_candidates
+    monkeypatch.setattr(pipeline, "score_candidates", lambda *a, **k: pytest.fail("the full table was rescored"))
+    assert run_cli(tiny_folder, out) == 0  # lazy (the default): the full table has every score it needs
+    assert json.loads((out / "selection.json").read_text()) == record
+    assert (out / "direction.safetensors").read_bytes() == direction
+    assert "selection.json" in json.loads((out / "summary.json").read_text())["reused_artifacts"]
+
+    lazy_out = tmp_path / "lazy"
+    monkeypatch.setattr(pipeline, "score_candidates", real_scoring)
+    assert run_cli(tiny_folder, lazy_out) == 0
+    modes = []
+    monkeypatch.setattr(pipeline, "score_candidates", lambda *a, **k: modes.append(a[5]) or real_scoring(*a, **k))
+    assert run_cli(tiny_folder, lazy_out, "--selection-mode", "exhaustive") == 0  # a lazy table has gaps
+    assert modes == ["exhaustive"]
+
+
 def test_a_new_direction_redoes_interventions_and_loss_but_not_baselines(tiny_folder, tmp_path, monkeypatch):
     import refusal_helpers.pipeline as pipeline
 
