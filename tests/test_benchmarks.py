@@ -23,3 +23,18 @@ def test_benchmark_runs_and_prints_its_figure(script, args, final):
     assert last.startswith(final), last
     if script == "bench_selection.py":
         assert last.endswith("same choice: True"), last
+
+
+def test_end_to_end_benchmark_compares_the_cli_with_loading_alone(tmp_path):
+    from refusal_helpers.testing import tiny_chat_model
+
+    cm = tiny_chat_model("qwen2", n_layers=2)
+    cm.model.save_pretrained(tmp_path / "tiny")
+    cm.tokenizer.save_pretrained(tmp_path / "tiny")
+    cli = ["--model", str(tmp_path / "tiny"), "--n-train", "4", "--n-val", "2", "--n-test", "2", "--max-new-tokens", "2",
+           "--kl-threshold", "1e6", "--induce-threshold=-1e6", "--device", "cpu"]
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_end_to_end.py"), "--skip-notebook", "--", *cli],
+                          capture_output=True, text=True, cwd=BENCH, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("end to end: load alone") and "x load), peak RSS" in last, last
