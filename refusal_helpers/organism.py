@@ -138,17 +138,21 @@ def cache_root() -> Path:
 
 
 def load_embedded(
-    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, adapter: str | Path | None = None
+    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, adapter: str | Path | None = None,
+    cache_merge: bool | None = None,
 ) -> ChatModel:
-    """The embedded refusal model: GGUF base with the committed LoRA adapter merged in.
+    """The embedded refusal model: GGUF base with the committed LoRA adapter (or `adapter`) merged in.
 
     The merged float32 model is cached under ``~/.cache/refusal-direction`` (or
     ``$REFUSAL_DIRECTION_CACHE``) so later loads skip de-quantisation and merging; a new merge mentions
     older ones still on disk (``python -m refusal_helpers.organism cache --prune`` deletes them).
+    `cache_merge` defaults to caching the committed adapter's merge only: another adapter (a recipe
+    being evaluated, another seed) is usually loaded once, and each merge takes about 540 MB.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(adapter) if adapter is not None else adapter_dir()
+    cache_merge = adapter is None if cache_merge is None else cache_merge
     if not (folder / "adapter_model.safetensors").is_file():
         raise FileNotFoundError(
             f"No LoRA adapter in {folder}. Train one with: python -m refusal_helpers.organism train --out {folder}"
@@ -163,8 +167,9 @@ def load_embedded(
         base = load_base(dtype=torch.float32)
         model = PeftModel.from_pretrained(base.model, folder).merge_and_unload()
         tokenizer = base.tokenizer
-        _try_save(model, tokenizer, cached)
-        _mention_other_cached_models(keep=cached)
+        if cache_merge:
+            _try_save(model, tokenizer, cached)
+            _mention_other_cached_models(keep=cached)
         model = model.to(dtype)
     return ChatModel(model=model.to(device), tokenizer=tokenizer, name="embedded")
 

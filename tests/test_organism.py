@@ -232,6 +232,21 @@ def test_merging_from_scratch_equals_the_cached_merged_model(embedded, tmp_path,
         torch.testing.assert_close(fresh.forward(inputs), embedded.forward(inputs))
 
 
+def test_another_adapters_merge_is_cached_only_when_asked(embedded, tmp_path, monkeypatch):
+    import shutil
+
+    from refusal_helpers.organism import adapter_dir, load_embedded
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("REFUSAL_DIRECTION_CACHE", str(cache))
+    other = tmp_path / "seed1"
+    shutil.copytree(adapter_dir(), other)
+    load_embedded(adapter=other)  # a one-off evaluation: merged, not cached
+    assert not list(cache.glob("embedded-*"))
+    load_embedded(adapter=other, cache_merge=True)
+    assert len(list(cache.glob("embedded-*/model.safetensors"))) == 1
+
+
 def test_cache_command_lists_prunes_and_clears_merged_models(tmp_path, monkeypatch, capsys):
     import refusal_helpers.organism as organism
 
