@@ -43,11 +43,13 @@ def run_cli(extra: list[str]) -> tuple[float, float]:
 
 
 def load_only(extra: list[str]) -> tuple[float, float]:
-    """Wall time and peak RSS (MiB) of a process that only loads the model the CLI run would use."""
-    cli = argparse.ArgumentParser(add_help=False)
-    cli.add_argument("--model", default="embedded")
-    model = cli.parse_known_args(extra)[0].model
-    code = f"from refusal_helpers.models import load_model; load_model({model!r})"
+    """Wall time and peak RSS (MiB) of a process that only loads the model the CLI run would use (read with
+    the CLI's own parser: the same model, device and dtype)."""
+    from refusal_helpers.__main__ import build_parser
+
+    cli = vars(build_parser().parse_args(["run", *extra]))
+    where = {k: cli[k] for k in ("device", "dtype") if k in cli}
+    code = f"from refusal_helpers.models import load_model; load_model({cli['model']!r}, **{where!r})"
     return measured_process([sys.executable, "-c", code])
 
 
