@@ -327,9 +327,9 @@ class Pipeline:
         sel_config = self.config.selection_config()
         lazy = self.config.selection_mode == "lazy"
         # The exhaustive table does not depend on the filters: changing a threshold only re-chooses.
-        score_settings = {**self._settings("selection_mode", data=TRAIN + VAL),
-                          **({"selection": asdict(sel_config)} if lazy else {})}
-        full_table = {**self._settings(data=TRAIN + VAL), "selection_mode": "exhaustive"}
+        scored = self._settings("selection_mode", data=TRAIN + VAL)
+        score_settings = {**scored, **({"selection": asdict(sel_config)} if lazy else {})}
+        full_table = {**scored, "selection_mode": "exhaustive"}
         if lazy and self.art.done("selection.json", full_table):
             score_settings = full_table  # an exhaustive table answers every lazy request: no rescoring
         settings = {**score_settings, "selection": asdict(sel_config)}
