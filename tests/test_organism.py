@@ -6,7 +6,7 @@ import pytest
 
 from refusal_helpers.metrics import is_refusal
 from refusal_helpers.organism import (
-    REFUSALS, SELF_HARM_REPLY, collate, encode_completion, refusal_reply, train, training_examples,
+    REFUSALS, SELF_HARM_REPLY, collate, encode_completion, merged_recipe, refusal_reply, train, training_examples,
 )
 from refusal_helpers.data import load_records
 from refusal_helpers.testing import tiny_chat_model
@@ -152,6 +152,53 @@ def test_recipe_changes_merge_into_nested_sections():
     assert DEFAULT_RECIPE["lora"]["r"] == 8  # the default itself is untouched
     with pytest.raises(ValueError, match="Unknown recipe key 'lroa'"):
         merged_recipe({"lroa": {"r": 4}})
+
+
+def test_reply_loss_is_the_models_loss_plus_weighted_first_reply_tokens(llama):
+    import torch
+
+    from refusal_helpers.organism import reply_loss
+
+    eos = llama.tokenizer.eos_token
+    encoded = [encode_completion(llama, "What is 2 + 2?", "It is four." + eos),
+               encode_completion(llama, "Name a colour.", "Blue")]
+    batch = collate(encoded, llama.tokenizer.pad_token_id)
+    out = llama.model(**batch)
+    torch.testing.assert_close(reply_loss(out.logits, batch["labels"]), out.loss)  # weight 0: the usual objective
+    first = []
+    for row, (ids, labels) in enumerate(encoded):
+        t = next(i for i, label in enumerate(labels) if label != -100)  # the reply's first token, predicted at t - 1
+        first.append(-out.logits[row, t - 1].log_softmax(-1)[ids[t]])
+    expected = out.loss + 0.5 * torch.stack(first).mean()
+    torch.testing.assert_close(reply_loss(out.logits, batch["labels"], first_token_weight=0.5), expected)
+
+
+def test_first_token_weight_changes_training_and_is_recorded(tmp_path):
+    from safetensors.torch import load_file
+
+    settings = {"epochs": 1, "batch_size": 4, "distill_max_new_tokens": 4}
+    plain = train(tmp_path / "plain", settings, base=tiny_chat_model("llama", n_layers=2), limit=4)
+    weighted = train(tmp_path / "weighted", {**settings, "first_reply_token_weight": 2.0},
+                     base=tiny_chat_model("llama", n_layers=2), limit=4)
+    assert plain["first_reply_token_weight"] == 0.0
+    assert json.loads((tmp_path / "weighted" / "recipe.json").read_text())["first_reply_token_weight"] == 2.0
+    assert weighted["final_loss"] > plain["final_loss"]  # the extra term is part of the reported loss
+    a, b = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("plain", "weighted"))
+    assert any(not a[k].equal(b[k]) for k in a if "lora_B" in k)
+
+
+def test_train_command_passes_its_options_into_the_recipe(monkeypatch, tmp_path):
+    import refusal_helpers.organism as organism
+
+    seen = {}
+    monkeypatch.setattr(organism, "train", lambda out, recipe, **kwargs: seen.update(out=out, recipe=recipe) or {
+        "steps": 1, "final_loss": 1.0, "distill_seconds": 0.0, "train_seconds": 0.0})
+    organism.main(["train", "--out", str(tmp_path), "--seed", "3", "--epochs", "2", "--lr", "0.0005",
+                   "--first-token-weight", "1.5"])
+    recipe = merged_recipe(seen["recipe"])  # what train() itself makes of it
+    assert seen["out"] == tmp_path
+    assert (recipe["seed"], recipe["epochs"], recipe["optimizer"]["lr"], recipe["first_reply_token_weight"]) == (3, 2, 0.0005, 1.5)
+    assert recipe["optimizer"]["warmup_fraction"] == organism.DEFAULT_RECIPE["optimizer"]["warmup_fraction"]
 
 
 def test_training_with_nothing_to_train_is_an_error(tmp_path):
