@@ -332,7 +332,7 @@ def reply_loss(
     mean cross-entropy of each reply's first token, where the organism refuses or answers.
 
     A reply's first token is one of its 20-60 tokens, so the plain mean gives the refuse-or-answer
-    decision little weight; the second term weighs it as much as a whole reply (at weight 1).
+    decision little weight; at weight 1, a batch's first tokens together weigh as much as all its tokens.
     """
     total, count = completion_cross_entropy(logits, labels)
     loss = total / count
