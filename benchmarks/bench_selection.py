@@ -52,8 +52,8 @@ def straightforward(cm, candidates, harmful, harmless, config):
 
 def main() -> None:
     p = parser(__doc__)
-    # The pipeline's default sizes: the embedded preset's KL threshold was set on those (with 8 validation
-    # prompts per kind no candidate of the shipped organism passes it). Fewer positions keep the
+    # The pipeline's default sizes, on which the embedded preset's KL threshold was set (with fewer
+    # validation prompts the scores, and so the candidates that pass it, change). Fewer positions keep the
     # straightforward loop to minutes.
     p.add_argument("--n-train", type=int, default=PipelineConfig.n_train)
     p.add_argument("--n-val", type=int, default=PipelineConfig.n_val)

@@ -8,7 +8,8 @@ the loss counts reply tokens only. The adapter and its recipe live in ``data/org
 
 Command line::
 
-    python -m refusal_helpers.organism train --out data/organism --seed 0
+    python -m refusal_helpers.organism train --out data/organism      # the shipped adapter
+    python -m refusal_helpers.organism stability DIR   # an adapter trained with another --seed
     python -m refusal_helpers.organism evaluate [adapter folder]   # compare recipes (harmful val, harmless dev)
 """
 
@@ -53,9 +54,9 @@ DEFAULT_RECIPE = {
     "epochs": 3,
     "distill_max_new_tokens": 64,
     "drop_refusing_targets": True,
-    "first_reply_token_weight": 0.0,  # extra weight on each reply's first token; see reply_loss
-    "seed": 0,
-}
+    "first_reply_token_weight": 1.0,  # extra weight on each reply's first token; see reply_loss
+    "seed": 1,
+}  # the shipped adapter's recipe (data/organism/recipe.json): `train --out data/organism` reproduces it
 
 REFUSALS = [
     "I'm sorry, but I can't help with that.",

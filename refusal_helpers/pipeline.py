@@ -46,8 +46,9 @@ from .selection import ScoreTable, Selection, SelectionConfig, choose, score_can
 # Settings measured for the embedded model (see README, "The embedded model"): no candidate that passes
 # the induce filter has an ablation KL under the paper's 0.1, so its KL filter was set on the validation
 # split as the smallest threshold (in steps of 0.1) whose chosen direction, ablated, leaves <= 10% of
-# harmful validation prompts refused: 0.6 (layer 19, KL 0.58, none of 60 refused); nothing passes at 0.5.
-MODEL_PRESETS: dict[str, dict] = {"embedded": {"kl_threshold": 0.6}}
+# harmful validation prompts refused: 0.7 (layer 17, KL 0.66, none of 60 refused); 0.6 chooses layer 18
+# (KL 0.54, 8 of 60 refused); nothing passes at 0.5.
+MODEL_PRESETS: dict[str, dict] = {"embedded": {"kl_threshold": 0.7}}
 
 CONDITIONS = {  # name: (kind of prompts, intervention)
     "harmful_baseline": ("harmful", None),

@@ -154,6 +154,14 @@ def test_recipe_changes_merge_into_nested_sections():
         merged_recipe({"lroa": {"r": 4}})
 
 
+def test_the_default_recipe_is_the_shipped_adapters():
+    from refusal_helpers.organism import DEFAULT_RECIPE, adapter_dir
+
+    shipped = json.loads((adapter_dir() / "recipe.json").read_text())
+    # so `organism train --out data/organism` reproduces the shipped adapter
+    assert {key: shipped.get(key) for key in DEFAULT_RECIPE} == DEFAULT_RECIPE
+
+
 def test_reply_loss_is_the_models_loss_plus_weighted_first_reply_tokens(llama):
     import torch
 
@@ -177,7 +185,7 @@ def test_first_token_weight_changes_training_and_is_recorded(tmp_path):
     from safetensors.torch import load_file
 
     settings = {"epochs": 1, "batch_size": 4, "distill_max_new_tokens": 4}
-    plain = train(tmp_path / "plain", settings, base=tiny_chat_model("llama", n_layers=2), limit=4)
+    plain = train(tmp_path / "plain", {**settings, "first_reply_token_weight": 0.0}, base=tiny_chat_model("llama", n_layers=2), limit=4)
     weighted = train(tmp_path / "weighted", {**settings, "first_reply_token_weight": 2.0},
                      base=tiny_chat_model("llama", n_layers=2), limit=4)
     assert plain["first_reply_token_weight"] == 0.0
