@@ -185,7 +185,8 @@ def test_first_token_weight_changes_training_and_is_recorded(tmp_path):
     from safetensors.torch import load_file
 
     settings = {"epochs": 1, "batch_size": 4, "distill_max_new_tokens": 4}
-    plain = train(tmp_path / "plain", {**settings, "first_reply_token_weight": 0.0}, base=tiny_chat_model("llama", n_layers=2), limit=4)
+    plain = train(tmp_path / "plain", {**settings, "first_reply_token_weight": 0.0},
+                  base=tiny_chat_model("llama", n_layers=2), limit=4)
     weighted = train(tmp_path / "weighted", {**settings, "first_reply_token_weight": 2.0},
                      base=tiny_chat_model("llama", n_layers=2), limit=4)
     assert plain["first_reply_token_weight"] == 0.0
