@@ -53,6 +53,7 @@ MODEL_PRESETS: dict[str, dict] = {"embedded": {"kl_threshold": 0.7}}
 CONDITIONS = {  # name: (kind of prompts, intervention)
     "harmful_baseline": ("harmful", None),
     "harmful_ablation": ("harmful", "ablation"),
+    "harmful_ablation_spared": ("harmful", "ablation_spared"),  # every token but each prompt's first (the sink)
     "harmful_actadd": ("harmful", "subtract"),
     "harmless_baseline": ("harmless", None),
     "harmless_actadd": ("harmless", "add"),
@@ -399,8 +400,8 @@ class Pipeline:
     def _intervention(self, kind: str | None, direction: torch.Tensor, layer: int):
         if kind is None:
             return nullcontext()
-        if kind == "ablation":
-            return ablate(self.cm, direction)
+        if kind in ("ablation", "ablation_spared"):
+            return ablate(self.cm, direction, spare_first_token=kind == "ablation_spared")
         return add(self.cm, direction, layer, coeff=-1.0 if kind == "subtract" else 1.0)
 
     # ----- 5. loss -------------------------------------------------------------------------------
@@ -510,13 +511,14 @@ def format_summary(summary: dict) -> str:
         f"model: {summary['model']}",
         f"direction: position {d['position']}, layer {d['layer']}  (bypass {d['bypass']:.2f}, induce {d['induce']:.2f}, KL {d['kl']:.3f})",
         "",
-        f"{'condition':<22}{'refusal rate':>14}",
-        f"{'-' * 36}",
+        f"{'condition':<40}{'refusal rate':>14}",
+        f"{'-' * 54}",
     ]
     labels = {"harmful_baseline": "harmful, baseline", "harmful_ablation": "harmful, ablation",
+              "harmful_ablation_spared": "harmful, ablation, first token spared",
               "harmful_actadd": "harmful, subtract r", "harmless_baseline": "harmless, baseline",
               "harmless_actadd": "harmless, add r"}
-    lines += [f"{labels[k]:<22}{r[k]:>13.1%}" for k in CONDITIONS]
+    lines += [f"{labels[k]:<40}{r[k]:>13.1%}" for k in CONDITIONS]
     loss = summary["ce_loss"]
     lines += ["", f"CE loss on harmless completions: {loss['baseline']:.3f} -> {loss['ablation']:.3f} "
                   f"nats/token under ablation ({loss['increase']:+.3f})",

@@ -18,6 +18,7 @@ CONDITIONS = {  # README row label -> completions file
     "harmful, baseline": "harmful_baseline",
     "harmless, baseline": "harmless_baseline",
     "harmful, direction ablated at all layers": "harmful_ablation",
+    "harmful, ablated at all layers, each prompt's first token spared": "harmful_ablation_spared",
     "harmful, direction subtracted at its layer (coefficient -1)": "harmful_actadd",
     "harmless, direction added at its layer (coefficient +1)": "harmless_actadd",
 }

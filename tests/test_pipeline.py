@@ -183,7 +183,8 @@ def test_a_new_direction_redoes_interventions_and_loss_but_not_baselines(tiny_fo
     second = json.loads((out / "direction.json").read_text())
     assert (second["position_index"], second["layer"]) != (first["position_index"], first["layer"])
     changed = {name for name in mtimes if os.stat(out / name).st_mtime_ns != mtimes[name]}
-    assert {"loss.json", "completions/harmful_ablation.json", "completions/harmless_actadd.json"} <= changed
+    assert {"loss.json", "completions/harmful_ablation.json", "completions/harmful_ablation_spared.json",
+            "completions/harmless_actadd.json"} <= changed
     assert not changed & {"completions/harmful_baseline.json", "completions/harmless_baseline.json",
                           "candidates.safetensors"}
 
@@ -281,8 +282,8 @@ def test_a_direction_with_new_values_at_the_same_candidate_redoes_what_used_it(t
     assert (second["position_index"], second["layer"]) == (first["position_index"], first["layer"])
     assert not torch.equal(new_direction, old_direction)
     reused = set(json.loads((out / "summary.json").read_text())["reused_artifacts"])
-    used_direction = {"loss.json", "completions/harmful_ablation.json", "completions/harmful_actadd.json",
-                      "completions/harmless_actadd.json"}
+    used_direction = {"loss.json", "completions/harmful_ablation.json", "completions/harmful_ablation_spared.json",
+                      "completions/harmful_actadd.json", "completions/harmless_actadd.json"}
     assert not reused & used_direction
     assert {"completions/harmful_baseline.json", "completions/harmless_baseline.json"} <= reused
     digest = pipeline.direction_settings(
@@ -304,9 +305,11 @@ def test_each_condition_is_made_under_its_own_intervention(tiny_folder, tmp_path
     r = 50 * direction / direction.norm()  # a larger copy, only to check that the conditions can differ at all
     saved = {c: json.loads((out / f"completions/{c}.json").read_text()) for c in CONDITIONS}
     contexts = {"harmful_baseline": lambda d: torch.no_grad(), "harmful_ablation": lambda d: ablate(cm, d),
+                "harmful_ablation_spared": lambda d: ablate(cm, d, spare_first_token=True),
                 "harmful_actadd": lambda d: add(cm, d, described["layer"], coeff=-1.0),
                 "harmless_baseline": lambda d: torch.no_grad(),
                 "harmless_actadd": lambda d: add(cm, d, described["layer"], coeff=1.0)}
+    assert set(contexts) == set(CONDITIONS)
     for condition, make_context in contexts.items():
         instructions = [i["instruction"] for i in saved[condition]["items"]]
         with make_context(direction):
@@ -319,6 +322,19 @@ def test_each_condition_is_made_under_its_own_intervention(tiny_folder, tmp_path
     with add(cm, r, described["layer"], coeff=1.0):
         plus = generate(cm, harmful, max_new_tokens=4, batch_size=4, progress=False)
     assert minus != plus
+    # Ablation with and without the first token spared give the same few tokens here, so check the
+    # pipeline's spared intervention on the loss, where the two differ.
+    from refusal_helpers.pipeline import Pipeline, PipelineConfig
+    p = Pipeline(PipelineConfig(model=str(tiny_folder), out=str(tmp_path / "unused")), cm=cm, progress=False)
+    items = saved["harmful_ablation"]["items"]
+    pairs = [i["instruction"] for i in items], [i["completion"] for i in items]
+
+    def loss_with(context) -> float:
+        with context:
+            return completion_loss(cm, *pairs)
+    spared = loss_with(p._intervention("ablation_spared", direction, described["layer"]))
+    assert spared == pytest.approx(loss_with(ablate(cm, direction, spare_first_token=True)), abs=1e-6)
+    assert abs(spared - loss_with(ablate(cm, direction))) > 1e-6
     loss = json.loads((out / "loss.json").read_text())
     items = saved["harmless_baseline"]["items"]
     args = [i["instruction"] for i in items], [i["completion"] for i in items]
