@@ -452,7 +452,9 @@ def _save_adapter(model, folder: Path, base_model: str) -> None:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to(torch.float16).contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    # The LoRA leaves the embeddings alone: say so, rather than have peft look for the base model's config.
+    lora = get_peft_model_state_dict(model, save_embedding_layers=False)
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in lora.items()}
     save_file(state, folder / "adapter_model.safetensors")
     # The same on every machine (peft would write the local path): the config is part of the adapter's hash.
     model.peft_config["default"].base_model_name_or_path = base_model
