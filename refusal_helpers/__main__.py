@@ -1,4 +1,4 @@
-"""Command line: ``python -m refusal_helpers run --model embedded`` (see ``--help``)."""
+"""Command line: ``python -m refusal_helpers run --model embedded``; ``sweep --run DIR --layers 10-23`` (see ``--help``)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,28 @@ def _n(value: str) -> int | None:
 
 def _count(value: str) -> int:
     return _positive(value, "or 0", minimum=0)
+
+
+def _layers(value: str) -> list[int]:
+    """Layers as 'a-b' (inclusive) or 'a,b,c'."""
+    try:
+        if "-" in value:
+            first, last = (int(x) for x in value.split("-"))
+            layers = list(range(first, last + 1))
+        else:
+            layers = [int(x) for x in value.split(",")]
+    except ValueError:
+        layers = []
+    if not layers or min(layers) < 0:
+        raise argparse.ArgumentTypeError(f"expected layers as 'first-last' or 'a,b,c' (0 or more), got {value!r}")
+    return layers
+
+
+def _fraction(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
     run.add_argument("--dtype", default=argparse.SUPPRESS, choices=("float32", "float16", "bfloat16"),
                      help="default: bfloat16 on a GPU (float16 where bfloat16 is unsupported), float32 on a CPU")
+
+    sweep = sub.add_parser("sweep", help="CE cost and refusal removal of each candidate's ablation in a finished run",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sweep.add_argument("--run", help="a finished run folder, whose model is loaded (default: the shipped runs/embedded)")
+    sweep.add_argument("--layers", type=_layers, required=True, help="'first-last' or 'a,b,c'; every position of each")
+    sweep.add_argument("--n-completions", type=_positive, default=64,
+                       help="non-refused harmless test completions of the run to measure CE on")
+    sweep.add_argument("--n-harmful", type=_positive, default=32, help="harmful validation prompts to generate on")
+    sweep.add_argument("--max-new-tokens", type=_positive, default=24, help="greedy tokens per harmful completion")
+    sweep.add_argument("--generate-below", type=_fraction, default=0.15,
+                       help="generate only for candidates whose CE increase is at most this")
+    sweep.add_argument("--json", help="also write the result to this file")
     return parser
 
 
@@ -79,6 +113,35 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(format_summary(summary))
         print(f"\nartifacts: {options['out']}")
+    elif args.command == "sweep":
+        return _sweep(args)
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .models import load_model
+    from .pipeline import SHIPPED_RUN, run_instructions
+    from .sweep import format_sweep, sweep_run
+
+    run = Path(args.run) if args.run else SHIPPED_RUN
+    summary = run / "summary.json"
+    if not summary.is_file():
+        print(f"error: no summary.json in {run}: run the pipeline there to the end first.", file=sys.stderr)
+        return 2
+    try:
+        cm = load_model(json.loads(summary.read_text())["model"])
+        harmful = run_instructions("bundled", "harmful", "val", args.n_harmful)
+        result = sweep_run(cm, run, args.layers, harmful, args.n_completions, args.max_new_tokens,
+                           args.generate_below)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_sweep(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 

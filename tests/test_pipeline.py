@@ -433,3 +433,67 @@ def test_data_sources_are_checked_before_anything_loads(capsys):
 
     with pytest.raises(ValueError, match="Unknown harmful source 'advbnech'"):
         Pipeline(PipelineConfig(harmful_source="advbnech", device="cpu"))
+
+
+def test_ablation_sweep_measures_each_candidate_under_its_own_ablation(tiny_folder, tmp_path, monkeypatch):
+    from refusal_helpers import sweep
+    from refusal_helpers.evaluation import completion_loss
+    from refusal_helpers.generation import generate
+    from refusal_helpers.interventions import ablate
+    from refusal_helpers.models import load_model
+
+    out = tmp_path / "run"
+    assert run_cli(tiny_folder, out) == 0
+    cm = load_model(str(tiny_folder), device="cpu")
+    candidates = load_file(str(out / "candidates.safetensors"))["candidates"]
+    items = json.loads((out / "completions/harmless_baseline.json").read_text())["items"]
+    harmless, completions = [i["instruction"] for i in items], [i["completion"] for i in items]
+    harmful = [i["instruction"] for i in json.loads((out / "completions/harmful_baseline.json").read_text())["items"]]
+    cells = [(-1, 1), (-2, 2)]
+    # Judge as refused exactly what the first cell's plain ablation generates, so the count shows which
+    # generations were judged: that cell's, under its ablation, gives all of them.
+    with ablate(cm, candidates[-1, 1]):
+        ablated = generate(cm, harmful, 4, 32)
+    assert ablated != generate(cm, harmful, 4, 32)  # precondition: ablation changes what is generated
+    monkeypatch.setattr(sweep, "is_refusal", lambda completion: completion in ablated)
+
+    baseline, costs = sweep.ablation_sweep(cm, candidates, cells, harmless, completions, harmful, max_new_tokens=4,
+                                           generate_below=float("inf"), progress=False)
+    assert baseline == pytest.approx(completion_loss(cm, harmless, completions), abs=1e-6)
+    for cost, (position, layer) in zip(costs, cells):
+        assert (cost.position, cost.layer) == (position, layer)
+        for spare, increase in ((False, cost.ce_increase), (True, cost.ce_increase_spared)):
+            with ablate(cm, candidates[position, layer], spare_first_token=spare):
+                assert increase == pytest.approx(completion_loss(cm, harmless, completions) - baseline, abs=1e-5)
+        assert cost.ce_increase != cost.ce_increase_spared
+    assert costs[0].refused == len(harmful)
+    _, skipped = sweep.ablation_sweep(cm, candidates, cells[:1], harmless, completions, harmful,
+                                      generate_below=float("-inf"), progress=False)
+    assert skipped[0].refused is None and skipped[0].refused_spared is None  # too costly: not generated
+    with pytest.raises(ValueError, match="outside the candidates"):
+        sweep.ablation_sweep(cm, candidates, [(-1, 3)], harmless, completions, harmful, progress=False)
+
+
+def test_sweep_cli_covers_every_position_of_the_layers_asked(tiny_folder, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert run_cli(tiny_folder, out) == 0
+    capsys.readouterr()
+    report = tmp_path / "sweep.json"
+    args = ["sweep", "--run", str(out), "--n-harmful", "3", "--n-completions", "2", "--max-new-tokens", "4"]
+    assert main([*args, "--layers", "1-2", "--json", str(report)]) == 0
+    result = json.loads(report.read_text())
+    n_pos = load_file(str(out / "candidates.safetensors"))["candidates"].shape[0]
+    assert sorted((c["position"], c["layer"]) for c in result["candidates"]) == [
+        (p, l) for p in range(-n_pos, 0) for l in (1, 2)]
+    assert result["n_completions"] == 2 and result["n_harmful"] == 3
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"baseline CE {result['baseline_ce']:.3f}") and len(printed.splitlines()) == 2 + 2 * n_pos
+    assert main([*args, "--layers", "3"]) == 2
+    assert "outside the candidates" in capsys.readouterr().err
+    assert main([*args, "--layers", "1", "--run", str(tmp_path)]) == 2
+    assert "no summary.json" in capsys.readouterr().err
+    monkeypatch.setattr("refusal_helpers.pipeline.SHIPPED_RUN", tmp_path / "shipped")
+    assert main(["sweep", "--layers", "1"]) == 2  # no --run: the shipped run
+    assert f"no summary.json in {tmp_path / 'shipped'}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, "--layers", "one"])
