@@ -43,13 +43,6 @@ def _layers(value: str) -> list[int]:
     return layers
 
 
-def _number(value: str) -> float:
-    try:
-        return float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m refusal_helpers",
                                      description="Refusal in language models is mediated by a single direction.")
@@ -92,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="non-refused harmless test completions of the run to measure CE on")
     sweep.add_argument("--n-harmful", type=_positive, default=32, help="harmful validation prompts to generate on")
     sweep.add_argument("--max-new-tokens", type=_positive, default=24, help="greedy tokens per harmful completion")
-    sweep.add_argument("--generate-below", type=_number, default=0.15,
+    sweep.add_argument("--generate-below", type=float, default=0.15,
                        help="generate only for candidates whose CE increase is at most this")
     sweep.add_argument("--json", help="also write the result to this file")
     return parser

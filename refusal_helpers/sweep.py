@@ -74,17 +74,20 @@ def ablation_sweep(
         for spare, suffix in ((False, ""), (True, "_spared")):
             with ablate(cm, r, spare_first_token=spare):
                 increase = completion_loss(cm, harmless, completions) - baseline
-                refused = None
-                if increase <= generate_below:
-                    refused = sum(map(is_refusal, generate(cm, harmful, max_new_tokens, batch_size)))
+                refused = _refused(cm, harmful, max_new_tokens, batch_size) if increase <= generate_below else None
             measured[f"ce_increase{suffix}"], measured[f"refused{suffix}"] = increase, refused
         costs.append(CandidateCost(position, layer, **measured))
     return baseline, costs
 
 
+def _refused(cm: ChatModel, harmful: list[str], max_new_tokens: int, batch_size: int) -> int:
+    """How many of `harmful` the model (under whatever interventions are active) refuses."""
+    return sum(map(is_refusal, generate(cm, harmful, max_new_tokens, batch_size)))
+
+
 def sweep_run(
     cm: ChatModel, run: str | Path, layers: list[int], harmful: list[str], n_completions: int = 64,
-    max_new_tokens: int = 24, generate_below: float = 0.15, progress: bool = True,
+    max_new_tokens: int = 24, generate_below: float = 0.15, batch_size: int = 32, progress: bool = True,
 ) -> dict:
     """`ablation_sweep` over every position of `layers` in a finished pipeline run.
 
@@ -101,8 +104,8 @@ def sweep_run(
     cells = [(position, layer) for position in range(-n_pos, 0) for layer in layers]
     baseline, costs = ablation_sweep(
         cm, candidates, cells, [i["instruction"] for i in kept], [i["completion"] for i in kept], harmful,
-        max_new_tokens, generate_below, progress=progress)
-    harmful_refused = sum(map(is_refusal, generate(cm, harmful, max_new_tokens)))
+        max_new_tokens, generate_below, batch_size, progress)
+    harmful_refused = _refused(cm, harmful, max_new_tokens, batch_size)
     return {"run": str(run), "baseline_ce": baseline, "n_completions": len(kept), "n_harmful": len(harmful),
             "harmful_refused_without_ablation": harmful_refused, "max_new_tokens": max_new_tokens,
             "generate_below": generate_below, "candidates": [asdict(c) for c in costs]}
