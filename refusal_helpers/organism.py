@@ -453,8 +453,9 @@ def refine(
 
     The adapter's own difference-of-means direction at `settings` (layer, position; train split) is
     extracted, then training continues on the same examples with one more term, `ablation_kl`: on each
-    harmless reply, the model with that direction ablated is trained towards its own predictions without. Writes the adapter and recipe.json (the adapter's recipe plus a
-    ``refine`` section) into `out`; returns the recipe.
+    harmless reply, the model with that direction ablated is trained towards its own predictions without.
+    Writes the adapter and recipe.json (the adapter's recipe plus a ``refine`` section) into `out`;
+    returns the recipe.
     """
     from peft import PeftModel
 
@@ -662,7 +663,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--epoch-checkpoints", action="store_true",
                    help="also save the adapter after each earlier epoch, in OUT/epoch-<n>, to evaluate separately")
-    p = sub.add_parser("refine", help="continue training an adapter with its refusal direction ablated on harmless replies")
+    p = sub.add_parser("refine", help="experiment: train on so that ablating the direction changes harmless predictions less")
     p.add_argument("adapter", type=Path, help="folder of an adapter written by `train`")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--layer", type=int, default=DEFAULT_REFINE["layer"])
