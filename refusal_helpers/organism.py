@@ -434,6 +434,19 @@ def train(
     return recipe
 
 
+def _own_directions(
+    cm: ChatModel, instructions: dict[str, list[str]], position: int, layers: list[int] | None = None
+) -> Float[Tensor, "layer d_model"]:
+    """A model's difference-of-means candidates at one position (all layers by default), in float32, from
+    ``{"harmful": [...], "harmless": [...]}`` instructions."""
+    from .activations import mean_activations
+    from .directions import diff_of_means
+
+    means = (mean_activations(cm, instructions[kind], [position], layers, progress=f"{kind} means")
+             for kind in ("harmful", "harmless"))
+    return diff_of_means(*means)[0].float()
+
+
 DEFAULT_REFINE = {
     "layer": 17, "position": -1, "n_instructions": 128,  # the direction: the shipped run's cell and extraction data
     "kl_weight": 2.0,  # weight of ablation_kl: harmless predictions with the direction ablated vs without
@@ -459,9 +472,6 @@ def refine(
     """
     from peft import PeftModel
 
-    from .activations import mean_activations
-    from .directions import diff_of_means
-
     settings = {**DEFAULT_REFINE, **(settings or {})}
     recipe = json.loads((adapter / "recipe.json").read_text())
     recipe.pop("measured", None)
@@ -475,10 +485,7 @@ def refine(
     cm = base if base is not None else load_base()
     model = PeftModel.from_pretrained(cm.model, adapter, is_trainable=True).eval()  # no dropout while extracting
     instructions = {kind: load_instructions(kind, "train")[: settings["n_instructions"]] for kind in ("harmful", "harmless")}
-    position, layer = settings["position"], settings["layer"]
-    direction = diff_of_means(*(
-        mean_activations(cm, instructions[kind], [position], [layer], progress=f"{kind} means") for kind in instructions
-    ))[0, 0].float()  # (d_model,)
+    direction = _own_directions(cm, instructions, settings["position"], [settings["layer"]])[0]  # (d_model,)
     cache = out / "distill_targets.json"
     if (adapter / "distill_targets.json").is_file() and not cache.is_file():
         shutil.copyfile(adapter / "distill_targets.json", cache)
@@ -578,8 +585,6 @@ def seed_stability(other: str | Path | ChatModel, run: str | Path | None = None)
     """
     from safetensors.torch import load_file
 
-    from .activations import mean_activations
-    from .directions import diff_of_means
     from .pipeline import SHIPPED_RUN, data_record, load_direction, run_instructions
 
     run = Path(run) if run is not None else SHIPPED_RUN
@@ -590,13 +595,10 @@ def seed_stability(other: str | Path | ChatModel, run: str | Path | None = None)
         raise ValueError(f"{run} was extracted from hub data; seed stability compares runs on the bundled data.")
     ours = load_file(str(run / "candidates.safetensors"))["candidates"][described["position_index"]]  # (layer, d)
     cm = other if isinstance(other, ChatModel) else load_embedded(adapter=other)
-    positions = [described["position"]]
     instructions = {kind: run_instructions("bundled", kind, "train", data[kind]["n"]) for kind in data}
     if any(data_record("bundled", instructions[kind]) != data[kind] for kind in data):
         raise ValueError(f"The bundled training instructions differ from those {run} was extracted from.")
-    theirs = diff_of_means(*(
-        mean_activations(cm, instructions[kind], positions, progress=f"{kind} means") for kind in ("harmful", "harmless")
-    ))[0].float()  # (layer, d)
+    theirs = _own_directions(cm, instructions, described["position"])  # (layer, d)
     per_layer = torch.nn.functional.cosine_similarity(ours, theirs, dim=-1)
     layer = described["layer"]
     return {

@@ -511,14 +511,14 @@ def format_summary(summary: dict) -> str:
         f"model: {summary['model']}",
         f"direction: position {d['position']}, layer {d['layer']}  (bypass {d['bypass']:.2f}, induce {d['induce']:.2f}, KL {d['kl']:.3f})",
         "",
-        f"{'condition':<40}{'refusal rate':>14}",
-        f"{'-' * 54}",
     ]
     labels = {"harmful_baseline": "harmful, baseline", "harmful_ablation": "harmful, ablation",
               "harmful_ablation_spared": "harmful, ablation, first token spared",
               "harmful_actadd": "harmful, subtract r", "harmless_baseline": "harmless, baseline",
               "harmless_actadd": "harmless, add r"}
-    lines += [f"{labels[k]:<40}{r[k]:>13.1%}" for k in CONDITIONS]
+    width = max(map(len, labels.values())) + 3
+    lines += [f"{'condition':<{width}}{'refusal rate':>14}", "-" * (width + 14)]
+    lines += [f"{labels[k]:<{width}}{r[k]:>13.1%}" for k in CONDITIONS]
     loss = summary["ce_loss"]
     lines += ["", f"CE loss on harmless completions: {loss['baseline']:.3f} -> {loss['ablation']:.3f} "
                   f"nats/token under ablation ({loss['increase']:+.3f})",
