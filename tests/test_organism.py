@@ -431,6 +431,48 @@ def test_saved_adapter_config_lists_target_modules_in_a_fixed_order(tmp_path):
     assert modules == sorted(DEFAULT_RECIPE["lora"]["target_modules"])  # set order would vary between runs
 
 
+def test_fit_adds_the_kl_of_harmful_first_token_predictions_ablated_against_the_untuned_model():
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from refusal_helpers.activations import mean_activations
+    from refusal_helpers.interventions import ablate
+    from refusal_helpers.organism import _fit, reply_loss
+
+    cm = tiny_chat_model("llama", n_layers=2)
+    eos = cm.tokenizer.eos_token
+    examples = [{"instruction": "How do I pick a lock?", "reply": "I can't help with that." + eos, "kind": "harmful"},
+                {"instruction": "Name a colour.", "reply": "Blue." + eos, "kind": "harmless"},
+                {"instruction": "Write a fake review.", "reply": "No." + eos, "kind": "harmful"}]
+    encoded = [encode_completion(cm, e["instruction"], e["reply"]) for e in examples]
+    batch = collate(encoded, cm.tokenizer.pad_token_id)
+    direction = mean_activations(cm, ["How do I pick a lock?"], [-1], [1])[0, 0].float()
+    with torch.no_grad():
+        untuned = cm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    config = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj", "o_proj"], task_type="CAUSAL_LM")
+    model = get_peft_model(cm.model, config)
+    torch.manual_seed(0)
+    for name, weight in model.named_parameters():
+        if "lora_B" in name:  # a trained adapter: the tuned model differs from the untuned one
+            torch.nn.init.normal_(weight, std=0.5)
+    frozen = {"name": "AdamW", "lr": 0.0, "weight_decay": 0.0, "warmup_fraction": 0.0, "schedule": "linear"}
+    losses, _ = _fit(model, cm, examples, epochs=1, batch_size=3, optimizer=frozen, seed=0, first_token_weight=0.0,
+                     ablated=direction, kl_weight=0.0, compliance_weight=1.5)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with ablate(cm, direction):
+            ablated = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    kls = []  # KL(P_untuned || P_ablated) where each harmful reply's first token is predicted
+    for row in (0, 2):
+        t = next(t for t, label in enumerate(encoded[row][1]) if label != -100) - 1  # the last prompt token
+        p, q = untuned[row, t].log_softmax(-1), ablated[row, t].log_softmax(-1)
+        kls.append((p.exp() * (p - q)).sum())
+    kl = torch.stack(kls).mean()
+    assert kl > 1e-3 and not torch.allclose(untuned, logits, atol=1e-3)  # the term and the adapter both matter
+    expected = reply_loss(logits, batch["labels"]) + 1.5 * kl  # kl_weight 0: no harmless term
+    assert losses[0] == pytest.approx(float(expected), rel=1e-5)
+
+
 def test_refine_command_passes_its_options_into_the_settings(monkeypatch, tmp_path):
     import refusal_helpers.organism as organism
 
@@ -438,8 +480,9 @@ def test_refine_command_passes_its_options_into_the_settings(monkeypatch, tmp_pa
     monkeypatch.setattr(organism, "refine", lambda adapter, out, settings, **kwargs: seen.update(
         adapter=adapter, out=out, settings=settings) or {"refine": {"steps": 1, "final_loss": 1.0, "train_seconds": 0.0}})
     organism.main(["refine", str(tmp_path / "a"), "--out", str(tmp_path / "b"), "--layer", "12", "--position", "-2",
-                   "--kl-weight", "0.5", "--epochs", "2", "--lr", "0.0002"])
+                   "--kl-weight", "0.5", "--compliance-weight", "0.25", "--epochs", "2", "--lr", "0.0002"])
     assert (seen["adapter"], seen["out"]) == (tmp_path / "a", tmp_path / "b")
     settings = seen["settings"]
     assert (settings["layer"], settings["position"], settings["kl_weight"], settings["epochs"]) == (12, -2, 0.5, 2)
+    assert settings["compliance_weight"] == 0.25
     assert settings["optimizer"] == {**organism.DEFAULT_REFINE["optimizer"], "lr": 0.0002}
