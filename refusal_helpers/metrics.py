@@ -40,8 +40,8 @@ def refusal_score(
 def kl_divergence(
     base_logits: Float[Tensor, "batch vocab"], new_logits: Float[Tensor, "batch vocab"], dtype: torch.dtype = torch.float64
 ) -> Float[Tensor, "batch"]:
-    """KL(P_base || P_new) of next-token distributions, per row, in nats, computed in `dtype` (float32
-    halves the memory of a training loss over many positions; float64 keeps small KLs exact)."""
+    """KL(P_base || P_new) of next-token distributions, per row, in nats, computed in `dtype` (float64
+    keeps small KLs exact; float32 is enough for a training loss)."""
     if base_logits.shape != new_logits.shape:
         raise ValueError(f"Logit shapes differ: {tuple(base_logits.shape)} vs {tuple(new_logits.shape)}.")
     base = F.log_softmax(base_logits.to(dtype), dim=-1)
