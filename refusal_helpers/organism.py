@@ -478,8 +478,8 @@ def refine(
 ) -> dict:
     """Continue training a `train`ed adapter so that ablating its refusal direction disturbs harmless replies less.
 
-    An experiment, not part of the shipped recipe: it lowers the CE cost of ablation but lets refusal
-    survive ablation more often (figures in ``data/organism/HISTORY.md``).
+    An experiment, not part of the shipped recipe: each variant tried lowered the CE cost of ablation but
+    missed another target (figures in ``data/organism/HISTORY.md``).
 
     The adapter's own difference-of-means direction at `settings` (layer, position; train split) is
     extracted, then training continues on the same examples with one more term, `ablation_kl`: on each
@@ -583,23 +583,23 @@ def _ablation_terms(
     `compliance_weight` x `compliance_kl` on its harmful rows, from one forward pass with `direction` ablated."""
     from .interventions import ablate
 
-    kinds = {
-        "harmless": [row for row, h in enumerate(harmless) if h and kl_weight],
-        "harmful": [row for row, h in enumerate(harmless) if not h and compliance_weight],
-    }
-    rows = kinds["harmless"] + kinds["harmful"]
-    if not rows:
-        return torch.zeros((), device=cm.device)
-    with ablate(cm, direction):
-        ablated_logits = model(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows]).logits
-    n = len(kinds["harmless"])
+    def forward(rows: list[int]) -> Float[Tensor, "row seq vocab"]:
+        return model(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows]).logits
+
+    harmless_rows = [row for row, h in enumerate(harmless) if h] if kl_weight else []
+    harmful_rows = [row for row, h in enumerate(harmless) if not h] if compliance_weight else []
     loss = torch.zeros((), device=cm.device)
-    if n:
-        loss = loss + kl_weight * ablation_kl(logits[kinds["harmless"]].detach(), ablated_logits[:n], batch["labels"][kinds["harmless"]])
-    if len(rows) > n:
+    if not harmless_rows + harmful_rows:
+        return loss
+    with ablate(cm, direction):
+        ablated_logits = forward(harmless_rows + harmful_rows)
+    n = len(harmless_rows)
+    if harmless_rows:
+        loss = loss + kl_weight * ablation_kl(logits[harmless_rows].detach(), ablated_logits[:n], batch["labels"][harmless_rows])
+    if harmful_rows:
         with torch.no_grad(), model.disable_adapter():
-            untuned = model(input_ids=batch["input_ids"][kinds["harmful"]], attention_mask=batch["attention_mask"][kinds["harmful"]]).logits
-        loss = loss + compliance_weight * compliance_kl(untuned, ablated_logits[n:], batch["labels"][kinds["harmful"]])
+            untuned = forward(harmful_rows)
+        loss = loss + compliance_weight * compliance_kl(untuned, ablated_logits[n:], batch["labels"][harmful_rows])
     return loss
 
 
@@ -754,7 +754,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.command == "refine":
         settings = {"layer": args.layer, "position": args.position, "kl_weight": args.kl_weight,
-                    "compliance_weight": args.compliance_weight, "epochs": args.epochs, "optimizer": {**DEFAULT_REFINE["optimizer"], "lr": args.lr}}
+                    "compliance_weight": args.compliance_weight, "epochs": args.epochs,
+                    "optimizer": {**DEFAULT_REFINE["optimizer"], "lr": args.lr}}
         result = refine(args.adapter, args.out, settings, threads=args.threads)["refine"]
         print(json.dumps({k: result[k] for k in ("steps", "final_loss", "train_seconds")}))
         return
