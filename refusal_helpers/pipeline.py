@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from statistics import median
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -50,13 +52,20 @@ from .selection import ScoreTable, Selection, SelectionConfig, choose, score_can
 # (KL 0.54, 8 of 60 refused); nothing passes at 0.5.
 MODEL_PRESETS: dict[str, dict] = {"embedded": {"kl_threshold": 0.7}}
 
-CONDITIONS = {  # name: (kind of prompts, intervention)
-    "harmful_baseline": ("harmful", None),
-    "harmful_ablation": ("harmful", "ablation"),
-    "harmful_ablation_spared": ("harmful", "ablation_spared"),  # every token but each prompt's first (the sink)
-    "harmful_actadd": ("harmful", "subtract"),
-    "harmless_baseline": ("harmless", None),
-    "harmless_actadd": ("harmless", "add"),
+class Condition(NamedTuple):
+    kind: str  # of prompts: "harmful" or "harmless"
+    intervention: str | None  # None, "ablation", "ablation_spared", "subtract" or "add"
+    label: str  # for the summary table
+
+
+CONDITIONS = {
+    "harmful_baseline": Condition("harmful", None, "harmful, baseline"),
+    "harmful_ablation": Condition("harmful", "ablation", "harmful, ablation"),
+    # ablated at every token but each prompt's first (the attention sink)
+    "harmful_ablation_spared": Condition("harmful", "ablation_spared", "harmful, ablation, first token spared"),
+    "harmful_actadd": Condition("harmful", "subtract", "harmful, subtract r"),
+    "harmless_baseline": Condition("harmless", None, "harmless, baseline"),
+    "harmless_actadd": Condition("harmless", "add", "harmless, add r"),
 }
 
 LOSS_MEASURES = ("baseline", "ablation", "first_token_spared", "random_controls")  # what loss.json holds
@@ -377,7 +386,7 @@ class Pipeline:
         """Test-split completions for every condition and their substring refusal rates."""
         with_direction = direction_settings(selection, direction)
         rates = {}
-        for condition, (kind, intervention) in CONDITIONS.items():
+        for condition, (kind, intervention, _) in CONDITIONS.items():
             name = f"completions/{condition}.json"
             # Each condition depends on its own kind's prompts; baselines not on the direction either.
             condition_settings = {**self._settings("max_new_tokens", data=((kind, "test"),)),
@@ -488,11 +497,15 @@ def _spared_line(loss: dict) -> list[str]:
 
 def _control_line(loss: dict) -> list[str]:
     controls = loss.get("random_controls") or {}
-    if not controls.get("increases"):
+    increases = controls.get("increases")
+    if not increases:
         return []
-    each = ", ".join(f"{x:+.3f}" for x in controls["increases"])
-    return [f"  control, {len(controls['increases'])} random unit directions ablated instead: "
-            f"{controls['mean_increase']:+.3f} on average ({each})"]
+    spread = (", ".join(f"{x:+.3f}" for x in increases) if len(increases) <= 5 else
+              f"median {median(increases):+.3f}, {min(increases):+.3f} to {max(increases):+.3f}")
+    cheaper = sum(x < loss["increase"] for x in increases)
+    return [f"  control, {len(increases)} random unit directions ablated instead: "
+            f"{controls['mean_increase']:+.3f} on average ({spread}); "
+            f"{cheaper} of {len(increases)} cost less than the direction"]
 
 
 def _time_line(summary: dict) -> str:
@@ -512,13 +525,9 @@ def format_summary(summary: dict) -> str:
         f"direction: position {d['position']}, layer {d['layer']}  (bypass {d['bypass']:.2f}, induce {d['induce']:.2f}, KL {d['kl']:.3f})",
         "",
     ]
-    labels = {"harmful_baseline": "harmful, baseline", "harmful_ablation": "harmful, ablation",
-              "harmful_ablation_spared": "harmful, ablation, first token spared",
-              "harmful_actadd": "harmful, subtract r", "harmless_baseline": "harmless, baseline",
-              "harmless_actadd": "harmless, add r"}
-    width = max(map(len, labels.values())) + 3
+    width = max(len(c.label) for c in CONDITIONS.values()) + 3
     lines += [f"{'condition':<{width}}{'refusal rate':>14}", "-" * (width + 14)]
-    lines += [f"{labels[k]:<{width}}{r[k]:>13.1%}" for k in CONDITIONS]
+    lines += [f"{c.label:<{width}}{r[k]:>13.1%}" for k, c in CONDITIONS.items()]
     loss = summary["ce_loss"]
     lines += ["", f"CE loss on harmless completions: {loss['baseline']:.3f} -> {loss['ablation']:.3f} "
                   f"nats/token under ablation ({loss['increase']:+.3f})",

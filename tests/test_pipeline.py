@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from refusal_helpers.__main__ import main
-from refusal_helpers.pipeline import CONDITIONS, Artifacts, load_direction
+from refusal_helpers.pipeline import CONDITIONS, SHIPPED_RUN, Artifacts, format_summary, load_direction
 from refusal_helpers.selection import choose
 from refusal_helpers.testing import tiny_chat_model
 
@@ -225,6 +225,25 @@ def test_artifacts_record_which_weights_and_precision_made_them(tiny_folder, tmp
               metadata={"format": "pt"})
     assert run_cli(folder, out) == 0
     assert json.loads((out / "summary.json").read_text())["reused_artifacts"] == []
+
+
+def test_summary_condenses_many_random_controls_and_ranks_the_direction_among_them():
+    summary = json.loads((SHIPPED_RUN / "summary.json").read_text())
+    loss = summary["ce_loss"]
+    few = format_summary(summary)
+    n_few = len(loss["random_controls"]["increases"])
+    cheaper = sum(x < loss["increase"] for x in loss["random_controls"]["increases"])
+    assert f"{cheaper} of {n_few} cost less than the direction" in few
+    for label in (c.label for c in CONDITIONS.values()):  # every condition has its row
+        assert label in few
+
+    increases = [0.9, 0.01, 0.05, 0.02, 0.3, 0.04, 0.03, 0.2]  # median 0.045
+    loss.update(increase=0.1, random_controls={"seed": 0, "increases": increases,
+                                                "mean_increase": sum(increases) / len(increases)})
+    text = format_summary(summary)
+    assert "8 random unit directions ablated instead: +0.194 on average" in text
+    assert "(median +0.045, +0.010 to +0.900)" in text and "+0.300" not in text  # condensed, not listed
+    assert "5 of 8 cost less than the direction" in text
 
 
 def test_loss_step_reports_random_direction_controls(tiny_folder, tmp_path, capsys):
