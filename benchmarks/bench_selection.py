@@ -16,11 +16,11 @@ import torch
 from common import load, machine, parser
 from refusal_helpers.activations import mean_activations
 from refusal_helpers.data import load_instructions
-from refusal_helpers.directions import ZERO_NORM, diff_of_means
+from refusal_helpers.directions import ZERO_NORM, diff_of_means, zero_dims
 from refusal_helpers.interventions import ablate, add
 from refusal_helpers.metrics import kl_divergence, refusal_score
-from refusal_helpers.pipeline import MODEL_PRESETS, PipelineConfig
-from refusal_helpers.selection import ScoreTable, SelectionConfig, choose, layer_mask, select_direction
+from refusal_helpers.pipeline import PipelineConfig
+from refusal_helpers.selection import ScoreTable, choose, layer_mask, select_direction
 
 
 @torch.inference_mode()
@@ -62,13 +62,15 @@ def main() -> None:
     args = p.parse_args()
     cm = load(args)
     positions = cm.post_instruction_positions[-(args.positions or len(cm.post_instruction_positions)):]
-    candidates = diff_of_means(
+    # the model's preset (KL threshold, zeroed dimensions) as the pipeline applies it
+    preset = PipelineConfig(model=args.model, kl_threshold=args.kl_threshold,
+                            induce_threshold=-1e9 if args.model.startswith("tiny-") else 0.0)
+    candidates = zero_dims(diff_of_means(
         mean_activations(cm, load_instructions("harmful", "train", n=args.n_train), positions),
         mean_activations(cm, load_instructions("harmless", "train", n=args.n_train), positions),
-    ).float()
+    ).float(), preset.dims_to_zero())
     harmful, harmless = load_instructions("harmful", "val", n=args.n_val), load_instructions("harmless", "val", n=args.n_val)
-    kl = args.kl_threshold if args.kl_threshold is not None else MODEL_PRESETS.get(args.model, {}).get("kl_threshold", 0.1)
-    config = SelectionConfig(kl_threshold=kl, induce_threshold=-1e9 if args.model.startswith("tiny-") else 0.0)
+    config = preset.selection_config()
 
     start = time.perf_counter()
     library, _, _ = select_direction(cm, candidates, harmful, harmless, config, mode="lazy", progress=False)

@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                      choices=("bundled", *HARMLESS_HUB_SETS), help="the bundled set or a hub dataset (needs network)")
     run.add_argument("--random-controls", type=_count, default=d.random_controls,
                      help="random unit directions ablated as a control for the CE increase (0: none)")
+    run.add_argument("--zero-dims", type=_count, nargs="*", default=argparse.SUPPRESS, metavar="DIM",
+                     help="residual dimensions to zero in every candidate and random control, e.g. a model's "
+                          "massive-activation dimensions; not the paper's method; no DIM: none (default: model "
+                          "preset, else none)")
     run.add_argument("--device", default=argparse.SUPPRESS,
                      help="e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
     run.add_argument("--dtype", default=argparse.SUPPRESS, choices=("float32", "float16", "bfloat16"),

@@ -5,6 +5,8 @@ Nothing here touches a model, so every function can be checked on small syntheti
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -42,6 +44,22 @@ def normalize(
     """Unit vectors along `directions`; vectors with norm <= eps stay exactly zero (no NaN)."""
     norms = directions.norm(dim=-1, keepdim=True)
     return torch.where(norms > eps, directions / norms.clamp_min(eps), torch.zeros_like(directions))
+
+
+def zero_dims(
+    directions: Float[Tensor, "*batch d_model"], dims: Sequence[int]
+) -> Float[Tensor, "*batch d_model"]:
+    """`directions` with their entries on `dims` set to zero (a copy).
+
+    Meant for a model's massive-activation dimensions: ablating a direction with an entry there moves the
+    attention sink's outsized residual, which every later token reads. Not part of the paper's method.
+    """
+    d_model = directions.shape[-1]
+    if any(not 0 <= i < d_model for i in dims):
+        raise ValueError(f"dims to zero must lie in 0..{d_model - 1} (d_model = {d_model}), got {list(dims)}.")
+    out = directions.clone()
+    out[..., list(dims)] = 0
+    return out
 
 
 def random_directions(n: int, d_model: int, seed: int = 0) -> Float[Tensor, "n d_model"]:

@@ -464,7 +464,7 @@ def _own_directions(
 
 
 DEFAULT_REFINE = {
-    "layer": 17, "position": -1, "n_instructions": 128,  # the direction: the shipped run's cell and extraction data
+    "layer": 17, "position": -1, "n_instructions": 128,  # the direction: runs/embedded-plain's cell and data
     "kl_weight": 2.0,  # weight of ablation_kl: harmless predictions with the direction ablated vs without
     "compliance_weight": 0.0,  # weight of compliance_kl: harmful first-token decision, ablated vs the untuned model's
     "epochs": 1,
@@ -623,11 +623,13 @@ def _save_adapter(model, folder: Path, base_model: str) -> None:
 def seed_stability(other: str | Path | ChatModel, run: str | Path | None = None) -> dict:
     """Compare a run's candidate directions with those of another model (an adapter folder trained with another seed).
 
-    Extracts the other organism's candidates with the run's training data, then gives the cosine
-    similarity per layer at the run's selected position, and the cosine and norm ratio at its layer.
+    Extracts the other organism's candidates with the run's training data (zeroing the dimensions the run
+    zeroed), then gives the cosine similarity per layer at the run's selected position, and the cosine and
+    norm ratio at its layer.
     """
     from safetensors.torch import load_file
 
+    from .directions import zero_dims
     from .pipeline import SHIPPED_RUN, data_record, load_direction, run_instructions
 
     run = Path(run) if run is not None else SHIPPED_RUN
@@ -641,7 +643,7 @@ def seed_stability(other: str | Path | ChatModel, run: str | Path | None = None)
     instructions = {kind: run_instructions("bundled", kind, "train", data[kind]["n"]) for kind in data}
     if any(data_record("bundled", instructions[kind]) != data[kind] for kind in data):
         raise ValueError(f"The bundled training instructions differ from those {run} was extracted from.")
-    theirs = _own_directions(cm, instructions, described["position"])  # (layer, d)
+    theirs = zero_dims(_own_directions(cm, instructions, described["position"]), settings.get("zero_dims", []))
     per_layer = torch.nn.functional.cosine_similarity(ours, theirs, dim=-1)
     layer = described["layer"]
     return {

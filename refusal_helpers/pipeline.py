@@ -37,7 +37,7 @@ from .data import (
     CHECKOUT_HINT, HARMFUL_HUB_SETS, HARMLESS_HUB_SETS, load_hub_instructions, load_instructions, repository_path,
     take,
 )
-from .directions import diff_of_means, random_directions
+from .directions import diff_of_means, random_directions, zero_dims
 from .evaluation import completion_loss
 from .generation import generate
 from .interventions import ablate, add
@@ -45,12 +45,14 @@ from .metrics import refusal_rate, is_refusal
 from .models import ChatModel, load_model, model_version, resolve_device_dtype
 from .selection import ScoreTable, Selection, SelectionConfig, choose, score_candidates
 
-# Settings measured for the embedded model (see README, "The embedded model"): no candidate that passes
-# the induce filter has an ablation KL under the paper's 0.1, so its KL filter was set on the validation
-# split as the smallest threshold (in steps of 0.1) whose chosen direction, ablated, leaves <= 10% of
-# harmful validation prompts refused: 0.7 (layer 17, KL 0.66, none of 60 refused); 0.6 chooses layer 18
-# (KL 0.54, 8 of 60 refused); nothing passes at 0.5.
-MODEL_PRESETS: dict[str, dict] = {"embedded": {"kl_threshold": 0.7}}
+# Settings measured for the embedded model (see README, "The embedded model"). zero_dims: dimension 507
+# carries the attention sink's massive activation; a candidate's entry there moves the sink under ablation,
+# which doubles the CE cost (+0.36 -> +0.10 for layer 17 with it zeroed; not the paper's method). KL: no
+# candidate that passes the induce filter has an ablation KL under the paper's 0.1, so the KL filter was set on
+# the validation split as the smallest threshold (in steps of 0.1) whose chosen direction, ablated, leaves
+# <= 10% of harmful validation prompts refused: 0.4 (layer 16, KL 0.38, 6 of 60 refused); nothing passes at 0.3.
+MODEL_PRESETS: dict[str, dict] = {"embedded": {"kl_threshold": 0.4, "zero_dims": [507]}}
+
 
 class Condition(NamedTuple):
     kind: str  # of prompts: "harmful" or "harmless"
@@ -94,11 +96,17 @@ class PipelineConfig:
     induce_threshold: float = 0.0
     max_layer_fraction: float = 0.8
     random_controls: int = 3  # random unit directions ablated as a control in the loss step
+    zero_dims: tuple[int, ...] | None = None  # zeroed in every candidate and control; None: model preset, else none
     harmful_source: str = "bundled"  # or a hub dataset name (advbench, jailbreakbench, harmbench)
     harmless_source: str = "bundled"  # or "alpaca"
     device: str | None = None
     dtype: str | None = None
     timings: dict = field(default_factory=dict)
+
+    def dims_to_zero(self) -> tuple[int, ...]:
+        """Residual dimensions zeroed in every candidate and random control (not the paper's method)."""
+        dims = self.zero_dims if self.zero_dims is not None else MODEL_PRESETS.get(self.model, {}).get("zero_dims", ())
+        return tuple(sorted(set(dims)))
 
     def selection_config(self) -> SelectionConfig:
         kl = self.kl_threshold
@@ -304,10 +312,17 @@ class Pipeline:
         return {**self._model_identity, **{k: c[k] for k in keys},
                 **{f"{kind}_{split}": data_record(self._source(kind), self.data(kind, split)) for kind, split in data}}
 
+    @property
+    def _zeroed(self) -> dict:
+        """What candidates and controls depend on when dimensions are zeroed (nothing otherwise, so that runs
+        made before the option existed are reused)."""
+        dims = self.config.dims_to_zero()
+        return {"zero_dims": list(dims)} if dims else {}
+
     # ----- 1. extract ----------------------------------------------------------------------------
     def extract(self) -> torch.Tensor:
         """Difference-of-means candidates, shape (n_positions, n_layers, d_model)."""
-        settings = self._settings(data=TRAIN)
+        settings = {**self._settings(data=TRAIN), **self._zeroed}
         name = "candidates.safetensors"
         if not self._done(name, settings):
             with self._making(name, settings) as cm:
@@ -315,7 +330,7 @@ class Pipeline:
                                            progress="mean activations (harmful)" if self.progress else False)
                 harmless = mean_activations(cm, self.data("harmless", "train"), batch_size=self.config.batch_size,
                                             progress="mean activations (harmless)" if self.progress else False)
-                candidates = diff_of_means(harmful, harmless).float()
+                candidates = zero_dims(diff_of_means(harmful, harmless).float(), self.config.dims_to_zero())
                 self.art.write_tensors(name, {"candidates": candidates, "harmful_mean": harmful.float(),
                                               "harmless_mean": harmless.float()},
                                        {"positions": cm.post_instruction_positions,
@@ -338,7 +353,7 @@ class Pipeline:
         sel_config = self.config.selection_config()
         lazy = self.config.selection_mode == "lazy"
         # The exhaustive table does not depend on the filters: changing a threshold only re-chooses.
-        scored = self._settings("selection_mode", data=TRAIN + VAL)
+        scored = {**self._settings("selection_mode", data=TRAIN + VAL), **self._zeroed}
         score_settings = {**scored, **({"selection": asdict(sel_config)} if lazy else {})}
         full_table = {**scored, "selection_mode": "exhaustive"}
         if lazy and self.art.done("selection.json", full_table):
@@ -416,7 +431,7 @@ class Pipeline:
     # ----- 5. loss -------------------------------------------------------------------------------
     def loss(self, selection: Selection, direction: torch.Tensor) -> dict:
         """CE of the harmless test completions: plain, with the direction ablated, and with random ones ablated."""
-        settings = {**self._settings("max_new_tokens", "random_controls", data=(("harmless", "test"),)),
+        settings = {**self._settings("max_new_tokens", "random_controls", data=(("harmless", "test"),)), **self._zeroed,
                     **direction_settings(selection, direction), "measures": list(LOSS_MEASURES)}
         if not self._done("loss.json", settings):
             items = self.art.read_json("completions/harmless_baseline.json")["items"]
@@ -432,6 +447,7 @@ class Pipeline:
                 ablated = loss_under("direction ablated", direction)
                 spared = loss_under("direction ablated, first token spared", direction, spare_first_token=True)
                 randoms = random_directions(self.config.random_controls, cm.d_model)
+                randoms = zero_dims(randoms, self.config.dims_to_zero())  # the same kind of direction as r
                 controls = [loss_under(f"random direction {i + 1} ablated", r) - baseline for i, r in enumerate(randoms)]
                 self.art.write_json("loss.json", {
                     "data": "harmless test completions of the unmodified model",
@@ -455,7 +471,7 @@ class Pipeline:
         summary = {
             "model": c.model,
             "direction": {"position": selection.position, "layer": selection.layer, "bypass": selection.bypass,
-                          "induce": selection.induce, "kl": selection.kl},
+                          "induce": selection.induce, "kl": selection.kl, "zero_dims": list(c.dims_to_zero())},
             "refusal_rate": rates,
             "ce_loss": loss,
             "sizes": {**{f"{kind}_{split}": len(self.data(kind, split)) for kind, split in TRAIN + VAL + TEST},
@@ -522,7 +538,8 @@ def format_summary(summary: dict) -> str:
     r = summary["refusal_rate"]
     lines = [
         f"model: {summary['model']}",
-        f"direction: position {d['position']}, layer {d['layer']}  (bypass {d['bypass']:.2f}, induce {d['induce']:.2f}, KL {d['kl']:.3f})",
+        f"direction: position {d['position']}, layer {d['layer']}  (bypass {d['bypass']:.2f}, induce {d['induce']:.2f}, KL {d['kl']:.3f})"
+        + (f"; residual dims {', '.join(map(str, d['zero_dims']))} zeroed (not the paper's method)" if d.get("zero_dims") else ""),
         "",
     ]
     width = max(len(c.label) for c in CONDITIONS.values()) + 3

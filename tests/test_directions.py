@@ -83,3 +83,19 @@ def test_random_directions_are_reproducible_unit_vectors():
     assert random_directions(0, 32).shape == (0, 32)
     with pytest.raises(ValueError, match="n >= 0"):
         random_directions(-1, 32)
+
+
+def test_zero_dims_zeroes_only_those_entries_of_every_direction_and_copies():
+    from refusal_helpers.directions import zero_dims
+
+    x = torch.randn(2, 3, 8) + 5  # no entry is zero to begin with
+    out = zero_dims(x, [1, 6])
+    assert (out[..., [1, 6]] == 0).all()
+    keep = [i for i in range(8) if i not in (1, 6)]
+    assert torch.equal(out[..., keep], x[..., keep])
+    assert (x[..., [1, 6]] != 0).all()  # the input is left as it was
+    assert torch.equal(zero_dims(x, []), x) and zero_dims(x, []) is not x
+    with pytest.raises(ValueError, match=r"0\.\.7 \(d_model = 8\)"):
+        zero_dims(x, [8])
+    with pytest.raises(ValueError, match="d_model = 8"):
+        zero_dims(x, [-1])

@@ -1,7 +1,8 @@
-"""The figures the README's model card, recipe.json and the notebook quote agree with the shipped run.
+"""The figures the README's model card, recipe.json and the notebook quote agree with the shipped runs.
 
-Re-running the shipped pipeline (or retraining the adapter) changes `runs/embedded/`; these tests name
-every document that then needs its figures updated.
+Re-running the shipped pipeline (or retraining the adapter) changes `runs/embedded/` (the embedded model's
+preset) and `runs/embedded-plain/` (the paper's plain difference of means); these tests name every
+document that then needs its figures updated.
 """
 
 import json
@@ -15,6 +16,7 @@ from refusal_helpers.data import load_records
 from refusal_helpers.pipeline import SHIPPED_RUN
 
 ROOT = Path(__file__).resolve().parent.parent
+PLAIN_RUN = ROOT / "runs" / "embedded-plain"
 CONDITIONS = {  # README row label -> completions file
     "harmful, baseline": "harmful_baseline",
     "harmless, baseline": "harmless_baseline",
@@ -25,8 +27,12 @@ CONDITIONS = {  # README row label -> completions file
 }
 
 
-def completions(condition: str) -> dict:
-    return json.loads((SHIPPED_RUN / "completions" / f"{condition}.json").read_text())
+def completions(condition: str, run: Path = SHIPPED_RUN) -> dict:
+    return json.loads((run / "completions" / f"{condition}.json").read_text())
+
+
+def rate_cell(run: dict) -> str:
+    return f"{percent(run['refusal_rate'])} ({sum(item['refusal'] for item in run['items'])}/{run['n']}"
 
 
 def percent(rate: float) -> str:
@@ -34,7 +40,7 @@ def percent(rate: float) -> str:
 
 
 def control_figures(loss: dict) -> str:
-    """How the README and the notebook quote the random-direction control of the shipped run."""
+    """How the README and the notebook quote a run's random-direction control."""
     increases = loss["random_controls"]["increases"]
     cheaper = sum(x < loss["increase"] for x in increases)
     return (f"by {loss['random_controls']['mean_increase']:+.2f} on average (median {median(increases):+.3f}, "
@@ -51,12 +57,19 @@ def summary() -> dict:
     return json.loads((SHIPPED_RUN / "summary.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def plain() -> dict:
+    return json.loads((PLAIN_RUN / "summary.json").read_text())
+
+
 @pytest.mark.parametrize("label", CONDITIONS)
 def test_model_card_refusal_rates_are_the_shipped_runs(readme, label):
-    run = completions(CONDITIONS[label])
-    refused = sum(item["refusal"] for item in run["items"])
-    assert refused / run["n"] == pytest.approx(run["refusal_rate"])
-    assert f"| {label} | {percent(run['refusal_rate'])} ({refused}/{run['n']}" in readme
+    run, plain_run = completions(CONDITIONS[label]), completions(CONDITIONS[label], PLAIN_RUN)
+    for made in (run, plain_run):
+        assert sum(item["refusal"] for item in made["items"]) / made["n"] == pytest.approx(made["refusal_rate"])
+    row = next(line for line in readme.splitlines() if line.startswith(f"| {label} | "))
+    assert row.startswith(f"| {label} | {rate_cell(run)}")  # the preset's run, then the plain one's last
+    assert row.endswith(f"| {rate_cell(plain_run)}) |")
 
 
 def test_model_card_counts_refused_edgy_but_benign_prompts(readme):
@@ -70,11 +83,24 @@ def test_model_card_direction_and_loss_are_the_shipped_runs(readme, summary):
     assert f"layer {direction['layer']} of 30 (norm {direction['norm']:.1f})" in readme
     assert (f"bypass {direction['bypass']:.2f}, induce {direction['induce']:+.2f}, KL {direction['kl']:.2f}"
             in " ".join(readme.split()))
+    assert summary["direction"]["zero_dims"] == [507] and f"dimension {507} zeroed" in readme
+    text = " ".join(readme.split())
     loss = summary["ce_loss"]
-    assert f"{loss['baseline']:.3f} -> {loss['ablation']:.3f} nats/token under ablation\n({loss['increase']:+.2f}" in readme
-    assert control_figures(loss) in " ".join(readme.split())
-    spared, plain = loss["first_token_spared"]["increase"], loss["increase"]
-    assert f"raises the CE by {spared:+.2f} instead of {plain:+.2f} (`loss.json`" in " ".join(readme.split())
+    assert f"{loss['baseline']:.3f} -> {loss['ablation']:.3f} nats/token under ablation ({loss['increase']:+.2f}" in text
+    assert control_figures(loss) in text
+    assert f"(+{loss['first_token_spared']['increase']:.3f} either way" in text
+
+
+def test_model_card_plain_direction_figures_are_the_plain_runs(readme, plain):
+    assert not plain["direction"].get("zero_dims") and plain["selection"]["kl_threshold"] == 0.7  # made before the key
+    direction = json.loads((PLAIN_RUN / "direction.json").read_text())
+    text = " ".join(readme.split())
+    assert (f"means selects layer {direction['layer']} (norm {direction['norm']:.1f}; bypass {direction['bypass']:.2f}, "
+            f"induce {direction['induce']:+.2f}, KL {direction['kl']:.2f})") in text
+    loss = plain["ce_loss"]
+    assert f"costs {loss['baseline']:.3f} -> {loss['ablation']:.3f} nats/token ({loss['increase']:+.2f}" in text
+    assert control_figures(loss) in text
+    assert f"cuts the cost from {loss['increase']:+.2f} to {loss['first_token_spared']['increase']:+.2f}" in text
 
 
 def test_recipe_measured_figures_are_the_shipped_runs(summary):
@@ -86,13 +112,13 @@ def test_recipe_measured_figures_are_the_shipped_runs(summary):
     assert measured["ce_loss"]["increase"] == round(loss["increase"], 4)
     assert measured["ce_loss"]["first_token_spared_increase"] == round(loss["first_token_spared"]["increase"], 4)
     assert measured["ce_loss"]["random_direction_controls"] == [round(x, 4) for x in loss["random_controls"]["increases"]]
-    assert measured["direction"] == {**{k: summary["direction"][k] for k in ("position", "layer")},
+    assert measured["direction"] == {**{k: summary["direction"][k] for k in ("position", "layer", "zero_dims")},
                                      "kl_threshold": summary["selection"]["kl_threshold"]}
     assert measured["test_split"] == {"harmful": completions("harmful_baseline")["n"],
                                       "harmless": completions("harmless_baseline")["n"]}
 
 
-def test_notebook_quotes_the_shipped_runs_figures(summary):
+def test_notebook_quotes_the_shipped_runs_figures(summary, plain):
     cells = json.loads((ROOT / "solutions.ipynb").read_text())["cells"]
     text = " ".join(" ".join("".join(c["source"]).split()) for c in cells if c["cell_type"] == "markdown")
     rates = summary["refusal_rate"]
@@ -101,7 +127,11 @@ def test_notebook_quotes_the_shipped_runs_figures(summary):
     loss = summary["ce_loss"]
     assert f"gives {harmful}; {harmless}; and {loss['baseline']:.3f} -> {loss['ablation']:.3f} ({loss['increase']:+.2f})" in text
     assert control_figures(loss) in text
-    assert f"cuts the cross-entropy increase from {loss['increase']:+.2f} to {loss['first_token_spared']['increase']:+.2f}" in text
+    plain_loss = plain["ce_loss"]
+    increases = plain_loss["random_controls"]["increases"]
+    assert (f"the cross-entropy rises by {plain_loss['increase']:+.2f}, and 32 random directions with nothing zeroed by "
+            f"{plain_loss['random_controls']['mean_increase']:+.2f} on average (median {median(increases):+.3f}") in text
+    assert f"it cuts the plain direction's {plain_loss['increase']:+.2f} to {plain_loss['first_token_spared']['increase']:+.2f}" in text
 
 
 def test_notebook_quotes_its_own_executed_figures():

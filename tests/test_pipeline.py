@@ -1,12 +1,13 @@
 import json
 import os
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from refusal_helpers.__main__ import main
-from refusal_helpers.pipeline import CONDITIONS, SHIPPED_RUN, Artifacts, format_summary, load_direction
+from refusal_helpers.pipeline import CONDITIONS, MODEL_PRESETS, SHIPPED_RUN, Artifacts, format_summary, load_direction
 from refusal_helpers.selection import choose
 from refusal_helpers.testing import tiny_chat_model
 
@@ -203,6 +204,11 @@ def test_seed_stability_of_a_run_against_its_own_model_and_another(tiny_folder, 
     other = seed_stability(tiny_chat_model("qwen2", n_layers=3, seed=1), run=out)
     assert other["cosine"] < 0.9  # independent random weights: unrelated directions
 
+    zeroed = tmp_path / "zeroed"  # the other model's candidates get the run's zeroed dimensions too
+    assert run_cli(tiny_folder, zeroed, "--zero-dims", "0", "7", "--random-controls", "0") == 0
+    same = seed_stability(load_model(str(tiny_folder), device="cpu"), run=zeroed)
+    assert abs(same["cosine"] - 1) < 1e-4 and abs(same["norm_ratio"] - 1) < 1e-4
+
 
 def test_artifacts_record_which_weights_and_precision_made_them(tiny_folder, tmp_path):
     import shutil
@@ -225,6 +231,61 @@ def test_artifacts_record_which_weights_and_precision_made_them(tiny_folder, tmp
               metadata={"format": "pt"})
     assert run_cli(folder, out) == 0
     assert json.loads((out / "summary.json").read_text())["reused_artifacts"] == []
+
+
+def test_zero_dims_reach_every_candidate_and_control_and_are_part_of_the_settings(tiny_folder, tmp_path):
+    from refusal_helpers.directions import random_directions, zero_dims
+    from refusal_helpers.evaluation import completion_loss
+    from refusal_helpers.interventions import ablate
+    from refusal_helpers.models import load_model
+
+    plain, zeroed = tmp_path / "plain", tmp_path / "zeroed"
+    assert run_cli(tiny_folder, plain, "--random-controls", "1") == 0
+    assert "zero_dims" not in json.loads((plain / "candidates.safetensors.settings.json").read_text())
+    shutil.copytree(plain, zeroed)  # zeroing in a finished run's folder redoes all but the baselines
+    assert run_cli(tiny_folder, zeroed, "--random-controls", "1", "--zero-dims", "5", "2") == 0
+    summary = json.loads((zeroed / "summary.json").read_text())
+    assert summary["reused_artifacts"] == ["completions/harmful_baseline.json", "completions/harmless_baseline.json"]
+    assert summary["direction"]["zero_dims"] == [2, 5]
+    assert "residual dims 2, 5 zeroed (not the paper's method)" in format_summary(summary)
+    assert json.loads((plain / "summary.json").read_text())["direction"]["zero_dims"] == []
+    assert "zeroed" not in format_summary(json.loads((plain / "summary.json").read_text()))
+    before = load_file(str(plain / "candidates.safetensors"))["candidates"]
+    after = load_file(str(zeroed / "candidates.safetensors"))["candidates"]
+    assert (before[..., [2, 5]] != 0).any() and (after[..., [2, 5]] == 0).all()
+    assert torch.equal(after, zero_dims(before, [2, 5]))  # the same means, only those entries differ
+    direction, _ = load_direction(zeroed)
+    assert (direction[[2, 5]] == 0).all()
+    assert json.loads((zeroed / "loss.json.settings.json").read_text())["zero_dims"] == [2, 5]
+
+    # the control is a random direction with the same entries zeroed
+    items = json.loads((zeroed / "completions/harmless_baseline.json").read_text())["items"]
+    cm = load_model(str(tiny_folder), device="cpu")
+    args = [i["instruction"] for i in items], [i["completion"] for i in items]
+    baseline = completion_loss(cm, *args)
+    with ablate(cm, zero_dims(random_directions(1, cm.d_model), [2, 5])[0]):
+        expected = completion_loss(cm, *args) - baseline
+    control = json.loads((zeroed / "loss.json").read_text())["random_controls"]["increases"][0]
+    assert abs(control - expected) < 1e-4
+
+    # the same dims in another order reuse every artifact; other dims remake the candidates
+    assert run_cli(tiny_folder, zeroed, "--random-controls", "1", "--zero-dims", "2", "5") == 0
+    assert "candidates.safetensors" in json.loads((zeroed / "summary.json").read_text())["reused_artifacts"]
+    assert run_cli(tiny_folder, zeroed, "--random-controls", "1", "--zero-dims", "3") == 0
+    assert "candidates.safetensors" not in json.loads((zeroed / "summary.json").read_text())["reused_artifacts"]
+
+
+def test_zero_dims_come_from_the_model_preset_unless_given(monkeypatch):
+    from refusal_helpers.__main__ import build_parser
+    from refusal_helpers.pipeline import PipelineConfig
+
+    monkeypatch.setitem(MODEL_PRESETS, "some-model", {"zero_dims": [9, 4]})
+    assert PipelineConfig(model="some-model").dims_to_zero() == (4, 9)
+    assert PipelineConfig(model="some-model", zero_dims=(7, 7)).dims_to_zero() == (7,)
+    assert PipelineConfig(model="another-model").dims_to_zero() == ()
+    args = vars(build_parser().parse_args(["run", "--model", "some-model", "--zero-dims"]))
+    assert PipelineConfig(**{k: v for k, v in args.items() if k != "command"}).dims_to_zero() == ()  # no DIM: none
+    assert "zero_dims" not in vars(build_parser().parse_args(["run"]))  # absent: the preset decides
 
 
 def test_summary_condenses_many_random_controls_and_ranks_the_direction_among_them():
