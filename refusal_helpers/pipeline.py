@@ -45,12 +45,13 @@ from .metrics import refusal_rate, is_refusal
 from .models import ChatModel, load_model, model_version, resolve_device_dtype
 from .selection import ScoreTable, Selection, SelectionConfig, choose, score_candidates
 
-# Settings measured for the embedded model (see README, "The embedded model"). zero_dims: dimension 507
-# carries the attention sink's massive activation; a candidate's entry there moves the sink under ablation,
-# which doubles the CE cost (+0.36 -> +0.10 for layer 17 with it zeroed; not the paper's method). KL: no
-# candidate that passes the induce filter has an ablation KL under the paper's 0.1, so the KL filter was set on
-# the validation split as the smallest threshold (in steps of 0.1) whose chosen direction, ablated, leaves
-# <= 10% of harmful validation prompts refused: 0.4 (layer 16, KL 0.38, 6 of 60 refused); nothing passes at 0.3.
+# Settings measured for the embedded model (see README, "The embedded model"). zero_dims (not the paper's
+# method): dimension 507 carries the attention sink's massive activation, and a candidate's entry there moves
+# the sink under ablation, which is most of its CE cost (layer 17's plain direction: +0.36; zeroed: +0.10).
+# KL: no candidate that passes the induce filter has an ablation KL under the paper's 0.1, so the KL filter
+# was set on the validation split as the smallest threshold (in steps of 0.1) whose chosen direction,
+# ablated, leaves <= 10% of harmful validation prompts refused: 0.4 (layer 16, KL 0.38, 6 of 60 refused);
+# nothing passes at 0.3. Without zero_dims the same rule gives 0.7 (runs/embedded-plain).
 MODEL_PRESETS: dict[str, dict] = {"embedded": {"kl_threshold": 0.4, "zero_dims": [507]}}
 
 
