@@ -313,6 +313,10 @@ class Pipeline:
         return {**self._model_identity, **{k: c[k] for k in keys},
                 **{f"{kind}_{split}": data_record(self._source(kind), self.data(kind, split)) for kind, split in data}}
 
+    def _candidate_settings(self) -> dict:
+        """What the candidates depend on; the score table, made from them, depends on all of it too."""
+        return {**self._settings(data=TRAIN), **self._zeroed}
+
     @property
     def _zeroed(self) -> dict:
         """What candidates and controls depend on when dimensions are zeroed (nothing otherwise, so that runs
@@ -323,7 +327,7 @@ class Pipeline:
     # ----- 1. extract ----------------------------------------------------------------------------
     def extract(self) -> torch.Tensor:
         """Difference-of-means candidates, shape (n_positions, n_layers, d_model)."""
-        settings = {**self._settings(data=TRAIN), **self._zeroed}
+        settings = self._candidate_settings()
         name = "candidates.safetensors"
         if not self._done(name, settings):
             with self._making(name, settings) as cm:
@@ -354,7 +358,7 @@ class Pipeline:
         sel_config = self.config.selection_config()
         lazy = self.config.selection_mode == "lazy"
         # The exhaustive table does not depend on the filters: changing a threshold only re-chooses.
-        scored = {**self._settings("selection_mode", data=TRAIN + VAL), **self._zeroed}
+        scored = {**self._candidate_settings(), **self._settings("selection_mode", data=VAL)}
         score_settings = {**scored, **({"selection": asdict(sel_config)} if lazy else {})}
         full_table = {**scored, "selection_mode": "exhaustive"}
         if lazy and self.art.done("selection.json", full_table):
