@@ -6,9 +6,9 @@ the ratio is a lower bound on what the ablation hooks cost.
 
 import torch
 
-from common import interleaved, load, machine, parser
+from common import interleaved, load, machine, parser, save
 from refusal_helpers.data import load_instructions
-from refusal_helpers.generation import generate
+from refusal_helpers.generation import GREEDY, generate
 from refusal_helpers.interventions import ablate
 
 
@@ -22,8 +22,8 @@ def main() -> None:
     prompts = load_instructions("harmful", "val", n=args.batch_size)
     inputs = cm.tokenize(prompts)
     direction = torch.randn(cm.d_model)
-    kwargs = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens, do_sample=False,
-                  temperature=None, top_p=None, top_k=None, pad_token_id=cm.tokenizer.pad_token_id)
+    kwargs = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
+                  pad_token_id=cm.tokenizer.pad_token_id, **GREEDY)
 
     @torch.inference_mode()
     def plain():  # model.generate directly, no library code in the way
@@ -40,6 +40,9 @@ def main() -> None:
     print(f"machine: {machine(cm)}; batch {args.batch_size}, {args.max_new_tokens} new tokens each")
     print(f"plain generate:   {tokens / t['plain']:8.1f} tokens/s")
     print(f"ablated generate: {tokens / t['ablated']:8.1f} tokens/s")
+    save(args, "generation", {"model": cm.name, "machine": machine(cm), "batch": args.batch_size,
+                              "new_tokens": args.max_new_tokens, "plain_tokens_s": tokens / t["plain"],
+                              "ablated_tokens_s": tokens / t["ablated"], "ratio": t["plain"] / t["ablated"]})
     print(f"ablated/plain generation throughput: {t['plain'] / t['ablated']:.3f}x (target >= 0.85x)")
 
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from common import interleaved, load, machine, parser
+from common import interleaved, load, machine, parser, save
 from refusal_helpers.data import load_instructions
 from refusal_helpers.interventions import ablate
 
@@ -28,6 +28,9 @@ def main() -> None:
     print(f"machine: {machine(cm)}; batch {tuple(inputs['input_ids'].shape)}, {3 * cm.n_layers} hooks")
     print(f"plain forward:   {t['plain'] * 1000:8.1f} ms (median of {args.repeats})")
     print(f"ablated forward: {t['ablated'] * 1000:8.1f} ms")
+    save(args, "hooks", {"model": cm.name, "machine": machine(cm), "batch": list(inputs["input_ids"].shape),
+                         "hooks": 3 * cm.n_layers, "plain_ms": t["plain"] * 1000, "ablated_ms": t["ablated"] * 1000,
+                         "ratio": t["ablated"] / t["plain"], "repeats": args.repeats})
     print(f"ablation forward overhead: {t['ablated'] / t['plain']:.3f}x (target <= 1.15x)")
 
 

@@ -3,22 +3,36 @@
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
-from refusal_helpers.models import ChatModel, load_model
+from refusal_helpers.loading import load_model
+from refusal_helpers.models import ChatModel
+
+
+RESULTS = Path(__file__).resolve().parent / "results"  # what `make bench` measured: benchmarks/RESULTS.md quotes it
 
 
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
+    p.add_argument("--save", action="store_true", help=f"keep the measurement in {RESULTS}/<benchmark>.json")
     p.add_argument("--model", default="embedded", help="'embedded', a model path/name, or tiny-<arch> for a smoke run")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--repeats", type=int, default=5)
     return p
+
+
+def save(args, name: str, result: dict) -> None:
+    """Keep a measurement (with --save) for benchmarks/RESULTS.md, which `python -m refusal_helpers.report` renders."""
+    if args.save:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
 
 
 def load(args) -> ChatModel:

@@ -1,5 +1,6 @@
 """Run every benchmark in turn, showing its output as it runs, then print each one's final line (the ratio
-or figure it measured). Arguments are passed to the benchmarks that take a model (not bench_end_to_end)."""
+or figure it measured). Arguments are passed to every benchmark but bench_end_to_end, which gets only --save
+(``make bench`` passes it: the measurements are kept in benchmarks/results/ for benchmarks/RESULTS.md)."""
 
 import subprocess
 import sys
@@ -13,7 +14,8 @@ def main() -> int:
     finals = []
     for name in BENCHMARKS:
         print(f"== {name}", flush=True)
-        command = [sys.executable, str(HERE / name), *(sys.argv[1:] if name != "bench_end_to_end.py" else [])]
+        args = sys.argv[1:] if name != "bench_end_to_end.py" else [a for a in sys.argv[1:] if a == "--save"]
+        command = [sys.executable, str(HERE / name), *args]
         lines = []
         with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=HERE) as proc:  # stderr (bars) passes through
             for line in proc.stdout:

@@ -1,12 +1,20 @@
-"""Command line: ``python -m refusal_helpers run --model embedded``; ``sweep --run DIR --layers 10-23`` (see ``--help``)."""
+"""Command line: ``python -m refusal_helpers run --model embedded`` (the paper's pipeline), ``sweep``, ``preset``,
+``cache``; see ``--help`` of each."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from .data import HARMFUL_HUB_SETS, HARMLESS_HUB_SETS
-from .pipeline import PipelineConfig
+from .embedded import cache_listing, cache_root, prune_cache
+from .pipeline import Pipeline, PipelineConfig, default_out
+from .presets import derive_preset, save_preset
+from .report import format_summary
+from .runs import SHIPPED_RUN, RunFolder
+from .sweep import format_sweep, sweep_run
 
 
 def _positive(value: str, alternative: str = "", minimum: int = 1) -> int:
@@ -28,6 +36,17 @@ def _count(value: str) -> int:
     return _positive(value, "or 0", minimum=0)
 
 
+def _number(value: str) -> float:
+    """A finite number (JSON cannot hold inf or NaN, and no threshold needs them)."""
+    try:
+        x = float(value)
+    except ValueError:
+        x = None
+    if x is None or x != x or x in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number (e.g. 1e9 for 'no limit'), got {value!r}")
+    return x
+
+
 def _layers(value: str) -> list[int]:
     """Layers as 'a-b' (inclusive) or 'a,b,c'."""
     try:
@@ -43,29 +62,29 @@ def _layers(value: str) -> list[int]:
     return layers
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m refusal_helpers",
-                                     description="Refusal in language models is mediated by a single direction.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the paper's pipeline: extract, select, generate, evaluate, loss",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def _add_run_options(run: argparse.ArgumentParser) -> None:
     d = PipelineConfig()
     run.add_argument("--model", default=d.model, help="'embedded', a hub name, a local folder or a .gguf file")
     run.add_argument("--out", default=argparse.SUPPRESS,
                      help="output folder (default: runs/<model alias>; runs/demo for the embedded model, whose "
                           "runs/embedded is the shipped run)")
+    run.add_argument("--force", action="store_true", help="overwrite a folder that holds another model's run")
     run.add_argument("--n-train", type=_n, default=d.n_train, help="instructions per kind for the means, or 'all'")
     run.add_argument("--n-val", type=_n, default=d.n_val, help="instructions per kind for selection, or 'all'")
     run.add_argument("--n-test", type=_n, default=d.n_test, help="test instructions per kind, or 'all'")
+    for split in ("train", "val"):
+        run.add_argument(f"--filter-{split}", action=argparse.BooleanOptionalAction, default=getattr(d, f"filter_{split}"),
+                         help=f"keep only {split} prompts the model treats as their kind (baseline refusal score > 0 "
+                              "for harmful, < 0 for harmless), as the paper does")
     run.add_argument("--max-new-tokens", type=_positive, default=d.max_new_tokens, help="greedy tokens per completion")
     run.add_argument("--batch-size", type=_positive, default=d.batch_size, help="prompts per forward pass")
     run.add_argument("--selection-mode", choices=("lazy", "exhaustive"), default=d.selection_mode,
                      help="lazy: stop at the first passing candidate; exhaustive: every score (full plots)")
-    run.add_argument("--kl-threshold", type=float, default=argparse.SUPPRESS, help="default: model preset, else 0.1")
-    run.add_argument("--induce-threshold", type=float, default=d.induce_threshold,
+    run.add_argument("--kl-threshold", type=_number, default=argparse.SUPPRESS, help="default: model preset, else 0.1")
+    run.add_argument("--induce-threshold", type=_number, default=d.induce_threshold,
                      help="lowest refusal score that adding a candidate must induce")
-    run.add_argument("--max-layer-fraction", type=float, default=d.max_layer_fraction,
-                     help="candidates come from layers below this fraction of the depth")
+    run.add_argument("--max-layer-fraction", type=_number, default=d.max_layer_fraction,
+                     help="candidates come from layers < int(fraction * n_layers), as the paper prunes")
     run.add_argument("--harmful", dest="harmful_source", default=d.harmful_source,
                      choices=("bundled", *HARMFUL_HUB_SETS), help="the bundled set or a hub dataset (needs network)")
     run.add_argument("--harmless", dest="harmless_source", default=d.harmless_source,
@@ -81,64 +100,90 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", default=argparse.SUPPRESS, choices=("float32", "float16", "bfloat16"),
                      help="default: bfloat16 on a GPU (float16 where bfloat16 is unsupported), float32 on a CPU")
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m refusal_helpers",
+                                     description="Refusal in language models is mediated by a single direction.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    defaults = argparse.ArgumentDefaultsHelpFormatter
+    run = sub.add_parser("run", help="run the paper's pipeline: extract, select, generate, evaluate, loss",
+                         formatter_class=defaults)
+    _add_run_options(run)
+
     sweep = sub.add_parser("sweep", help="CE cost and refusal removal of each candidate's ablation in a finished run",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=defaults)
     sweep.add_argument("--run", help="a finished run folder, whose model is loaded (default: the shipped runs/embedded)")
     sweep.add_argument("--layers", type=_layers, required=True, help="'first-last' or 'a,b,c'; every position of each")
     sweep.add_argument("--n-completions", type=_positive, default=64,
                        help="non-refused harmless test completions of the run to measure CE on")
     sweep.add_argument("--n-harmful", type=_positive, default=32, help="harmful validation prompts to generate on")
     sweep.add_argument("--max-new-tokens", type=_positive, default=24, help="greedy tokens per harmful completion")
-    sweep.add_argument("--generate-below", type=float, default=0.15,
+    sweep.add_argument("--generate-below", type=_number, default=0.15,
                        help="generate only for candidates whose CE increase is at most this")
     sweep.add_argument("--json", help="also write the result to this file")
+
+    preset = sub.add_parser("preset", help="derive the embedded model's pipeline preset on validation data and "
+                                           "store it beside its adapter", formatter_class=defaults)
+    preset.add_argument("--out", default="runs/preset", help="folder for the exhaustive score table it needs")
+    preset.add_argument("--max-refused", type=_number, default=0.1,
+                        help="the largest fraction of harmful validation prompts the ablated direction may leave refused")
+    preset.add_argument("--no-save", action="store_true", help="print the preset without writing presets.json")
+
+    cache = sub.add_parser("cache", help="list (or delete) the merged models cached by load_model('embedded')")
+    action = cache.add_mutually_exclusive_group()
+    action.add_argument("--prune", action="store_true", help="delete all but the committed adapter's current merge")
+    action.add_argument("--clear", action="store_true", help="delete every cached merged model")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "run":
-        from .pipeline import Pipeline, default_out, format_summary
+    command = {"run": _run, "sweep": _sweep, "preset": _preset, "cache": _cache}[args.command]
+    try:
+        return command(args)
+    except (OSError, ValueError, RuntimeError, ModuleNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished artifacts are kept; run the same command again to resume.", file=sys.stderr)
+        return 130
 
-        options = {k: v for k, v in vars(args).items() if k != "command"}
-        options.setdefault("out", default_out(args.model))
-        try:
-            summary = Pipeline(PipelineConfig(**options)).run()
-        except (OSError, ValueError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        print()
-        print(format_summary(summary))
-        print(f"\nartifacts: {options['out']}")
-    elif args.command == "sweep":
-        return _sweep(args)
+
+def _run(args: argparse.Namespace) -> int:
+    options = {k: v for k, v in vars(args).items() if k != "command"}
+    options.setdefault("out", default_out(args.model))
+    summary = Pipeline(PipelineConfig(**options)).run()
+    print()
+    print(format_summary(summary))
+    print(f"\nartifacts: {options['out']}")
     return 0
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
-    from .models import load_model
-    from .pipeline import SHIPPED_RUN, run_instructions
-    from .sweep import format_sweep, sweep_run
-
-    run = Path(args.run) if args.run else SHIPPED_RUN
-    summary = run / "summary.json"
-    if not summary.is_file():
-        print(f"error: no summary.json in {run}: run the pipeline there to the end first.", file=sys.stderr)
-        return 2
-    try:
-        cm = load_model(json.loads(summary.read_text())["model"])
-        harmful = run_instructions("bundled", "harmful", "val", args.n_harmful)
-        result = sweep_run(cm, run, args.layers, harmful, args.n_completions, args.max_new_tokens,
-                           args.generate_below)
-    except (OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    run = RunFolder(args.run if args.run else SHIPPED_RUN)
+    run.summary()  # finished and intact
+    cm = run.load_model()
+    result = sweep_run(cm, run, args.layers, args.n_harmful, args.n_completions, args.max_new_tokens, args.generate_below)
     print(format_sweep(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+def _preset(args: argparse.Namespace) -> int:
+    derived = derive_preset(args.out, max_refused=args.max_refused)
+    print(json.dumps(derived, indent=1))
+    if not args.no_save:
+        print(f"wrote {save_preset(derived)}")
+    return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    if args.prune or args.clear:
+        removed = prune_cache(keep_current=args.prune)
+        print(f"Deleted {len(removed)} cached model(s), {sum(size for _, size in removed) / 1e9:.2f} GB, from {cache_root()}.")
+    else:
+        print(cache_listing())
     return 0
 
 

@@ -6,7 +6,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .generation import batches, check_instructions, progress_batches
+from .batching import batches, check_instructions, progress_batches
+from .hookpoints import hook_name
 from .interventions import hooks
 from .models import ChatModel
 
@@ -19,6 +20,14 @@ def residual_activations(
     layers: list[int],
 ) -> Float[Tensor, "batch pos layer d_model"]:
     """The residual stream entering each of `layers`, at `positions` (negative: from the end), for one batch."""
+    seq = inputs["input_ids"].shape[1]
+    outside = [p for p in positions if not -seq <= p < seq]
+    if outside:
+        raise ValueError(f"Positions {outside} lie outside the batch's {seq} tokens: use positions in {-seq}..{seq - 1} "
+                         "(negative ones count from the end of the left-padded prompts).")
+    bad_layers = [layer for layer in layers if not 0 <= layer < cm.n_layers]
+    if bad_layers:
+        raise ValueError(f"Layers {bad_layers} do not exist: the model has layers 0..{cm.n_layers - 1}.")
     captured: dict[int, Tensor] = {}
 
     def capture(layer: int):
@@ -28,7 +37,7 @@ def residual_activations(
 
         return fn
 
-    with hooks(cm, {f"blocks.{layer}.hook_resid_pre": capture(layer) for layer in layers}):
+    with hooks(cm, {hook_name(layer): capture(layer) for layer in layers}):
         cm.forward(inputs, logits_to_keep=1)
     return torch.stack([captured[layer] for layer in layers], dim=2)
 

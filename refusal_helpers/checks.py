@@ -15,7 +15,8 @@ from torch import Tensor
 from . import directions as ref_dirs
 from . import metrics as ref_metrics
 from .activations import mean_activations as ref_mean_activations
-from .interventions import addition_hook, hook_names, hooks
+from .hookpoints import hook_names
+from .interventions import addition_hook, hooks
 from .models import find_post_instruction_ids
 from .selection import ScoreTable, SelectionConfig, choose
 

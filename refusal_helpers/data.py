@@ -6,8 +6,10 @@ The bundled sets (``data/instructions/{harmful,harmless}.jsonl``) were written f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -110,3 +112,28 @@ def load_hub_instructions(name: str, n: int | None = None, seed: int | None = No
     if not instructions:
         raise ValueError(f"Hub dataset {name!r} returned no instructions.")
     return take(instructions, n, seed)
+
+
+def split_instructions(source: str, kind: str, split: str, n: int | None) -> list[str]:
+    """The first `n` instructions (all if None) of a kind and split, from the bundled sets or a hub dataset
+    (which has no fixed splits: halves and quarters are carved off it deterministically)."""
+    if source == "bundled":
+        items = load_instructions(kind, split)
+    else:
+        items = load_hub_instructions(source)
+        carved = {"train": slice(0, len(items) // 2), "val": slice(len(items) // 2, 3 * len(items) // 4),
+                  "test": slice(3 * len(items) // 4, None)}
+        items = items[carved[split]]
+    if not items:
+        raise ValueError(f"No {kind} instructions in split {split!r} of {source!r}.")
+    if n is not None and n > len(items):
+        warnings.warn(f"Asked for {n} {kind} {split} instructions but {source!r} has {len(items)}: using {len(items)}.",
+                      stacklevel=2)
+    return take(items, n)
+
+
+def data_record(source: str, instructions: list[str]) -> dict:
+    """What results made from instructions depend on: their source, number and a digest of their text
+    (edited files or an updated hub dataset change it where the sizes do not)."""
+    digest = hashlib.sha256(json.dumps(instructions, ensure_ascii=False).encode()).hexdigest()[:16]
+    return {"source": source, "n": len(instructions), "sha256": digest}

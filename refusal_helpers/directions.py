@@ -26,8 +26,18 @@ def diff_of_means(
     return harmful_mean - harmless_mean
 
 
+def check_float_tensor(x: object, name: str = "direction") -> None:
+    """Raise a clear error unless `x` is a floating-point torch tensor (not a list, numpy array or int tensor)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}: convert it with "
+                        "torch.as_tensor(x, dtype=torch.float32).")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}: use .float().")
+
+
 def check_direction(direction: Tensor, d_model: int | None = None, name: str = "direction") -> None:
-    """Raise a clear error for a direction that is not a finite, non-zero vector of the expected size."""
+    """Raise a clear error for a direction that is not a finite, non-zero float vector of the expected size."""
+    check_float_tensor(direction, name)
     if direction.ndim != 1:
         raise ValueError(f"{name} must be a 1-D vector of shape (d_model,), got shape {tuple(direction.shape)}.")
     if d_model is not None and direction.shape[0] != d_model:

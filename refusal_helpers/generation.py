@@ -2,47 +2,42 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import TypeVar
-
 import torch
-from tqdm.auto import tqdm
+from jaxtyping import Int
+from torch import Tensor
 
+from .batching import progress_batches
 from .models import ChatModel
 
-T = TypeVar("T")
-
-
-def check_instructions(instructions: list[str]) -> None:
-    """Raise a clear error unless `instructions` is a non-empty list of strings (a lone string is a mistake:
-    iterating it would treat each character, or each slice, as an instruction)."""
-    if isinstance(instructions, str):
-        raise TypeError(f"Expected a list of instruction strings, got one string ({instructions[:40]!r}...): "
-                        "wrap it in a list.")
-    if len(instructions) == 0:
-        raise ValueError("Expected a non-empty list of instruction strings, got an empty one.")
-
-
-def batches(items: Sequence[T], batch_size: int) -> Iterator[Sequence[T]]:
-    """Consecutive slices of `items` of at most `batch_size`."""
-    if isinstance(items, str):
-        raise TypeError("batches() slices a list; got a string. Pass a list of instructions.")
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}.")
-    for start in range(0, len(items), batch_size):
-        yield items[start : start + batch_size]
-
-
-def progress_batches(
-    items: Sequence[T], batch_size: int, progress: bool | str, default_label: str
-) -> Iterator[Sequence[T]]:
-    """`batches`, with a progress bar when `progress` is true (a string labels the bar)."""
-    chunks = list(batches(items, batch_size))
-    label = progress if isinstance(progress, str) else default_label
-    return iter(tqdm(chunks, desc=label, disable=not progress, leave=False))
+# Greedy decoding, with the sampling defaults some generation configs carry silenced.
+GREEDY = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
 
 
 @torch.inference_mode()
+def generate_ids(
+    cm: ChatModel,
+    instructions: list[str],
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    progress: bool | str = False,
+    **generate_kwargs,
+) -> list[Int[Tensor, " new"]]:
+    """The new token ids of each instruction's completion (greedy unless `generate_kwargs` say otherwise),
+    padded after an early end-of-sequence with the pad token, as `model.generate` writes them."""
+    if isinstance(instructions, str):
+        instructions = [instructions]
+    settings = {**GREEDY, **generate_kwargs} if not generate_kwargs.get("do_sample") else generate_kwargs
+    out: list[Tensor] = []
+    for chunk in progress_batches(instructions, batch_size, progress, "generating"):
+        inputs = cm.tokenize(chunk)
+        cm.check_length(inputs["input_ids"].shape[1] + max_new_tokens, "A prompt plus its new tokens")
+        output = cm.model.generate(
+            **inputs, max_new_tokens=max_new_tokens, pad_token_id=cm.tokenizer.pad_token_id, **settings
+        )
+        out.extend(output[:, inputs["input_ids"].shape[1] :].cpu())
+    return out
+
+
 def generate(
     cm: ChatModel,
     instructions: list[str],
@@ -56,21 +51,5 @@ def generate(
     Run it inside an intervention context (``with ablate(cm, r): generate(...)``) to generate under it:
     the hooks act at every position, the prompt's and each generated token's.
     """
-    if isinstance(instructions, str):
-        instructions = [instructions]
-    generate_kwargs.setdefault("do_sample", False)
-    if not generate_kwargs["do_sample"]:
-        # Greedy decoding: silence the sampling defaults some generation configs carry.
-        generate_kwargs.update(temperature=None, top_p=None, top_k=None)
-    completions: list[str] = []
-    for chunk in progress_batches(instructions, batch_size, progress, "generating"):
-        inputs = cm.tokenize(chunk)
-        output = cm.model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=cm.tokenizer.pad_token_id,
-            **generate_kwargs,
-        )
-        new_tokens = output[:, inputs["input_ids"].shape[1] :]
-        completions.extend(cm.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-    return [c.strip() for c in completions]
+    ids = generate_ids(cm, instructions, max_new_tokens, batch_size, progress, **generate_kwargs)
+    return [text.strip() for text in cm.tokenizer.batch_decode(ids, skip_special_tokens=True)] if ids else []

@@ -11,28 +11,53 @@ TransformerLens-named points:
 On top of it: ``ablate`` (directional ablation everywhere, optionally sparing each sequence's first
 token) and ``add`` (activation addition at one layer).
 Hooks act at every position, during plain forward passes and during generation alike.
+
+Hooks are process-wide: PyTorch calls a module's hooks on every forward pass, whichever thread runs it.
+``hooks`` therefore refuses to attach hooks to a model on which another thread holds hooks (use one model
+per thread, or a lock).
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 
 import torch
 from jaxtyping import Float, Int
-from torch import Tensor
+from torch import Tensor, nn
 
-from .directions import check_direction, normalize, project_out_unit
-from .models import HOOK_KINDS, ChatModel
+from .directions import check_direction, check_float_tensor, normalize, project_out_unit
+from .hookpoints import hook_name, hook_names, resolve
+from .models import ChatModel
 
 HookFn = Callable[[Tensor], Tensor]
 
+# Threads holding hooks on each model: {model: Counter(thread id -> open `hooks` blocks)}.
+_HOLDERS: weakref.WeakKeyDictionary[nn.Module, Counter] = weakref.WeakKeyDictionary()
+_HOLDERS_LOCK = threading.Lock()
 
-def hook_names(cm: ChatModel, kinds: tuple[str, ...] = HOOK_KINDS,
-               layers: list[int] | None = None) -> list[str]:
-    """Hook names for the given kinds at the given layers (all layers by default)."""
-    layers = range(cm.n_layers) if layers is None else layers
-    return [f"blocks.{layer}.{kind}" for layer in layers for kind in kinds]
+
+@contextmanager
+def _held_by_this_thread(model: nn.Module) -> Iterator[None]:
+    """Register this thread as holding hooks on `model`; a clear error if another thread holds some."""
+    me = threading.get_ident()
+    with _HOLDERS_LOCK:
+        holders = _HOLDERS.setdefault(model, Counter())
+        if any(thread != me and n for thread, n in holders.items()):
+            raise RuntimeError(
+                "Another thread has hooks attached to this model. PyTorch hooks are process-wide: that thread's "
+                "forward passes would run under these hooks too, and this thread's under its hooks. Use one model "
+                "per thread, or a lock around each `with` block."
+            )
+        holders[me] += 1
+    try:
+        yield
+    finally:
+        with _HOLDERS_LOCK:
+            holders[me] -= 1
 
 
 def _input_hook(fn: HookFn):
@@ -60,18 +85,19 @@ def _output_hook(fn: HookFn):
 def hooks(cm: ChatModel, hook_fns: dict[str, HookFn | list[HookFn]]) -> Iterator[ChatModel]:
     """Attach hook functions by hook name for the duration of the block; they are removed on exit, also on error."""
     handles = []
-    try:
-        for name, fns in hook_fns.items():
-            module, on_input = cm.hook_module(name)
-            for fn in fns if isinstance(fns, list) else [fns]:
-                if on_input:
-                    handles.append(module.register_forward_pre_hook(_input_hook(fn), with_kwargs=True))
-                else:
-                    handles.append(module.register_forward_hook(_output_hook(fn)))
-        yield cm
-    finally:
-        for handle in handles:
-            handle.remove()
+    with _held_by_this_thread(cm.model):
+        try:
+            for name, fns in hook_fns.items():
+                module, on_input = resolve(cm, name)
+                for fn in fns if isinstance(fns, list) else [fns]:
+                    if on_input:
+                        handles.append(module.register_forward_pre_hook(_input_hook(fn), with_kwargs=True))
+                    else:
+                        handles.append(module.register_forward_hook(_output_hook(fn)))
+            yield cm
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 def active_hook_count(cm: ChatModel) -> int:
@@ -113,6 +139,7 @@ def addition_hook(vector: Float[Tensor, "*dir d_model"], coeff: float = 1.0) -> 
 def _validated(cm: ChatModel, direction: Tensor, name: str) -> Tensor:
     """`direction` if it is (d_model,) or (batch, 1, d_model), finite and non-zero; else a clear error.
     A (1, d_model) direction is taken as (d_model,)."""
+    check_float_tensor(direction, name)
     if direction.ndim == 2 and direction.shape[0] == 1:
         direction = direction[0]
     if direction.ndim == 1:
@@ -200,6 +227,6 @@ def add(cm: ChatModel, vector: Float[Tensor, "*dir d_model"], layer: int, coeff:
     if not 0 <= layer < cm.n_layers:
         raise ValueError(f"layer must be in 0..{cm.n_layers - 1}, got {layer}.")
     fn = addition_hook(_validated(cm, vector, "addition vector"), coeff)
-    with hooks(cm, {f"blocks.{layer}.hook_resid_pre": fn}):
+    with hooks(cm, {hook_name(layer): fn}):
         yield cm
 

@@ -10,13 +10,12 @@ needs to know about them, found generically from the model itself rather than pe
 - the decoder blocks, what each attention and MLP adds to the residual stream, the embedding and
   unembedding.
 
-Hook points follow TransformerLens names: ``blocks.{l}.hook_resid_pre``, ``blocks.{l}.hook_attn_out``,
-``blocks.{l}.hook_mlp_out``.
+Loading by name (``"embedded"``, a hub name, a folder, a .gguf file) is `refusal_helpers.loading.load_model`;
+this module loads Hugging Face folders and GGUF files (`load_pretrained`). Hook names are `hookpoints`'.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -24,6 +23,9 @@ from functools import cached_property
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
+
+from .batching import check_instructions
+from .devices import resolve_device_dtype
 
 # Child-module names, in order of preference, used to find parts across architectures.
 ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
@@ -38,9 +40,6 @@ REFUSAL_OPENINGS = ("I cannot", "I can't", "I'm sorry", "Sorry", "As an AI", "Un
 # Probe instructions with different endings: the token suffix they all share after the user's text is
 # the post-instruction template.
 _PROBE_INSTRUCTIONS = ("x", "Hello world!", "What is 2 + 2?", "Tell me a story about a cat.")
-
-HOOK_KINDS = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out")
-
 
 class ArchitectureError(ValueError):
     """The model's layout (blocks, attention, MLP) could not be found."""
@@ -128,10 +127,38 @@ def common_suffix_length(sequences: list[list[int]]) -> int:
     return n
 
 
+def control_tokens(tokenizer) -> list[str]:
+    """The tokenizer's special tokens (BOS, EOS, turn markers such as ``<|im_end|>``) as text."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    found = set(tokenizer.all_special_tokens) | {t.content for t in added.values() if getattr(t, "special", False)}
+    return sorted(t for t in found if t)
+
+
+def check_no_control_tokens(tokenizer, texts: list[str], what: str = "instruction") -> None:
+    """Raise a clear error if a text contains one of the tokenizer's control tokens: the chat template would
+    read it as template structure (e.g. a new turn), not as the user's words."""
+    tokens = control_tokens(tokenizer)
+    for i, text in enumerate(texts):
+        found = next((t for t in tokens if t in text), None)
+        if found is not None:
+            raise ValueError(
+                f"{what.capitalize()} {i} ({text[:60]!r}) contains the control token {found!r}, which the tokenizer "
+                "would read as chat-template structure (e.g. the end of the user's turn), not as text. Remove it "
+                f"or write it differently (e.g. with spaces inside: {' '.join(found)!r})."
+            )
+
+
 def format_prompts(tokenizer, instructions: list[str], system_prompt: str | None = None) -> list[str]:
-    """Prompts as the tokenizer's chat template writes them, ending with the assistant's turn opening."""
+    """Prompts as the tokenizer's chat template writes them, ending with the assistant's turn opening.
+
+    Instructions (and the system prompt) must not contain the tokenizer's control tokens.
+    """
     if isinstance(instructions, str):
         instructions = [instructions]
+    check_instructions(instructions)
+    check_no_control_tokens(tokenizer, instructions)
+    if system_prompt is not None:
+        check_no_control_tokens(tokenizer, [system_prompt], "system prompt")
     prompts = []
     for instruction in instructions:
         messages = [{"role": "user", "content": instruction}]
@@ -215,24 +242,6 @@ class ChatModel:
         """Whether sublayer outputs are normalised before the residual add (Gemma 2/3)."""
         return any(p.post_norms for p in self._parts)
 
-    def hook_module(self, hook_name: str) -> tuple[nn.Module, bool]:
-        """The module behind a hook name and whether the hook acts on its input (True) or output."""
-        try:
-            _, layer, kind = hook_name.split(".")
-            parts = self._parts[int(layer)]
-        except (ValueError, IndexError) as err:
-            raise KeyError(
-                f"Unknown hook point {hook_name!r}: expected 'blocks.<layer>.<kind>' with layer in "
-                f"0..{self.n_layers - 1} and kind in {HOOK_KINDS}."
-            ) from err
-        if kind == "hook_resid_pre":
-            return parts.block, True
-        if kind == "hook_attn_out":
-            return parts.attn_writer, False
-        if kind == "hook_mlp_out":
-            return parts.mlp_writer, False
-        raise KeyError(f"Unknown hook kind {kind!r} in {hook_name!r}; expected one of {HOOK_KINDS}.")
-
     # ----- prompts -------------------------------------------------------------------------------
     def format(self, instructions: list[str]) -> list[str]:
         """Prompts as the chat template writes them, ending with the assistant's turn opening."""
@@ -243,7 +252,20 @@ class ChatModel:
         batch = self.tokenizer(
             self.format(instructions), return_tensors="pt", padding=True, add_special_tokens=False
         )
+        self.check_length(batch["input_ids"].shape[1])
         return {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+
+    @property
+    def max_positions(self) -> int | None:
+        """How many positions a learned absolute position embedding (GPT-2) can encode; None without one."""
+        return None if self.position_embed is None else self.position_embed.num_embeddings
+
+    def check_length(self, n_tokens: int, what: str = "A prompt") -> None:
+        """Raise a clear error for a sequence longer than the model's learned positions (it would index past them)."""
+        limit = self.max_positions
+        if limit is not None and n_tokens > limit:
+            raise ValueError(f"{what} of {n_tokens} tokens is longer than the {limit} positions {self.name!r} can "
+                             "embed: shorten the instruction (or generate fewer new tokens).")
 
     @cached_property
     def post_instruction_ids(self) -> list[int]:
@@ -298,83 +320,17 @@ class ChatModel:
         )
 
 
-def default_device() -> torch.device:
-    """CUDA when available, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on GPUs that support it, float16 on older GPUs, float32 on CPU."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-def resolve_device_dtype(
-    device: torch.device | str | None, dtype: torch.dtype | str | None
-) -> tuple[torch.device, torch.dtype]:
-    """The device and dtype a model loads with: None means the default device and that device's default dtype;
-    a dtype may be named ('float32', 'float16', 'bfloat16')."""
-    try:
-        device = torch.device(device) if device is not None else default_device()
-    except RuntimeError:
-        raise ValueError(f"Unknown device {device!r}: expected 'cpu', 'cuda' or 'cuda:N'.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={str(device)!r} but this torch sees no CUDA GPU (torch {torch.__version__}, "
-                         "torch.cuda.is_available() is False): use device='cpu', or install a CUDA build of torch.")
-    if device.type == "mps":
-        raise ValueError("Apple's MPS backend has no float64, which this library uses for exact means, projections "
-                         "and scores: use device='cpu' (the embedded model is sized for a CPU) or a CUDA GPU.")
-    if dtype is None:
-        return device, default_dtype(device)
-    if isinstance(dtype, str):
-        try:
-            dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-        except KeyError:
-            raise ValueError(f"Unknown dtype {dtype!r}: expected float32, float16 or bfloat16.") from None
-    return device, dtype
-
-
-def model_version(name_or_path: str) -> str | None:
-    """A short fingerprint of the weights a name refers to, or None for a hub name.
-
-    ``"embedded"``: its adapter's hash; a local folder or file: the names, sizes and modification times of
-    its files. Runs record it so that artifacts made with other weights under the same name are not reused.
-    """
-    if name_or_path == "embedded":
-        from .organism import adapter_digest
-
-        return adapter_digest()
-    if not os.path.exists(name_or_path):
-        return None
-    if os.path.isfile(name_or_path):
-        files = [name_or_path]
-    else:
-        files = sorted(os.path.join(name_or_path, f) for f in os.listdir(name_or_path))
-    digest = hashlib.sha256()
-    for f in files:
-        if os.path.isfile(f):
-            st = os.stat(f)
-            digest.update(f"{os.path.basename(f)}:{st.st_size}:{st.st_mtime_ns};".encode())
-    return digest.hexdigest()[:12]
-
-
-def load_model(
-    name_or_path: str = "embedded",
+def load_pretrained(
+    name_or_path: str,
     device: torch.device | str | None = None,
     dtype: torch.dtype | str | None = None,
     trust_remote_code: bool = False,
     **from_pretrained_kwargs,
 ) -> ChatModel:
-    """Load a chat model: ``"embedded"`` (the project's refusal model), a hub name, a folder or a .gguf file."""
+    """A chat model from a Hugging Face folder or hub name, or a .gguf file (de-quantised to `dtype`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device, dtype = resolve_device_dtype(device, dtype)
-    if name_or_path == "embedded":
-        from .organism import load_embedded
-
-        return load_embedded(device=device, dtype=dtype)
-
     kwargs = dict(from_pretrained_kwargs)
     source = name_or_path
     if name_or_path.endswith(".gguf"):

@@ -12,6 +12,11 @@ from .directions import cosine_similarity_matrix, projection
 from .selection import ScoreTable, Selection, SelectionConfig, layer_mask
 
 
+def token_labels(tokenizer, ids: list[int]) -> list[str]:
+    """Each token as the text it decodes to (a newline as '\\n', not a byte-level BPE form such as 'Ċ')."""
+    return [tokenizer.decode([i]) for i in ids]
+
+
 def _position_label(position: int, tokens: list[str] | None) -> str:
     return f"{position} ({tokens[position]!r})" if tokens else str(position)
 

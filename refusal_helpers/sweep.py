@@ -15,20 +15,18 @@ target at all. ``python -m refusal_helpers sweep`` runs it on a run folder.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from jaxtyping import Float
-from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .evaluation import completion_loss
-from .generation import check_instructions, generate
+from .batching import check_instructions
+from .data import split_instructions
+from .evaluation import completion_loss, judged_completions, refused_count
 from .interventions import ablate
-from .metrics import is_refusal
 from .models import ChatModel
+from .runs import RunFolder
 
 
 @dataclass
@@ -58,7 +56,7 @@ def ablation_sweep(
     """The baseline CE of `completions` and each cell's `CandidateCost`.
 
     `cells` are (position, layer) pairs with negative positions counted from the end of the candidates'
-    position axis (-1 is the last template token), as in the pipeline's `direction.json`.
+    position axis (-1 is the last template token), as in the pipeline's `selection.json`.
     """
     n_pos, n_layers = candidates.shape[:2]
     for position, layer in cells:
@@ -82,31 +80,32 @@ def ablation_sweep(
 
 def _refused(cm: ChatModel, harmful: list[str], max_new_tokens: int, batch_size: int) -> int:
     """How many of `harmful` the model (under whatever interventions are active) refuses."""
-    return sum(map(is_refusal, generate(cm, harmful, max_new_tokens, batch_size)))
+    return refused_count(judged_completions(cm, harmful, max_new_tokens, batch_size))
 
 
 def sweep_run(
-    cm: ChatModel, run: str | Path, layers: list[int], harmful: list[str], n_completions: int = 64,
+    cm: ChatModel, run: RunFolder, layers: list[int], n_harmful: int = 32, n_completions: int = 64,
     max_new_tokens: int = 24, generate_below: float = 0.15, batch_size: int = 32, progress: bool = True,
 ) -> dict:
-    """`ablation_sweep` over every position of `layers` in a finished pipeline run.
+    """`ablation_sweep` over every position of `layers` in a finished pipeline run, on the first `n_harmful`
+    bundled harmful validation prompts.
 
     CE is measured on the first `n_completions` harmless test completions of the run that the judge does
     not read as refusals (`completions/harmless_baseline.json`).
     """
-    run = Path(run)
-    candidates = load_file(str(run / "candidates.safetensors"))["candidates"]
-    items = json.loads((run / "completions" / "harmless_baseline.json").read_text())["items"]
+    candidates = run.candidates()
+    harmful = split_instructions("bundled", "harmful", "val", n_harmful)
+    items = run.completions("harmless_baseline")["items"]
     kept = [item for item in items if not item["refusal"]][:n_completions]
     if not kept:
-        raise ValueError(f"{run} has no non-refused harmless completions to measure CE on.")
+        raise ValueError(f"{run.root} has no non-refused harmless completions to measure CE on.")
     n_pos = candidates.shape[0]
     cells = [(position, layer) for position in range(-n_pos, 0) for layer in layers]
     baseline, costs = ablation_sweep(
         cm, candidates, cells, [i["instruction"] for i in kept], [i["completion"] for i in kept], harmful,
         max_new_tokens, generate_below, batch_size, progress)
     harmful_refused = _refused(cm, harmful, max_new_tokens, batch_size)
-    return {"run": str(run), "baseline_ce": baseline, "n_completions": len(kept), "n_harmful": len(harmful),
+    return {"run": str(run.root), "baseline_ce": baseline, "n_completions": len(kept), "n_harmful": len(harmful),
             "harmful_refused_without_ablation": harmful_refused, "max_new_tokens": max_new_tokens,
             "generate_below": generate_below, "candidates": [asdict(c) for c in costs]}
 

@@ -32,7 +32,7 @@ def test_end_to_end_benchmark_compares_the_cli_with_loading_alone(tmp_path):
     cm.model.save_pretrained(tmp_path / "tiny")
     cm.tokenizer.save_pretrained(tmp_path / "tiny")
     cli = ["--model", str(tmp_path / "tiny"), "--n-train", "4", "--n-val", "2", "--n-test", "2", "--max-new-tokens", "2",
-           "--kl-threshold", "1e6", "--induce-threshold=-1e6", "--device", "cpu"]
+           "--kl-threshold", "1e6", "--induce-threshold=-1e6", "--device", "cpu", "--no-filter-train", "--no-filter-val"]
     proc = subprocess.run([sys.executable, str(BENCH / "bench_end_to_end.py"), "--skip-notebook", "--", *cli],
                           capture_output=True, text=True, cwd=BENCH, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from refusal_helpers.generation import generate
-from refusal_helpers.interventions import active_hook_count, add, ablate, hook_names, hooks
+from refusal_helpers.hookpoints import hook_names
+from refusal_helpers.interventions import active_hook_count, add, ablate, hooks
 from refusal_helpers.testing import ARCHITECTURES, tiny_chat_model
 from tests.conftest import HARMFUL
 
@@ -241,7 +242,7 @@ def test_hooks_cast_to_activation_dtype():
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_starting_at_a_layer_equals_the_full_forward(arch):
     from refusal_helpers.activations import residual_activations
-    from refusal_helpers.evaluation import start_at_layer
+    from refusal_helpers.selection.engine import start_at_layer
 
     cm = tiny_chat_model(arch, n_layers=3)
     r = torch.randn(cm.d_model)

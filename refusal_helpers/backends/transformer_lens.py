@@ -42,9 +42,10 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from ..directions import check_direction
-from ..generation import check_instructions, progress_batches
+from ..batching import check_instructions, progress_batches
 from ..interventions import ablation_hook
-from ..models import HOOK_KINDS, ChatModel
+from ..hookpoints import HOOK_KINDS, hook_name, hook_names
+from ..models import ChatModel
 
 if TYPE_CHECKING:
     from transformer_lens.hook_points import HookPoint
@@ -194,7 +195,7 @@ def mean_activations_tl(
     check_instructions(instructions)
     _check_sizes(bridge, cm)
     positions = cm.post_instruction_positions
-    names = [f"blocks.{layer}.hook_resid_pre" for layer in range(cm.n_layers)]
+    names = hook_names(cm, kinds=("hook_resid_pre",))
     total = torch.zeros(len(positions), len(names), cm.d_model, dtype=torch.float64)
     for chunk in progress_batches(instructions, batch_size, progress, "mean activations (TransformerLens)"):
         inputs = cm.tokenize(chunk)
@@ -224,7 +225,7 @@ def ablation_hooks_tl(
         return ablate(activation)
 
     layers = range(bridge.cfg.n_layers) if layers is None else layers
-    return [(f"blocks.{layer}.{kind}", hook) for layer in layers for kind in HOOK_KINDS]
+    return [(hook_name(layer, kind), hook) for layer in layers for kind in HOOK_KINDS]
 
 
 def _as_list(token_ids: int | list[int] | None) -> list[int]:

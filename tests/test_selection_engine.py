@@ -1,8 +1,10 @@
 import pytest
 import torch
 
-from refusal_helpers.evaluation import SharedPrefixPrompts, last_logits, variant_last_logits
-from refusal_helpers.interventions import ablate, ablation_hook, active_hook_count, hook_names
+from refusal_helpers.evaluation import last_logits
+from refusal_helpers.hookpoints import hook_names
+from refusal_helpers.interventions import ablate, ablation_hook, active_hook_count
+from refusal_helpers.selection.engine import SharedPrefixPrompts, variant_last_logits
 from refusal_helpers.testing import ARCHITECTURES, tiny_chat_model
 from tests.conftest import HARMFUL, HARMLESS
 

@@ -1,0 +1,153 @@
+"""Command line of the organism: train, refine, stability, evaluate, trajectory (see ``--help``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from ..embedded import adapter_dir, load_embedded
+from ..runs import RunFolder
+from . import experiments, training, trajectory
+from .experiments import DEFAULT_REFINE, RECIPE_SPLITS
+from .training import DEFAULT_RECIPE
+
+
+def _folder(value: str) -> Path:
+    """An existing folder."""
+    path = Path(value)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"no such folder: {value!r}")
+    return path
+
+
+def _whole(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}")
+    return n
+
+
+def _rate(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        x = -1.0
+    if not 0 < x < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {value!r}")
+    return x
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m refusal_helpers.organism",
+                                     description="Train and study the embedded refusal organism.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train the LoRA adapter of the embedded refusal model")
+    p.add_argument("--out", type=Path, required=True,
+                   help=f"folder for the adapter, recipe.json and training.json (the shipped one is {adapter_dir()})")
+    p.add_argument("--seed", type=int, default=DEFAULT_RECIPE["seed"])
+    p.add_argument("--epochs", type=_whole, default=DEFAULT_RECIPE["epochs"])
+    p.add_argument("--lr", type=_rate, default=DEFAULT_RECIPE["optimizer"]["lr"])
+    p.add_argument("--first-token-weight", type=float, default=DEFAULT_RECIPE["first_reply_token_weight"],
+                   help="extra loss weight on each reply's first token, where the model refuses or answers")
+    p.add_argument("--threads", type=_whole, default=None)
+    p.add_argument("--epoch-checkpoints", action="store_true",
+                   help="also save the adapter after each earlier epoch, in OUT/epoch-<n>, to evaluate separately")
+    p.add_argument("--trajectory", action="store_true",
+                   help="record the difference of means and refusal at the start and every tenth of training, in "
+                        "OUT/trajectory (about a minute per checkpoint on a CPU)")
+    p = sub.add_parser("refine", help="experiment: train on so that ablating the direction changes harmless predictions less")
+    p.add_argument("adapter", type=_folder, help="folder of an adapter written by `train`")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--layer", type=int, default=DEFAULT_REFINE["layer"])
+    p.add_argument("--position", type=int, default=DEFAULT_REFINE["position"])
+    p.add_argument("--kl-weight", type=float, default=DEFAULT_REFINE["kl_weight"],
+                   help="weight of the KL between harmless predictions with and without the direction ablated")
+    p.add_argument("--compliance-weight", type=float, default=DEFAULT_REFINE["compliance_weight"],
+                   help="weight of the KL between harmful first-token predictions with the direction ablated "
+                        "and the untuned model's")
+    p.add_argument("--epochs", type=_whole, default=DEFAULT_REFINE["epochs"])
+    p.add_argument("--lr", type=_rate, default=DEFAULT_REFINE["optimizer"]["lr"])
+    p.add_argument("--threads", type=_whole, default=None)
+    p = sub.add_parser("stability", help="compare a run's directions with another seed's organism")
+    p.add_argument("adapter", type=_folder, help="folder of an adapter trained with another --seed")
+    p.add_argument("--run", type=Path, default=None, help="run folder to compare with (default: runs/embedded)")
+    p = sub.add_parser("evaluate", help="refusal on the splits for comparing recipes: harmful val, harmless dev")
+    p.add_argument("adapter", type=_folder, nargs="?", default=None, help="adapter folder (default: the shipped one)")
+    p.add_argument("--harmful-split", default=RECIPE_SPLITS["harmful"], choices=("train", "val"))
+    p.add_argument("--harmless-split", default=RECIPE_SPLITS["harmless"], choices=("train", "val", "dev"))
+    p.add_argument("--threads", type=_whole, default=None)
+    p.add_argument("--json", type=Path, default=None, help="also write the results (and refused prompts) here")
+    p = sub.add_parser("trajectory", help="add each checkpoint's cosine with a run's selected direction to a trajectory")
+    p.add_argument("--run", type=Path, default=None, help="run folder (default: runs/embedded)")
+    p.add_argument("--adapter", type=_folder, default=None, help="folder with the trajectory (default: the shipped adapter)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    try:
+        return {"train": _train, "refine": _refine, "stability": _stability, "evaluate": _evaluate,
+                "trajectory": _trajectory}[args.command](args)
+    except (OSError, ValueError, RuntimeError, ModuleNotFoundError, FloatingPointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _train(args: argparse.Namespace) -> int:
+    recipe = {"seed": args.seed, "epochs": args.epochs, "first_reply_token_weight": args.first_token_weight,
+              "optimizer": {**DEFAULT_RECIPE["optimizer"], "lr": args.lr}}
+    log = training.train(args.out, recipe, epoch_checkpoints=args.epoch_checkpoints,
+                         on_step=trajectory.Trajectory(args.out) if args.trajectory else None)
+    print(json.dumps({k: log[k] for k in ("steps", "final_loss", "distill_seconds", "train_seconds")}))
+    return 0
+
+
+def _refine(args: argparse.Namespace) -> int:
+    settings = {"layer": args.layer, "position": args.position, "kl_weight": args.kl_weight,
+                "compliance_weight": args.compliance_weight, "epochs": args.epochs,
+                "optimizer": {**DEFAULT_REFINE["optimizer"], "lr": args.lr}}
+    log = experiments.refine(args.adapter, args.out, settings)["refine"]
+    print(json.dumps({k: log[k] for k in ("steps", "final_loss", "train_seconds")}))
+    return 0
+
+
+def _stability(args: argparse.Namespace) -> int:
+    run = args.run if args.run is not None else experiments.SHIPPED_RUN
+    print(json.dumps(experiments.seed_stability(args.adapter, run), indent=1))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    splits = {"harmful": args.harmful_split, "harmless": args.harmless_split}
+    results = experiments.refusal_on_splits(load_embedded(adapter=args.adapter), splits)
+    for kind, r in results.items():
+        print(f"{kind} {r['split']}: {r['refused']}/{r['n']} refused ({r['rate']:.1%})")
+    print("refused harmless:", *(f"  {i}" for i in results["harmless"]["refused_instructions"]), sep="\n")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+def _trajectory(args: argparse.Namespace) -> int:
+    run = RunFolder(args.run if args.run is not None else experiments.SHIPPED_RUN)
+    direction, selection = run.direction()
+    dims = run.summary()["direction"]["zero_dims"]
+    record = trajectory.add_final_direction(args.adapter or adapter_dir(), direction, selection["position"],
+                                            selection["layer"], dims, str(run.root))
+    final = record["final"]
+    print(f"cosine with the selected direction at layer {final['layer']}, per checkpoint: "
+          + ", ".join(f"{row[final['layer']]:.3f}" for row in final["cosine"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Measurements and experiments on organisms: refusal on the recipe splits, seed stability, and `refine`.
+
+`refine` is an experiment, not part of the shipped recipe: each variant tried lowered the CE cost of ablation
+but missed another target (docs/research-log.md).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ..activations import mean_activations
+from ..data import load_instructions, split_instructions
+from ..directions import diff_of_means, zero_dims
+from ..embedded import adapter_digest, load_base, load_embedded
+from ..evaluation import judged_completions, refused_count
+from ..models import ChatModel
+from ..runs import SHIPPED_RUN, RunFolder
+from ..selection import keep_consistent
+from .training import fit, merged_recipe, save_adapter
+from .targets import training_examples
+
+RECIPE_SPLITS = {"harmful": "val", "harmless": "dev"}  # where training recipes are compared (never test)
+DEFAULT_REFINE = {
+    "layer": 17, "position": -1, "n_instructions": 128,  # the direction: the plain difference of means' cell and data
+    "kl_weight": 2.0,  # weight of ablation_kl: harmless predictions with the direction ablated vs without
+    "compliance_weight": 0.0,  # weight of compliance_kl: harmful first-token decision, ablated vs the untuned model's
+    "epochs": 1,
+    "optimizer": {"name": "AdamW", "lr": 1e-3, "weight_decay": 0.0, "warmup_fraction": 0.1, "schedule": "linear"},
+}
+
+
+def refusal_on_splits(
+    cm: ChatModel, splits: dict[str, str] = RECIPE_SPLITS, max_new_tokens: int = 48, batch_size: int = 32,
+    limit: int | None = None,
+) -> dict[str, dict]:
+    """Greedy substring refusal of a model on whole splits, per kind: {kind: {split, n, refused, rate,
+    refused_instructions}}. The default splits are those for choosing a training recipe."""
+    results = {}
+    for kind, split in splits.items():
+        items = judged_completions(cm, load_instructions(kind, split)[:limit], max_new_tokens, batch_size,
+                                   progress=f"{kind} {split}")
+        refused = [item["instruction"] for item in items if item["refusal"]]
+        results[kind] = {"split": split, "n": len(items), "refused": refused_count(items),
+                         "rate": refused_count(items) / len(items), "refused_instructions": refused}
+    return results
+
+
+def own_directions(
+    cm: ChatModel, instructions: dict[str, list[str]], position: int, layers: list[int] | None = None
+) -> Float[Tensor, "layer d_model"]:
+    """A model's difference-of-means candidates at one position (all layers by default), in float32, from
+    ``{"harmful": [...], "harmless": [...]}`` instructions."""
+    means = (mean_activations(cm, instructions[kind], [position], layers, progress=f"{kind} means")
+             for kind in ("harmful", "harmless"))
+    return diff_of_means(*means)[0].float()
+
+
+def seed_stability(other: str | Path | ChatModel, run: str | Path = SHIPPED_RUN) -> dict:
+    """Compare a run's candidate directions with those another model (an adapter trained with another seed)
+    gives with the run's extraction settings: its training instructions, the paper's filter if the run used
+    it (by the other model's own refusal scores), and its zeroed dimensions. Returns the cosine per layer at
+    the run's selected position, and the cosine and norm ratio at its layer."""
+    folder = RunFolder(run)
+    direction, selection = folder.direction()
+    settings = folder.record("candidates.safetensors")["settings"]
+    data = {kind: settings[f"{kind}_train"] for kind in ("harmful", "harmless")}
+    if any(record["source"] != "bundled" for record in data.values()):
+        raise ValueError(f"{run} was extracted from hub data; seed stability compares runs on the bundled data.")
+    instructions = {kind: split_instructions("bundled", kind, "train", data[kind]["n"]) for kind in data}
+    cm = other if isinstance(other, ChatModel) else load_embedded(adapter=other)
+    if settings.get("filter_train"):
+        instructions = dict(zip(("harmful", "harmless"), keep_consistent(cm, instructions["harmful"], instructions["harmless"])))
+    ours = folder.candidates()[selection["position_index"]]  # (layer, d_model)
+    theirs = zero_dims(own_directions(cm, instructions, selection["position"]), settings.get("zero_dims", []))
+    per_layer = torch.nn.functional.cosine_similarity(ours, theirs, dim=-1)
+    layer = selection["layer"]
+    return {"position": selection["position"], "layer": layer, "cosine": float(per_layer[layer]),
+            "norm_ratio": float(theirs[layer].norm() / ours[layer].norm()),
+            "cosine_per_layer": [round(float(c), 3) for c in per_layer]}
+
+
+def refine(
+    adapter: Path, out: Path, settings: dict | None = None, threads: int | None = None, base: ChatModel | None = None,
+    limit: int | None = None,
+) -> dict:
+    """Continue training a `train`ed adapter so that ablating its refusal direction disturbs harmless replies less.
+
+    The adapter's own difference-of-means direction at `settings` (layer, position; train split) is
+    extracted, then training continues on the same examples with one more term, `ablation_kl`: on each
+    harmless reply, the model with that direction ablated is trained towards its own predictions without.
+    With a ``compliance_weight``, `compliance_kl` also trains the ablated model's first reply token on
+    harmful requests towards the untuned model's. Writes the adapter, recipe.json (the adapter's recipe plus
+    a ``refine`` section) and training.json into `out`; returns the training log.
+    """
+    from peft import PeftModel
+
+    settings = {**DEFAULT_REFINE, **(settings or {})}
+    recipe = json.loads((adapter / "recipe.json").read_text())
+    if "refine" in recipe:
+        raise ValueError(f"{adapter} is already refined; refine the adapter that `train` wrote.")
+    merged_recipe({k: v for k, v in recipe.items() if k != "base_model"})  # a recipe this version understands
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(recipe["seed"])
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    cm = base if base is not None else load_base()
+    model = PeftModel.from_pretrained(cm.model, adapter, is_trainable=True).eval()  # no dropout while extracting
+    instructions = {kind: load_instructions(kind, "train")[: settings["n_instructions"]] for kind in ("harmful", "harmless")}
+    direction = own_directions(cm, instructions, settings["position"], [settings["layer"]])[0]  # (d_model,)
+    cache = out / "distill_targets.json"
+    if (adapter / "distill_targets.json").is_file() and not cache.is_file():
+        shutil.copyfile(adapter / "distill_targets.json", cache)
+    examples, _ = training_examples(cm, recipe["seed"], recipe["distill_max_new_tokens"], cache=cache, limit=limit,
+                                    drop_refusing_targets=recipe["drop_refusing_targets"])
+    losses, steps = fit(
+        model, cm, examples, epochs=settings["epochs"], batch_size=recipe["batch_size"],
+        optimizer=settings["optimizer"], seed=recipe["seed"], first_token_weight=recipe["first_reply_token_weight"],
+        ablated=direction, kl_weight=settings["kl_weight"], compliance_weight=settings["compliance_weight"],
+    )
+    save_adapter(model, out, recipe["base_model"])
+    recipe["refine"] = {**settings, "from_adapter": adapter_digest(adapter)}
+    (out / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    log = {"refine": {"direction_norm": float(f"{float(direction.norm()):.6g}"), "steps": steps,
+                      "final_loss": sum(losses[-20:]) / len(losses[-20:]), "train_seconds": round(time.time() - start, 1),
+                      "machine": f"{platform.machine()}, {torch.get_num_threads()} threads"}}
+    (out / "training.json").write_text(json.dumps(log, indent=2) + "\n")
+    return log

