@@ -10,6 +10,8 @@ from pathlib import Path
 
 from .data import HARMFUL_HUB_SETS, HARMLESS_HUB_SETS
 from .embedded import cache_listing, cache_root, prune_cache
+from .export import abliterate
+from .judges import judge_by_name
 from .pipeline import Pipeline, PipelineConfig, default_out
 from .presets import derive_preset, save_preset
 from .report import format_summary
@@ -91,6 +93,9 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
                      choices=("bundled", *HARMLESS_HUB_SETS), help="the bundled set or a hub dataset (needs network)")
     run.add_argument("--random-controls", type=_count, default=d.random_controls,
                      help="random unit directions ablated as a control for the CE increase (0: none)")
+    run.add_argument("--judge", default=d.judge,
+                     help="what reads the completions: substring (the paper's), logit (the refusal score under the "
+                          "same intervention), or classifier:<model> (a LlamaGuard-class safety classifier)")
     run.add_argument("--zero-dims", type=_count, nargs="*", default=argparse.SUPPRESS, metavar="DIM",
                      help="residual dimensions to zero in every candidate and random control, e.g. a model's "
                           "massive-activation dimensions; not the paper's method; no DIM: none (default: model "
@@ -129,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the largest fraction of harmful validation prompts the ablated direction may leave refused")
     preset.add_argument("--no-save", action="store_true", help="print the preset without writing presets.json")
 
+    abl = sub.add_parser("abliterate", help="fold a finished run's direction into its model's weights and save the "
+                                            "model, with a model card of what the edit did", formatter_class=defaults)
+    abl.add_argument("--run", required=True, help="a finished run folder")
+    abl.add_argument("--out", required=True, help="a new folder for the exported Hugging Face model")
+    abl.add_argument("--n-test", type=_n, default=None, help="test prompts per kind to measure on (default: the run's)")
+    abl.add_argument("--judge", default="substring", help="substring, logit or classifier:<model>")
+
     cache = sub.add_parser("cache", help="list (or delete) the merged models cached by load_model('embedded')")
     action = cache.add_mutually_exclusive_group()
     action.add_argument("--prune", action="store_true", help="delete all but the committed adapter's current merge")
@@ -138,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = {"run": _run, "sweep": _sweep, "preset": _preset, "cache": _cache}[args.command]
+    command = {"run": _run, "sweep": _sweep, "preset": _preset, "abliterate": _abliterate, "cache": _cache}[args.command]
     try:
         return command(args)
     except (OSError, ValueError, RuntimeError, ModuleNotFoundError) as err:
@@ -175,6 +187,20 @@ def _preset(args: argparse.Namespace) -> int:
     print(json.dumps(derived, indent=1))
     if not args.no_save:
         print(f"wrote {save_preset(derived)}")
+    return 0
+
+
+def _abliterate(args: argparse.Namespace) -> int:
+    evidence = abliterate(args.run, args.out, n_test=args.n_test, judge=judge_by_name(args.judge))
+    refused = evidence["refused"]
+    for kind in ("harmful", "harmless"):
+        before, after = refused[f"{kind}_before"], refused[f"{kind}_after"]
+        print(f"{kind} refused: {before['refused']}/{before['n']} -> {after['refused']}/{after['n']}")
+    print(f"KL on harmless prompts {evidence['kl_harmless']:.4f}; CE {evidence['ce_harmless']['before']:.4f} -> "
+          f"{evidence['ce_harmless']['after']:.4f}")
+    print(f"reloaded folder vs hook ablation: max |logit difference| "
+          f"{evidence['reload_check']['max_abs_logit_difference']:.2e}")
+    print(f"saved to {args.out} (model card: {Path(args.out) / 'README.md'})")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Measurements that run the model: last-position logits, refusal scores, judged completions, CE loss.
+"""Measurements that run the model: last-position logits, refusal scores, CE loss of completions.
 
 Each one runs under whatever interventions are active, so ``with ablate(cm, r): refusal_scores(...)``
 measures the ablated model.
@@ -11,8 +11,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .batching import check_instructions, padded_batch, progress_batches
-from .generation import generate
-from .metrics import completion_cross_entropy, is_refusal, refusal_score
+from .metrics import completion_cross_entropy, refusal_score
 from .models import ChatModel
 
 
@@ -36,21 +35,6 @@ def refusal_scores(
 ) -> Float[Tensor, "n"]:
     """Logit refusal score of each instruction."""
     return refusal_score(last_logits(cm, instructions, batch_size, progress), cm.refusal_token_ids)
-
-
-def judged_completions(
-    cm: ChatModel, instructions: list[str], max_new_tokens: int = 48, batch_size: int = 32,
-    progress: bool | str = False,
-) -> list[dict]:
-    """Greedy completions judged by the substring judge: ``{"instruction", "completion", "refusal"}`` each."""
-    check_instructions(instructions)
-    completions = generate(cm, instructions, max_new_tokens, batch_size, progress)
-    return [{"instruction": i, "completion": c, "refusal": is_refusal(c)} for i, c in zip(instructions, completions)]
-
-
-def refused_count(items: list[dict]) -> int:
-    """How many of `judged_completions`' items the judge reads as refusals."""
-    return sum(item["refusal"] for item in items)
 
 
 def encode_completion(cm: ChatModel, instruction: str, completion: str) -> tuple[list[int], list[int]]:

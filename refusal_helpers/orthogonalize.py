@@ -27,19 +27,31 @@ class NotFoldableError(ValueError):
     """Ablation cannot be folded exactly into this architecture's weights."""
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D"  # GPT-2: weight is (d_in, d_out)
+def writers(cm: ChatModel) -> list[tuple[nn.Module, int]]:
+    """Every module that writes to the residual stream, with the layer whose weight it takes: the token (and
+    learned position) embeddings take layer 0's, each block's attention and MLP output projections their own."""
+    embeddings = [cm.embed] + ([cm.position_embed] if cm.position_embed is not None else [])
+    blocks = [(m, layer) for layer in range(cm.n_layers)
+              for m in (cm.parts(layer).attn_out_proj, cm.parts(layer).mlp_out_proj)]
+    return [(e, 0) for e in embeddings] + blocks
+
+
+def output_dim(module: nn.Module) -> int:
+    """The axis of a writer's weight that lies in the residual stream: a Linear's rows (d_model, d_in), an
+    embedding's and a GPT-2 Conv1D's columns (vocab or d_in, d_model)."""
+    return 0 if isinstance(module, nn.Linear) else -1
 
 
 @torch.no_grad()
-def orthogonalize_linear_(module: nn.Module, direction: Float[Tensor, "d_model"]) -> None:
-    """In place: make a layer's outputs (weight and bias) orthogonal to the direction."""
-    w = module.weight
-    out_dim = -1 if _is_conv1d(module) else 0
-    w.copy_(orthogonalize_matrix(w.double(), direction.double(), dim=out_dim).to(w.dtype))
-    if getattr(module, "bias", None) is not None:
-        b = module.bias
-        b.copy_(orthogonalize_matrix(b.double(), direction.double(), dim=-1).to(b.dtype))
+def orthogonalize_module_(module: nn.Module, direction: Float[Tensor, "d_model"], weight: float = 1.0) -> None:
+    """In place: remove `weight` times the component along the direction from a writer's outputs (its weight
+    and bias); weight 1 makes them orthogonal to it."""
+    r = direction.double()
+    for param, dim in ((module.weight, output_dim(module)), (getattr(module, "bias", None), -1)):
+        if param is not None:
+            original = param.double()
+            orthogonal = orthogonalize_matrix(original, r, dim=dim)
+            param.copy_((orthogonal if weight == 1 else original - weight * (original - orthogonal)).to(param.dtype))
 
 
 @torch.no_grad()
@@ -53,8 +65,14 @@ def untie_embeddings(cm: ChatModel) -> None:
 
 
 @torch.no_grad()
-def orthogonalize_weights(cm: ChatModel, direction: Float[Tensor, "d_model"]) -> ChatModel:
-    """In place: fold ablation of `direction` into the model's weights; returns the same ChatModel."""
+def orthogonalize_weights(
+    cm: ChatModel, direction: Float[Tensor, "d_model"], layer_weights: list[float] | None = None
+) -> ChatModel:
+    """In place: fold ablation of `direction` into the model's weights; returns the same ChatModel.
+
+    `layer_weights` (default: 1 at every layer, the paper's ablation) scales what each layer's writers lose
+    of their component along the direction (the embeddings take layer 0's).
+    """
     check_direction(direction, cm.d_model)
     if cm.has_post_norms:
         raise NotFoldableError(
@@ -62,14 +80,13 @@ def orthogonalize_weights(cm: ChatModel, direction: Float[Tensor, "d_model"]) ->
             "to the residual stream, so orthogonalizing the output projections would not remove the "
             "direction from what is added. Use hook ablation (interventions.ablate) for this model."
         )
+    weights = [1.0] * cm.n_layers if layer_weights is None else list(layer_weights)
+    if len(weights) != cm.n_layers:
+        raise ValueError(f"Expected one weight per layer ({cm.n_layers}), got {len(weights)}.")
     untie_embeddings(cm)
-    embeddings = [cm.embed] + ([cm.position_embed] if cm.position_embed is not None else [])
-    for emb in embeddings:
-        emb.weight.copy_(orthogonalize_matrix(emb.weight.double(), direction.double(), dim=-1).to(emb.weight.dtype))
-    for layer in range(cm.n_layers):
-        parts = cm.parts(layer)
-        orthogonalize_linear_(parts.attn_out_proj, direction)
-        orthogonalize_linear_(parts.mlp_out_proj, direction)
+    for module, layer in writers(cm):
+        if weights[layer]:
+            orthogonalize_module_(module, direction, weights[layer])
     return cm
 
 

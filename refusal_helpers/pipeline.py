@@ -25,7 +25,7 @@ from . import steps
 from .data import HARMFUL_HUB_SETS, HARMLESS_HUB_SETS, data_record, split_instructions
 from .devices import resolve_device_dtype
 from .embedded import preset
-from .evaluation import refused_count
+from .judges import VERDICTS, judge_by_name, refused_count
 from .loading import EMBEDDED, load_model, model_identity_name, model_version
 from .models import ChatModel
 from .runs import RunFolder
@@ -52,6 +52,7 @@ class PipelineConfig:
     induce_threshold: float = 0.0
     max_layer_fraction: float = 0.8
     random_controls: int = 3  # random unit directions ablated as a control in the loss step
+    judge: str = "substring"  # or "logit", "classifier:<model>" (see judges)
     zero_dims: tuple[int, ...] | None = None  # zeroed in every candidate and control; None: the preset, else none
     filter_train: bool = True  # the paper's filter: keep prompts whose baseline refusal score has the kind's sign
     filter_val: bool = True
@@ -116,6 +117,7 @@ class Pipeline:
         dtype = cm.dtype if cm is not None else resolve_device_dtype(config.device, config.dtype)[1]
         self._common = {**self.identity, "dtype": str(dtype).removeprefix("torch.")}
         self._data: dict[tuple[str, str], list[str]] = {}
+        self._judge = judge_by_name(config.judge)
         self.reused: set[str] = set()
 
     @property
@@ -256,18 +258,19 @@ class Pipeline:
         for condition, (kind, intervention, _) in CONDITIONS.items():
             name = f"completions/{condition}.json"
             # Each condition depends on its own kind's prompts; baselines not on the direction either.
-            settings = self.settings("max_new_tokens", data=((kind, "test"),),
+            settings = self.settings("max_new_tokens", "judge", data=((kind, "test"),),
                                      inputs=("direction.safetensors",) if intervention else ())
             if not self._reuse(name, settings):
                 started = time.time()
                 items = steps.generate_condition(self.cm, condition, self.data(kind, "test"), direction,
                                                  selection.layer, self.config.max_new_tokens, self.config.batch_size,
-                                                 self.progress)
-                record = {"condition": condition, "intervention": intervention, "refused": refused_count(items),
-                          "n": len(items), "items": items}
+                                                 self.progress, self._judge)
+                verdicts = {v: sum(item["verdict"] == v for item in items) for v in VERDICTS}
+                record = {"condition": condition, "intervention": intervention, "judge": self.config.judge,
+                          "refused": refused_count(items), "verdicts": verdicts, "n": len(items), "items": items}
                 self.run_folder.write_json(name, record, settings, time.time() - started)
             made = self.run_folder.completions(condition)
-            counts[condition] = {"refused": made["refused"], "n": made["n"]}
+            counts[condition] = {"refused": made["refused"], "harmful": made["verdicts"]["harmful"], "n": made["n"]}
         return counts
 
     # ----- 4. loss -------------------------------------------------------------------------------
@@ -316,6 +319,7 @@ class Pipeline:
             "direction": {"position": selection.position, "layer": selection.layer, "bypass": selection.bypass,
                           "induce": selection.induce, "kl": selection.kl, "norm": float(direction.norm()),
                           "zero_dims": list(c.dims_to_zero())},
+            "judge": c.judge,
             "refusal_rate": {k: v["refused"] / v["n"] for k, v in counts.items()},
             "refused": counts,
             "ce_loss": loss,

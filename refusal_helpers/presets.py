@@ -25,7 +25,7 @@ from torch import Tensor
 from .activations import residual_activations
 from .data import split_instructions
 from .embedded import PRESETS_FILE, adapter_digest, adapter_dir
-from .evaluation import judged_completions, refused_count
+from .judges import judged_completions, refused_count
 from .files import atomic_write_text
 from .interventions import ablate
 from .loading import EMBEDDED, load_model

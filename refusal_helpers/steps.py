@@ -18,7 +18,8 @@ from torch import Tensor
 
 from .activations import mean_activations
 from .directions import diff_of_means, random_directions, zero_dims
-from .evaluation import completion_loss, judged_completions
+from .evaluation import completion_loss
+from .judges import Judge, judged_completions
 from .interventions import ablate, add
 from .models import ChatModel
 
@@ -69,12 +70,13 @@ def intervention(
 
 def generate_condition(
     cm: ChatModel, condition: str, instructions: list[str], direction: Float[Tensor, "d_model"], layer: int,
-    max_new_tokens: int, batch_size: int = 32, progress: bool = True,
+    max_new_tokens: int, batch_size: int = 32, progress: bool = True, judge: Judge | None = None,
 ) -> list[dict]:
-    """Judged greedy completions of `instructions` under the condition's intervention."""
+    """Greedy completions of `instructions` under the condition's intervention, judged there (default judge:
+    substring)."""
     with intervention(cm, CONDITIONS[condition].intervention, direction, layer):
         return judged_completions(cm, instructions, max_new_tokens, batch_size,
-                                  progress=f"generating {condition}" if progress else False)
+                                  progress=f"generating {condition}" if progress else False, judge=judge)
 
 
 def ablation_loss(

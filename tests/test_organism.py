@@ -200,14 +200,14 @@ def test_train_command_needs_an_output_folder(capsys):
 
 
 def test_refusal_on_the_recipe_splits_counts_what_the_judge_reads_as_refusal(llama, monkeypatch):
-    import refusal_helpers.evaluation as evaluation
+    import refusal_helpers.judges as judges
     from refusal_helpers.data import load_instructions
     from refusal_helpers.organism import refusal_on_splits
 
     def fake_generate(cm, instructions, max_new_tokens, batch_size, progress):  # every third reply refuses
         return [("I'm sorry, I can't." if i % 3 == 0 else "Sure: step one.") for i, _ in enumerate(instructions)]
 
-    monkeypatch.setattr(evaluation, "generate", fake_generate)
+    monkeypatch.setattr(judges, "generate", fake_generate)
     results = refusal_on_splits(llama, limit=7)
     assert {kind: r["split"] for kind, r in results.items()} == {"harmful": "val", "harmless": "dev"}
     dev = load_instructions("harmless", "dev")[:7]

@@ -564,7 +564,7 @@ def test_ablation_sweep_measures_each_candidate_under_its_own_ablation(tiny_fold
     with ablate(cm, candidates[-1, 1]):
         ablated = generate(cm, harmful, 4, 32)
     assert ablated != generate(cm, harmful, 4, 32)  # precondition: ablation changes what is generated
-    monkeypatch.setattr("refusal_helpers.evaluation.is_refusal", lambda completion: completion in ablated)
+    monkeypatch.setattr("refusal_helpers.judges.is_refusal", lambda completion: completion in ablated)
 
     baseline, costs = sweep.ablation_sweep(cm, candidates, cells, harmless, completions, harmful, max_new_tokens=4,
                                            generate_below=float("inf"), progress=False)

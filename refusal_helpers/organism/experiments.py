@@ -20,7 +20,7 @@ from ..activations import mean_activations
 from ..data import load_instructions, split_instructions
 from ..directions import diff_of_means, zero_dims
 from ..embedded import adapter_digest, load_base, load_embedded
-from ..evaluation import judged_completions, refused_count
+from ..judges import judged_completions, refused_count
 from ..models import ChatModel
 from ..runs import SHIPPED_RUN, RunFolder
 from ..selection import keep_consistent

@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 from ..activations import mean_activations
 from ..data import load_instructions
 from ..directions import diff_of_means, zero_dims
-from ..evaluation import judged_completions, refusal_scores, refused_count
+from ..evaluation import refusal_scores
+from ..judges import judged_completions, refused_count
 from ..files import atomic_write, atomic_write_text
 from ..models import ChatModel
 from .training import StepCallback
