@@ -16,6 +16,7 @@ from .pipeline import Pipeline, PipelineConfig, default_out
 from .presets import derive_preset, save_preset
 from .report import format_summary
 from .runs import SHIPPED_RUN, RunFolder
+from .search import search_run
 from .sweep import format_sweep, sweep_run
 
 
@@ -141,6 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--n-test", type=_n, default=None, help="test prompts per kind to measure on (default: the run's)")
     abl.add_argument("--judge", default="substring", help="substring, logit or classifier:<model>")
 
+    srch = sub.add_parser("search", help="search per-layer ablation weights and directions with Optuna (refusals "
+                                         "vs KL), then compare the best with the run's direction", formatter_class=defaults)
+    srch.add_argument("--run", default=str(SHIPPED_RUN), help="a finished run folder")
+    srch.add_argument("--out", default="runs/search", help="folder for search.json and pareto.html")
+    srch.add_argument("--trials", type=_positive, default=100, help="Optuna trials (at most)")
+    srch.add_argument("--timeout", type=_number, default=720.0, help="seconds for the trials (at most)")
+    srch.add_argument("--n-val", type=_positive, default=32, help="validation prompts per kind")
+    srch.add_argument("--seed", type=int, default=0)
+    srch.add_argument("--judge", default="substring", help="substring, logit or classifier:<model>")
+
     cache = sub.add_parser("cache", help="list (or delete) the merged models cached by load_model('embedded')")
     action = cache.add_mutually_exclusive_group()
     action.add_argument("--prune", action="store_true", help="delete all but the committed adapter's current merge")
@@ -150,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = {"run": _run, "sweep": _sweep, "preset": _preset, "abliterate": _abliterate, "cache": _cache}[args.command]
+    command = {"run": _run, "sweep": _sweep, "preset": _preset, "abliterate": _abliterate, "search": _search,
+               "cache": _cache}[args.command]
     try:
         return command(args)
     except (OSError, ValueError, RuntimeError, ModuleNotFoundError) as err:
@@ -201,6 +213,18 @@ def _abliterate(args: argparse.Namespace) -> int:
     print(f"reloaded folder vs hook ablation: max |logit difference| "
           f"{evidence['reload_check']['max_abs_logit_difference']:.2e}")
     print(f"saved to {args.out} (model card: {Path(args.out) / 'README.md'})")
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    result = search_run(args.run, args.out, args.trials, args.timeout, judge_by_name(args.judge), args.n_val, args.seed)
+    paper, found = result["test"]["paper"], result["test"]["search"]
+    print(f"{result['n_trials']} trials in {result['seconds']:.0f} s; Pareto front: {len(result['pareto'])} trials "
+          f"(plot: {Path(args.out) / 'pareto.html'})")
+    print(f"on {paper['n']} harmful and the harmless test prompts of {result['run']}:")
+    print(f"  the run's direction: {paper['refused']}/{paper['n']} refused, KL {paper['kl']:.4f}")
+    print(f"  the search's best at equal or lower validation KL (trial {result['chosen']['number']}): "
+          f"{found['refused']}/{found['n']} refused, KL {found['kl']:.4f}")
     return 0
 
 

@@ -14,22 +14,28 @@ validation KL is at most the paper direction's beside that direction, on the run
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .data import split_instructions
 from .directions import normalize
 from .evaluation import last_logits
+from .files import atomic_write_text
 from .judges import Judge, SubstringJudge, judged_completions, refused_count
 from .metrics import kl_divergence
 from .models import ChatModel
 from .orthogonalize import orthogonalize_weights, untie_embeddings, writers
+from .runs import RunFolder
+from .selection import keep_consistent
 
 
 @dataclass(frozen=True)
@@ -187,3 +193,32 @@ def plot_pareto(result: dict, title: str = "Search: refusals against KL"):
     fig.update_layout(title=title, xaxis_title="KL on harmless validation prompts (nats)",
                       yaxis_title=f"harmful validation prompts refused (of {result['n_harmful']})")
     return fig
+
+
+def search_run(run: str | Path, out: str | Path, n_trials: int = 100, timeout: float | None = 720.0, judge: Judge | None = None,
+               n_val: int = 32, seed: int = 0, progress: bool = True) -> dict:
+    """`search` on a finished run's model, around its selected position, then `compare_on_test` on its test prompts;
+    writes search.json and pareto.html into `out` and returns the record."""
+    folder = RunFolder(run)
+    summary = folder.summary()
+    direction, selection = folder.direction()
+    cm = folder.load_model()
+    at_position = folder.candidates()[selection["position_index"]]
+    harmful, harmless = (split_instructions("bundled", kind, "val", n_val) for kind in ("harmful", "harmless"))
+    if summary["filter"]["val"]:
+        harmful, harmless = keep_consistent(cm, harmful, harmless)
+    result = search(cm, at_position, harmful, harmless, n_trials, timeout, seed, judge, paper_layer=selection["layer"],
+                    progress=progress)
+    paper_kl = result["trials"][0]["kl"]
+    chosen = best_at_most(result, paper_kl)
+    test = {kind: [item["instruction"] for item in folder.completions(f"{kind}_baseline")["items"]]
+            for kind in ("harmful", "harmless")}
+    result["chosen"] = chosen
+    result["test"] = compare_on_test(cm, at_position, chosen, selection["layer"], test["harmful"], test["harmless"],
+                                     judge, summary["sizes"]["max_new_tokens"])
+    result["run"] = str(folder.root)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "search.json", json.dumps(result, indent=1) + "\n")
+    plot_pareto(result).write_html(str(out / "pareto.html"), include_plotlyjs="cdn")
+    return result

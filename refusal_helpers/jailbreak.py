@@ -1,0 +1,165 @@
+"""How an adversarial suffix suppresses the refusal direction (the paper's section 5), on a model small enough
+to attack on a CPU.
+
+- `find_suffix`: GCG (the ``nanogcg`` package) on a few harmful prompts in turn, each run starting from the
+  last one's suffix, towards a compliant opening; `random_suffix` gives a control of the same token length;
+- `direction_projections`: the residual stream's projection on r̂ at the post-instruction positions, per layer;
+- `head_projections` (pure) and `head_contributions`: each attention head's direct contribution to that
+  projection at the last position, its output through the out-projection projected on r̂;
+- `attention_shares`: how much of a head's attention the last position pays to the instruction and to the
+  suffix.
+
+Responsible use: this attacks a 135M toy organism with a published method; nothing here is new capability.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .activations import residual_activations
+from .batching import batches, check_instructions
+from .directions import check_direction, normalize
+from .models import ChatModel
+
+TARGET = "Sure, here is"  # a compliant opening: what GCG optimises the suffix towards
+
+
+def with_suffix(instructions: list[str], suffix: str) -> list[str]:
+    """Each instruction with the suffix appended, as GCG optimised it (no separator)."""
+    return [instruction + suffix for instruction in instructions]
+
+
+def random_suffix(tokenizer, n_tokens: int, seed: int = 0) -> str:
+    """A suffix of `n_tokens` random ASCII-printable tokens (a control for an adversarial one of that length)."""
+    rng = random.Random(seed)
+    vocab = [i for i, text in ((i, tokenizer.decode([i])) for i in range(len(tokenizer)))
+             if text.isascii() and text.isprintable() and text.strip() and i not in tokenizer.all_special_ids]
+    return tokenizer.decode([rng.choice(vocab) for _ in range(n_tokens)])
+
+
+def find_suffix(
+    cm: ChatModel, prompts: list[str], target: str = TARGET, steps: int = 60, search_width: int = 64, topk: int = 64,
+    n_tokens: int = 20, seed: int = 0,
+) -> dict:
+    """GCG with nanogcg on each prompt in turn, each run starting from the previous run's best suffix.
+
+    The KV-cache prefix of nanogcg 0.3 does not fit transformers 5's cache objects, so it is switched off
+    (``use_prefix_cache=False``): slower, the same optimisation.
+    """
+    import nanogcg
+
+    check_instructions(prompts)
+    suffix, runs = " ".join(["x"] * n_tokens), []
+    for prompt in prompts:
+        config = nanogcg.GCGConfig(num_steps=steps, search_width=search_width, topk=topk, seed=seed,
+                                   optim_str_init=suffix, use_prefix_cache=False, verbosity="WARNING")
+        result = nanogcg.run(cm.model, cm.tokenizer, prompt, target, config)
+        suffix = result.best_string
+        runs.append({"prompt": prompt, "best_loss": result.best_loss, "suffix": suffix})
+    return {"suffix": suffix, "target": target, "runs": runs,
+            "settings": {"steps": steps, "search_width": search_width, "topk": topk, "n_tokens": n_tokens, "seed": seed,
+                         "use_prefix_cache": False}}
+
+
+@torch.inference_mode()
+def direction_projections(
+    cm: ChatModel, instructions: list[str], direction: Float[Tensor, "d_model"], batch_size: int = 32
+) -> Float[Tensor, "n pos layer"]:
+    """Projection of the residual stream entering each layer on r̂, at the post-instruction positions."""
+    check_direction(direction, cm.d_model)
+    r_hat = normalize(direction.double())
+    parts = [residual_activations(cm, cm.tokenize(list(chunk)), cm.post_instruction_positions,
+                                  list(range(cm.n_layers))).double() @ r_hat
+             for chunk in batches(instructions, batch_size)]
+    return torch.cat(parts).float()
+
+
+def head_projections(
+    z: Float[Tensor, "... heads_x_head_dim"], w_o: Float[Tensor, "d_model heads_x_head_dim"],
+    r_hat: Float[Tensor, "d_model"], n_heads: int,
+) -> Float[Tensor, "... heads"]:
+    """Each head's direct contribution to the projection on the unit `r_hat`: head h writes W_O[:, h] z_h to the
+    residual stream, whose projection is r̂ᵀ W_O[:, h] z_h (the out-projection's bias belongs to no head)."""
+    head_dim = w_o.shape[1] // n_heads
+    read = (r_hat @ w_o).view(n_heads, head_dim)  # what each head's output must look like to write along r̂
+    return (z.unflatten(-1, (n_heads, head_dim)) * read).sum(-1)
+
+
+@contextmanager
+def _attention_outputs(cm: ChatModel, attentions: bool = False) -> Iterator[dict]:
+    """Capture each layer's out-projection input (the heads' outputs) and, optionally, attention weights."""
+    if cm.has_post_norms:
+        raise ValueError("Post-norm models (Gemma 2/3) normalise attention's output before it is added: a head's "
+                         "direct contribution is not a linear read-out there.")
+    seen: dict = {"z": {}, "attention": {}}
+    handles = []
+    for layer in range(cm.n_layers):
+        parts = cm.parts(layer)
+        handles.append(parts.attn_out_proj.register_forward_pre_hook(
+            lambda m, args, layer=layer: seen["z"].__setitem__(layer, args[0].detach())))
+        if attentions:
+            handles.append(parts.attn.register_forward_hook(
+                lambda m, args, out, layer=layer: seen["attention"].__setitem__(layer, out[1].detach())))
+    previous = cm.model.config._attn_implementation
+    if attentions:
+        cm.model.set_attn_implementation("eager")  # the only implementation that returns attention weights
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+        if attentions:
+            cm.model.set_attn_implementation(previous)
+
+
+@torch.inference_mode()
+def head_contributions(
+    cm: ChatModel, instructions: list[str], direction: Float[Tensor, "d_model"], batch_size: int = 16
+) -> Float[Tensor, "n layer head"]:
+    """Each attention head's direct contribution to the projection on r̂ at the last position, every layer."""
+    r_hat = normalize(direction.double())
+    n_heads = cm.model.config.num_attention_heads
+    out = []
+    for chunk in batches(instructions, batch_size):
+        with _attention_outputs(cm) as seen:
+            cm.forward(cm.tokenize(list(chunk)), logits_to_keep=1)
+        out.append(torch.stack([head_projections(seen["z"][layer][:, -1].double(),
+                                                 cm.parts(layer).attn_out_proj.weight.double(), r_hat, n_heads)
+                                for layer in range(cm.n_layers)], dim=1))
+    return torch.cat(out).float()
+
+
+def token_span(cm: ChatModel, content: str, start: int, length: int) -> list[int]:
+    """Positions, in the formatted prompt of the user message `content`, of the tokens that cover its
+    characters [start, start + length)."""
+    prompt = cm.format([content])[0]
+    offset = prompt.index(content) + start
+    enc = cm.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    return [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > offset and a < offset + length]
+
+
+@torch.inference_mode()
+def attention_shares(
+    cm: ChatModel, instructions: list[str], suffix: str, heads: list[tuple[int, int]]
+) -> dict[tuple[int, int], dict[str, float]]:
+    """For each (layer, head): the mean share of the last position's attention that goes to the instruction's
+    tokens and to the suffix's tokens, over `instructions` with `suffix` appended (one prompt at a time)."""
+    shares = {head: {"instruction": 0.0, "suffix": 0.0} for head in heads}
+    for instruction in instructions:
+        prompt = instruction + suffix
+        ids = cm.tokenize([prompt])
+        spans = {"instruction": token_span(cm, prompt, 0, len(instruction)),
+                 "suffix": token_span(cm, prompt, len(instruction), len(suffix))}
+        with _attention_outputs(cm, attentions=True) as seen:
+            cm.forward(ids, logits_to_keep=1)
+        for layer, head in heads:
+            weights = seen["attention"][layer][0, head, -1].double()  # the last position's attention over keys
+            for name, span in spans.items():
+                shares[layer, head][name] += float(weights[span].sum()) / len(instructions)
+    return shares
