@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup demo test test-oldest bench notebooks clean
+.PHONY: setup browser demo test test-oldest bench notebooks clean
 
 $(STAMP): pyproject.toml requirements.txt scripts/setup.sh
 	bash scripts/setup.sh $(VENV)
@@ -11,12 +11,16 @@ $(STAMP): pyproject.toml requirements.txt scripts/setup.sh
 
 setup: $(STAMP)
 
+## Chromium from the distribution's packages, for the browser test (skipped with a message where apt is missing).
+browser:
+	bash scripts/setup-browser.sh
+
 ## The main job: the paper's pipeline on the embedded refusal model, into runs/demo.
 demo: $(STAMP)
 	$(PY) -m refusal_helpers run --model embedded --out runs/demo
 
-## The test suite (offline).
-test: $(STAMP)
+## The test suite (offline), with the browser test (tests/test_browser.py: JupyterLab in Chromium).
+test: $(STAMP) browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 ## The test suite against the oldest dependency versions pyproject.toml allows, in .venv-oldest

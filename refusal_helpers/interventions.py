@@ -60,25 +60,39 @@ def _held_by_this_thread(model: nn.Module) -> Iterator[None]:
             holders[me] -= 1
 
 
-def _input_hook(fn: HookFn):
+def _input_hook(fn: HookFn, name: str = "a hook point"):
+    """A forward pre-hook applying `fn` to a block's input hidden states; `name` is the hook point, for errors."""
     def pre_hook(module, args, kwargs):
         if args:
-            return (fn(args[0]), *args[1:]), kwargs
-        kwargs["hidden_states"] = fn(kwargs["hidden_states"])
+            return (_applied(fn, args[0], name), *args[1:]), kwargs
+        kwargs["hidden_states"] = _applied(fn, kwargs["hidden_states"], name)
         return args, kwargs
 
     pre_hook.is_refusal_hook = True
     return pre_hook
 
 
-def _output_hook(fn: HookFn):
+def _output_hook(fn: HookFn, name: str = "a hook point"):
+    """A forward hook applying `fn` to a module's output (its first element if a tuple); `name` is the hook point."""
     def hook(module, args, output):
         if isinstance(output, tuple):
-            return (fn(output[0]), *output[1:])
-        return fn(output)
+            return (_applied(fn, output[0], name), *output[1:])
+        return _applied(fn, output, name)
 
     hook.is_refusal_hook = True
     return hook
+
+
+def _applied(fn: HookFn, x: Tensor, name: str) -> Tensor:
+    """fn(x), or a TypeError naming the hook point if fn returns anything but a tensor (e.g. None: a missing
+    `return`, which transformers would otherwise report as an AttributeError deep inside the model)."""
+    out = fn(x)
+    if not isinstance(out, Tensor):
+        got = "None" if out is None else f"a {type(out).__name__}"
+        hint = " (did the function forget `return x`?)" if out is None else ""
+        raise TypeError(f"The hook function at {name} returned {got}: a hook must return the (modified) "
+                        f"activation tensor{hint}.")
+    return out
 
 
 @contextmanager
@@ -91,9 +105,9 @@ def hooks(cm: ChatModel, hook_fns: dict[str, HookFn | list[HookFn]]) -> Iterator
                 module, on_input = resolve(cm, name)
                 for fn in fns if isinstance(fns, list) else [fns]:
                     if on_input:
-                        handles.append(module.register_forward_pre_hook(_input_hook(fn), with_kwargs=True))
+                        handles.append(module.register_forward_pre_hook(_input_hook(fn, name), with_kwargs=True))
                     else:
-                        handles.append(module.register_forward_hook(_output_hook(fn)))
+                        handles.append(module.register_forward_hook(_output_hook(fn, name)))
             yield cm
         finally:
             for handle in handles:

@@ -183,12 +183,12 @@ class Pipeline:
         return candidates
 
     def _plot_candidates(self, candidates: torch.Tensor) -> None:
-        from .plots import plot_cosine_similarity, plot_direction_norms, token_labels
+        from .plots import plot_cosine_similarity, plot_direction_norms, token_texts
 
         inputs = self.settings(inputs=("candidates.safetensors",))
         if all(self._reuse(name, inputs) for name in CANDIDATE_PLOTS):
             return
-        labels = token_labels(self.cm.tokenizer, self.cm.post_instruction_ids)
+        labels = token_texts(self.cm.tokenizer, self.cm.post_instruction_ids)
         self.run_folder.write_figure("plots/norms.html", plot_direction_norms(
             candidates, self.cm.post_instruction_positions, labels), inputs)
         self.run_folder.write_figure("plots/cosine_similarity.html", plot_cosine_similarity(
@@ -238,13 +238,13 @@ class Pipeline:
     def _plot_selection(self, table: ScoreTable, selection: Selection, config: SelectionConfig,
                         direction: torch.Tensor) -> None:
         from .activations import collect_activations
-        from .plots import plot_projections, plot_selection_scores, token_labels
+        from .plots import plot_projections, plot_selection_scores, token_texts
 
         inputs = self.settings(inputs=("direction.safetensors",))
         if all(self._reuse(name, inputs) for name in SELECTION_PLOTS):
             return
         cm = self.cm
-        labels = token_labels(cm.tokenizer, cm.post_instruction_ids)
+        labels = token_texts(cm.tokenizer, cm.post_instruction_ids)
         self.run_folder.write_figure("plots/selection_scores.html",
                                      plot_selection_scores(table, selection, config, labels), inputs)
         acts = [collect_activations(cm, self.data(kind, "val"), positions=[selection.position])[:, 0] for kind in KINDS]

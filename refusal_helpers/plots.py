@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import html
+
 import plotly.graph_objects as go
 import torch
 from jaxtyping import Float
+from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 from torch import Tensor
 
@@ -12,13 +15,40 @@ from .directions import cosine_similarity_matrix, projection
 from .selection import ScoreTable, Selection, SelectionConfig, layer_mask
 
 
-def token_labels(tokenizer, ids: list[int]) -> list[str]:
-    """Each token as the text it decodes to (a newline as '\\n', not a byte-level BPE form such as 'Ċ')."""
-    return [tokenizer.decode([i]) for i in ids]
+def token_texts(tokenizer, ids: list[int]) -> list[str]:
+    """Each token's text decoded on its own: '\\n' for the byte-level token 'Ċ', ' bread' for 'Ġbread'.
+
+    Special tokens are kept as written ('<|im_end|>'); a SentencePiece word-start token keeps its space.
+    """
+    texts = []
+    for token_id, raw in zip(ids, tokenizer.convert_ids_to_tokens(list(ids))):
+        text = tokenizer.decode([token_id], clean_up_tokenization_spaces=False)
+        if raw.startswith("\u2581") and not text.startswith(" "):  # SentencePiece drops a leading space on decode
+            text = " " + text
+        texts.append(text)
+    return texts
+
+
+def position_colors(n: int) -> list[str]:
+    """One colour per template position, the same in every figure that shows positions."""
+    palette = qualitative.Plotly if n <= len(qualitative.Plotly) else qualitative.Alphabet
+    return [palette[i % len(palette)] for i in range(n)]
 
 
 def _position_label(position: int, tokens: list[str] | None) -> str:
-    return f"{position} ({tokens[position]!r})" if tokens else str(position)
+    """'-1 '\\n'': the position and its token's text, escaped for plotly's HTML-like labels."""
+    label = f"{position} {tokens[position]!r}" if tokens else str(position)
+    return html.escape(label, quote=False)  # '<|im_end|>' would otherwise be read as a tag and vanish
+
+
+def _legend_entry(fig: go.Figure, name: str, line: dict | None) -> None:
+    """A legend-only item: a line style, or a grey square (line=None) for a shaded region."""
+    if line is None:
+        trace = go.Scatter(x=[None], y=[None], mode="markers", name=name,
+                           marker=dict(symbol="square", size=14, color="grey", opacity=0.3))
+    else:
+        trace = go.Scatter(x=[None], y=[None], mode="lines", name=name, line=line)
+    fig.add_trace(trace, row=1, col=1)
 
 
 def plot_selection_scores(
@@ -27,34 +57,45 @@ def plot_selection_scores(
     config: SelectionConfig | None = None,
     position_tokens: list[str] | None = None,
 ) -> go.Figure:
-    """The three selection scores per layer, one line per position, with baselines and the choice marked."""
+    """The three selection scores per layer, one line per position, with baselines and the choice marked.
+
+    `position_tokens` label the legend; pass decoded text (`token_texts`), one entry per template token.
+    """
     titles = ("Refusal score on harmful prompts, direction ablated (bypass)",
               "Refusal score on harmless prompts, direction added (induce)",
               "KL divergence on harmless prompts, direction ablated")
     fig = make_subplots(rows=3, cols=1, shared_xaxes=True, subplot_titles=titles, vertical_spacing=0.07)
     layers = list(range(table.shape[1]))
+    colors = position_colors(len(table.positions))
     for row, scores in enumerate((table.bypass, table.induce, table.kl), start=1):
         for p, position in enumerate(table.positions):
             values = [None if v != v else float(v) for v in scores[p].tolist()]
             fig.add_trace(
                 go.Scatter(x=layers, y=values, mode="lines+markers", name=_position_label(position, position_tokens),
-                           legendgroup=str(position), showlegend=row == 1, marker=dict(size=4)),
+                           legendgroup=str(position), showlegend=row == 1,
+                           line=dict(color=colors[p]), marker=dict(size=4, color=colors[p])),
                 row=row, col=1,
             )
-    fig.add_hline(y=table.baseline_harmful, line_dash="dot", annotation_text="harmful baseline", row=1, col=1)
-    fig.add_hline(y=table.baseline_harmless, line_dash="dot", annotation_text="harmless baseline", row=2, col=1)
+    # Baselines, thresholds and the excluded layers are named in the legend: labels drawn in the panels
+    # would cover the score lines or each other.
+    for row, baseline in ((1, table.baseline_harmful), (2, table.baseline_harmless)):
+        fig.add_hline(y=baseline, line_dash="dot", line_color="black", row=row, col=1)
+    _legend_entry(fig, "baseline (no intervention)", dict(color="black", dash="dot"))
     if config is not None:
         fig.add_hline(y=config.induce_threshold, line_dash="dash", line_color="grey", row=2, col=1)
         fig.add_hline(y=config.kl_threshold, line_dash="dash", line_color="grey", row=3, col=1)
+        _legend_entry(fig, f"thresholds (induce ≥ {config.induce_threshold:g}, KL ≤ {config.kl_threshold:g})",
+                      dict(color="grey", dash="dash"))
         first_excluded = int(layer_mask(1, len(layers), config.max_layer_fraction).sum())
         if first_excluded < len(layers):
-            fig.add_vrect(x0=first_excluded - 0.5, x1=len(layers) - 0.5,
-                          fillcolor="grey", opacity=0.12, line_width=0, annotation_text="excluded layers")
+            fig.add_vrect(x0=first_excluded - 0.5, x1=len(layers) - 0.5, fillcolor="grey", opacity=0.12, line_width=0)
+            _legend_entry(fig, f"excluded layers (from {first_excluded})", None)
     if selection is not None:
         for row, value in enumerate((selection.bypass, selection.induce, selection.kl), start=1):
             fig.add_trace(go.Scatter(x=[selection.layer], y=[value], mode="markers", showlegend=row == 1,
                                      name=f"selected (pos {selection.position}, layer {selection.layer})",
-                                     marker=dict(symbol="star", size=14, color="black")), row=row, col=1)
+                                     legendgroup="selected", marker=dict(symbol="star", size=14, color="black")),
+                          row=row, col=1)
     fig.update_xaxes(title_text="layer", row=3, col=1)
     fig.update_layout(height=850, title="Direction selection scores per candidate", legend_title="position")
     return fig
@@ -63,11 +104,13 @@ def plot_selection_scores(
 def plot_direction_norms(
     candidates: Float[Tensor, "pos layer d_model"], positions: list[int], position_tokens: list[str] | None = None
 ) -> go.Figure:
-    """Norm of each candidate direction per layer, one line per position."""
+    """Norm of each candidate direction per layer, one line per position (colours as in the selection plot)."""
     norms = candidates.norm(dim=-1)
+    colors = position_colors(len(positions))
     fig = go.Figure()
     for p, position in enumerate(positions):
-        fig.add_trace(go.Scatter(y=norms[p].tolist(), mode="lines+markers", name=_position_label(position, position_tokens)))
+        fig.add_trace(go.Scatter(y=norms[p].tolist(), mode="lines+markers", name=_position_label(position, position_tokens),
+                                 line=dict(color=colors[p]), marker=dict(color=colors[p])))
     fig.update_layout(title="Norm of the difference of means per layer", xaxis_title="layer",
                       yaxis_title="||mean(harmful) - mean(harmless)||", legend_title="position")
     return fig

@@ -29,6 +29,7 @@ LLAMA3 = (
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 TEMPLATES = {"chatml": CHATML, "gemma": GEMMA, "llama3": LLAMA3}
+BOS_TEMPLATES = ("gemma", "llama3")  # whose tokenizers prepend <bos> with add_special_tokens=True
 SPECIAL_TOKENS = [
     "<pad>", "<bos>", "<eos>", "<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>",
     "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
@@ -52,23 +53,32 @@ def _tokenizer_json() -> str:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=400, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,  # its progress bar prints blank lines into the notebook's first check
     )
     tok.train_from_iterator(CORPUS * 4, trainer)
     return tok.to_str()
 
 
 def tiny_tokenizer(template: str = "chatml") -> "PreTrainedTokenizerFast":
-    """A ~400-token byte-level BPE tokenizer with the given chat template (chatml, gemma or llama3)."""
-    from tokenizers import Tokenizer
+    """A ~400-token byte-level BPE tokenizer with the given chat template (chatml, gemma or llama3).
+
+    Like the real ones, the gemma and llama3 tokenizers prepend <bos> when called with special tokens
+    (the default, `add_special_tokens=True`); the chatml one adds nothing.
+    """
+    from tokenizers import Tokenizer, processors
     from transformers import PreTrainedTokenizerFast
 
     if template not in TEMPLATES:
         raise ValueError(f"Unknown template {template!r}: expected one of {sorted(TEMPLATES)}.")
     eos = {"chatml": "<|im_end|>", "gemma": "<end_of_turn>", "llama3": "<|eot_id|>"}[template]
+    backend = Tokenizer.from_str(_tokenizer_json())
+    if template in BOS_TEMPLATES:
+        bos = ("<bos>", backend.token_to_id("<bos>"))
+        backend.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
+                                                               special_tokens=[bos])
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
-        bos_token="<bos>", eos_token=eos, pad_token="<pad>",
+        tokenizer_object=backend, bos_token="<bos>", eos_token=eos, pad_token="<pad>",
     )
     tokenizer.chat_template = TEMPLATES[template]
     return tokenizer

@@ -258,3 +258,16 @@ def test_starting_at_a_layer_equals_the_full_forward(arch):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     assert ran == []  # block 0 did not run
     assert all(type(b).__name__ != "_PassThrough" for b in cm.blocks)  # restored
+
+
+@pytest.mark.parametrize("returned, said", [(None, "returned None"), ((1, 2), "returned a tuple")])
+@pytest.mark.parametrize("name", ["blocks.1.hook_resid_pre", "blocks.2.hook_mlp_out"])
+def test_a_hook_returning_no_tensor_is_named_at_its_hook_point(llama, name, returned, said):
+    """A hook that forgets `return` fails in `hooks` naming its hook point, not deep inside transformers."""
+    with pytest.raises(TypeError) as info:
+        with hooks(llama, {name: lambda x: returned}):
+            llama.forward(llama.tokenize(HARMFUL))
+    assert str(info.value).startswith(f"The hook function at {name} {said}: a hook must return the (modified) "
+                                      "activation tensor")
+    assert ("forget `return x`" in str(info.value)) == (returned is None)
+    assert active_hook_count(llama) == 0

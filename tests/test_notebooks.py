@@ -93,6 +93,28 @@ def test_notebooks_are_valid_reviewable_and_portable():
         assert re.search(rf"colab\.research\.google\.com/github/[^)]+/blob/main/{name}", readme)
 
 
+def test_committed_figures_draw_offline_everywhere_and_the_notebook_stays_small():
+    """Every figure is the plotly mime type (JupyterLab, Notebook 7, VS Code) plus an HTML fallback (exported
+    HTML, Colab); the fallback's plotly.js is inlined once, gzip+base64, by the setup cell before any figure."""
+    from refusal_helpers.rendering import LOADER, PLOTLY_MIME
+
+    cells = code_cells(SOLUTIONS)
+    loaders, figures = [], []
+    for index, cell in enumerate(cells):
+        for output in cell.outputs:
+            data = output.get("data", {})
+            if f"window.{LOADER} = function" in data.get("text/html", ""):
+                loaders.append(index)
+            if PLOTLY_MIME in data:
+                figures.append(index)
+                assert LOADER in data["text/html"] and "plotly-graph-div" in data["text/html"]
+    assert len(loaders) == 1 and "setup_plots()" in cells[loaders[0]].source and loaders[0] < figures[0]
+    assert len(figures) == sum(c.source.count(".show()") for c in cells) >= 5
+    assert "notebook_connected" not in SOLUTIONS.read_text()
+    # plotly.js 4.1 is 4.8 MB, 2.0 MB as gzip+base64; the rest of the notebook about 0.45 MB
+    assert SOLUTIONS.stat().st_size < 3 * 2**20
+
+
 def test_every_exercise_has_marks_time_and_hint():
     md = [c.source for c in nbformat.read(SOLUTIONS, as_version=4).cells if c.cell_type == "markdown"]
     exercises = [m for m in md if m.startswith("### Exercise")]

@@ -1,0 +1,92 @@
+"""The measured figures the documents quote, read from committed artifacts (`report` renders them).
+
+Every value here comes from a file a command wrote: the shipped runs (through `runs.RunFolder`, so a stale
+or damaged run is an error, not a figure), the adapter's recipe, training log, preset and trajectory, the
+measurements under ``docs/measurements/`` and the benchmark results under ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from statistics import median
+
+from .data import load_records
+from .embedded import PRESETS_FILE, adapter_digest, adapter_dir
+from .runs import SHIPPED_RUN, RunFolder
+from .steps import CONDITIONS
+
+ROOT = Path(__file__).resolve().parent.parent
+MEASUREMENTS = ROOT / "docs" / "measurements"
+BENCHMARK_RESULTS = ROOT / "benchmarks" / "results"
+PLAIN_RUN = ROOT / "runs" / "embedded-plain"
+
+
+def _json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def rate(refused: int, n: int) -> dict:
+    return {"refused": refused, "n": n, "rate": refused / n, "text": f"{100 * refused / n:.1f}% ({refused}/{n})"}
+
+
+def run_figures(folder: Path) -> dict:
+    """A finished run's figures: direction, rates (all test prompts and the original test split), loss."""
+    run = RunFolder(folder)
+    summary = run.summary()
+    original = {kind: {r["instruction"] for r in load_records(kind, "test") if r.get("batch") == "original"}
+                for kind in ("harmful", "harmless")}
+    rates, original_rates, refused = {}, {}, {}
+    for condition, spec in CONDITIONS.items():
+        items = run.completions(condition)["items"]
+        rates[condition] = rate(sum(i["refusal"] for i in items), len(items))
+        old = [i for i in items if i["instruction"] in original[spec.kind]]
+        original_rates[condition] = rate(sum(i["refusal"] for i in old), len(old)) if old else None
+        refused[condition] = [i["instruction"] for i in items if i["refusal"]]
+    loss = summary["ce_loss"]
+    controls = loss["random_controls"]["increases"]
+    _, selection = run.direction()
+    return {
+        "path": str(folder.relative_to(ROOT)) if folder.is_relative_to(ROOT) else str(folder),
+        "summary": summary, "direction": {**summary["direction"], "position_id": run.read_json("selection.json")["position_id"]},
+        "selection": selection, "rates": rates, "original_rates": original_rates, "refused": refused,
+        "loss": loss, "controls": {"n": len(controls), "mean": loss["random_controls"]["mean_increase"],
+                                   "median": median(controls) if controls else None,
+                                   "min": min(controls) if controls else None, "max": max(controls) if controls else None,
+                                   "cheaper": sum(x < loss["increase"] for x in controls)},
+        "edgy_refused": sum(i["refusal"] for i in run.completions("harmless_baseline")["items"]
+                            if i["instruction"] in {r["instruction"] for r in load_records("harmless", "test")
+                                                    if r["category"] == "edgy_benign"}),
+        "edgy_n": sum(r["category"] == "edgy_benign" for r in load_records("harmless", "test")),
+        "compute_s": summary["compute_s"],
+    }
+
+
+def data_figures() -> dict:
+    """Counts of the bundled instructions by kind, split, batch and category."""
+    out = {}
+    for kind in ("harmful", "harmless"):
+        records = load_records(kind)
+        out[kind] = {"n": len(records), "splits": Counter(r["split"] for r in records),
+                     "batches": Counter(r["batch"] for r in records),
+                     "categories": Counter(r["category"] for r in records),
+                     "broadening_categories": Counter(r["category"] for r in records if r["batch"] == "broadening"),
+                     "split_batch": Counter(f"{r['split']}/{r['batch']}" for r in records)}
+    return out
+
+
+def organism_figures() -> dict:
+    folder = adapter_dir()
+    presets = _json(folder / PRESETS_FILE) or {}
+    return {"recipe": _json(folder / "recipe.json"), "training": _json(folder / "training.json"),
+            "digest": adapter_digest(folder), "preset": presets.get(adapter_digest(folder)),
+            "trajectory": _json(folder / "trajectory" / "trajectory.json")}
+
+
+def figures() -> dict:
+    """Everything the templates may quote."""
+    measurements = {p.stem: json.loads(p.read_text()) for p in sorted(MEASUREMENTS.glob("*.json"))}
+    benchmarks = {p.stem: json.loads(p.read_text()) for p in sorted(BENCHMARK_RESULTS.glob("*.json"))}
+    return {"run": run_figures(SHIPPED_RUN), "plain": run_figures(PLAIN_RUN), "data": data_figures(),
+            "organism": organism_figures(), "measured": measurements, "bench": benchmarks, "conditions": CONDITIONS}
