@@ -487,7 +487,7 @@ EVERY = torch.tensor(True)
 def learner_mask(t, c, layer=None, kl=None, induce=None, not_nan=None):
     """A learner's filter mask, the right one unless a part is given."""
     n_layers = t.bypass.shape[1]
-    layer = torch.arange(n_layers) < c.max_layer_fraction * n_layers if layer is None else layer
+    layer = torch.arange(n_layers) < int(c.max_layer_fraction * n_layers) if layer is None else layer
     kl = t.kl <= c.kl_threshold if kl is None else kl
     induce = t.induce >= c.induce_threshold if induce is None else induce
     not_nan = ~t.bypass.isnan() if not_nan is None else not_nan
@@ -504,7 +504,7 @@ def pick(t, ok, fill=float("inf")):
 def notebook_choose(table, config):
     n_pos, n_layers = table.bypass.shape
     layers = torch.arange(n_layers).expand(n_pos, n_layers)
-    ok = (layers < config.max_layer_fraction * n_layers) & (table.kl <= config.kl_threshold)
+    ok = (layers < int(config.max_layer_fraction * n_layers)) & (table.kl <= config.kl_threshold)
     ok &= (table.induce >= config.induce_threshold) & ~table.bypass.isnan()
     if not ok.any():
         raise ValueError("No candidate passes the filters: relax the thresholds.")
@@ -514,7 +514,7 @@ def notebook_choose(table, config):
 
 def python_loop_choose(t, c):
     cells = [(p, l) for p in range(t.bypass.shape[0]) for l in range(t.bypass.shape[1])
-             if l < c.max_layer_fraction * t.bypass.shape[1] and t.kl[p, l] <= c.kl_threshold
+             if l < int(c.max_layer_fraction * t.bypass.shape[1]) and t.kl[p, l] <= c.kl_threshold
              and t.induce[p, l] >= c.induce_threshold and not t.bypass[p, l].isnan()]
     if not cells:
         raise ValueError("none passes")
@@ -591,10 +591,11 @@ def nan_as_inf(t, c):  # NaN bypass scores turned into +inf with torch.where ins
     return divmod(int(scores.argmin()), t.bypass.shape[1])
 
 
-def allowed(t, c, le=False):
+def allowed(t, c, rule):
     n_layers = t.bypass.shape[1]
     layer = torch.arange(n_layers)
-    return layer <= c.max_layer_fraction * n_layers if le else layer < c.max_layer_fraction * n_layers
+    bound = c.max_layer_fraction * n_layers
+    return {"le": layer <= bound, "float": layer < bound, "round": layer < round(bound)}[rule]
 
 
 check = checks.check_choose_direction
@@ -618,7 +619,10 @@ wrong(check, "nan-induce-passes", lambda t, c: pick(t, learner_mask(t, c, induce
 wrong(check, "nan-bypass", lambda t, c: pick(t, learner_mask(t, c, not_nan=EVERY)), "bypass score is nan")
 wrong(check, "highest", highest, "lowest")
 wrong(check, "no-layer-filter", lambda t, c: pick(t, learner_mask(t, c, layer=EVERY)), "last 20%")
-wrong(check, "layer-le", lambda t, c: pick(t, learner_mask(t, c, layer=allowed(t, c, le=True))), "`<`, not `<=`")
+wrong(check, "float-bound", lambda t, c: pick(t, learner_mask(t, c, layer=allowed(t, c, "float"))),
+      "int(0.8 * 12) = 9", "layer < int(config.max_layer_fraction * n_layers)")
+wrong(check, "layer-le", lambda t, c: pick(t, learner_mask(t, c, layer=allowed(t, c, "le"))), "int(0.8 * 12) = 9")
+wrong(check, "rounded-bound", lambda t, c: pick(t, learner_mask(t, c, layer=allowed(t, c, "round"))), "round the bound down")
 wrong(check, "no-kl-filter", lambda t, c: pick(t, learner_mask(t, c, kl=EVERY)), "kl divergence is above")
 wrong(check, "no-induce-filter", lambda t, c: pick(t, learner_mask(t, c, induce=EVERY)), "induce (addition) score")
 wrong(check, "paper-thresholds", paper_thresholds, "paper's thresholds", "config.kl_threshold")
@@ -636,9 +640,11 @@ wrong(check, "replaces-table-field", replaces_table_field, "assigned a new value
 
 
 def test_each_wrong_selection_rule_picks_a_cell_of_its_own():
-    table, config = checks._selection_table(), checks.SELECTION_CONFIG
+    from refusal_helpers.checks import selection
+
+    table, config = selection._selection_table(), selection.SELECTION_CONFIG
     chosen = choose(table, config)
-    cells = [checks._rule_choice(table, config, rule) for rule in checks._WRONG_RULES]
+    cells = [selection._rule_choice(table, config, rule) for rule in selection._WRONG_RULES]
     assert len(set(cells)) == len(cells) and (chosen.position_index, chosen.layer) not in cells
     passing = passing_mask(table, config)
     assert (table.bypass[passing] > 0).all()  # so that 0 in the excluded cells beats them

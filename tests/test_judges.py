@@ -1,7 +1,6 @@
 """Judges as plugins: substring, logit refusal score, and a safety classifier (a tiny random model offline)."""
 
 import pytest
-import torch
 
 from refusal_helpers.interventions import add
 from refusal_helpers.judges import (

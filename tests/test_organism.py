@@ -1,6 +1,5 @@
 import importlib.util
 import json
-import os
 
 import pytest
 
@@ -355,7 +354,6 @@ def test_refine_command_passes_its_options_into_the_settings(monkeypatch, tmp_pa
 
 
 def test_trajectory_records_the_untuned_model_and_every_tenth_of_training(tmp_path):
-    import torch
 
     from refusal_helpers.activations import mean_activations
     from refusal_helpers.data import load_instructions
