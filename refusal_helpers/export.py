@@ -36,8 +36,8 @@ tags: [refusal-direction, abliterated, research]
 
 # {base}, with its refusal direction folded into the weights
 
-Made by `python -m refusal_helpers abliterate --run {run}` (refusal-direction): the difference-of-means direction
-that the pipeline selected in `{run}` (position {position}, layer {layer}, norm {norm:.2f}{zeroed}) is projected
+Made with refusal-direction (`refusal_helpers.export`): the difference-of-means direction from `{run}` (position
+{position}, layer {layer}, norm {norm:.2f}{zeroed}) is projected
 out of every matrix that writes to the residual stream (the embeddings and each attention and MLP output
 projection), which is the paper's directional ablation at every layer and position, with no hooks.
 
@@ -67,35 +67,32 @@ def _rate(items: list[dict]) -> str:
 
 
 @torch.inference_mode()
-def abliterate(
-    run: str | Path, out: str | Path, n_test: int | None = None, max_new_tokens: int | None = None,
-    judge: Judge | None = None, batch_size: int = 32, cm: ChatModel | None = None,
+def export_model(
+    cm: ChatModel, direction: torch.Tensor, out: str | Path, harmful: list[str], harmless: list[str],
+    origin: dict, max_new_tokens: int = 48, judge: Judge | None = None, batch_size: int = 32,
 ) -> dict:
-    """Fold the direction of a finished run into its model's weights, save it to `out`, and return the evidence."""
-    folder = RunFolder(run)
-    summary = folder.summary()
-    direction, selection = folder.direction()
+    """Fold `direction` into a copy of `cm`'s weights, save it to `out` with a model card, and return the evidence:
+    refusal on `harmful` and `harmless` before and after, the KL of harmless first-token predictions, the CE of
+    the original model's own harmless replies, and the reloaded folder against hook ablation on `cm`.
+    `origin` describes where the direction comes from (``run``, ``model``, ``position``, ``layer``, ``zero_dims``)."""
     judge = judge or SubstringJudge()
-    cm = cm if cm is not None else folder.load_model()
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty: choose a new folder for the exported model.")
-    max_new_tokens = max_new_tokens or summary["sizes"]["max_new_tokens"]
-    prompts = {kind: [item["instruction"] for item in folder.completions(f"{kind}_baseline")["items"]][:n_test]
-               for kind in ("harmful", "harmless")}
-    harmless_replies = [item["completion"] for item in folder.completions("harmless_baseline")["items"]][:n_test]
-
-    before = {kind: judged_completions(cm, prompts[kind], max_new_tokens, batch_size, judge=judge) for kind in prompts}
-    base_logits = last_logits(cm, prompts["harmless"], batch_size)
-    ce_before = completion_loss(cm, prompts["harmless"], harmless_replies)
-    check_inputs = cm.tokenize(prompts["harmful"][:8] + prompts["harmless"][:8])
+    before = {kind: judged_completions(cm, prompts, max_new_tokens, batch_size, judge=judge)
+              for kind, prompts in (("harmful", harmful), ("harmless", harmless))}
+    replies = [item["completion"] for item in before["harmless"]]
+    base_logits = last_logits(cm, harmless, batch_size)
+    ce_before = completion_loss(cm, harmless, replies)
+    check_inputs = cm.tokenize(harmful[:8] + harmless[:8])
     with ablate(cm, direction):
         hooked = cm.forward(check_inputs, logits_to_keep=0)
 
     edited = orthogonalize_weights(copy.deepcopy(cm), direction)
-    after = {kind: judged_completions(edited, prompts[kind], max_new_tokens, batch_size, judge=judge) for kind in prompts}
-    kl = float(kl_divergence(base_logits, last_logits(edited, prompts["harmless"], batch_size)).mean())
-    ce_after = completion_loss(edited, prompts["harmless"], harmless_replies)
+    after = {kind: judged_completions(edited, prompts, max_new_tokens, batch_size, judge=judge)
+             for kind, prompts in (("harmful", harmful), ("harmless", harmless))}
+    kl = float(kl_divergence(base_logits, last_logits(edited, harmless, batch_size)).mean())
+    ce_after = completion_loss(edited, harmless, replies)
     out.mkdir(parents=True, exist_ok=True)
     save_model(edited, out)
     del edited
@@ -103,24 +100,38 @@ def abliterate(
     mask = check_inputs["attention_mask"].bool()
     check = float((reloaded.forward(check_inputs, logits_to_keep=0)[mask] - hooked[mask]).abs().max())
 
-    identity = folder.identity()
     evidence = {
-        "run": str(folder.root), "model": identity["model"], "model_version": identity["model_version"],
-        "direction": {"position": selection["position"], "layer": selection["layer"], "norm": float(direction.norm()),
-                      "zero_dims": summary["direction"]["zero_dims"]},
-        "judge": judge.name, "max_new_tokens": max_new_tokens,
+        "origin": origin, "norm": float(direction.norm()), "judge": judge.name, "max_new_tokens": max_new_tokens,
         "refused": {f"{kind}_{when}": {"refused": refused_count(items[kind]), "n": len(items[kind])}
-                    for when, items in (("before", before), ("after", after)) for kind in prompts},
+                    for when, items in (("before", before), ("after", after)) for kind in before},
         "kl_harmless": kl, "ce_harmless": {"before": ce_before, "after": ce_after},
         "reload_check": {"max_abs_logit_difference": check, "n_prompts": int(mask.shape[0])},
     }
-    zeroed = f", residual dimensions {evidence['direction']['zero_dims']} zeroed" if evidence["direction"]["zero_dims"] else ""
-    card = CARD.format(base=identity["model"], run=folder.root, position=selection["position"], layer=selection["layer"],
-                       norm=evidence["direction"]["norm"], zeroed=zeroed, n_harmful=len(prompts["harmful"]),
-                       n_harmless=len(prompts["harmless"]), max_new_tokens=max_new_tokens, judge=judge.name,
+    zeroed = f", residual dimensions {origin['zero_dims']} zeroed" if origin.get("zero_dims") else ""
+    card = CARD.format(base=origin["model"], run=origin["run"], position=origin["position"], layer=origin["layer"],
+                       norm=evidence["norm"], zeroed=zeroed, n_harmful=len(harmful), n_harmless=len(harmless),
+                       max_new_tokens=max_new_tokens, judge=judge.name,
                        harmful_before=_rate(before["harmful"]), harmful_after=_rate(after["harmful"]),
                        harmless_before=_rate(before["harmless"]), harmless_after=_rate(after["harmless"]),
                        kl=kl, ce_before=ce_before, ce_after=ce_after, check=check, n_check=int(mask.shape[0]))
     atomic_write_text(out / "README.md", card)
     atomic_write_text(out / "abliteration.json", json.dumps(evidence, indent=1) + "\n")
     return evidence
+
+
+def abliterate(
+    run: str | Path, out: str | Path, n_test: int | None = None, max_new_tokens: int | None = None,
+    judge: Judge | None = None, batch_size: int = 32, cm: ChatModel | None = None,
+) -> dict:
+    """`export_model` with a finished run's model (from its run.json), direction and test prompts."""
+    folder = RunFolder(run)
+    summary = folder.summary()
+    direction, selection = folder.direction()
+    identity = folder.identity()
+    prompts = {kind: [item["instruction"] for item in folder.completions(f"{kind}_baseline")["items"]][:n_test]
+               for kind in ("harmful", "harmless")}
+    origin = {"run": str(folder.root), "model": identity["model"], "model_version": identity["model_version"],
+              "position": selection["position"], "layer": selection["layer"],
+              "zero_dims": summary["direction"]["zero_dims"]}
+    return export_model(cm if cm is not None else folder.load_model(), direction, out, prompts["harmful"],
+                        prompts["harmless"], origin, max_new_tokens or summary["sizes"]["max_new_tokens"], judge, batch_size)

@@ -68,10 +68,18 @@ def data_figures() -> dict:
     out = {}
     for kind in ("harmful", "harmless"):
         records = load_records(kind)
+        broadening = [r for r in records if r["batch"] == "broadening"]
+        by_split: dict[str, Counter] = {}
+        for r in broadening:
+            by_split.setdefault(r["category"], Counter())[r["split"]] += 1
+        ids: dict[str, list[str]] = {}
+        for r in records:  # the first and last id of each batch, in file order
+            ids.setdefault(r["batch"], [r["id"], r["id"]])[1] = r["id"]
         out[kind] = {"n": len(records), "splits": Counter(r["split"] for r in records),
-                     "batches": Counter(r["batch"] for r in records),
+                     "batches": Counter(r["batch"] for r in records), "batch_ids": ids,
                      "categories": Counter(r["category"] for r in records),
-                     "broadening_categories": Counter(r["category"] for r in records if r["batch"] == "broadening"),
+                     "broadening_categories": Counter(r["category"] for r in broadening),
+                     "broadening_by_split": by_split,
                      "split_batch": Counter(f"{r['split']}/{r['batch']}" for r in records)}
     return out
 

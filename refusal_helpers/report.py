@@ -91,8 +91,8 @@ def render(template: Path, context: dict) -> str:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
     env.filters.update(percent=percent, signed=signed)
-    body = env.get_template(template.name).render(**context)
-    return GENERATED_NOTE.format(template=template.relative_to(ROOT)) + body.split("\n", 1)[1]
+    body = env.get_template(template.name).render(**context)  # the output line, a comment, renders to nothing
+    return GENERATED_NOTE.format(template=template.relative_to(ROOT)) + body
 
 
 def rendered() -> dict[Path, str]:
