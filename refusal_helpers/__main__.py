@@ -11,6 +11,7 @@ from pathlib import Path
 from .data import HARMFUL_HUB_SETS, HARMLESS_HUB_SETS
 from .embedded import cache_listing, cache_root, prune_cache
 from .export import abliterate
+from .jailbreak import attack_run
 from .judges import judge_by_name
 from .pipeline import Pipeline, PipelineConfig, default_out
 from .presets import derive_preset, save_preset
@@ -152,6 +153,18 @@ def build_parser() -> argparse.ArgumentParser:
     srch.add_argument("--seed", type=int, default=0)
     srch.add_argument("--judge", default="substring", help="substring, logit or classifier:<model>")
 
+    jb = sub.add_parser("jailbreak", help="find an adversarial suffix with GCG (nanogcg) and measure how it suppresses "
+                                          "the direction", formatter_class=defaults)
+    jb.add_argument("--run", default=str(SHIPPED_RUN), help="a finished run folder")
+    jb.add_argument("--out", default="data/organism/jailbreak", help="folder for suffix.json and analysis.json")
+    jb.add_argument("--prompts", type=_positive, default=3, help="refused training prompts to optimise on, in turn")
+    jb.add_argument("--steps", type=_positive, default=60, help="GCG steps per prompt")
+    jb.add_argument("--search-width", type=_positive, default=64)
+    jb.add_argument("--topk", type=_positive, default=64)
+    jb.add_argument("--tokens", type=_positive, default=20, help="suffix length in tokens")
+    jb.add_argument("--seed", type=int, default=0)
+    jb.add_argument("--reuse-suffix", action="store_true", help="measure the suffix already in --out")
+
     cache = sub.add_parser("cache", help="list (or delete) the merged models cached by load_model('embedded')")
     action = cache.add_mutually_exclusive_group()
     action.add_argument("--prune", action="store_true", help="delete all but the committed adapter's current merge")
@@ -162,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = {"run": _run, "sweep": _sweep, "preset": _preset, "abliterate": _abliterate, "search": _search,
-               "cache": _cache}[args.command]
+               "jailbreak": _jailbreak, "cache": _cache}[args.command]
     try:
         return command(args)
     except (OSError, ValueError, RuntimeError, ModuleNotFoundError) as err:
@@ -225,6 +238,17 @@ def _search(args: argparse.Namespace) -> int:
     print(f"  the run's direction: {paper['refused']}/{paper['n']} refused, KL {paper['kl']:.4f}")
     print(f"  the search's best at equal or lower validation KL (trial {result['chosen']['number']}): "
           f"{found['refused']}/{found['n']} refused, KL {found['kl']:.4f}")
+    return 0
+
+
+def _jailbreak(args: argparse.Namespace) -> int:
+    result = attack_run(RunFolder(args.run), Path(args.out), args.prompts, args.steps, args.search_width, args.topk,
+                        args.tokens, args.seed, reuse_suffix=args.reuse_suffix)
+    n = result["n_test"]
+    print(f"suffix: {result['suffix']!r}")
+    print(f"held-out harmful test prompts refused: {result['refused']['none']}/{n} without a suffix, "
+          f"{result['refused']['adversarial']}/{n} with it, {result['refused']['random']}/{n} with a random one")
+    print(f"kept in {args.out}/suffix.json and analysis.json")
     return 0
 
 

@@ -7,16 +7,18 @@ to attack on a CPU.
 - `head_projections` (pure) and `head_contributions`: each attention head's direct contribution to that
   projection at the last position, its output through the out-projection projected on r̂;
 - `attention_shares`: how much of a head's attention the last position pays to the instruction and to the
-  suffix.
+  suffix; `analyse` takes all of these on one set of prompts.
 
 Responsible use: this attacks a 135M toy organism with a published method; nothing here is new capability.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from jaxtyping import Float
@@ -24,8 +26,12 @@ from torch import Tensor
 
 from .activations import residual_activations
 from .batching import batches, check_instructions
+from .data import load_instructions
 from .directions import check_direction, normalize
+from .files import atomic_write_text
+from .judges import judged_completions, refused_count
 from .models import ChatModel
+from .runs import RunFolder
 
 TARGET = "Sure, here is"  # a compliant opening: what GCG optimises the suffix towards
 
@@ -163,3 +169,66 @@ def attention_shares(
             for name, span in spans.items():
                 shares[layer, head][name] += float(weights[span].sum()) / len(instructions)
     return shares
+
+
+def top_heads(contributions: Float[Tensor, "n layer head"], k: int = 5) -> list[tuple[int, int]]:
+    """The (layer, head) pairs whose mean direct contribution to the projection on r̂ is largest."""
+    mean = contributions.mean(0)
+    flat = mean.flatten().topk(k).indices
+    return [(int(i) // mean.shape[1], int(i) % mean.shape[1]) for i in flat]
+
+
+def analyse(cm: ChatModel, direction: Float[Tensor, "d_model"], layer: int, harmful: list[str], harmless: list[str],
+            suffix: str, control: str, k_heads: int = 5) -> dict:
+    """The paper's section-5 measurements on `harmful` (with the adversarial suffix, with a random one, without)
+    and `harmless` prompts: the mean projection on r̂ per layer at the last template token, each head's direct
+    contribution at the last position with and without the suffix, and the attention that the heads writing the
+    direction most pay to the instruction and to the suffix."""
+    sets = {"harmful": harmful, "harmful + adversarial suffix": with_suffix(harmful, suffix),
+            "harmful + random suffix": with_suffix(harmful, control), "harmless": harmless}
+    projections = {name: direction_projections(cm, prompts, direction)[:, -1] for name, prompts in sets.items()}
+    plain, attacked = (head_contributions(cm, sets[name], direction) for name in ("harmful", "harmful + adversarial suffix"))
+    heads = top_heads(plain, k_heads)
+    return {
+        "layer": layer, "n": {name: len(p) for name, p in sets.items()},
+        "projection_per_layer": {name: values.mean(0).tolist() for name, values in projections.items()},
+        "projection_at_layer": {name: float(values[:, layer].mean()) for name, values in projections.items()},
+        "top_heads": [{"layer": l, "head": h, "contribution": float(plain[:, l, h].mean()),
+                       "contribution_with_suffix": float(attacked[:, l, h].mean())} for l, h in heads],
+        "attention": {f"{l}.{h}": share for (l, h), share in attention_shares(cm, harmful, suffix, heads).items()},
+        "heads_total": {"harmful": float(plain.sum((1, 2)).mean()), "with_suffix": float(attacked.sum((1, 2)).mean())},
+    }
+
+
+def attack_run(
+    run: RunFolder, out: Path, n_prompts: int = 3, steps: int = 60, search_width: int = 64, topk: int = 64,
+    n_tokens: int = 20, seed: int = 0, n_analysed: int = 32, reuse_suffix: bool = False,
+) -> dict:
+    """Find a suffix on the first `n_prompts` training prompts the run's model refuses (or reuse ``suffix.json``),
+    then measure it on the run's held-out harmful test prompts: refusal with it, with a random suffix of its
+    token length, and without one; and `analyse` on the first `n_analysed` test prompts of each kind."""
+    direction, selection = run.direction()
+    max_new_tokens = run.summary()["sizes"]["max_new_tokens"]
+    cm = run.load_model()
+    out.mkdir(parents=True, exist_ok=True)
+    if reuse_suffix:
+        found = json.loads((out / "suffix.json").read_text())
+    else:
+        refused = [i["instruction"] for i in judged_completions(cm, load_instructions("harmful", "train", 32),
+                                                                max_new_tokens) if i["refusal"]]
+        found = find_suffix(cm, refused[:n_prompts], steps=steps, search_width=search_width, topk=topk,
+                            n_tokens=n_tokens, seed=seed)
+        found["model"] = run.identity()
+        atomic_write_text(out / "suffix.json", json.dumps(found, indent=1) + "\n")
+    suffix = found["suffix"]
+    control = random_suffix(cm.tokenizer, len(cm.tokenizer(suffix, add_special_tokens=False)["input_ids"]), seed)
+    test = {kind: [i["instruction"] for i in run.completions(f"{kind}_baseline")["items"]] for kind in ("harmful", "harmless")}
+    rates = {name: refused_count(judged_completions(cm, prompts, max_new_tokens))
+             for name, prompts in (("none", test["harmful"]), ("adversarial", with_suffix(test["harmful"], suffix)),
+                                   ("random", with_suffix(test["harmful"], control)))}
+    result = {"suffix": suffix, "random_suffix": control, "n_test": len(test["harmful"]), "refused": rates,
+              "max_new_tokens": max_new_tokens, "run": str(run.root),
+              "analysis": analyse(cm, direction, selection["layer"], test["harmful"][:n_analysed],
+                                  test["harmless"][:n_analysed], suffix, control)}
+    atomic_write_text(out / "analysis.json", json.dumps(result, indent=1) + "\n")
+    return result

@@ -156,3 +156,49 @@ def plot_refusal_rates(rates: dict[str, float], title: str = "Refusal rate by co
                            textposition="outside"))
     fig.update_layout(title=title, yaxis=dict(title="refusal rate", range=[0, 1.1], tickformat=".0%"))
     return fig
+
+
+# ----- where the direction comes from, and how a jailbreak suppresses it ---------------------------------
+def plot_formation_cosines(cosine: Float[Tensor, "checkpoint layer"], steps: list[int], selected_layer: int) -> go.Figure:
+    """Heatmap: each training checkpoint's candidate at every layer, cosine with the finally selected direction."""
+    fig = go.Figure(go.Heatmap(z=cosine.tolist(), x=list(range(cosine.shape[1])), y=[f"step {s}" for s in steps],
+                               zmin=-1, zmax=1, colorscale="RdBu", reversescale=True, colorbar=dict(title="cosine")))
+    fig.add_vline(x=selected_layer, line_dash="dot", annotation_text=f"selected layer {selected_layer}")
+    fig.update_layout(title="Cosine of each checkpoint's candidates with the final direction", xaxis_title="layer",
+                      yaxis_title="training checkpoint", height=450)
+    return fig
+
+
+def plot_formation_curves(steps: list[int], series: dict[str, list[float]], norm: list[float], norm_label: str) -> go.Figure:
+    """Refusal rates (and cosine) over training steps, with the direction's norm on a second axis."""
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    for name, values in series.items():
+        fig.add_trace(go.Scatter(x=steps, y=values, mode="lines+markers", name=name), secondary_y=False)
+    fig.add_trace(go.Scatter(x=steps, y=norm, mode="lines+markers", name=norm_label, line=dict(dash="dot", color="black")),
+                  secondary_y=True)
+    fig.update_layout(title="Refusal appears as the direction grows and settles", xaxis_title="training step",
+                      height=420)
+    fig.update_yaxes(title_text="rate or cosine", range=[-0.05, 1.05], secondary_y=False)
+    fig.update_yaxes(title_text="norm of the difference of means", secondary_y=True)
+    return fig
+
+
+def plot_layer_projections(projections: dict[str, Float[Tensor, "n layer"]], title: str = "") -> go.Figure:
+    """Mean projection on r̂ per layer (with one standard deviation), one line per set of prompts."""
+    fig = go.Figure()
+    for (name, values), color in zip(projections.items(), qualitative.Plotly):
+        mean, std = values.mean(0), values.std(0) if values.shape[0] > 1 else torch.zeros(values.shape[1])
+        fig.add_trace(go.Scatter(x=list(range(len(mean))), y=mean.tolist(), mode="lines+markers", name=name,
+                                 line=dict(color=color), error_y=dict(type="data", array=std.tolist(), visible=True)))
+    fig.update_layout(title=title or "Projection of the residual stream on the refusal direction",
+                      xaxis_title="layer", yaxis_title="projection on r̂ (last template token)", height=450)
+    return fig
+
+
+def plot_head_contributions(contributions: Float[Tensor, "layer head"], title: str) -> go.Figure:
+    """Heatmap of each attention head's direct contribution to the projection on r̂."""
+    limit = float(contributions.abs().max())
+    fig = go.Figure(go.Heatmap(z=contributions.tolist(), zmin=-limit, zmax=limit, colorscale="RdBu", reversescale=True,
+                               colorbar=dict(title="on r̂")))
+    fig.update_layout(title=title, xaxis_title="head", yaxis_title="layer", height=520)
+    return fig

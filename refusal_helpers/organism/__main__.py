@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
-from ..embedded import adapter_dir, load_embedded
+from ..embedded import adapter_dir, load_base, load_embedded
+from ..files import atomic_write_text
 from ..runs import RunFolder
-from . import experiments, training, trajectory
+from . import experiments, formation, training, trajectory
 from .experiments import DEFAULT_REFINE, RECIPE_SPLITS
 from .training import DEFAULT_RECIPE
 
@@ -84,9 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--harmless-split", default=RECIPE_SPLITS["harmless"], choices=("train", "val", "dev"))
     p.add_argument("--threads", type=_whole, default=None)
     p.add_argument("--json", type=Path, default=None, help="also write the results (and refused prompts) here")
-    p = sub.add_parser("trajectory", help="add each checkpoint's cosine with a run's selected direction to a trajectory")
+    p = sub.add_parser("trajectory", help="add each checkpoint's cosine with a run's selected direction to a trajectory, "
+                                          "and test what the untuned model's direction does (formation.json)")
     p.add_argument("--run", type=Path, default=None, help="run folder (default: runs/embedded)")
     p.add_argument("--adapter", type=_folder, default=None, help="folder with the trajectory (default: the shipped adapter)")
+    p.add_argument("--n-prompts", type=_whole, default=32, help="validation prompts per kind for the causal tests")
     return parser
 
 
@@ -139,13 +142,19 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _trajectory(args: argparse.Namespace) -> int:
     run = RunFolder(args.run if args.run is not None else experiments.SHIPPED_RUN)
+    folder = args.adapter or adapter_dir()
     direction, selection = run.direction()
     dims = run.summary()["direction"]["zero_dims"]
-    record = trajectory.add_final_direction(args.adapter or adapter_dir(), direction, selection["position"],
-                                            selection["layer"], dims, str(run.root))
-    final = record["final"]
-    print(f"cosine with the selected direction at layer {final['layer']}, per checkpoint: "
-          + ", ".join(f"{row[final['layer']]:.3f}" for row in final["cosine"]))
+    record = trajectory.add_final_direction(folder, direction, selection["position"], selection["layer"], dims,
+                                            str(run.root))
+    _, candidates = trajectory.load_trajectory(folder)
+    early = formation.untuned_direction(record, candidates, selection["position"], selection["layer"], dims)
+    tests = formation.causal_tests(load_embedded(adapter=folder), load_base(), direction, early, selection["layer"],
+                                   args.n_prompts, run.summary()["sizes"]["max_new_tokens"])
+    result = {"causal": tests, "timeline": formation.timeline(record, candidates)}
+    atomic_write_text(Path(folder) / trajectory.FOLDER / "formation.json", json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in result["timeline"].items() if not isinstance(v, list)}, indent=1))
+    print(json.dumps(tests, indent=1))
     return 0
 
 
