@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup browser demo test test-oldest bench notebooks clean
+.PHONY: setup browser demo test test-oldest bench notebooks docs clean
 
 $(STAMP): pyproject.toml requirements.txt scripts/setup.sh
 	bash scripts/setup.sh $(VENV)
@@ -29,9 +29,13 @@ test-oldest:
 	REQUIREMENTS=requirements-oldest.txt bash scripts/setup.sh .venv-oldest
 	HF_HUB_OFFLINE=1 REFUSAL_DIRECTION_CACHE=$(CURDIR)/.venv-oldest/cache .venv-oldest/bin/python -m pytest -q
 
-## Benchmarks: each prints its ratio or figure on its last line.
+## Benchmarks: each prints its ratio or figure on its last line; the measurements go to benchmarks/results/.
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/run_all.py --save
+
+## Render the documents that quote measured figures (docs/, data/DATASHEET.md, benchmarks/RESULTS.md) from artifacts.
+docs: $(STAMP)
+	$(PY) -m refusal_helpers.report build
 
 ## Rebuild exercise.ipynb from solutions.ipynb.
 notebooks: $(STAMP)

