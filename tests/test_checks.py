@@ -782,7 +782,7 @@ def test_wrong_answers_fail_naming_the_mistake(check, fn, fragments):
 
 
 def test_every_check_has_five_planted_wrong_answers_and_two_right_ones():
-    assert len(ALL_CHECKS) == 13
+    assert len(ALL_CHECKS) == 15
     for check in ALL_CHECKS:
         planted = [p for p in WRONG if p.values[0] is check]
         assert len(planted) >= 5, check.__name__
@@ -796,7 +796,8 @@ STUB_NAMES = {
     "check_refusal_score": "refusal_score", "check_kl_divergence": "kl_divergence",
     "check_refusal_rate": "refusal_rate", "check_choose_direction": "choose_direction",
     "check_orthogonalize": "orthogonalize", "check_tl_ablation_hooks": "tl_ablation_hooks",
-    "check_nnsight_resid_pre": "nnsight_resid_pre",
+    "check_nnsight_resid_pre": "nnsight_resid_pre", "check_cosine_to_final": "cosine_to_final",
+    "check_head_projections": "head_projections",
 }
 
 
@@ -827,3 +828,51 @@ def test_test_tokenizers_add_bos_like_the_real_ones(template, adds_bos):
     tokenizer = tiny_tokenizer(template)
     plain = tokenizer("Hello", add_special_tokens=False)["input_ids"]
     assert tokenizer("Hello")["input_ids"] == ([tokenizer.bos_token_id] if adds_bos else []) + plain
+
+
+# ----- cosine_to_final (formation) ---------------------------------------------------------------------
+def cosine_library(trajectory, final):
+    return torch.nn.functional.cosine_similarity(trajectory, final.expand_as(trajectory), dim=-1)
+
+
+def cosine_manual(trajectory, final):
+    return (trajectory @ final) / (trajectory.norm(dim=-1) * final.norm()).clamp_min(1e-8)
+
+
+check = checks.check_cosine_to_final
+right(check, "library", cosine_library)
+right(check, "manual", cosine_manual)
+wrong(check, "dot-product", lambda t, f: t @ f, "dot products")
+wrong(check, "trajectory-norm-only", lambda t, f: (t @ f) / t.norm(dim=-1).clamp_min(1e-12), "trajectory's norms only")
+wrong(check, "final-norm-only", lambda t, f: (t @ f) / f.norm(), "final direction's norm only")
+wrong(check, "against-first-checkpoint", lambda t, f: torch.nn.functional.cosine_similarity(t, t[:1], dim=-1),
+      "compared every checkpoint with the first one")
+wrong(check, "nan-for-zero", lambda t, f: (t @ f) / (t.norm(dim=-1) * f.norm()), "nan")
+wrong(check, "normalises-in-place", lambda t, f: cosine_library(t, f.div_(f.norm())), "changed its input `final` in place")
+wrong(check, "float64", lambda t, f: cosine_library(t.double(), f.double()), "torch.float64")
+
+
+# ----- head_projections (jailbreaks) --------------------------------------------------------------------
+def heads_library(z, w_o, r_hat, n_heads):
+    from refusal_helpers.jailbreak import head_projections
+
+    return head_projections(z, w_o, r_hat, n_heads)
+
+
+def heads_loop(z, w_o, r_hat, n_heads):
+    head_dim = w_o.shape[1] // n_heads
+    return torch.stack([z[..., h * head_dim:(h + 1) * head_dim] @ (w_o[:, h * head_dim:(h + 1) * head_dim].T @ r_hat)
+                        for h in range(n_heads)], dim=-1)
+
+
+check = checks.check_head_projections
+right(check, "library", heads_library)
+right(check, "loop", heads_loop)
+wrong(check, "wrong-split", lambda z, w, r, n: heads_loop(z.unflatten(-1, (w.shape[1] // n, n)).transpose(-1, -2).flatten(-2), w, r, n),
+      "contiguous blocks")
+wrong(check, "summed", lambda z, w, r, n: heads_loop(z, w, r, n).sum(-1, keepdim=True).expand(*z.shape[:-1], n),
+      "summed over the heads")
+wrong(check, "sign", lambda z, w, r, n: -heads_loop(z, w, r, n), "wrong sign")
+wrong(check, "equal-split", lambda z, w, r, n: ((z @ w.T) @ r / n)[..., None].expand(*z.shape[:-1], n), "equally")
+wrong(check, "scales-z-in-place", lambda z, w, r, n: heads_loop(z.mul_(2), w, r, n) / 2, "changed its input `z` in place")
+wrong(check, "float64", lambda z, w, r, n: heads_loop(z.double(), w.double(), r.double(), n), "torch.float64")

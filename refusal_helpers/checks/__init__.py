@@ -17,6 +17,7 @@ from .activations import (
     check_mean_activations,
     check_post_instruction_positions,
 )
+from .beyond import check_cosine_to_final, check_head_projections
 from .core import CheckFailed, compare
 from .interventions import (
     check_ablation_hooks,
@@ -31,7 +32,7 @@ from .selection import check_choose_direction
 
 __all__ = [
     "CheckFailed", "check_ablation_hooks", "check_addition_hook", "check_candidate_directions", "check_choose_direction",
-    "check_kl_divergence", "check_mean_activations", "check_nnsight_resid_pre", "check_orthogonalize",
+    "check_cosine_to_final", "check_head_projections", "check_kl_divergence", "check_mean_activations", "check_nnsight_resid_pre", "check_orthogonalize",
     "check_post_instruction_positions", "check_project_out", "check_refusal_rate", "check_refusal_score",
     "check_tl_ablation_hooks", "compare",
 ]
