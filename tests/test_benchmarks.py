@@ -28,7 +28,7 @@ def test_benchmark_runs_and_prints_its_figure(script, args, final):
 def test_end_to_end_benchmark_compares_the_cli_with_loading_alone(tmp_path):
     from refusal_helpers.testing import tiny_chat_model
 
-    cm = tiny_chat_model("qwen2", n_layers=2)
+    cm = tiny_chat_model("qwen2", n_layers=3)  # int(0.8 * 3) = 2 layers kept: layer 0 (always zero) and layer 1
     cm.model.save_pretrained(tmp_path / "tiny")
     cm.tokenizer.save_pretrained(tmp_path / "tiny")
     cli = ["--model", str(tmp_path / "tiny"), "--n-train", "4", "--n-val", "2", "--n-test", "2", "--max-new-tokens", "2",

@@ -57,7 +57,8 @@ def test_cli_end_to_end_writes_every_artifact(tiny_folder, tmp_path, capsys):
     completions = json.loads((out / "completions/harmful_ablation.json").read_text())
     assert completions["n"] == 3 and {"instruction", "completion", "refusal"} <= set(completions["items"][0])
     assert completions["refused"] == sum(item["refusal"] for item in completions["items"])
-    assert summary["refused"]["harmful_ablation"] == {"refused": completions["refused"], "n": 3}
+    assert summary["refused"]["harmful_ablation"] == {"refused": completions["refused"], "harmful": 0, "n": 3}
+    assert completions["judge"] == "substring" and completions["verdicts"]["refused"] == completions["refused"]
     assert set(summary["artifacts"]) == EVERY_ARTIFACT_BUT_THE_SUMMARY  # the digest of everything it summarises
 
     made = summary["compute_s"]

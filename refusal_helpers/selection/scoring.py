@@ -24,7 +24,7 @@ from ..interventions import ablation_hook, addition_hook
 from ..metrics import kl_divergence, refusal_score
 from ..models import ChatModel
 from .engine import SharedPrefixPrompts, start_at_layer, variant_last_logits
-from .rule import ScoreTable, Selection, SelectionConfig, candidate_order, choose, layer_mask
+from .rule import ScoreTable, Selection, SelectionConfig, allowed_layers, candidate_order, choose, layer_mask
 
 
 def keep_consistent(
@@ -155,6 +155,11 @@ def score_candidates(
     nonzero = candidates.norm(dim=-1) > ZERO_NORM
     allowed = nonzero if mode == "exhaustive" else nonzero & layer_mask(n_pos, n_layers, config.max_layer_fraction)
     cells = [(p, l) for p in range(n_pos) for l in range(n_layers) if allowed[p, l]]
+    if not cells:
+        raise ValueError(f"Every candidate in the layers the rule keeps (below int({config.max_layer_fraction} * "
+                         f"{n_layers}) = {allowed_layers(n_layers, config.max_layer_fraction)}) is zero: at template "
+                         "positions layer 0 is the same token's embedding in every prompt. Use a deeper model, or a "
+                         "larger --max-layer-fraction.")
     # Candidates per call: about 8 batches of rows, so batches hold one or two prompts (little padding).
     group = max(1, 8 * batch_size // max(len(harmful_val), len(harmless_val)))
 
