@@ -22,12 +22,13 @@ from .evaluation import completion_loss, last_logits
 from .files import atomic_write_text
 from .interventions import ablate
 from .judges import Judge, SubstringJudge, judged_completions, refused_count
-from .loading import load_model
+from .loading import EMBEDDED, load_model
 from .metrics import kl_divergence
 from .models import ChatModel
 from .orthogonalize import orthogonalize_weights, save_model
 from .runs import RunFolder
 
+EMBEDDED_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the embedded model: this, with the project's LoRA adapter merged
 CARD = """---
 library_name: transformers
 base_model: {base}
@@ -108,7 +109,8 @@ def export_model(
         "reload_check": {"max_abs_logit_difference": check, "n_prompts": int(mask.shape[0])},
     }
     zeroed = f", residual dimensions {origin['zero_dims']} zeroed" if origin.get("zero_dims") else ""
-    card = CARD.format(base=origin["model"], run=origin["run"], position=origin["position"], layer=origin["layer"],
+    base = origin["model"] if origin["model"] != EMBEDDED else EMBEDDED_BASE
+    card = CARD.format(base=base, run=origin["run"], position=origin["position"], layer=origin["layer"],
                        norm=evidence["norm"], zeroed=zeroed, n_harmful=len(harmful), n_harmless=len(harmless),
                        max_new_tokens=max_new_tokens, judge=judge.name,
                        harmful_before=_rate(before["harmful"]), harmful_after=_rate(after["harmful"]),

@@ -171,26 +171,28 @@ def attention_shares(
     return shares
 
 
-def top_heads(contributions: Float[Tensor, "n layer head"], k: int = 5) -> list[tuple[int, int]]:
-    """The (layer, head) pairs whose mean direct contribution to the projection on r̂ is largest."""
-    mean = contributions.mean(0)
-    flat = mean.flatten().topk(k).indices
+def top_heads(contributions: Float[Tensor, "n layer head"], below: int, k: int = 5) -> list[tuple[int, int]]:
+    """The (layer, head) pairs, in the layers below `below` (those that write the residual stream the direction
+    is read from), whose mean direct contribution to the projection on r̂ is largest."""
+    mean = contributions.mean(0)[:below]
+    flat = mean.flatten().topk(min(k, mean.numel())).indices
     return [(int(i) // mean.shape[1], int(i) % mean.shape[1]) for i in flat]
 
 
-def analyse(cm: ChatModel, direction: Float[Tensor, "d_model"], layer: int, harmful: list[str], harmless: list[str],
-            suffix: str, control: str, k_heads: int = 5) -> dict:
+def analyse(cm: ChatModel, direction: Float[Tensor, "d_model"], position: int, layer: int, harmful: list[str],
+            harmless: list[str], suffix: str, control: str, k_heads: int = 5) -> dict:
     """The paper's section-5 measurements on `harmful` (with the adversarial suffix, with a random one, without)
-    and `harmless` prompts: the mean projection on r̂ per layer at the last template token, each head's direct
-    contribution at the last position with and without the suffix, and the attention that the heads writing the
-    direction most pay to the instruction and to the suffix."""
+    and `harmless` prompts: the mean projection on r̂ per layer at the direction's template `position`, each
+    head's direct contribution at the last position with and without the suffix, and the attention that the
+    heads below `layer` writing the direction most pay to the instruction and to the suffix."""
     sets = {"harmful": harmful, "harmful + adversarial suffix": with_suffix(harmful, suffix),
             "harmful + random suffix": with_suffix(harmful, control), "harmless": harmless}
-    projections = {name: direction_projections(cm, prompts, direction)[:, -1] for name, prompts in sets.items()}
+    index = cm.post_instruction_positions.index(position)
+    projections = {name: direction_projections(cm, prompts, direction)[:, index] for name, prompts in sets.items()}
     plain, attacked = (head_contributions(cm, sets[name], direction) for name in ("harmful", "harmful + adversarial suffix"))
-    heads = top_heads(plain, k_heads)
+    heads = top_heads(plain, layer, k_heads)
     return {
-        "layer": layer, "n": {name: len(p) for name, p in sets.items()},
+        "position": position, "layer": layer, "n": {name: len(p) for name, p in sets.items()},
         "projection_per_layer": {name: values.mean(0).tolist() for name, values in projections.items()},
         "projection_at_layer": {name: float(values[:, layer].mean()) for name, values in projections.items()},
         "top_heads": [{"layer": l, "head": h, "contribution": float(plain[:, l, h].mean()),
@@ -228,7 +230,7 @@ def attack_run(
                                    ("random", with_suffix(test["harmful"], control)))}
     result = {"suffix": suffix, "random_suffix": control, "n_test": len(test["harmful"]), "refused": rates,
               "max_new_tokens": max_new_tokens, "run": str(run.root),
-              "analysis": analyse(cm, direction, selection["layer"], test["harmful"][:n_analysed],
+              "analysis": analyse(cm, direction, selection["position"], selection["layer"], test["harmful"][:n_analysed],
                                   test["harmless"][:n_analysed], suffix, control)}
     atomic_write_text(out / "analysis.json", json.dumps(result, indent=1) + "\n")
     return result

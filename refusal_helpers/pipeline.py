@@ -219,8 +219,8 @@ class Pipeline:
     def select(self, candidates: torch.Tensor) -> tuple[Selection, torch.Tensor]:
         """The chosen candidate and its direction (written only if a candidate passes the filters)."""
         config = self.config.selection_config()
-        started = time.time()
         table = self.score(candidates)
+        started = time.time()
         selection = choose(table, config)
         chosen = {**self.settings(inputs=("scores.json",)), "selection": asdict(config)}
         if not self._reuse("selection.json", chosen):
