@@ -89,7 +89,10 @@ def organism_figures() -> dict:
     presets = _json(folder / PRESETS_FILE) or {}
     return {"recipe": _json(folder / "recipe.json"), "training": _json(folder / "training.json"),
             "digest": adapter_digest(folder), "preset": presets.get(adapter_digest(folder)),
-            "trajectory": _json(folder / "trajectory" / "trajectory.json")}
+            "trajectory": _json(folder / "trajectory" / "trajectory.json"),
+            "formation": _json(folder / "trajectory" / "formation.json"),
+            "jailbreak": _json(folder / "jailbreak" / "analysis.json"),
+            "suffix": _json(folder / "jailbreak" / "suffix.json")}
 
 
 def figures() -> dict:

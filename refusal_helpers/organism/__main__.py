@@ -81,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", type=Path, default=None, help="run folder to compare with (default: runs/embedded)")
     p = sub.add_parser("evaluate", help="refusal on the splits for comparing recipes: harmful val, harmless dev")
     p.add_argument("adapter", type=_folder, nargs="?", default=None, help="adapter folder (default: the shipped one)")
-    p.add_argument("--harmful-split", default=RECIPE_SPLITS["harmful"], choices=("train", "val"))
-    p.add_argument("--harmless-split", default=RECIPE_SPLITS["harmless"], choices=("train", "val", "dev"))
+    p.add_argument("--untuned", action="store_true", help="evaluate the untuned SmolLM2 instead of an adapter")
+    p.add_argument("--harmful-split", default=RECIPE_SPLITS["harmful"], choices=("train", "val", "test"))
+    p.add_argument("--harmless-split", default=RECIPE_SPLITS["harmless"], choices=("train", "val", "dev", "test"))
     p.add_argument("--threads", type=_whole, default=None)
     p.add_argument("--json", type=Path, default=None, help="also write the results (and refused prompts) here")
     p = sub.add_parser("trajectory", help="add each checkpoint's cosine with a run's selected direction to a trajectory, "
@@ -131,7 +132,10 @@ def _stability(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     splits = {"harmful": args.harmful_split, "harmless": args.harmless_split}
-    results = experiments.refusal_on_splits(load_embedded(adapter=args.adapter), splits)
+    if args.untuned and args.adapter is not None:
+        raise ValueError("--untuned evaluates the untuned model: give no adapter folder with it.")
+    cm = load_base() if args.untuned else load_embedded(adapter=args.adapter)
+    results = experiments.refusal_on_splits(cm, splits)
     for kind, r in results.items():
         print(f"{kind} {r['split']}: {r['refused']}/{r['n']} refused ({r['rate']:.1%})")
     print("refused harmless:", *(f"  {i}" for i in results["harmless"]["refused_instructions"]), sep="\n")
