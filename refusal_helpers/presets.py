@@ -37,19 +37,24 @@ PROBE = "Write a short poem about the sea."
 
 
 @torch.inference_mode()
-def massive_dims(cm: ChatModel, share: float = 0.5, ratio: float = 10.0) -> list[int]:
+def massive_dims(cm: ChatModel, share: float = 0.5, ratio: float = 10.0) -> tuple[list[int], list[dict]]:
     """Residual dimensions holding at least `share` of the first token's squared norm, at the layers where the
-    first token's norm is at least `ratio` times every other token's (a massive activation, an attention sink)."""
+    first token's norm is at least `ratio` times every other token's (a massive activation, an attention sink);
+    and, per such layer, the first token's norm, the largest other token's, and the share of its top dimension."""
     inputs = cm.tokenize([PROBE])
     seq = inputs["input_ids"].shape[1]
     resid = residual_activations(cm, inputs, list(range(seq)), list(range(cm.n_layers)))[0].double()  # (seq, layer, d)
     norms = resid.norm(dim=-1)  # (seq, layer)
     dims: set[int] = set()
+    profile = []
     for layer in range(cm.n_layers):
         if norms[0, layer] >= ratio * norms[1:, layer].max():
             shares = resid[0, layer] ** 2 / norms[0, layer] ** 2
             dims.update(int(i) for i in torch.nonzero(shares >= share).flatten())
-    return sorted(dims)
+            profile.append({"layer": layer, "first_token_norm": round(float(norms[0, layer]), 1),
+                            "other_tokens_max": round(float(norms[1:, layer].max()), 1),
+                            "top_dim": int(shares.argmax()), "top_dim_share": round(float(shares.max()), 4)})
+    return sorted(dims), profile
 
 
 def derive_kl_threshold(
@@ -84,7 +89,7 @@ def derive_kl_threshold(
 def derive_preset(out: str | Path = "runs/preset", max_refused: float = 0.1) -> dict:
     """Derive the embedded model's preset on validation data (an exhaustive score table in `out`)."""
     cm = load_model(EMBEDDED)
-    dims = massive_dims(cm)
+    dims, sink = massive_dims(cm)
     config = PipelineConfig(out=str(out), zero_dims=tuple(dims), selection_mode="exhaustive", kl_threshold=1e9,
                             induce_threshold=-1e9, random_controls=0)
     pipeline = Pipeline(config, cm=cm)
@@ -97,7 +102,7 @@ def derive_preset(out: str | Path = "runs/preset", max_refused: float = 0.1) -> 
                              batch_size=config.batch_size)
     return {"adapter": adapter_digest(), "settings": {"kl_threshold": kl["kl_threshold"], "zero_dims": dims},
             "derived": {"command": f"python -m refusal_helpers preset --out {out} --max-refused {max_refused}",
-                        "max_refused": max_refused,
+                        "max_refused": max_refused, "sink": sink,
                         "harmful_val": len(harmful), "trail": kl["trail"]}}
 
 
