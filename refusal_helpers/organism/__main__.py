@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stability", help="compare a run's directions with another seed's organism")
     p.add_argument("adapter", type=_folder, help="folder of an adapter trained with another --seed")
     p.add_argument("--run", type=Path, default=None, help="run folder to compare with (default: runs/embedded)")
+    p.add_argument("--json", type=Path, default=None, help="also write the result here")
     p = sub.add_parser("evaluate", help="refusal on the splits for comparing recipes: harmful val, harmless dev")
     p.add_argument("adapter", type=_folder, nargs="?", default=None, help="adapter folder (default: the shipped one)")
     p.add_argument("--untuned", action="store_true", help="evaluate the untuned SmolLM2 instead of an adapter")
@@ -126,7 +127,11 @@ def _refine(args: argparse.Namespace) -> int:
 
 def _stability(args: argparse.Namespace) -> int:
     run = args.run if args.run is not None else experiments.SHIPPED_RUN
-    print(json.dumps(experiments.seed_stability(args.adapter, run), indent=1))
+    result = {**experiments.seed_stability(args.adapter, run), "other_adapter_recipe": json.loads(
+        (args.adapter / "recipe.json").read_text())}
+    print(json.dumps(result, indent=1))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(result, indent=1) + "\n")
     return 0
 
 
