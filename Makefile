@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup browser demo test test-oldest bench notebooks docs clean
+.PHONY: setup browser demo test test-oldest bench lint notebooks docs clean
 
 $(STAMP): pyproject.toml requirements.txt scripts/setup.sh
 	bash scripts/setup.sh $(VENV)
@@ -36,6 +36,10 @@ bench: $(STAMP)
 ## Render the documents that quote measured figures (docs/, data/DATASHEET.md, benchmarks/RESULTS.md) from artifacts.
 docs: $(STAMP)
 	$(PY) -m refusal_helpers.report build
+
+## The linter (rules in pyproject.toml; tests/test_structure.py runs it too).
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 ## Rebuild exercise.ipynb from solutions.ipynb.
 notebooks: $(STAMP)

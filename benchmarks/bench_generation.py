@@ -5,8 +5,8 @@ the ratio is a lower bound on what the ablation hooks cost.
 """
 
 import torch
-
 from common import interleaved, load, machine, parser, save
+
 from refusal_helpers.data import load_instructions
 from refusal_helpers.generation import GREEDY, generate
 from refusal_helpers.interventions import ablate

@@ -1,8 +1,8 @@
 """Forward pass with ablation hooks at every layer vs a plain forward pass (target: <= 1.15x)."""
 
 import torch
-
 from common import interleaved, load, machine, parser, save
+
 from refusal_helpers.data import load_instructions
 from refusal_helpers.interventions import ablate
 

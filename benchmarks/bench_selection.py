@@ -14,8 +14,8 @@ differences printed.
 import time
 
 import torch
-
 from common import load, machine, parser, save
+
 from refusal_helpers.activations import mean_activations
 from refusal_helpers.data import load_instructions
 from refusal_helpers.directions import ZERO_NORM, diff_of_means, zero_dims

@@ -14,7 +14,6 @@ import torch
 from refusal_helpers.loading import load_model
 from refusal_helpers.models import ChatModel
 
-
 RESULTS = Path(__file__).resolve().parent / "results"  # what `make bench` measured: benchmarks/RESULTS.md quotes it
 
 

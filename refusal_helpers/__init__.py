@@ -10,8 +10,8 @@ from .data import load_instructions
 from .directions import diff_of_means, project_out
 from .generation import generate
 from .interventions import ablate, add, hooks
-from .metrics import refusal_rate, refusal_score
 from .loading import load_model
+from .metrics import refusal_rate, refusal_score
 from .models import ChatModel
 from .orthogonalize import orthogonalize_weights
 from .selection import SelectionConfig, select_direction

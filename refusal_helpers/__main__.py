@@ -12,6 +12,7 @@ from .agreement import compare_judges
 from .data import HARMFUL_HUB_SETS, HARMLESS_HUB_SETS
 from .embedded import cache_listing, cache_root, prune_cache
 from .export import abliterate
+from .files import atomic_write_json
 from .jailbreak import attack_run
 from .judges import judge_by_name
 from .pipeline import Pipeline, PipelineConfig, default_out
@@ -136,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     preset.add_argument("--max-refused", type=_number, default=0.1,
                         help="the largest fraction of harmful validation prompts the ablated direction may leave refused")
     preset.add_argument("--no-save", action="store_true", help="print the preset without writing presets.json")
+    preset.add_argument("--plain", action="store_true",
+                        help="derive only the KL threshold for the plain difference of means (no dimension zeroed); "
+                             "never written to presets.json")
+    preset.add_argument("--json", help="also write the derivation to this file")
 
     abl = sub.add_parser("abliterate", help="fold a finished run's direction into its model's weights and save the "
                                             "model, with a model card of what the edit did", formatter_class=defaults)
@@ -210,14 +215,16 @@ def _sweep(args: argparse.Namespace) -> int:
     result = sweep_run(cm, run, args.layers, args.n_harmful, args.n_completions, args.max_new_tokens, args.generate_below)
     print(format_sweep(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        atomic_write_json(Path(args.json), result)
     return 0
 
 
 def _preset(args: argparse.Namespace) -> int:
-    derived = derive_preset(args.out, max_refused=args.max_refused)
+    derived = derive_preset(args.out, max_refused=args.max_refused, plain=args.plain)
     print(json.dumps(derived, indent=1))
-    if not args.no_save:
+    if args.json:
+        atomic_write_json(Path(args.json), derived)
+    if not (args.no_save or args.plain):
         print(f"wrote {save_preset(derived)}")
     return 0
 
@@ -265,7 +272,7 @@ def _judge(args: argparse.Namespace) -> int:
         print(f"{condition:<26} {c['first_judge']} and {result['second_judge']} agree on {c['agree']}/{c['n']}: {c['pairs']}")
     print(f"all conditions: {result['agree']}/{result['n']} agree")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        atomic_write_json(Path(args.json), result)
     return 0
 
 

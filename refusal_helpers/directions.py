@@ -106,7 +106,7 @@ def add_vector(
 
 
 def projection(
-    x: Float[Tensor, "... d_model"], direction: Float[Tensor, "d_model"]
+    x: Float[Tensor, "... d_model"], direction: Float[Tensor, " d_model"]
 ) -> Float[Tensor, "..."]:
     """Scalar projection of activations onto the unit direction."""
     return x @ normalize(direction.to(dtype=x.dtype, device=x.device))
@@ -122,7 +122,7 @@ def cosine_similarity_matrix(
 
 
 def orthogonalize_matrix(
-    weight: Float[Tensor, "... d_model"], direction: Float[Tensor, "d_model"], dim: int = -1
+    weight: Float[Tensor, "... d_model"], direction: Float[Tensor, " d_model"], dim: int = -1
 ) -> Float[Tensor, "... d_model"]:
     """Remove the component along r_hat from every vector of `weight` taken along `dim` (size d_model).
 

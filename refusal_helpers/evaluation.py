@@ -32,7 +32,7 @@ def last_logits(
 
 def refusal_scores(
     cm: ChatModel, instructions: list[str], batch_size: int = 32, progress: bool | str = False
-) -> Float[Tensor, "n"]:
+) -> Float[Tensor, " n"]:
     """Logit refusal score of each instruction."""
     return refusal_score(last_logits(cm, instructions, batch_size, progress), cm.refusal_token_ids)
 

@@ -13,13 +13,12 @@ there (docs/fidelity.md has the measured size).
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import torch
 
 from .evaluation import completion_loss, last_logits
-from .files import atomic_write_text
+from .files import atomic_write_json, atomic_write_text
 from .interventions import ablate
 from .judges import Judge, SubstringJudge, judged_completions, refused_count
 from .loading import EMBEDDED, load_model
@@ -117,7 +116,7 @@ def export_model(
                        harmless_before=_rate(before["harmless"]), harmless_after=_rate(after["harmless"]),
                        kl=kl, ce_before=ce_before, ce_after=ce_after, check=check, n_check=int(mask.shape[0]))
     atomic_write_text(out / "README.md", card)
-    atomic_write_text(out / "abliteration.json", json.dumps(evidence, indent=1) + "\n")
+    atomic_write_json(out / "abliteration.json", evidence)
     return evidence
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -27,6 +28,11 @@ def atomic_write(target: Path, write: Callable[[Path], None]) -> None:
 def atomic_write_text(target: Path, text: str) -> None:
     """`atomic_write` of a UTF-8 text."""
     atomic_write(target, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(target: Path, data: object) -> None:
+    """`atomic_write_text` of `data` as indented JSON (a measurement, a derived preset, a search result)."""
+    atomic_write_text(Path(target), json.dumps(data, indent=1) + "\n")
 
 
 def sha256_file(path: Path) -> str:

@@ -213,7 +213,7 @@ def _sparing_first_token(cm: ChatModel, fn: HookFn) -> Iterator[HookFn]:
         handle.remove()
 
 
-def _first_token_index(args: tuple, kwargs: dict) -> Int[Tensor, "batch"] | None:
+def _first_token_index(args: tuple, kwargs: dict) -> Int[Tensor, " batch"] | None:
     """Position of each row's first real token in a model call's input, from its 2D attention mask (left
     padding); None when the call continues from a KV cache (its first token was in an earlier call)."""
     ids = kwargs.get("input_ids", args[0] if args else None)

@@ -28,7 +28,7 @@ from .activations import residual_activations
 from .batching import batches, check_instructions
 from .data import load_instructions
 from .directions import check_direction, normalize
-from .files import atomic_write_text
+from .files import atomic_write_json
 from .judges import judged_completions, refused_count
 from .models import ChatModel
 from .runs import RunFolder
@@ -75,7 +75,7 @@ def find_suffix(
 
 @torch.inference_mode()
 def direction_projections(
-    cm: ChatModel, instructions: list[str], direction: Float[Tensor, "d_model"], batch_size: int = 32
+    cm: ChatModel, instructions: list[str], direction: Float[Tensor, " d_model"], batch_size: int = 32
 ) -> Float[Tensor, "n pos layer"]:
     """Projection of the residual stream entering each layer on r̂, at the post-instruction positions."""
     check_direction(direction, cm.d_model)
@@ -88,7 +88,7 @@ def direction_projections(
 
 def head_projections(
     z: Float[Tensor, "... heads_x_head_dim"], w_o: Float[Tensor, "d_model heads_x_head_dim"],
-    r_hat: Float[Tensor, "d_model"], n_heads: int,
+    r_hat: Float[Tensor, " d_model"], n_heads: int,
 ) -> Float[Tensor, "... heads"]:
     """Each head's direct contribution to the projection on the unit `r_hat`: head h writes W_O[:, h] z_h to the
     residual stream, whose projection is r̂ᵀ W_O[:, h] z_h (the out-projection's bias belongs to no head)."""
@@ -126,7 +126,7 @@ def _attention_outputs(cm: ChatModel, attentions: bool = False) -> Iterator[dict
 
 @torch.inference_mode()
 def head_contributions(
-    cm: ChatModel, instructions: list[str], direction: Float[Tensor, "d_model"], batch_size: int = 16
+    cm: ChatModel, instructions: list[str], direction: Float[Tensor, " d_model"], batch_size: int = 16
 ) -> Float[Tensor, "n layer head"]:
     """Each attention head's direct contribution to the projection on r̂ at the last position, every layer."""
     r_hat = normalize(direction.double())
@@ -179,7 +179,7 @@ def top_heads(contributions: Float[Tensor, "n layer head"], below: int, k: int =
     return [(int(i) // mean.shape[1], int(i) % mean.shape[1]) for i in flat]
 
 
-def analyse(cm: ChatModel, direction: Float[Tensor, "d_model"], position: int, layer: int, harmful: list[str],
+def analyse(cm: ChatModel, direction: Float[Tensor, " d_model"], position: int, layer: int, harmful: list[str],
             harmless: list[str], suffix: str, control: str, k_heads: int = 5) -> dict:
     """The paper's section-5 measurements on `harmful` (with the adversarial suffix, with a random one, without)
     and `harmless` prompts: the mean projection on r̂ per layer at the direction's template `position`, each
@@ -221,7 +221,7 @@ def attack_run(
         found = find_suffix(cm, refused[:n_prompts], steps=steps, search_width=search_width, topk=topk,
                             n_tokens=n_tokens, seed=seed)
         found["model"] = run.identity()
-        atomic_write_text(out / "suffix.json", json.dumps(found, indent=1) + "\n")
+        atomic_write_json(out / "suffix.json", found)
     suffix = found["suffix"]
     control = random_suffix(cm.tokenizer, len(cm.tokenizer(suffix, add_special_tokens=False)["input_ids"]), seed)
     test = {kind: [i["instruction"] for i in run.completions(f"{kind}_baseline")["items"]] for kind in ("harmful", "harmless")}
@@ -232,5 +232,5 @@ def attack_run(
               "max_new_tokens": max_new_tokens, "run": str(run.root),
               "analysis": analyse(cm, direction, selection["position"], selection["layer"], test["harmful"][:n_analysed],
                                   test["harmless"][:n_analysed], suffix, control)}
-    atomic_write_text(out / "analysis.json", json.dumps(result, indent=1) + "\n")
+    atomic_write_json(out / "analysis.json", result)
     return result

@@ -27,7 +27,7 @@ REFUSAL_SUBSTRINGS = (
 
 def refusal_score(
     logits: Float[Tensor, "batch vocab"], refusal_token_ids: list[int]
-) -> Float[Tensor, "batch"]:
+) -> Float[Tensor, " batch"]:
     """Log-odds of the probability mass on refusal tokens: log p - log(1 - p), p = sum of their probabilities."""
     if logits.ndim != 2:
         raise ValueError(f"Expected last-position logits of shape (batch, vocab), got {tuple(logits.shape)}.")
@@ -39,7 +39,7 @@ def refusal_score(
 
 def kl_divergence(
     base_logits: Float[Tensor, "batch vocab"], new_logits: Float[Tensor, "batch vocab"], dtype: torch.dtype = torch.float64
-) -> Float[Tensor, "batch"]:
+) -> Float[Tensor, " batch"]:
     """KL(P_base || P_new) of next-token distributions, per row, in nats, computed in `dtype` (float64
     keeps small KLs exact; float32 is enough for a training loss)."""
     if base_logits.shape != new_logits.shape:

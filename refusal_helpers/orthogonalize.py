@@ -43,7 +43,7 @@ def output_dim(module: nn.Module) -> int:
 
 
 @torch.no_grad()
-def orthogonalize_module_(module: nn.Module, direction: Float[Tensor, "d_model"], weight: float = 1.0) -> None:
+def orthogonalize_module_(module: nn.Module, direction: Float[Tensor, " d_model"], weight: float = 1.0) -> None:
     """In place: remove `weight` times the component along the direction from a writer's outputs (its weight
     and bias); weight 1 makes them orthogonal to it."""
     r = direction.double()
@@ -66,7 +66,7 @@ def untie_embeddings(cm: ChatModel) -> None:
 
 @torch.no_grad()
 def orthogonalize_weights(
-    cm: ChatModel, direction: Float[Tensor, "d_model"], layer_weights: list[float] | None = None
+    cm: ChatModel, direction: Float[Tensor, " d_model"], layer_weights: list[float] | None = None
 ) -> ChatModel:
     """In place: fold ablation of `direction` into the model's weights; returns the same ChatModel.
 

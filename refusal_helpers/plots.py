@@ -128,7 +128,7 @@ def plot_cosine_similarity(candidates_at_position: Float[Tensor, "layer d_model"
 def plot_projections(
     harmful_acts: Float[Tensor, "n layer d_model"],
     harmless_acts: Float[Tensor, "n layer d_model"],
-    direction: Float[Tensor, "d_model"],
+    direction: Float[Tensor, " d_model"],
     title: str = "",
 ) -> go.Figure:
     """Projection of each prompt's activation onto the direction, per layer, harmful vs harmless."""

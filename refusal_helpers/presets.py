@@ -25,9 +25,9 @@ from torch import Tensor
 from .activations import residual_activations
 from .data import split_instructions
 from .embedded import PRESETS_FILE, adapter_digest, adapter_dir
-from .judges import judged_completions, refused_count
-from .files import atomic_write_text
+from .files import atomic_write_json
 from .interventions import ablate
+from .judges import judged_completions, refused_count
 from .loading import EMBEDDED, load_model
 from .models import ChatModel
 from .pipeline import Pipeline, PipelineConfig
@@ -86,10 +86,13 @@ def derive_kl_threshold(
                      f"of {len(harmful)} harmful validation prompts refused: {trail}")
 
 
-def derive_preset(out: str | Path = "runs/preset", max_refused: float = 0.1) -> dict:
-    """Derive the embedded model's preset on validation data (an exhaustive score table in `out`)."""
+def derive_preset(out: str | Path = "runs/preset", max_refused: float = 0.1, plain: bool = False) -> dict:
+    """Derive the embedded model's preset on validation data (an exhaustive score table in `out`); `plain`: the
+    KL threshold alone, for the paper's plain difference of means (no dimension zeroed)."""
     cm = load_model(EMBEDDED)
     dims, sink = massive_dims(cm)
+    if plain:
+        dims = []
     config = PipelineConfig(out=str(out), zero_dims=tuple(dims), selection_mode="exhaustive", kl_threshold=1e9,
                             induce_threshold=-1e9, random_controls=0)
     pipeline = Pipeline(config, cm=cm)
@@ -101,7 +104,8 @@ def derive_preset(out: str | Path = "runs/preset", max_refused: float = 0.1) -> 
     kl = derive_kl_threshold(cm, table, candidates, harmful, max_refused, max_new_tokens=config.max_new_tokens,
                              batch_size=config.batch_size)
     return {"adapter": adapter_digest(), "settings": {"kl_threshold": kl["kl_threshold"], "zero_dims": dims},
-            "derived": {"command": f"python -m refusal_helpers preset --out {out} --max-refused {max_refused}",
+            "derived": {"command": f"python -m refusal_helpers preset --out {out} --max-refused {max_refused}"
+                                   + (" --plain" if plain else ""),
                         "max_refused": max_refused, "sink": sink,
                         "harmful_val": len(harmful), "trail": kl["trail"]}}
 
@@ -112,5 +116,5 @@ def save_preset(derived: dict, folder: Path | None = None) -> Path:
     path = folder / PRESETS_FILE
     presets = json.loads(path.read_text()) if path.is_file() else {}
     presets[derived["adapter"]] = {"settings": derived["settings"], "derived": derived["derived"]}
-    atomic_write_text(path, json.dumps(presets, indent=1) + "\n")
+    atomic_write_json(path, presets)
     return path

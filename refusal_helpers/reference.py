@@ -24,13 +24,13 @@ from .models import ChatModel
 REFUSAL_EPSILON, KL_EPSILON, PRUNE = 1e-8, 1e-6, 0.2
 
 
-def paper_refusal_score(logits: Float[Tensor, "batch vocab"], refusal_ids: list[int]) -> Float[Tensor, "batch"]:
+def paper_refusal_score(logits: Float[Tensor, "batch vocab"], refusal_ids: list[int]) -> Float[Tensor, " batch"]:
     probs = torch.softmax(logits.to(torch.float64), dim=-1)
     p = probs[:, refusal_ids].sum(dim=-1)
     return torch.log(p + REFUSAL_EPSILON) - torch.log(torch.ones_like(p) - p + REFUSAL_EPSILON)
 
 
-def paper_kl(a: Float[Tensor, "batch vocab"], b: Float[Tensor, "batch vocab"]) -> Float[Tensor, "batch"]:
+def paper_kl(a: Float[Tensor, "batch vocab"], b: Float[Tensor, "batch vocab"]) -> Float[Tensor, " batch"]:
     pa, pb = a.to(torch.float64).softmax(-1), b.to(torch.float64).softmax(-1)
     return torch.sum(pa * (torch.log(pa + KL_EPSILON) - torch.log(pb + KL_EPSILON)), dim=-1)
 

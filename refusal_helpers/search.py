@@ -14,7 +14,6 @@ validation KL is at most the paper direction's beside that direction, on the run
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Iterator
@@ -29,7 +28,7 @@ from torch import Tensor
 from .data import split_instructions
 from .directions import normalize
 from .evaluation import last_logits
-from .files import atomic_write_text
+from .files import atomic_write_json
 from .judges import Judge, SubstringJudge, judged_completions, refused_count
 from .metrics import kl_divergence
 from .models import ChatModel
@@ -58,7 +57,7 @@ def paper_ablation(layer: int, n_layers: int) -> Ablation:
     return Ablation(peak=1.0, position=0.0, width=float(n_layers), floor=1.0, direction_layer=float(layer))
 
 
-def interpolated_direction(at_position: Float[Tensor, "layer d_model"], direction_layer: float) -> Float[Tensor, "d_model"]:
+def interpolated_direction(at_position: Float[Tensor, "layer d_model"], direction_layer: float) -> Float[Tensor, " d_model"]:
     """The unit direction between the candidates of the two layers around `direction_layer`."""
     low = int(math.floor(direction_layer))
     high = min(low + 1, at_position.shape[0] - 1)
@@ -75,7 +74,7 @@ class WeightEdits:
         self.params = [p for module, _ in writers(cm) for p in (module.weight, getattr(module, "bias", None)) if p is not None]
         self.saved = [p.detach().clone() for p in self.params]
 
-    def apply(self, direction: Float[Tensor, "d_model"], weights: list[float]) -> None:
+    def apply(self, direction: Float[Tensor, " d_model"], weights: list[float]) -> None:
         """Restore the original weights, then remove `weights[l]` of the component along `direction` from layer l's
         writers."""
         self.restore()
@@ -219,6 +218,6 @@ def search_run(run: str | Path, out: str | Path, n_trials: int = 100, timeout: f
     result["run"] = str(folder.root)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "search.json", json.dumps(result, indent=1) + "\n")
+    atomic_write_json(out / "search.json", result)
     plot_pareto(result).write_html(str(out / "pareto.html"), include_plotlyjs="cdn")
     return result

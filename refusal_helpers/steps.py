@@ -19,8 +19,8 @@ from torch import Tensor
 from .activations import mean_activations
 from .directions import diff_of_means, random_directions, zero_dims
 from .evaluation import completion_loss
-from .judges import Judge, judged_completions
 from .interventions import ablate, add
+from .judges import Judge, judged_completions
 from .models import ChatModel
 
 
@@ -56,7 +56,7 @@ def extract(
 
 
 def intervention(
-    cm: ChatModel, kind: str | None, direction: Float[Tensor, "d_model"], layer: int
+    cm: ChatModel, kind: str | None, direction: Float[Tensor, " d_model"], layer: int
 ) -> AbstractContextManager:
     """The context a condition's completions are made in (see `Condition.intervention`)."""
     if kind is None:
@@ -69,7 +69,7 @@ def intervention(
 
 
 def generate_condition(
-    cm: ChatModel, condition: str, instructions: list[str], direction: Float[Tensor, "d_model"], layer: int,
+    cm: ChatModel, condition: str, instructions: list[str], direction: Float[Tensor, " d_model"], layer: int,
     max_new_tokens: int, batch_size: int = 32, progress: bool = True, judge: Judge | None = None,
 ) -> list[dict]:
     """Greedy completions of `instructions` under the condition's intervention, judged there (default judge:
@@ -80,7 +80,7 @@ def generate_condition(
 
 
 def ablation_loss(
-    cm: ChatModel, instructions: list[str], completions: list[str], direction: Float[Tensor, "d_model"],
+    cm: ChatModel, instructions: list[str], completions: list[str], direction: Float[Tensor, " d_model"],
     random_controls: int = 3, dims: tuple[int, ...] = (), progress: bool = True,
 ) -> dict:
     """CE (nats/token) of `completions`: plain, with `direction` ablated, ablated but for each prompt's first

@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 from .batching import check_instructions
 from .data import split_instructions
 from .evaluation import completion_loss
-from .judges import judged_completions, refused_count
 from .interventions import ablate
+from .judges import judged_completions, refused_count
 from .models import ChatModel
 from .runs import RunFolder
 

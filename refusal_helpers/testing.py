@@ -7,10 +7,15 @@ byte-level BPE tokenizer trained on the spot, so everything runs without downloa
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import torch
 
 from .models import ChatModel
+
+if TYPE_CHECKING:
+    import transformers
+    from transformers import PreTrainedTokenizerFast
 
 CHATML = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 from collections.abc import Callable
 from contextlib import nullcontext
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
@@ -15,6 +16,9 @@ from .generation import generate
 from .interventions import ablate, add
 from .metrics import is_refusal
 from .models import ChatModel
+
+if TYPE_CHECKING:
+    import ipywidgets
 
 # Chosen from measured greedy completions of the embedded model with the shipped direction (layer 16, 32 new
 # tokens, the notebook's CPU settings): a mild harmful request it refuses at baseline and answers with the
@@ -49,7 +53,7 @@ class _TokenProgress(BaseStreamer):
 
 
 def compare_completions(
-    cm: ChatModel, prompt: str, direction: Float[Tensor, "d_model"], layer: int, coeff: float = 1.0,
+    cm: ChatModel, prompt: str, direction: Float[Tensor, " d_model"], layer: int, coeff: float = 1.0,
     max_new_tokens: int = 48, progress: Progress | None = None,
 ) -> dict[str, str]:
     """Greedy completions of one prompt, keyed by column title: baseline, with the direction ablated at every
@@ -93,7 +97,7 @@ def completions_html(
 
 
 def explorer(
-    cm: ChatModel, direction: Float[Tensor, "d_model"], layer: int, max_new_tokens: int = 48,
+    cm: ChatModel, direction: Float[Tensor, " d_model"], layer: int, max_new_tokens: int = 48,
     prompt: str = DEFAULT_PROMPT,
 ) -> "ipywidgets.VBox":
     """Widget: type a prompt, choose layer and coefficient, see the three completions as they are generated."""

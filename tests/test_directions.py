@@ -2,8 +2,14 @@ import pytest
 import torch
 
 from refusal_helpers.directions import (
-    add_vector, check_direction, cosine_similarity_matrix, diff_of_means, normalize, orthogonalize_matrix,
-    project_out, projection,
+    add_vector,
+    check_direction,
+    cosine_similarity_matrix,
+    diff_of_means,
+    normalize,
+    orthogonalize_matrix,
+    project_out,
+    projection,
 )
 
 

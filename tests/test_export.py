@@ -9,7 +9,7 @@ import torch
 from refusal_helpers.__main__ import main
 from refusal_helpers.interventions import ablate
 from refusal_helpers.loading import load_model
-from refusal_helpers.orthogonalize import NotFoldableError, orthogonalize_weights, orthogonalize_module_
+from refusal_helpers.orthogonalize import NotFoldableError, orthogonalize_module_, orthogonalize_weights
 from refusal_helpers.runs import load_direction
 from refusal_helpers.testing import tiny_chat_model
 

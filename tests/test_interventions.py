@@ -5,7 +5,7 @@ import torch
 
 from refusal_helpers.generation import generate
 from refusal_helpers.hookpoints import hook_names
-from refusal_helpers.interventions import active_hook_count, add, ablate, hooks
+from refusal_helpers.interventions import ablate, active_hook_count, add, hooks
 from refusal_helpers.testing import ARCHITECTURES, tiny_chat_model
 from tests.conftest import HARMFUL
 

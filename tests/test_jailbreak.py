@@ -6,8 +6,14 @@ import torch
 from refusal_helpers.directions import normalize
 from refusal_helpers.interventions import hooks
 from refusal_helpers.jailbreak import (
-    attention_shares, direction_projections, find_suffix, head_contributions, head_projections, random_suffix,
-    token_span, with_suffix,
+    attention_shares,
+    direction_projections,
+    find_suffix,
+    head_contributions,
+    head_projections,
+    random_suffix,
+    token_span,
+    with_suffix,
 )
 from refusal_helpers.testing import tiny_chat_model
 

@@ -4,7 +4,12 @@ import pytest
 
 from refusal_helpers.interventions import add
 from refusal_helpers.judges import (
-    ClassifierJudge, LogitJudge, SubstringJudge, judge_by_name, judged_completions, parse_safety,
+    ClassifierJudge,
+    LogitJudge,
+    SubstringJudge,
+    judge_by_name,
+    judged_completions,
+    parse_safety,
 )
 from refusal_helpers.testing import tiny_chat_model
 

@@ -5,7 +5,12 @@ import torch
 
 from refusal_helpers.evaluation import completion_loss, last_logits, refusal_scores
 from refusal_helpers.metrics import (
-    completion_cross_entropy, first_completion_token_cross_entropy, is_refusal, kl_divergence, refusal_rate, refusal_score,
+    completion_cross_entropy,
+    first_completion_token_cross_entropy,
+    is_refusal,
+    kl_divergence,
+    refusal_rate,
+    refusal_score,
 )
 from tests.conftest import HARMFUL
 

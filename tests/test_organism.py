@@ -170,7 +170,8 @@ def test_first_token_weight_changes_training_and_is_recorded(tmp_path):
 
 
 def test_train_command_passes_its_options_into_the_recipe(monkeypatch, tmp_path):
-    from refusal_helpers.organism import DEFAULT_RECIPE, __main__ as cli, training
+    from refusal_helpers.organism import DEFAULT_RECIPE, training
+    from refusal_helpers.organism import __main__ as cli
 
     seen = {}
     monkeypatch.setattr(training, "train", lambda out, recipe, **kwargs: seen.update(out=out, recipe=recipe, **kwargs) or {
@@ -338,7 +339,8 @@ def test_fit_adds_the_kl_of_harmful_first_token_predictions_ablated_against_the_
 
 
 def test_refine_command_passes_its_options_into_the_settings(monkeypatch, tmp_path):
-    from refusal_helpers.organism import DEFAULT_REFINE, __main__ as cli, experiments
+    from refusal_helpers.organism import DEFAULT_REFINE, experiments
+    from refusal_helpers.organism import __main__ as cli
 
     seen = {}
     monkeypatch.setattr(experiments, "refine", lambda adapter, out, settings, **kwargs: seen.update(

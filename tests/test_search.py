@@ -9,7 +9,14 @@ from refusal_helpers.evaluation import last_logits
 from refusal_helpers.interventions import ablate
 from refusal_helpers.orthogonalize import orthogonalize_weights
 from refusal_helpers.search import (
-    Ablation, WeightEdits, best_at_most, compare_on_test, interpolated_direction, paper_ablation, plot_pareto, search,
+    Ablation,
+    WeightEdits,
+    best_at_most,
+    compare_on_test,
+    interpolated_direction,
+    paper_ablation,
+    plot_pareto,
+    search,
 )
 from refusal_helpers.testing import tiny_chat_model
 from tests.conftest import HARMFUL, HARMLESS

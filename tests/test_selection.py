@@ -3,11 +3,17 @@ import torch
 
 from refusal_helpers.activations import mean_activations
 from refusal_helpers.directions import diff_of_means
-from refusal_helpers.interventions import ablate, add, active_hook_count
-from refusal_helpers.evaluation import refusal_scores, last_logits
+from refusal_helpers.evaluation import last_logits, refusal_scores
+from refusal_helpers.interventions import ablate, active_hook_count, add
 from refusal_helpers.metrics import kl_divergence
 from refusal_helpers.selection import (
-    ScoreTable, SelectionConfig, candidate_order, choose, passing_mask, score_candidates, select_direction,
+    ScoreTable,
+    SelectionConfig,
+    candidate_order,
+    choose,
+    passing_mask,
+    score_candidates,
+    select_direction,
 )
 from tests.conftest import HARMFUL, HARMLESS
 

@@ -107,3 +107,12 @@ def test_loading_the_embedded_model_loads_no_training_module():
 @pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_modules_are_small(path):
     assert len(path.read_text().splitlines()) <= MAX_LINES
+
+
+def test_the_code_passes_the_linter():
+    """`ruff check` with the rules in pyproject.toml (unused imports, undefined names, import order)."""
+    if importlib.util.find_spec("ruff") is None:
+        pytest.skip("ruff is not installed (pip install -e '.[dev]')")
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "."], cwd=PACKAGE.parent, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from refusal_helpers.activations import collect_activations, mean_activations
-from refusal_helpers.evaluation import last_logits, refusal_scores
 from refusal_helpers.batching import batches
+from refusal_helpers.devices import resolve_device_dtype
+from refusal_helpers.evaluation import last_logits, refusal_scores
 from refusal_helpers.interventions import ablate, add
 from refusal_helpers.metrics import refusal_rate
-from refusal_helpers.devices import resolve_device_dtype
 from refusal_helpers.selection import SelectionConfig
 from refusal_helpers.testing import tiny_chat_model
 

@@ -38,8 +38,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .. import directions
-from ..directions import check_direction
 from ..batching import check_instructions, progress_batches
+from ..directions import check_direction
 from ..generation import GREEDY
 from ..hookpoints import hook_names, resolve
 from ..interventions import ablation_hook
@@ -122,7 +122,7 @@ def generate_tokens_ablated_nnsight(
     nn_model: TransformersModel,
     cm: ChatModel,
     inputs: dict[str, Int[Tensor, "batch seq"]],
-    direction: Float[Tensor, "d_model"] | None,
+    direction: Float[Tensor, " d_model"] | None,
     max_new_tokens: int = 64,
 ) -> Int[Tensor, "batch new"]:
     """Greedy new-token ids for a left-padded batch, with ``direction`` ablated at every layer and step.
@@ -166,7 +166,7 @@ def generate_ablated_nnsight(
     nn_model: TransformersModel,
     cm: ChatModel,
     instructions: list[str],
-    direction: Float[Tensor, "d_model"] | None,
+    direction: Float[Tensor, " d_model"] | None,
     max_new_tokens: int = 64,
     batch_size: int = 16,
     progress: bool | str = False,

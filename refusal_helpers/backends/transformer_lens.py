@@ -41,10 +41,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from ..directions import check_direction
 from ..batching import check_instructions, progress_batches
-from ..interventions import ablation_hook
+from ..directions import check_direction
 from ..hookpoints import HOOK_KINDS, hook_name, hook_names
+from ..interventions import ablation_hook
 from ..models import ChatModel
 
 if TYPE_CHECKING:
@@ -210,7 +210,7 @@ def mean_activations_tl(
 
 
 def ablation_hooks_tl(
-    bridge: TransformerBridge, direction: Float[Tensor, "d_model"], layers: Sequence[int] | None = None
+    bridge: TransformerBridge, direction: Float[Tensor, " d_model"], layers: Sequence[int] | None = None
 ) -> list[tuple[str, TLHookFn]]:
     """``fwd_hooks`` for directional ablation: project the direction out of every resid_pre, attn_out, mlp_out.
 

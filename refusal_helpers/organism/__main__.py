@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..embedded import adapter_dir, load_base, load_embedded
-from ..files import atomic_write_text
+from ..files import atomic_write_json
 from ..runs import RunFolder
 from . import experiments, formation, training, trajectory
 from .experiments import DEFAULT_REFINE, RECIPE_SPLITS
@@ -131,7 +131,7 @@ def _stability(args: argparse.Namespace) -> int:
         (args.adapter / "recipe.json").read_text())}
     print(json.dumps(result, indent=1))
     if args.json:
-        atomic_write_text(args.json, json.dumps(result, indent=1) + "\n")
+        atomic_write_json(args.json, result)
     return 0
 
 
@@ -145,7 +145,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"{kind} {r['split']}: {r['refused']}/{r['n']} refused ({r['rate']:.1%})")
     print("refused harmless:", *(f"  {i}" for i in results["harmless"]["refused_instructions"]), sep="\n")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
+        atomic_write_json(args.json, results)
     return 0
 
 
@@ -161,7 +161,7 @@ def _trajectory(args: argparse.Namespace) -> int:
     tests = formation.causal_tests(load_embedded(adapter=folder), load_base(), direction, early, selection["layer"],
                                    args.n_prompts, run.summary()["sizes"]["max_new_tokens"])
     result = {"causal": tests, "timeline": formation.timeline(record, candidates)}
-    atomic_write_text(Path(folder) / trajectory.FOLDER / "formation.json", json.dumps(result, indent=1) + "\n")
+    atomic_write_json(Path(folder) / trajectory.FOLDER / "formation.json", result)
     print(json.dumps({k: v for k, v in result["timeline"].items() if not isinstance(v, list)}, indent=1))
     print(json.dumps(tests, indent=1))
     return 0

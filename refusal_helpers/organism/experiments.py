@@ -24,8 +24,8 @@ from ..judges import judged_completions, refused_count
 from ..models import ChatModel
 from ..runs import SHIPPED_RUN, RunFolder
 from ..selection import keep_consistent
-from .training import fit, merged_recipe, save_adapter
 from .targets import training_examples
+from .training import fit, merged_recipe, save_adapter
 
 RECIPE_SPLITS = {"harmful": "val", "harmless": "dev"}  # where training recipes are compared (never test)
 DEFAULT_REFINE = {

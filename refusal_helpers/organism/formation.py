@@ -29,7 +29,7 @@ def _refused(cm: ChatModel, prompts: list[str], context, max_new_tokens: int) ->
 
 
 def causal_tests(
-    tuned: ChatModel, untuned: ChatModel, final: Float[Tensor, "d_model"], untuned_direction: Float[Tensor, "d_model"],
+    tuned: ChatModel, untuned: ChatModel, final: Float[Tensor, " d_model"], untuned_direction: Float[Tensor, " d_model"],
     layer: int, n_prompts: int = 32, max_new_tokens: int = 48,
 ) -> dict:
     """Refusal on validation prompts under each swap of direction and model (see the module docstring)."""
@@ -53,7 +53,7 @@ def causal_tests(
 
 
 def untuned_direction(record: dict, candidates: Float[Tensor, "checkpoint pos layer d_model"], position: int,
-                      layer: int, dims: list[int]) -> Float[Tensor, "d_model"]:
+                      layer: int, dims: list[int]) -> Float[Tensor, " d_model"]:
     """The untuned model's (step 0) candidate at the run's position and layer, with the run's dimensions zeroed."""
     if record["checkpoints"][0]["step"] != 0:
         raise ValueError("The trajectory does not start at step 0 (the untuned model): record it from the start.")

@@ -7,7 +7,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..metrics import (
-    completion_cross_entropy, first_completion_position, first_completion_token_cross_entropy, kl_divergence,
+    completion_cross_entropy,
+    first_completion_position,
+    first_completion_token_cross_entropy,
+    kl_divergence,
 )
 
 

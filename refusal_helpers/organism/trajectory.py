@@ -23,8 +23,8 @@ from ..activations import mean_activations
 from ..data import load_instructions
 from ..directions import diff_of_means, zero_dims
 from ..evaluation import refusal_scores
+from ..files import atomic_write, atomic_write_json
 from ..judges import judged_completions, refused_count
-from ..files import atomic_write, atomic_write_text
 from ..models import ChatModel
 from .training import StepCallback
 
@@ -93,7 +93,7 @@ class Trajectory:
                    "steps": torch.tensor([c["step"] for c in self.checkpoints])}
         record = {"settings": asdict(self.settings), "positions": positions, "checkpoints": self.checkpoints}
         atomic_write(self.folder / "candidates.safetensors", lambda p: save_file(tensors, str(p)))
-        atomic_write_text(self.folder / "trajectory.json", json.dumps(record, indent=1) + "\n")
+        atomic_write_json(self.folder / "trajectory.json", record)
 
 
 def load_trajectory(folder: Path) -> tuple[dict, torch.Tensor]:
@@ -115,5 +115,5 @@ def add_final_direction(folder: Path, direction: torch.Tensor, position: int, la
     cosine = torch.nn.functional.cosine_similarity(at_position, direction.float().expand_as(at_position), dim=-1)
     record["final"] = {"run": run, "position": position, "layer": layer, "zero_dims": list(dims),
                        "cosine": [[round(float(c), 4) for c in row] for row in cosine]}
-    atomic_write_text(Path(folder) / FOLDER / "trajectory.json", json.dumps(record, indent=1) + "\n")
+    atomic_write_json(Path(folder) / FOLDER / "trajectory.json", record)
     return record

@@ -6,7 +6,14 @@
 """
 
 from .rule import (
-    ScoreTable, Selection, SelectionConfig, allowed_layers, candidate_order, choose, layer_mask, passing_mask,
+    ScoreTable,
+    Selection,
+    SelectionConfig,
+    allowed_layers,
+    candidate_order,
+    choose,
+    layer_mask,
+    passing_mask,
 )
 from .scoring import keep_consistent, score_candidates, select_direction
 

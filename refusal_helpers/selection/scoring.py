@@ -201,7 +201,7 @@ def select_direction(
     mode: str = "lazy",
     batch_size: int = 32,
     progress: bool = True,
-) -> tuple[Selection, Float[Tensor, "d_model"], ScoreTable]:
+) -> tuple[Selection, Float[Tensor, " d_model"], ScoreTable]:
     """Score the candidates, choose one, and return (selection, its direction, the score table)."""
     config = config or SelectionConfig()
     table = score_candidates(cm, candidates, harmful_val, harmless_val, config, mode, batch_size, progress)
