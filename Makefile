@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup browser demo test test-oldest bench lint notebooks docs clean
+.PHONY: setup browser demo test test-oldest bench lint notebooks remake docs clean
 
 $(STAMP): pyproject.toml requirements.txt scripts/setup.sh
 	bash scripts/setup.sh $(VENV)
@@ -41,9 +41,14 @@ docs: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-## Rebuild exercise.ipynb from solutions.ipynb.
+## Execute solutions.ipynb (saving its outputs) and rebuild exercise.ipynb from it.
 notebooks: $(STAMP)
+	$(PY) -m refusal_helpers.notebooks execute
 	$(PY) -m refusal_helpers.notebooks build
+
+## Remake everything downstream of the shipped adapter: preset, shipped runs, measurements, notebooks, documents.
+remake: $(STAMP)
+	bash scripts/remake.sh $(PY)
 
 clean:
 	rm -rf runs/demo .pytest_cache

@@ -10,8 +10,9 @@ In solution code, each exercise's answer is fenced::
 at the same indentation, and strips every output and execution count. ``check`` fails when the
 committed exercise notebook differs from what ``build`` would write.
 
-    python -m refusal_helpers.notebooks build   # write exercise.ipynb
-    python -m refusal_helpers.notebooks check   # exit 1 if exercise.ipynb is stale
+    python -m refusal_helpers.notebooks execute  # run solutions.ipynb in place, saving its outputs
+    python -m refusal_helpers.notebooks build    # write exercise.ipynb
+    python -m refusal_helpers.notebooks check    # exit 1 if exercise.ipynb is stale
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import copy
 import re
 import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -89,13 +91,36 @@ def is_current(solutions: Path = SOLUTIONS, exercise: Path = EXERCISE) -> bool:
     return exercise.is_file() and exercise.read_text(encoding="utf-8") == expected
 
 
+def execute(path: Path = SOLUTIONS, timeout: int = 600) -> float:
+    """Run every cell of the notebook at `path` in a fresh kernel (from the repository root, as a learner
+    would) and save it with its outputs and widget state; return the seconds it took."""
+    from nbclient import NotebookClient
+    from tqdm.auto import tqdm
+
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}})
+    start = time.perf_counter()
+    with client.setup_kernel():
+        for index, cell in enumerate(tqdm(nb.cells, desc=f"executing {path.name}", unit="cell")):
+            if cell.cell_type == "code":
+                client.execute_cell(cell, index)
+        client.set_widgets_metadata()
+    seconds = time.perf_counter() - start
+    path.write_text(render(nb), encoding="utf-8")
+    return seconds
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command line: `build` writes exercise.ipynb; `check` exits 1 if it is out of date."""
+    """Command line: `execute` runs solutions.ipynb; `build` writes exercise.ipynb; `check` exits 1 if it is stale."""
     parser = argparse.ArgumentParser(prog="python -m refusal_helpers.notebooks", description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=("build", "check"))
+    parser.add_argument("command", choices=("execute", "build", "check"))
     parser.add_argument("--solutions", type=Path, default=SOLUTIONS)
     parser.add_argument("--exercise", type=Path, default=EXERCISE)
     args = parser.parse_args(argv)
+    if args.command == "execute":
+        seconds = execute(args.solutions)
+        print(f"executed {args.solutions} in {seconds:.0f} s ({args.solutions.stat().st_size / 2**20:.2f} MiB)")
+        return 0
     if args.command == "build":
         print(f"wrote {build(args.solutions, args.exercise)}")
         return 0
