@@ -24,7 +24,7 @@ from .judges import Judge, SubstringJudge, judged_completions, refused_count
 from .loading import EMBEDDED, load_model
 from .metrics import kl_divergence
 from .models import ChatModel
-from .orthogonalize import orthogonalize_weights, save_model
+from .orthogonalize import orthogonalize_weights
 from .runs import RunFolder
 
 EMBEDDED_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the embedded model: this, with the project's LoRA adapter merged
@@ -94,7 +94,7 @@ def export_model(
     kl = float(kl_divergence(base_logits, last_logits(edited, harmless, batch_size)).mean())
     ce_after = completion_loss(edited, harmless, replies)
     out.mkdir(parents=True, exist_ok=True)
-    save_model(edited, out)
+    edited.save_pretrained(out)
     del edited
     reloaded = load_model(str(out), device=cm.device, dtype=cm.dtype)
     mask = check_inputs["attention_mask"].bool()

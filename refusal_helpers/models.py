@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 
 import torch
 from jaxtyping import Float, Int
@@ -312,6 +313,12 @@ class ChatModel:
             logits_to_keep=logits_to_keep,
             use_cache=False,
         ).logits
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Save the model (safetensors) and its tokenizer with its chat template, loadable by `load_model(folder)`."""
+        self.model.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        return Path(folder)
 
     def __repr__(self) -> str:
         return (

@@ -13,8 +13,6 @@ direction from what is added, so ``orthogonalize_weights`` refuses such models.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
@@ -89,8 +87,3 @@ def orthogonalize_weights(
             orthogonalize_module_(module, direction, weights[layer])
     return cm
 
-
-def save_model(cm: ChatModel, folder: str | os.PathLike) -> None:
-    """Save model and tokenizer with ``save_pretrained`` (safetensors)."""
-    cm.model.save_pretrained(folder)
-    cm.tokenizer.save_pretrained(folder)

@@ -6,6 +6,7 @@ byte-level BPE tokenizer trained on the spot, so everything runs without downloa
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -129,3 +130,18 @@ def tiny_chat_model(
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return ChatModel(model=model, tokenizer=tokenizer, name=f"tiny-{arch}")
+
+
+# Pipeline settings for a random-weight model: a few prompts and tokens, thresholds every candidate passes,
+# and no filtering (a random model refuses nothing, so the paper's filter would empty the prompt sets).
+TINY_RUN = ["--n-train", "6", "--n-val", "3", "--n-test", "3", "--max-new-tokens", "4", "--batch-size", "4",
+            "--kl-threshold", "1e6", "--induce-threshold=-1e6", "--device", "cpu", "--random-controls", "1",
+            "--no-filter-train", "--no-filter-val"]
+
+
+def run_tiny(model: str | os.PathLike, out: str | os.PathLike, *extra: str) -> int:
+    """``python -m refusal_helpers run`` on `model` into `out` with `TINY_RUN`'s settings (options in `extra` win);
+    returns the exit code."""
+    from .__main__ import main
+
+    return main(["run", "--model", str(model), "--out", str(out), *TINY_RUN, *extra])

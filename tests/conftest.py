@@ -20,5 +20,11 @@ def llama():
 
 
 @pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """A 3-layer random-weight Qwen2 chat model saved as a local model folder (shared: copy it to change it)."""
+    return tiny_chat_model("qwen2", n_layers=3).save_pretrained(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
 def instructions():
     return HARMFUL, HARMLESS

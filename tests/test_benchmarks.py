@@ -25,13 +25,9 @@ def test_benchmark_runs_and_prints_its_figure(script, args, final):
         assert last.endswith("same choice: True"), last
 
 
-def test_end_to_end_benchmark_compares_the_cli_with_loading_alone(tmp_path):
-    from refusal_helpers.testing import tiny_chat_model
-
-    cm = tiny_chat_model("qwen2", n_layers=3)  # int(0.8 * 3) = 2 layers kept: layer 0 (always zero) and layer 1
-    cm.model.save_pretrained(tmp_path / "tiny")
-    cm.tokenizer.save_pretrained(tmp_path / "tiny")
-    cli = ["--model", str(tmp_path / "tiny"), "--n-train", "4", "--n-val", "2", "--n-test", "2", "--max-new-tokens", "2",
+def test_end_to_end_benchmark_compares_the_cli_with_loading_alone(tiny_folder):
+    # 3 layers: int(0.8 * 3) = 2 layers kept, layer 0 (always zero) and layer 1
+    cli = ["--model", str(tiny_folder), "--n-train", "4", "--n-val", "2", "--n-test", "2", "--max-new-tokens", "2",
            "--kl-threshold", "1e6", "--induce-threshold=-1e6", "--device", "cpu", "--no-filter-train", "--no-filter-val"]
     proc = subprocess.run([sys.executable, str(BENCH / "bench_end_to_end.py"), "--skip-notebook", "--", *cli],
                           capture_output=True, text=True, cwd=BENCH, timeout=300)

@@ -81,12 +81,12 @@ def test_a_gguf_file_loads_as_a_plain_model_that_can_be_edited_and_saved(tmp_pat
     import torch
 
     from refusal_helpers.loading import load_model
-    from refusal_helpers.orthogonalize import orthogonalize_weights, save_model
+    from refusal_helpers.orthogonalize import orthogonalize_weights
 
     cm = load_model(str(emb.gguf_path()), device="cpu")
     assert not cm.model.is_quantized and cm.model.hf_quantizer is None
     orthogonalize_weights(cm, torch.randn(cm.d_model))
-    save_model(cm, tmp_path / "edited")
+    cm.save_pretrained(tmp_path / "edited")
     assert (tmp_path / "edited" / "model.safetensors").is_file()
     assert "quantization_config" not in json.loads((tmp_path / "edited" / "config.json").read_text())
 

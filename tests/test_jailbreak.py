@@ -15,7 +15,7 @@ from refusal_helpers.jailbreak import (
     token_span,
     with_suffix,
 )
-from refusal_helpers.testing import tiny_chat_model
+from refusal_helpers.testing import run_tiny, tiny_chat_model
 
 
 def test_head_projections_sum_to_what_the_out_projection_writes_along_r():
@@ -88,19 +88,13 @@ def test_gcg_runs_through_nanogcg_on_the_projects_transformers():
 
 
 @pytest.mark.slow
-def test_the_jailbreak_command_measures_a_suffix_on_the_runs_test_prompts(tmp_path, capsys):
+def test_the_jailbreak_command_measures_a_suffix_on_the_runs_test_prompts(tiny_folder, tmp_path, capsys):
     import json
 
     from refusal_helpers.__main__ import main
 
-    model = tmp_path / "model"
-    cm = tiny_chat_model("qwen2", n_layers=3)
-    cm.model.save_pretrained(model)
-    cm.tokenizer.save_pretrained(model)
     run = tmp_path / "run"
-    assert main(["run", "--model", str(model), "--out", str(run), "--n-train", "6", "--n-val", "3", "--n-test", "3",
-                 "--max-new-tokens", "4", "--kl-threshold", "1e6", "--induce-threshold=-1e6", "--device", "cpu",
-                 "--random-controls", "0", "--no-filter-train", "--no-filter-val"]) == 0
+    assert run_tiny(tiny_folder, run, "--random-controls", "0") == 0
     out = tmp_path / "jailbreak"
     out.mkdir()
     (out / "suffix.json").write_text(json.dumps({"suffix": " zq zq zq"}))  # a random model refuses nothing to attack

@@ -11,7 +11,7 @@ from refusal_helpers.judges import (
     judged_completions,
     parse_safety,
 )
-from refusal_helpers.testing import tiny_chat_model
+from refusal_helpers.testing import run_tiny, tiny_chat_model
 
 
 def test_substring_judge_reads_refusal_phrases():
@@ -44,9 +44,7 @@ def test_a_classifiers_answer_is_parsed(text, verdict):
 
 
 def test_the_classifier_judge_reads_the_exchange_through_its_own_chat_template(tmp_path, monkeypatch):
-    guard = tiny_chat_model("qwen2", n_layers=2, seed=5)  # a random model standing in for LlamaGuard
-    guard.model.save_pretrained(tmp_path / "guard")
-    guard.tokenizer.save_pretrained(tmp_path / "guard")
+    tiny_chat_model("qwen2", n_layers=2, seed=5).save_pretrained(tmp_path / "guard")  # standing in for LlamaGuard
     judge = judge_by_name(f"classifier:{tmp_path / 'guard'}")
     assert isinstance(judge, ClassifierJudge)
     seen = []
@@ -83,20 +81,14 @@ def test_judged_completions_carry_the_verdict_and_the_refusal_flag(monkeypatch):
     assert [(i["verdict"], i["refusal"]) for i in items] == [("refused", True), ("complied", False)]
 
 
-def test_a_second_judge_rereads_each_condition_under_its_intervention(tmp_path, capsys, monkeypatch):
+def test_a_second_judge_rereads_each_condition_under_its_intervention(tiny_folder, tmp_path, capsys, monkeypatch):
     import json
 
     import refusal_helpers.agreement as agreement
     from refusal_helpers.__main__ import main
 
-    model = tmp_path / "model"
-    cm = tiny_chat_model("qwen2", n_layers=3)
-    cm.model.save_pretrained(model)
-    cm.tokenizer.save_pretrained(model)
     run = tmp_path / "run"
-    assert main(["run", "--model", str(model), "--out", str(run), "--n-train", "6", "--n-val", "3", "--n-test", "3",
-                 "--max-new-tokens", "4", "--kl-threshold", "1e6", "--induce-threshold=-1e6", "--device", "cpu",
-                 "--random-controls", "0", "--no-filter-train", "--no-filter-val"]) == 0
+    assert run_tiny(tiny_folder, run, "--random-controls", "0") == 0
     seen = []
     real = agreement.intervention
     monkeypatch.setattr(agreement, "intervention", lambda cm, kind, d, layer: seen.append(kind) or real(cm, kind, d, layer))

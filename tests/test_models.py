@@ -90,8 +90,7 @@ def test_unknown_model_is_a_clear_error(tmp_path):
 
 
 def test_load_model_from_a_local_folder(tmp_path, llama):
-    llama.model.save_pretrained(tmp_path)
-    llama.tokenizer.save_pretrained(tmp_path)
+    llama.save_pretrained(tmp_path)
     cm = load_model(str(tmp_path), device="cpu", dtype="float32")
     inputs = cm.tokenize(["Hello world!"])
     torch.testing.assert_close(cm.forward(inputs), llama.forward(inputs))

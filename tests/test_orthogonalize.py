@@ -5,7 +5,7 @@ import torch
 
 from refusal_helpers.interventions import ablate
 from refusal_helpers.loading import load_model
-from refusal_helpers.orthogonalize import NotFoldableError, orthogonalize_weights, save_model
+from refusal_helpers.orthogonalize import NotFoldableError, orthogonalize_weights
 from refusal_helpers.testing import tiny_chat_model
 from tests.conftest import HARMFUL, HARMLESS
 
@@ -46,7 +46,7 @@ def test_saved_orthogonalized_model_reloads(tmp_path):
     with ablate(cm, r):
         hooked = cm.forward(inputs)
     orthogonalize_weights(cm, r)
-    save_model(cm, tmp_path)
+    cm.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
     reloaded = load_model(str(tmp_path), device="cpu", dtype="float32")
     torch.testing.assert_close(reloaded.forward(inputs), hooked, atol=1e-4, rtol=1e-4)

@@ -11,7 +11,7 @@ from refusal_helpers.report import format_summary
 from refusal_helpers.runs import RunFolder, load_direction
 from refusal_helpers.selection import choose
 from refusal_helpers.steps import CONDITIONS
-from refusal_helpers.testing import tiny_chat_model
+from refusal_helpers.testing import run_tiny, tiny_chat_model
 
 ARTIFACTS = [
     "candidates.safetensors", "scores.json", "selection.json", "direction.safetensors", "loss.json", "summary.json",
@@ -24,24 +24,9 @@ def record(out, name):
     return json.loads((out / f"{name}.record.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-model")
-    cm = tiny_chat_model("qwen2", n_layers=3)
-    cm.model.save_pretrained(folder)
-    cm.tokenizer.save_pretrained(folder)
-    return folder
-
-
-def run_cli(model, out, *extra):
-    return main(["run", "--model", str(model), "--out", str(out), "--n-train", "6", "--n-val", "3", "--n-test", "3",
-                 "--max-new-tokens", "4", "--batch-size", "4", "--kl-threshold", "1e6", "--induce-threshold=-1e6",
-                 "--device", "cpu", "--no-filter-train", "--no-filter-val", *extra])
-
-
 def test_cli_end_to_end_writes_every_artifact(tiny_folder, tmp_path, capsys):
     out = tmp_path / "run"
-    assert run_cli(tiny_folder, out) == 0
+    assert run_tiny(tiny_folder, out) == 0
     for name in ARTIFACTS:
         assert (out / name).is_file(), name
     printed = capsys.readouterr().out
@@ -69,14 +54,14 @@ def test_cli_end_to_end_writes_every_artifact(tiny_folder, tmp_path, capsys):
     # A second run skips finished steps: artifacts are not rewritten, and what making them took is kept.
     mtimes = {name: os.stat(out / name).st_mtime_ns for name in ARTIFACTS if name != "summary.json"}
     capsys.readouterr()
-    assert run_cli(tiny_folder, out) == 0
+    assert run_tiny(tiny_folder, out) == 0
     assert mtimes == {name: os.stat(out / name).st_mtime_ns for name in mtimes}
     again = json.loads((out / "summary.json").read_text())
     assert "candidates.safetensors" in again["reused_artifacts"] and "loss.json" in again["reused_artifacts"]
     assert again["compute_s"] == made
     assert f"making all of them took {made['total_s']:.0f} s" in capsys.readouterr().out
     # Changing a test-time setting redoes only the later steps.
-    assert run_cli(tiny_folder, out, "--max-new-tokens", "3") == 0
+    assert run_tiny(tiny_folder, out, "--max-new-tokens", "3") == 0
     assert os.stat(out / "candidates.safetensors").st_mtime_ns == mtimes["candidates.safetensors"]
     assert os.stat(out / "completions/harmless_actadd.json").st_mtime_ns != mtimes["completions/harmless_actadd.json"]
 
@@ -96,13 +81,12 @@ def test_an_artifact_is_fresh_only_with_its_settings_and_its_own_bytes(tmp_path,
 
 
 def test_cli_bad_inputs_are_clear_errors(tiny_folder, tmp_path, capsys):
-    assert run_cli("no-such-org/no-such-model", tmp_path / "a") == 2
+    assert run_tiny("no-such-org/no-such-model", tmp_path / "a") == 2
     assert "Could not load model" in capsys.readouterr().err
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    assert run_cli(tiny_folder, blocker / "sub") == 2
+    assert run_tiny(tiny_folder, blocker / "sub") == 2
     assert "Cannot write to the output folder" in capsys.readouterr().err
-
 
 
 @pytest.mark.parametrize("option, value, expected", [
@@ -129,10 +113,10 @@ def test_cli_help_shows_defaults(capsys):
 
 def test_failed_run_leaves_earlier_artifacts_intact(tiny_folder, tmp_path):
     out = tmp_path / "run"
-    assert run_cli(tiny_folder, out) == 0
+    assert run_tiny(tiny_folder, out) == 0
     before = {name: (out / name).read_bytes() for name in ARTIFACTS}
     # impossible thresholds: selection fails; the earlier run, its table and summary included, stays as it was
-    assert run_cli(tiny_folder, out, "--induce-threshold", "1e9") == 2
+    assert run_tiny(tiny_folder, out, "--induce-threshold", "1e9") == 2
     assert {name: (out / name).read_bytes() for name in ARTIFACTS} == before
     assert RunFolder(out).finished()
 
@@ -141,10 +125,10 @@ def test_changing_a_threshold_rechooses_without_rescoring(tiny_folder, tmp_path,
     import refusal_helpers.pipeline as pipeline
 
     out = tmp_path / "run"
-    assert run_cli(tiny_folder, out, "--selection-mode", "exhaustive") == 0
+    assert run_tiny(tiny_folder, out, "--selection-mode", "exhaustive") == 0
     table = json.loads((out / "scores.json").read_text())["table"]
     monkeypatch.setattr(pipeline, "score_candidates", lambda *a, **k: pytest.fail("the table was recomputed"))
-    assert run_cli(tiny_folder, out, "--kl-threshold", "1e5", "--selection-mode", "exhaustive") == 0
+    assert run_tiny(tiny_folder, out, "--kl-threshold", "1e5", "--selection-mode", "exhaustive") == 0
     assert json.loads((out / "scores.json").read_text())["table"] == table
     assert json.loads((out / "selection.json").read_text())["selection"]["config"]["kl_threshold"] == 1e5
 
@@ -153,22 +137,22 @@ def test_a_lazy_run_reuses_an_exhaustive_table_but_not_the_reverse(tiny_folder, 
     import refusal_helpers.pipeline as pipeline
 
     out = tmp_path / "run"
-    assert run_cli(tiny_folder, out, "--selection-mode", "exhaustive") == 0
+    assert run_tiny(tiny_folder, out, "--selection-mode", "exhaustive") == 0
     table = (out / "scores.json").read_bytes()
     direction = (out / "direction.safetensors").read_bytes()
     real_scoring = pipeline.score_candidates
     monkeypatch.setattr(pipeline, "score_candidates", lambda *a, **k: pytest.fail("the full table was rescored"))
-    assert run_cli(tiny_folder, out) == 0  # lazy (the default): the full table has every score it needs
+    assert run_tiny(tiny_folder, out) == 0  # lazy (the default): the full table has every score it needs
     assert (out / "scores.json").read_bytes() == table
     assert (out / "direction.safetensors").read_bytes() == direction
     assert "scores.json" in json.loads((out / "summary.json").read_text())["reused_artifacts"]
 
     lazy_out = tmp_path / "lazy"
     monkeypatch.setattr(pipeline, "score_candidates", real_scoring)
-    assert run_cli(tiny_folder, lazy_out) == 0
+    assert run_tiny(tiny_folder, lazy_out) == 0
     modes = []
     monkeypatch.setattr(pipeline, "score_candidates", lambda *a, **k: modes.append(a[5]) or real_scoring(*a, **k))
-    assert run_cli(tiny_folder, lazy_out, "--selection-mode", "exhaustive") == 0  # a lazy table has gaps
+    assert run_tiny(tiny_folder, lazy_out, "--selection-mode", "exhaustive") == 0  # a lazy table has gaps
     assert modes == ["exhaustive"]
 
 
@@ -177,7 +161,7 @@ def test_a_new_direction_redoes_interventions_and_loss_but_not_baselines(tiny_fo
 
     out = tmp_path / "run"
     args = ("--selection-mode", "exhaustive")
-    assert run_cli(tiny_folder, out, *args) == 0
+    assert run_tiny(tiny_folder, out, *args) == 0
     first = json.loads((out / "selection.json").read_text())["selection"]
     mtimes = {name: os.stat(out / name).st_mtime_ns for name in ARTIFACTS if name != "summary.json"}
 
@@ -187,7 +171,7 @@ def test_a_new_direction_redoes_interventions_and_loss_but_not_baselines(tiny_fo
         return choose(table, config)
 
     monkeypatch.setattr(pipeline, "choose", other_choice)
-    assert run_cli(tiny_folder, out, *args, "--max-layer-fraction", "0.99") == 0
+    assert run_tiny(tiny_folder, out, *args, "--max-layer-fraction", "0.99") == 0
     second = json.loads((out / "selection.json").read_text())["selection"]
     assert (second["position_index"], second["layer"]) != (first["position_index"], first["layer"])
     changed = {name for name in mtimes if os.stat(out / name).st_mtime_ns != mtimes[name]}
@@ -202,7 +186,7 @@ def test_seed_stability_of_a_run_against_its_own_model_and_another(tiny_folder, 
     from refusal_helpers.organism import seed_stability
 
     out = tmp_path / "run"
-    assert run_cli(tiny_folder, out) == 0
+    assert run_tiny(tiny_folder, out) == 0
     same = seed_stability(load_model(str(tiny_folder), device="cpu"), run=out)
     direction, described = load_direction(out)
     assert (same["position"], same["layer"]) == (described["position"], described["layer"])
@@ -212,7 +196,7 @@ def test_seed_stability_of_a_run_against_its_own_model_and_another(tiny_folder, 
     assert other["cosine"] < 0.9  # independent random weights: unrelated directions
 
     zeroed = tmp_path / "zeroed"  # the other model's candidates get the run's zeroed dimensions too
-    assert run_cli(tiny_folder, zeroed, "--zero-dims", "0", "7", "--random-controls", "0") == 0
+    assert run_tiny(tiny_folder, zeroed, "--zero-dims", "0", "7", "--random-controls", "0") == 0
     same = seed_stability(load_model(str(tiny_folder), device="cpu"), run=zeroed)
     assert abs(same["cosine"] - 1) < 1e-4 and abs(same["norm_ratio"] - 1) < 1e-4
 
@@ -226,17 +210,17 @@ def test_artifacts_record_which_weights_and_precision_made_them(tiny_folder, tmp
     folder = tmp_path / "model"
     shutil.copytree(tiny_folder, folder)
     out = tmp_path / "run"
-    assert run_cli(folder, out) == 0
+    assert run_tiny(folder, out) == 0
     settings = record(out, "candidates.safetensors")["settings"]
     assert settings["dtype"] == "float32" and len(settings["model_version"]) == 12
     # naming the CPU's default precision is the same run: everything is reused
-    assert run_cli(folder, out, "--dtype", "float32") == 0
+    assert run_tiny(folder, out, "--dtype", "float32") == 0
     assert "candidates.safetensors" in json.loads((out / "summary.json").read_text())["reused_artifacts"]
     # other weights under the same name: nothing is reused
     weights = load_file(str(folder / "model.safetensors"))
     save_file({k: v + 0.01 * torch.randn_like(v) for k, v in weights.items()}, str(folder / "model.safetensors"),
               metadata={"format": "pt"})
-    assert run_cli(folder, out) == 0
+    assert run_tiny(folder, out) == 0
     assert "changed since" in capsys.readouterr().out  # a one-line notice: the weights differ, all is remade
     assert json.loads((out / "summary.json").read_text())["reused_artifacts"] == []
 
@@ -248,10 +232,10 @@ def test_zero_dims_reach_every_candidate_and_control_and_are_part_of_the_setting
     from refusal_helpers.loading import load_model
 
     plain, zeroed = tmp_path / "plain", tmp_path / "zeroed"
-    assert run_cli(tiny_folder, plain, "--random-controls", "1") == 0
+    assert run_tiny(tiny_folder, plain, "--random-controls", "1") == 0
     assert record(plain, "candidates.safetensors")["settings"]["zero_dims"] == []
     shutil.copytree(plain, zeroed)  # zeroing in a finished run's folder redoes all but the baselines
-    assert run_cli(tiny_folder, zeroed, "--random-controls", "1", "--zero-dims", "5", "2") == 0
+    assert run_tiny(tiny_folder, zeroed, "--random-controls", "1", "--zero-dims", "5", "2") == 0
     summary = json.loads((zeroed / "summary.json").read_text())
     assert summary["reused_artifacts"] == ["completions/harmful_baseline.json", "completions/harmless_baseline.json"]
     assert summary["direction"]["zero_dims"] == [2, 5]
@@ -277,9 +261,9 @@ def test_zero_dims_reach_every_candidate_and_control_and_are_part_of_the_setting
     assert abs(control - expected) < 1e-4
 
     # the same dims in another order reuse every artifact; other dims remake the candidates
-    assert run_cli(tiny_folder, zeroed, "--random-controls", "1", "--zero-dims", "2", "5") == 0
+    assert run_tiny(tiny_folder, zeroed, "--random-controls", "1", "--zero-dims", "2", "5") == 0
     assert "candidates.safetensors" in json.loads((zeroed / "summary.json").read_text())["reused_artifacts"]
-    assert run_cli(tiny_folder, zeroed, "--random-controls", "1", "--zero-dims", "3") == 0
+    assert run_tiny(tiny_folder, zeroed, "--random-controls", "1", "--zero-dims", "3") == 0
     assert "candidates.safetensors" not in json.loads((zeroed / "summary.json").read_text())["reused_artifacts"]
 
 
@@ -336,7 +320,7 @@ def test_loss_step_reports_random_direction_controls(tiny_folder, tmp_path, caps
     from refusal_helpers.loading import load_model
 
     out = tmp_path / "run"
-    assert run_cli(tiny_folder, out, "--random-controls", "2") == 0
+    assert run_tiny(tiny_folder, out, "--random-controls", "2") == 0
     assert "2 random unit directions ablated instead" in capsys.readouterr().out
     loss = json.loads((out / "loss.json").read_text())
     controls = loss["random_controls"]["increases"]
@@ -357,7 +341,7 @@ def test_loss_step_reports_random_direction_controls(tiny_folder, tmp_path, caps
     assert abs(loss["first_token_spared"]["increase"] - (spared - baseline)) < 1e-9
     assert abs(loss["first_token_spared"]["ablation"] - loss["ablation"]) > 1e-6  # not the plain ablation again
 
-    assert run_cli(tiny_folder, out, "--random-controls", "0") == 0  # a new setting redoes the loss step only
+    assert run_tiny(tiny_folder, out, "--random-controls", "0") == 0  # a new setting redoes the loss step only
     assert "random unit directions" not in capsys.readouterr().out
     assert json.loads((out / "loss.json").read_text())["random_controls"] == {"seed": 0, "increases": [], "mean_increase": None}
 
@@ -368,7 +352,7 @@ def test_a_direction_with_new_values_at_the_same_candidate_redoes_what_used_it(t
     import refusal_helpers.pipeline as pipeline
 
     out = tmp_path / "run"
-    assert run_cli(tiny_folder, out, "--selection-mode", "exhaustive") == 0
+    assert run_tiny(tiny_folder, out, "--selection-mode", "exhaustive") == 0
     first = json.loads((out / "selection.json").read_text())["selection"]
     old_direction, _ = load_direction(out)
 
@@ -379,7 +363,7 @@ def test_a_direction_with_new_values_at_the_same_candidate_redoes_what_used_it(t
         return choose(table, config)
 
     monkeypatch.setattr(pipeline, "choose", same_candidate)
-    assert run_cli(tiny_folder, out, "--selection-mode", "exhaustive", "--n-train", "5") == 0
+    assert run_tiny(tiny_folder, out, "--selection-mode", "exhaustive", "--n-train", "5") == 0
     new_direction, second = load_direction(out)
     assert (second["position_index"], second["layer"]) == (first["position_index"], first["layer"])
     assert not torch.equal(new_direction, old_direction)
@@ -400,7 +384,7 @@ def test_each_condition_is_made_under_its_own_intervention(tiny_folder, tmp_path
     from refusal_helpers.loading import load_model
 
     out = tmp_path / "run"
-    assert run_cli(tiny_folder, out) == 0
+    assert run_tiny(tiny_folder, out) == 0
     cm = load_model(str(tiny_folder), device="cpu")
     direction, described = load_direction(out)
     r = 50 * direction / direction.norm()  # a larger copy, only to check that the conditions can differ at all
@@ -494,9 +478,9 @@ def test_default_output_folders_never_name_the_shipped_run(tmp_path, monkeypatch
 
 def test_one_local_model_under_several_spellings_is_one_model(tiny_folder, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    assert run_cli(tiny_folder, out) == 0
+    assert run_tiny(tiny_folder, out) == 0
     monkeypatch.chdir(tiny_folder.parent)
-    assert run_cli(f"{tiny_folder.name}/", out) == 0  # relative, with a trailing slash
+    assert run_tiny(f"{tiny_folder.name}/", out) == 0  # relative, with a trailing slash
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["reused_artifacts"]) == EVERY_ARTIFACT_BUT_THE_SUMMARY
     assert "model not loaded" in summary["machine"]
@@ -506,7 +490,7 @@ def test_changed_instructions_are_never_paired_with_old_results(tiny_folder, tmp
     import refusal_helpers.data as data
 
     out = tmp_path / "run"
-    assert run_cli(tiny_folder, out) == 0
+    assert run_tiny(tiny_folder, out) == 0
     original = data.load_instructions
 
     def edited(kind, split, *args):  # the bundled harmless test file, edited after the run
@@ -514,7 +498,7 @@ def test_changed_instructions_are_never_paired_with_old_results(tiny_folder, tmp
         return items[:1] + ["An instruction added later."] + items[2:] if (kind, split) == ("harmless", "test") else items
 
     monkeypatch.setattr(data, "load_instructions", edited)
-    assert run_cli(tiny_folder, out) == 0
+    assert run_tiny(tiny_folder, out) == 0
     reused = set(json.loads((out / "summary.json").read_text())["reused_artifacts"])
     assert {"candidates.safetensors", "scores.json", "completions/harmful_baseline.json",
             "completions/harmful_ablation.json", "completions/harmful_actadd.json"} <= reused
@@ -525,9 +509,9 @@ def test_changed_instructions_are_never_paired_with_old_results(tiny_folder, tmp
 
 def test_asking_for_more_prompts_than_a_split_has_reuses_the_whole_split(tiny_folder, tmp_path):
     out = tmp_path / "run"
-    assert run_cli(tiny_folder, out, "--n-val", "all") == 0
+    assert run_tiny(tiny_folder, out, "--n-val", "all") == 0
     with pytest.warns(UserWarning, match="val instructions but 'bundled' has"):
-        assert run_cli(tiny_folder, out, "--n-val", "5000") == 0
+        assert run_tiny(tiny_folder, out, "--n-val", "5000") == 0
     from refusal_helpers.data import load_instructions
 
     summary = json.loads((out / "summary.json").read_text())
@@ -553,7 +537,7 @@ def test_ablation_sweep_measures_each_candidate_under_its_own_ablation(tiny_fold
     from refusal_helpers.loading import load_model
 
     out = tmp_path / "run"
-    assert run_cli(tiny_folder, out) == 0
+    assert run_tiny(tiny_folder, out) == 0
     cm = load_model(str(tiny_folder), device="cpu")
     candidates = load_file(str(out / "candidates.safetensors"))["candidates"]
     items = json.loads((out / "completions/harmless_baseline.json").read_text())["items"]
@@ -586,7 +570,7 @@ def test_ablation_sweep_measures_each_candidate_under_its_own_ablation(tiny_fold
 
 def test_sweep_cli_covers_every_position_of_the_layers_asked(tiny_folder, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    assert run_cli(tiny_folder, out) == 0
+    assert run_tiny(tiny_folder, out) == 0
     capsys.readouterr()
     report = tmp_path / "sweep.json"
     args = ["sweep", "--run", str(out), "--n-harmful", "3", "--n-completions", "2", "--max-new-tokens", "4"]
@@ -622,7 +606,7 @@ def test_the_papers_filter_keeps_the_prompts_the_model_treats_as_their_kind(tiny
     monkeypatch.setattr(scoring, "refusal_scores", lambda cm, instructions, batch_size=32: torch.tensor(
         [verdict.get(x, 1.0 if x in load_instructions("harmful", "val") else -1.0) for x in instructions]))
     out = tmp_path / "run"
-    assert run_cli(tiny_folder, out, "--filter-train", "--filter-val") == 0
+    assert run_tiny(tiny_folder, out, "--filter-train", "--filter-val") == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["filter"]["train_kept"] == {"harmful": 3, "harmless": 4}
     assert summary["filter"]["val_kept"] == {"harmful_val": 3, "harmless_val": 3}
@@ -630,4 +614,4 @@ def test_the_papers_filter_keeps_the_prompts_the_model_treats_as_their_kind(tiny
     torch.testing.assert_close(load_file(str(out / "candidates.safetensors"))["candidates"], expected["candidates"])
     assert record(out, "candidates.safetensors")["settings"]["filter_train"] is True
     monkeypatch.setattr(scoring, "refusal_scores", lambda cm, instructions, batch_size=32: -torch.ones(len(instructions)))
-    assert run_cli(tiny_folder, tmp_path / "none", "--filter-train") == 2  # no harmful prompt is refused
+    assert run_tiny(tiny_folder, tmp_path / "none", "--filter-train") == 2  # no harmful prompt is refused

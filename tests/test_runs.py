@@ -18,41 +18,21 @@ from safetensors.torch import load_file, save_file
 
 from refusal_helpers.__main__ import main
 from refusal_helpers.runs import RECORD_SUFFIX, RunError, RunFolder, load_direction
-from refusal_helpers.testing import tiny_chat_model
+from refusal_helpers.testing import TINY_RUN, run_tiny, tiny_chat_model
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY_RUN = ["--n-train", "6", "--n-val", "3", "--n-test", "3", "--max-new-tokens", "4", "--batch-size", "4",
-            "--kl-threshold", "1e6", "--induce-threshold=-1e6", "--device", "cpu", "--random-controls", "1",
-            "--no-filter-train", "--no-filter-val"]  # a random-weight model refuses nothing: the paper's filter would empty it
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-model")
-    cm = tiny_chat_model("qwen2", n_layers=3)
-    cm.model.save_pretrained(folder)
-    cm.tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
 def other_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("other-model")
-    cm = tiny_chat_model("llama", n_layers=4)
-    cm.model.save_pretrained(folder)
-    cm.tokenizer.save_pretrained(folder)
-    return folder
-
-
-def run_cli(model, out, *extra):
-    return main(["run", "--model", str(model), "--out", str(out), *TINY_RUN, *extra])
+    return tiny_chat_model("llama", n_layers=4).save_pretrained(tmp_path_factory.mktemp("other-model"))
 
 
 @pytest.fixture(scope="module")
 def finished(tiny_folder, tmp_path_factory):
     """A finished run, copied by the tests that damage it."""
     out = tmp_path_factory.mktemp("finished") / "run"
-    assert run_cli(tiny_folder, out) == 0
+    assert run_tiny(tiny_folder, out) == 0
     return out
 
 
@@ -92,7 +72,7 @@ def test_a_changed_float_in_the_direction_is_remade_with_a_notice_and_nothing_us
     with pytest.raises(RunError, match="direction.safetensors does not match its record"):
         load_direction(out)
     capsys.readouterr()
-    assert run_cli(tiny_folder, out) == 0
+    assert run_tiny(tiny_folder, out) == 0
     assert "direction.safetensors does not match its record (damaged or edited): remaking it" in capsys.readouterr().out
     assert torch.equal(load_direction(out)[0], good)
     assert "direction.safetensors" not in reused(out)
@@ -105,7 +85,7 @@ def test_an_emptied_selection_json_is_remade(finished, tmp_path, tiny_folder, ca
     (out / "selection.json").write_bytes(b"")  # truncate -s 0
     with pytest.raises(RunError, match="selection.json does not match its record"):
         RunFolder(out).summary()
-    assert run_cli(tiny_folder, out) == 0
+    assert run_tiny(tiny_folder, out) == 0
     assert json.loads((out / "selection.json").read_text())["selection"]["layer"] >= 0
     assert_consistent(out)
 
@@ -127,7 +107,7 @@ def test_a_run_stopped_after_its_direction_changed_is_not_finished_and_holds_not
 
     real = steps.generate_condition
     monkeypatch.setattr(steps, "generate_condition", interrupted)
-    assert run_cli(tiny_folder, out, "--n-train", "5") == 130  # other training prompts: another direction
+    assert run_tiny(tiny_folder, out, "--n-train", "5") == 130  # other training prompts: another direction
     assert not (out / "summary.json").exists() and not (out / "run.lock").exists()
     with pytest.raises(RunError, match="is not finished"):
         RunFolder(out).summary()
@@ -138,7 +118,7 @@ def test_a_run_stopped_after_its_direction_changed_is_not_finished_and_holds_not
     assert (out / "completions/harmless_baseline.json").exists()  # does not depend on the direction: kept
     assert_consistent(out)
     monkeypatch.setattr(steps, "generate_condition", real)
-    assert run_cli(tiny_folder, out, "--n-train", "5") == 0  # resumes
+    assert run_tiny(tiny_folder, out, "--n-train", "5") == 0  # resumes
     assert_consistent(out)
 
 
@@ -146,11 +126,11 @@ def test_a_run_stopped_after_its_direction_changed_is_not_finished_and_holds_not
 def test_another_models_run_into_a_finished_folder_is_refused_unless_forced(finished, tmp_path, other_folder, capsys):
     out = copy_run(finished, tmp_path / "run")
     before = (out / "summary.json").read_bytes()
-    assert run_cli(other_folder, out) == 2
+    assert run_tiny(other_folder, out) == 2
     err = capsys.readouterr().err
     assert "is a run of" in err and str(other_folder.resolve()) in err and "--force" in err
     assert (out / "summary.json").read_bytes() == before
-    assert run_cli(other_folder, out, "--force") == 0
+    assert run_tiny(other_folder, out, "--force") == 0
     assert json.loads((out / "run.json").read_text())["model"] == str(other_folder.resolve())
     assert reused(out) == set()
     assert_consistent(out)
@@ -160,7 +140,7 @@ def test_a_folder_written_by_an_older_version_is_not_overwritten(tmp_path, tiny_
     out = tmp_path / "old"
     out.mkdir()
     (out / "candidates.safetensors.settings.json").write_text("{}")
-    assert run_cli(tiny_folder, out) == 2
+    assert run_tiny(tiny_folder, out) == 2
     assert "older version of refusal_helpers" in capsys.readouterr().err
 
 
@@ -169,7 +149,7 @@ def test_sweep_loads_the_runs_recorded_model_from_any_directory(tmp_path, tiny_f
     model = copy_run(tiny_folder, tmp_path / "models" / "tiny")
     monkeypatch.chdir(model.parent)
     out = tmp_path / "run"
-    assert run_cli(model.name, out) == 0  # a relative model path
+    assert run_tiny(model.name, out) == 0  # a relative model path
     monkeypatch.chdir(tmp_path)  # where that relative path means nothing
     capsys.readouterr()
     assert main(["sweep", "--run", str(out), "--layers", "1", "--n-harmful", "2", "--n-completions", "1",
@@ -184,11 +164,11 @@ def test_sweep_loads_the_runs_recorded_model_from_any_directory(tmp_path, tiny_f
 def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(finished, tmp_path, tiny_folder, capsys):
     out = copy_run(finished, tmp_path / "run")
     with RunFolder(out).lock():
-        assert run_cli(tiny_folder, out) == 2
+        assert run_tiny(tiny_folder, out) == 2
         assert f"is writing to {out}" in capsys.readouterr().err
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (out / "run.lock").write_text(json.dumps({"pid": int(dead.stdout), "host": os.uname().nodename, "started": "x"}))
-    assert run_cli(tiny_folder, out) == 0
+    assert run_tiny(tiny_folder, out) == 0
     assert "no longer running; taking it over" in capsys.readouterr().out
     assert not (out / "run.lock").exists()
 
@@ -315,7 +295,7 @@ STEP_MARKERS = [  # (step that is running once the file exists, the file)
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted") / "run"
-    assert run_cli(tiny_folder, out, "--max-new-tokens", "12") == 0
+    assert run_tiny(tiny_folder, out, "--max-new-tokens", "12") == 0
     return load_direction(out)[0]
 
 

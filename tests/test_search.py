@@ -18,7 +18,7 @@ from refusal_helpers.search import (
     plot_pareto,
     search,
 )
-from refusal_helpers.testing import tiny_chat_model
+from refusal_helpers.testing import run_tiny, tiny_chat_model
 from tests.conftest import HARMFUL, HARMLESS
 
 
@@ -86,17 +86,11 @@ def test_the_search_starts_at_the_papers_point_and_keeps_a_pareto_front(tmp_path
     assert [trace.name for trace in fig.data] == ["trials", "Pareto front", "the paper's direction"]
 
 
-def test_the_search_command_compares_on_the_runs_test_prompts(tmp_path, capsys):
+def test_the_search_command_compares_on_the_runs_test_prompts(tiny_folder, tmp_path, capsys):
     from refusal_helpers.__main__ import main
 
-    model = tmp_path / "model"
-    cm = tiny_chat_model("qwen2", n_layers=3)
-    cm.model.save_pretrained(model)
-    cm.tokenizer.save_pretrained(model)
     run = tmp_path / "run"
-    assert main(["run", "--model", str(model), "--out", str(run), "--n-train", "6", "--n-val", "3", "--n-test", "3",
-                 "--max-new-tokens", "4", "--kl-threshold", "1e6", "--induce-threshold=-1e6", "--device", "cpu",
-                 "--random-controls", "0", "--no-filter-train", "--no-filter-val"]) == 0
+    assert run_tiny(tiny_folder, run, "--random-controls", "0") == 0
     capsys.readouterr()
     assert main(["search", "--run", str(run), "--out", str(tmp_path / "search"), "--trials", "4", "--n-val", "3"]) == 0
     printed = capsys.readouterr().out
