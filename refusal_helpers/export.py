@@ -131,7 +131,7 @@ def abliterate(
     identity = folder.identity()
     prompts = {kind: [item["instruction"] for item in folder.completions(f"{kind}_baseline")["items"]][:n_test]
                for kind in ("harmful", "harmless")}
-    origin = {"run": str(folder.root), "model": identity["model"], "model_version": identity["model_version"],
+    origin = {"run": folder.label, "model": identity["model"], "model_version": identity["model_version"],
               "position": selection["position"], "layer": selection["layer"],
               "zero_dims": summary["direction"]["zero_dims"]}
     return export_model(cm if cm is not None else folder.load_model(), direction, out, prompts["harmful"],

@@ -229,7 +229,7 @@ def attack_run(
              for name, prompts in (("none", test["harmful"]), ("adversarial", with_suffix(test["harmful"], suffix)),
                                    ("random", with_suffix(test["harmful"], control)))}
     result = {"suffix": suffix, "random_suffix": control, "n_test": len(test["harmful"]), "refused": rates,
-              "max_new_tokens": max_new_tokens, "run": str(run.root),
+              "max_new_tokens": max_new_tokens, "run": run.label,
               "analysis": analyse(cm, direction, selection["position"], selection["layer"], test["harmful"][:n_analysed],
                                   test["harmless"][:n_analysed], suffix, control)}
     atomic_write_json(out / "analysis.json", result)

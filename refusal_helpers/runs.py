@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .data import CHECKOUT_HINT, repository_path
+from .data import CHECKOUT_HINT, PACKAGE_DIR, repository_path
 from .files import atomic_write, atomic_write_text, sha256_file
 from .loading import load_model, model_version
 from .models import ChatModel
@@ -65,6 +65,13 @@ class RunFolder:
 
     def path(self, name: str) -> Path:
         return self.root / name
+
+    @property
+    def label(self) -> str:
+        """The folder as results name it: relative to the project root when inside it (``runs/embedded``), so that
+        a shipped result does not record the machine it was made on."""
+        root, project = self.root.resolve(), PACKAGE_DIR.parent.resolve()
+        return str(root.relative_to(project)) if root.is_relative_to(project) else str(root)
 
     # ----- identity and locking -------------------------------------------------------------------
     def identity(self) -> dict | None:

@@ -106,7 +106,7 @@ def sweep_run(
         cm, candidates, cells, [i["instruction"] for i in kept], [i["completion"] for i in kept], harmful,
         max_new_tokens, generate_below, batch_size, progress)
     harmful_refused = _refused(cm, harmful, max_new_tokens, batch_size)
-    return {"run": str(run.root), "baseline_ce": baseline, "n_completions": len(kept), "n_harmful": len(harmful),
+    return {"run": run.label, "baseline_ce": baseline, "n_completions": len(kept), "n_harmful": len(harmful),
             "harmful_refused_without_ablation": harmful_refused, "max_new_tokens": max_new_tokens,
             "generate_below": generate_below, "candidates": [asdict(c) for c in costs]}
 

@@ -322,3 +322,11 @@ def test_a_killed_or_interrupted_run_leaves_a_consistent_folder_and_resumes_to_t
     assert resumed.returncode == 0, resumed.stderr
     assert_consistent(out)
     assert torch.equal(load_direction(out)[0], uninterrupted)
+
+
+def test_a_runs_label_is_relative_to_the_project_only_inside_it(tmp_path):
+    from refusal_helpers.data import PACKAGE_DIR
+
+    inside = PACKAGE_DIR.parent / "runs" / "embedded"
+    assert RunFolder(inside).label == "runs/embedded"  # results made from the shipped run name no machine's paths
+    assert RunFolder(tmp_path).label == str(tmp_path.resolve())

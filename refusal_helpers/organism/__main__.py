@@ -155,7 +155,7 @@ def _trajectory(args: argparse.Namespace) -> int:
     direction, selection = run.direction()
     dims = run.summary()["direction"]["zero_dims"]
     record = trajectory.add_final_direction(folder, direction, selection["position"], selection["layer"], dims,
-                                            str(run.root))
+                                            run.label)
     _, candidates = trajectory.load_trajectory(folder)
     early = formation.untuned_direction(record, candidates, selection["position"], selection["layer"], dims)
     tests = formation.causal_tests(load_embedded(adapter=folder), load_base(), direction, early, selection["layer"],
