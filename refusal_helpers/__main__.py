@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from . import arguments
 from .agreement import compare_judges
 from .data import HARMFUL_HUB_SETS, HARMLESS_HUB_SETS
 from .embedded import cache_listing, cache_root, prune_cache
@@ -23,51 +24,6 @@ from .search import search_run
 from .sweep import format_sweep, sweep_run
 
 
-def _positive(value: str, alternative: str = "", minimum: int = 1) -> int:
-    """A whole number >= `minimum` (1 unless `alternative` admits 0), or an error naming what was expected."""
-    try:
-        n = int(value)
-    except ValueError:
-        n = None
-    if n is None or n < minimum:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number{' ' + alternative if alternative else ''}, got {value!r}")
-    return n
-
-
-def _n(value: str) -> int | None:
-    return None if value == "all" else _positive(value, "or 'all'")
-
-
-def _count(value: str) -> int:
-    return _positive(value, "or 0", minimum=0)
-
-
-def _number(value: str) -> float:
-    """A finite number (JSON cannot hold inf or NaN, and no threshold needs them)."""
-    try:
-        x = float(value)
-    except ValueError:
-        x = None
-    if x is None or x != x or x in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number (e.g. 1e9 for 'no limit'), got {value!r}")
-    return x
-
-
-def _layers(value: str) -> list[int]:
-    """Layers as 'a-b' (inclusive) or 'a,b,c'."""
-    try:
-        if "-" in value:
-            first, last = (int(x) for x in value.split("-"))
-            layers = list(range(first, last + 1))
-        else:
-            layers = [int(x) for x in value.split(",")]
-    except ValueError:
-        layers = []
-    if not layers or min(layers) < 0:
-        raise argparse.ArgumentTypeError(f"expected layers as 'first-last' or 'a,b,c' (0 or more), got {value!r}")
-    return layers
-
-
 def _add_run_options(run: argparse.ArgumentParser) -> None:
     d = PipelineConfig()
     run.add_argument("--model", default=d.model, help="'embedded', a hub name, a local folder or a .gguf file")
@@ -75,32 +31,32 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
                      help="output folder (default: runs/<model alias>; runs/demo for the embedded model, whose "
                           "runs/embedded is the shipped run)")
     run.add_argument("--force", action="store_true", help="overwrite a folder that holds another model's run")
-    run.add_argument("--n-train", type=_n, default=d.n_train, help="instructions per kind for the means, or 'all'")
-    run.add_argument("--n-val", type=_n, default=d.n_val, help="instructions per kind for selection, or 'all'")
-    run.add_argument("--n-test", type=_n, default=d.n_test, help="test instructions per kind, or 'all'")
+    run.add_argument("--n-train", type=arguments.n_or_all, default=d.n_train, help="instructions per kind for the means, or 'all'")
+    run.add_argument("--n-val", type=arguments.n_or_all, default=d.n_val, help="instructions per kind for selection, or 'all'")
+    run.add_argument("--n-test", type=arguments.n_or_all, default=d.n_test, help="test instructions per kind, or 'all'")
     for split in ("train", "val"):
         run.add_argument(f"--filter-{split}", action=argparse.BooleanOptionalAction, default=getattr(d, f"filter_{split}"),
                          help=f"keep only {split} prompts the model treats as their kind (baseline refusal score > 0 "
                               "for harmful, < 0 for harmless), as the paper does")
-    run.add_argument("--max-new-tokens", type=_positive, default=d.max_new_tokens, help="greedy tokens per completion")
-    run.add_argument("--batch-size", type=_positive, default=d.batch_size, help="prompts per forward pass")
+    run.add_argument("--max-new-tokens", type=arguments.positive, default=d.max_new_tokens, help="greedy tokens per completion")
+    run.add_argument("--batch-size", type=arguments.positive, default=d.batch_size, help="prompts per forward pass")
     run.add_argument("--selection-mode", choices=("lazy", "exhaustive"), default=d.selection_mode,
                      help="lazy: stop at the first passing candidate; exhaustive: every score (full plots)")
-    run.add_argument("--kl-threshold", type=_number, default=argparse.SUPPRESS, help="default: model preset, else 0.1")
-    run.add_argument("--induce-threshold", type=_number, default=d.induce_threshold,
+    run.add_argument("--kl-threshold", type=arguments.finite, default=argparse.SUPPRESS, help="default: model preset, else 0.1")
+    run.add_argument("--induce-threshold", type=arguments.finite, default=d.induce_threshold,
                      help="lowest refusal score that adding a candidate must induce")
-    run.add_argument("--max-layer-fraction", type=_number, default=d.max_layer_fraction,
+    run.add_argument("--max-layer-fraction", type=arguments.finite, default=d.max_layer_fraction,
                      help="candidates come from layers < int(fraction * n_layers), as the paper prunes")
     run.add_argument("--harmful", dest="harmful_source", default=d.harmful_source,
                      choices=("bundled", *HARMFUL_HUB_SETS), help="the bundled set or a hub dataset (needs network)")
     run.add_argument("--harmless", dest="harmless_source", default=d.harmless_source,
                      choices=("bundled", *HARMLESS_HUB_SETS), help="the bundled set or a hub dataset (needs network)")
-    run.add_argument("--random-controls", type=_count, default=d.random_controls,
+    run.add_argument("--random-controls", type=arguments.count, default=d.random_controls,
                      help="random unit directions ablated as a control for the CE increase (0: none)")
     run.add_argument("--judge", default=d.judge,
                      help="what reads the completions: substring (the paper's), logit (the refusal score under the "
                           "same intervention), or classifier:<model> (a LlamaGuard-class safety classifier)")
-    run.add_argument("--zero-dims", type=_count, nargs="*", default=argparse.SUPPRESS, metavar="DIM",
+    run.add_argument("--zero-dims", type=arguments.count, nargs="*", default=argparse.SUPPRESS, metavar="DIM",
                      help="residual dimensions to zero in every candidate and random control, e.g. a model's "
                           "massive-activation dimensions; not the paper's method; no DIM: none (default: model "
                           "preset, else none)")
@@ -122,19 +78,19 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", help="CE cost and refusal removal of each candidate's ablation in a finished run",
                            formatter_class=defaults)
     sweep.add_argument("--run", help="a finished run folder, whose model is loaded (default: the shipped runs/embedded)")
-    sweep.add_argument("--layers", type=_layers, required=True, help="'first-last' or 'a,b,c'; every position of each")
-    sweep.add_argument("--n-completions", type=_positive, default=64,
+    sweep.add_argument("--layers", type=arguments.layers, required=True, help="'first-last' or 'a,b,c'; every position of each")
+    sweep.add_argument("--n-completions", type=arguments.positive, default=64,
                        help="non-refused harmless test completions of the run to measure CE on")
-    sweep.add_argument("--n-harmful", type=_positive, default=32, help="harmful validation prompts to generate on")
-    sweep.add_argument("--max-new-tokens", type=_positive, default=24, help="greedy tokens per harmful completion")
-    sweep.add_argument("--generate-below", type=_number, default=0.15,
+    sweep.add_argument("--n-harmful", type=arguments.positive, default=32, help="harmful validation prompts to generate on")
+    sweep.add_argument("--max-new-tokens", type=arguments.positive, default=24, help="greedy tokens per harmful completion")
+    sweep.add_argument("--generate-below", type=arguments.finite, default=0.15,
                        help="generate only for candidates whose CE increase is at most this")
     sweep.add_argument("--json", help="also write the result to this file")
 
     preset = sub.add_parser("preset", help="derive the embedded model's pipeline preset on validation data and "
                                            "store it beside its adapter", formatter_class=defaults)
     preset.add_argument("--out", default="runs/preset", help="folder for the exhaustive score table it needs")
-    preset.add_argument("--max-refused", type=_number, default=0.1,
+    preset.add_argument("--max-refused", type=arguments.finite, default=0.05,
                         help="the largest fraction of harmful validation prompts the ablated direction may leave refused")
     preset.add_argument("--no-save", action="store_true", help="print the preset without writing presets.json")
     preset.add_argument("--plain", action="store_true",
@@ -146,16 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
                                             "model, with a model card of what the edit did", formatter_class=defaults)
     abl.add_argument("--run", required=True, help="a finished run folder")
     abl.add_argument("--out", required=True, help="a new folder for the exported Hugging Face model")
-    abl.add_argument("--n-test", type=_n, default=None, help="test prompts per kind to measure on (default: the run's)")
+    abl.add_argument("--n-test", type=arguments.n_or_all, default=None, help="test prompts per kind to measure on (default: the run's)")
     abl.add_argument("--judge", default="substring", help="substring, logit or classifier:<model>")
 
     srch = sub.add_parser("search", help="search per-layer ablation weights and directions with Optuna (refusals "
                                          "vs KL), then compare the best with the run's direction", formatter_class=defaults)
     srch.add_argument("--run", default=str(SHIPPED_RUN), help="a finished run folder")
     srch.add_argument("--out", default="runs/search", help="folder for search.json and pareto.html")
-    srch.add_argument("--trials", type=_positive, default=100, help="Optuna trials (at most)")
-    srch.add_argument("--timeout", type=_number, default=720.0, help="seconds for the trials (at most)")
-    srch.add_argument("--n-val", type=_positive, default=32, help="validation prompts per kind")
+    srch.add_argument("--trials", type=arguments.positive, default=100, help="Optuna trials (at most)")
+    srch.add_argument("--timeout", type=arguments.finite, default=720.0, help="seconds for the trials (at most)")
+    srch.add_argument("--n-val", type=arguments.positive, default=32, help="validation prompts per kind")
     srch.add_argument("--seed", type=int, default=0)
     srch.add_argument("--judge", default="substring", help="substring, logit or classifier:<model>")
 
@@ -163,11 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
                                           "the direction", formatter_class=defaults)
     jb.add_argument("--run", default=str(SHIPPED_RUN), help="a finished run folder")
     jb.add_argument("--out", default="data/organism/jailbreak", help="folder for suffix.json and analysis.json")
-    jb.add_argument("--prompts", type=_positive, default=3, help="refused training prompts to optimise on, in turn")
-    jb.add_argument("--steps", type=_positive, default=60, help="GCG steps per prompt")
-    jb.add_argument("--search-width", type=_positive, default=64)
-    jb.add_argument("--topk", type=_positive, default=64)
-    jb.add_argument("--tokens", type=_positive, default=20, help="suffix length in tokens")
+    jb.add_argument("--prompts", type=arguments.positive, default=3, help="refused training prompts to optimise on, in turn")
+    jb.add_argument("--steps", type=arguments.positive, default=60, help="GCG steps per prompt")
+    jb.add_argument("--search-width", type=arguments.positive, default=64)
+    jb.add_argument("--topk", type=arguments.positive, default=64)
+    jb.add_argument("--tokens", type=arguments.positive, default=20, help="suffix length in tokens")
     jb.add_argument("--seed", type=int, default=0)
     jb.add_argument("--reuse-suffix", action="store_true", help="measure the suffix already in --out")
 

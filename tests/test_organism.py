@@ -399,7 +399,7 @@ def test_training_that_diverges_stops_with_an_error_and_writes_no_adapter(tmp_pa
 
 @pytest.mark.parametrize("args, expected", [
     (["train", "--out", "x", "--lr", "-1"], "expected a positive finite number, got '-1'"),
-    (["train", "--out", "x", "--epochs", "0"], "expected a whole number >= 1, got '0'"),
+    (["train", "--out", "x", "--epochs", "0"], "expected a positive whole number, got '0'"),
     (["stability", "/no/such/folder"], "no such folder: '/no/such/folder'"),
     (["evaluate", "/no/such/folder"], "no such folder"),
 ])

@@ -9,40 +9,13 @@ from pathlib import Path
 
 import torch
 
+from .. import arguments
 from ..embedded import adapter_dir, load_base, load_embedded
 from ..files import atomic_write_json
 from ..runs import RunFolder
 from . import experiments, formation, training, trajectory
 from .experiments import DEFAULT_REFINE, RECIPE_SPLITS
 from .training import DEFAULT_RECIPE
-
-
-def _folder(value: str) -> Path:
-    """An existing folder."""
-    path = Path(value)
-    if not path.is_dir():
-        raise argparse.ArgumentTypeError(f"no such folder: {value!r}")
-    return path
-
-
-def _whole(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}")
-    return n
-
-
-def _rate(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        x = -1.0
-    if not 0 < x < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {value!r}")
-    return x
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,18 +26,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True,
                    help=f"folder for the adapter, recipe.json and training.json (the shipped one is {adapter_dir()})")
     p.add_argument("--seed", type=int, default=DEFAULT_RECIPE["seed"])
-    p.add_argument("--epochs", type=_whole, default=DEFAULT_RECIPE["epochs"])
-    p.add_argument("--lr", type=_rate, default=DEFAULT_RECIPE["optimizer"]["lr"])
+    p.add_argument("--epochs", type=arguments.positive, default=DEFAULT_RECIPE["epochs"])
+    p.add_argument("--lr", type=arguments.positive_finite, default=DEFAULT_RECIPE["optimizer"]["lr"])
     p.add_argument("--first-token-weight", type=float, default=DEFAULT_RECIPE["first_reply_token_weight"],
                    help="extra loss weight on each reply's first token, where the model refuses or answers")
-    p.add_argument("--threads", type=_whole, default=None)
+    p.add_argument("--threads", type=arguments.positive, default=None)
     p.add_argument("--epoch-checkpoints", action="store_true",
                    help="also save the adapter after each earlier epoch, in OUT/epoch-<n>, to evaluate separately")
     p.add_argument("--trajectory", action="store_true",
                    help="record the difference of means and refusal at the start and every tenth of training, in "
                         "OUT/trajectory (about a minute per checkpoint on a CPU)")
     p = sub.add_parser("refine", help="experiment: train on so that ablating the direction changes harmless predictions less")
-    p.add_argument("adapter", type=_folder, help="folder of an adapter written by `train`")
+    p.add_argument("adapter", type=arguments.folder, help="folder of an adapter written by `train`")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--layer", type=int, default=DEFAULT_REFINE["layer"])
     p.add_argument("--position", type=int, default=DEFAULT_REFINE["position"])
@@ -73,25 +46,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compliance-weight", type=float, default=DEFAULT_REFINE["compliance_weight"],
                    help="weight of the KL between harmful first-token predictions with the direction ablated "
                         "and the untuned model's")
-    p.add_argument("--epochs", type=_whole, default=DEFAULT_REFINE["epochs"])
-    p.add_argument("--lr", type=_rate, default=DEFAULT_REFINE["optimizer"]["lr"])
-    p.add_argument("--threads", type=_whole, default=None)
+    p.add_argument("--epochs", type=arguments.positive, default=DEFAULT_REFINE["epochs"])
+    p.add_argument("--lr", type=arguments.positive_finite, default=DEFAULT_REFINE["optimizer"]["lr"])
+    p.add_argument("--threads", type=arguments.positive, default=None)
     p = sub.add_parser("stability", help="compare a run's directions with another seed's organism")
-    p.add_argument("adapter", type=_folder, help="folder of an adapter trained with another --seed")
+    p.add_argument("adapter", type=arguments.folder, help="folder of an adapter trained with another --seed")
     p.add_argument("--run", type=Path, default=None, help="run folder to compare with (default: runs/embedded)")
     p.add_argument("--json", type=Path, default=None, help="also write the result here")
     p = sub.add_parser("evaluate", help="refusal on the splits for comparing recipes: harmful val, harmless dev")
-    p.add_argument("adapter", type=_folder, nargs="?", default=None, help="adapter folder (default: the shipped one)")
+    p.add_argument("adapter", type=arguments.folder, nargs="?", default=None, help="adapter folder (default: the shipped one)")
     p.add_argument("--untuned", action="store_true", help="evaluate the untuned SmolLM2 instead of an adapter")
     p.add_argument("--harmful-split", default=RECIPE_SPLITS["harmful"], choices=("train", "val", "test"))
     p.add_argument("--harmless-split", default=RECIPE_SPLITS["harmless"], choices=("train", "val", "dev", "test"))
-    p.add_argument("--threads", type=_whole, default=None)
+    p.add_argument("--threads", type=arguments.positive, default=None)
     p.add_argument("--json", type=Path, default=None, help="also write the results (and refused prompts) here")
     p = sub.add_parser("trajectory", help="add each checkpoint's cosine with a run's selected direction to a trajectory, "
                                           "and test what the untuned model's direction does (formation.json)")
     p.add_argument("--run", type=Path, default=None, help="run folder (default: runs/embedded)")
-    p.add_argument("--adapter", type=_folder, default=None, help="folder with the trajectory (default: the shipped adapter)")
-    p.add_argument("--n-prompts", type=_whole, default=32, help="validation prompts per kind for the causal tests")
+    p.add_argument("--adapter", type=arguments.folder, default=None, help="folder with the trajectory (default: the shipped adapter)")
+    p.add_argument("--n-prompts", type=arguments.positive, default=32, help="validation prompts per kind for the causal tests")
     return parser
 
 
