@@ -1,5 +1,5 @@
 """Every check passes the reference and correct answers written differently, and fails each planted wrong
-answer (at least five per check, every one issue 23 lists) with a message that names its mistake."""
+answer (at least five per check, every mistake a learner was seen to make) with a message that names its mistake."""
 
 import dataclasses
 
@@ -212,7 +212,7 @@ def notebook_project_out(x, direction):
     return x - (x @ r_hat)[..., None] * r_hat
 
 
-def normalises_in_place(x, direction):  # issue 23: passes on values, turns the notebook's direction into a unit vector
+def normalises_in_place(x, direction):  # passes on values, turns the notebook's direction into a unit vector
     direction /= direction.norm()
     return x - (x @ direction)[..., None] * direction
 
@@ -355,7 +355,7 @@ def log_space_score(logits, ids):
     return (log_p - torch.log(-torch.expm1(log_p))).float()
 
 
-def float32_score(logits, ids, log1p=False):  # issue 23: -inf / inf on the 120- and 25-logit rows
+def float32_score(logits, ids, log1p=False):  # -inf / inf on the 120- and 25-logit rows
     p = logits.softmax(-1)[:, ids].sum(-1)
     return p.log() - (torch.log1p(-p) if log1p else torch.log(1 - p))
 
@@ -400,7 +400,7 @@ def manual_kl(b, n):
     return (pb.exp() * (pb - pn)).sum(-1).float()
 
 
-def float32_probability_kl(b, n):  # issue 23: NaN / inf on the rows with a 120-logit gap
+def float32_probability_kl(b, n):  # NaN / inf on the rows with a 120-logit gap
     p, q = b.softmax(-1), n.softmax(-1)
     return (p * (p.log() - q.log())).sum(-1)
 

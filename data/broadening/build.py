@@ -1,4 +1,4 @@
-"""Merge the "broadening" batch (issue 25) into the bundled instruction sets.
+"""Merge the "broadening" batch into the bundled instruction sets.
 
 Reads the project's sets (data/instructions/{harmful,harmless}.jsonl) without any "broadening" records they
 already hold, and the batch's items (harmful.jsonl, harmless.jsonl next to this script; one {"instruction",
