@@ -32,3 +32,22 @@ def test_a_changed_artifact_makes_its_document_stale(monkeypatch):
     real["harmful"]["n"] += 1
     monkeypatch.setattr(figures, "data_figures", lambda: real)
     assert report.ROOT / "data" / "DATASHEET.md" in report.stale()
+
+
+def test_a_missing_or_foreign_measurement_is_named_not_quoted(monkeypatch):
+    """Optional measurements (benchmarks, search, judges, seed stability, ...) absent from the artifacts render
+    as "not measured" with the command that makes them; a seed-stability figure of another adapter is not quoted."""
+    import refusal_helpers.figures as figures
+
+    real = figures.figures()
+    real["measured"] = {k: v for k, v in real["measured"].items() if k in ("untuned_test", "plain_preset")}
+    real["measured"]["seed_stability"] = {"run_model_version": "another adapter", "cosine": 0.123, "norm_ratio": 1.0}
+    real["bench"] = {}
+    monkeypatch.setattr(figures, "figures", lambda: real)
+    docs = {path.name: text for path, text in report.rendered().items()}
+    card = docs["MODEL_CARD.md"]
+    assert "0.123" not in card and "Stability across training seeds** (target >= 0.95): not measured" in card
+    for what in ("Export**: not measured", "Search**: not measured", "Judges**: not measured"):
+        assert what in card
+    assert docs["RESULTS.md"].count("not measured: `python benchmarks/run_all.py --save`") == 5
+    assert "Not measured for the current artifacts" in docs["fidelity.md"]

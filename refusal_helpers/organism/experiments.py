@@ -67,7 +67,7 @@ def seed_stability(other: str | Path | ChatModel, run: str | Path = SHIPPED_RUN)
     """Compare a run's candidate directions with those another model (an adapter trained with another seed)
     gives with the run's extraction settings: its training instructions, the paper's filter if the run used
     it (by the other model's own refusal scores), and its zeroed dimensions. Returns the cosine per layer at
-    the run's selected position, and the cosine and norm ratio at its layer."""
+    the run's selected position, the cosine and norm ratio at its layer, and the run's model version."""
     folder = RunFolder(run)
     direction, selection = folder.direction()
     settings = folder.record("candidates.safetensors")["settings"]
@@ -82,7 +82,8 @@ def seed_stability(other: str | Path | ChatModel, run: str | Path = SHIPPED_RUN)
     theirs = zero_dims(own_directions(cm, instructions, selection["position"]), settings.get("zero_dims", []))
     per_layer = torch.nn.functional.cosine_similarity(ours, theirs, dim=-1)
     layer = selection["layer"]
-    return {"position": selection["position"], "layer": layer, "cosine": float(per_layer[layer]),
+    return {"run_model_version": (folder.identity() or {}).get("model_version"),  # which weights the run had
+            "position": selection["position"], "layer": layer, "cosine": float(per_layer[layer]),
             "norm_ratio": float(theirs[layer].norm() / ours[layer].norm()),
             "cosine_per_layer": [round(float(c), 3) for c in per_layer]}
 
