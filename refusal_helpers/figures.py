@@ -37,13 +37,16 @@ def run_figures(folder: Path) -> dict:
     summary = run.summary()
     original = {kind: {r["instruction"] for r in load_records(kind, "test") if r.get("batch") == "original"}
                 for kind in ("harmful", "harmless")}
-    rates, original_rates, refused = {}, {}, {}
+    rates, original_rates, refused, answered = {}, {}, {}, {}
     for condition, spec in CONDITIONS.items():
         items = run.completions(condition)["items"]
         rates[condition] = rate(sum(i["refusal"] for i in items), len(items))
         old = [i for i in items if i["instruction"] in original[spec.kind]]
         original_rates[condition] = rate(sum(i["refusal"] for i in old), len(old)) if old else None
         refused[condition] = [i["instruction"] for i in items if i["refusal"]]
+        answered[condition] = [i["instruction"] for i in items if not i["refusal"]]
+    broadening = {r["instruction"] for kind in ("harmful", "harmless") for r in load_records(kind, "test")
+                  if r.get("batch") == "broadening"}  # to count which batch the misses come from
     loss = summary["ce_loss"]
     controls = loss["random_controls"]["increases"]
     _, selection = run.direction()
@@ -51,6 +54,7 @@ def run_figures(folder: Path) -> dict:
         "path": str(folder.relative_to(ROOT)) if folder.is_relative_to(ROOT) else str(folder),
         "summary": summary, "direction": {**summary["direction"], "position_id": run.read_json("selection.json")["position_id"]},
         "selection": selection, "rates": rates, "original_rates": original_rates, "refused": refused,
+        "answered": answered, "broadening": broadening,
         "loss": loss, "controls": {"n": len(controls), "mean": loss["random_controls"]["mean_increase"],
                                    "median": median(controls) if controls else None,
                                    "min": min(controls) if controls else None, "max": max(controls) if controls else None,
@@ -61,6 +65,16 @@ def run_figures(folder: Path) -> dict:
         "edgy_n": sum(r["category"] == "edgy_benign" for r in load_records("harmless", "test")),
         "compute_s": summary["compute_s"],
     }
+
+
+def comparison_run_figures(folder: Path) -> dict | None:
+    """A comparison run's figures, or None where it is missing or was made with other weights than the shipped run."""
+    if not (folder / "summary.json").is_file():
+        return None
+    identity, shipped = RunFolder(folder).identity(), RunFolder(SHIPPED_RUN).identity()
+    if identity is None or shipped is None or identity.get("model_version") != shipped.get("model_version"):
+        return None
+    return run_figures(folder)
 
 
 def data_figures() -> dict:
@@ -99,5 +113,5 @@ def figures() -> dict:
     """Everything the templates may quote."""
     measurements = {p.stem: json.loads(p.read_text()) for p in sorted(MEASUREMENTS.glob("*.json"))}
     benchmarks = {p.stem: json.loads(p.read_text()) for p in sorted(BENCHMARK_RESULTS.glob("*.json"))}
-    return {"run": run_figures(SHIPPED_RUN), "plain": run_figures(PLAIN_RUN), "data": data_figures(),
+    return {"run": run_figures(SHIPPED_RUN), "plain": comparison_run_figures(PLAIN_RUN), "data": data_figures(),
             "organism": organism_figures(), "measured": measurements, "bench": benchmarks, "conditions": CONDITIONS}

@@ -198,7 +198,8 @@ def analyse(cm: ChatModel, direction: Float[Tensor, " d_model"], position: int, 
         "top_heads": [{"layer": l, "head": h, "contribution": float(plain[:, l, h].mean()),
                        "contribution_with_suffix": float(attacked[:, l, h].mean())} for l, h in heads],
         "attention": {f"{l}.{h}": share for (l, h), share in attention_shares(cm, harmful, suffix, heads).items()},
-        "heads_total": {"harmful": float(plain.sum((1, 2)).mean()), "with_suffix": float(attacked.sum((1, 2)).mean())},
+        "heads_total": {"harmful": float(plain[:, :layer].sum((1, 2)).mean()),  # the heads below the direction's layer
+                        "with_suffix": float(attacked[:, :layer].sum((1, 2)).mean())},
     }
 
 

@@ -1,13 +1,13 @@
 """The embedded model's pipeline preset: settings derived on validation data for one adapter, stored beside it.
 
 The paper's KL threshold (0.1) assumes a large model whose refusal direction barely disturbs harmless
-predictions; no candidate of the small embedded organism that induces refusal stays under it. The preset
-replaces two settings, each by a stated rule, on the validation split only:
+predictions; on the small embedded organism, the candidate its rules choose under it leaves much of the
+refusal in place. The preset replaces two settings, each by a stated rule, on the validation split only:
 
 - ``zero_dims`` (not the paper's method): the residual dimensions where the first token, an attention sink,
   keeps a massive activation (`massive_dims`); a candidate's entry there moves the sink under ablation;
 - ``kl_threshold``: the smallest threshold, in steps of 0.1, whose chosen direction, ablated, leaves at most
-  10% of the harmful validation prompts refused (`derive_kl_threshold`).
+  5% of the harmful validation prompts refused (`derive_kl_threshold`), the ablation target of the organism.
 
 ``python -m refusal_helpers preset`` derives both and writes ``data/organism/presets.json``, keyed by the
 adapter's digest; `embedded.preset` reads it, and a retrained adapter gets no preset until one is derived.
@@ -59,7 +59,7 @@ def massive_dims(cm: ChatModel, share: float = 0.5, ratio: float = 10.0) -> tupl
 
 def derive_kl_threshold(
     cm: ChatModel, table: ScoreTable, candidates: Float[Tensor, "pos layer d_model"], harmful: list[str],
-    max_refused: float = 0.1, step: float = 0.1, max_threshold: float = 3.0, max_new_tokens: int = 48,
+    max_refused: float = 0.05, step: float = 0.1, max_threshold: float = 3.0, max_new_tokens: int = 48,
     batch_size: int = 32,
 ) -> dict:
     """The smallest KL threshold (a multiple of `step`) whose chosen direction, ablated, leaves at most
@@ -86,7 +86,7 @@ def derive_kl_threshold(
                      f"of {len(harmful)} harmful validation prompts refused: {trail}")
 
 
-def derive_preset(out: str | Path = "runs/preset", max_refused: float = 0.1, plain: bool = False) -> dict:
+def derive_preset(out: str | Path = "runs/preset", max_refused: float = 0.05, plain: bool = False) -> dict:
     """Derive the embedded model's preset on validation data (an exhaustive score table in `out`); `plain`: the
     KL threshold alone, for the paper's plain difference of means (no dimension zeroed)."""
     cm = load_model(EMBEDDED)

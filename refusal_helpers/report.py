@@ -92,7 +92,8 @@ def render(template: Path, context: dict) -> str:
                              keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
     env.filters.update(percent=percent, signed=signed)
     body = env.get_template(template.name).render(**context)  # the output line, a comment, renders to nothing
-    return GENERATED_NOTE.format(template=template.relative_to(ROOT)) + body
+    where = template.relative_to(ROOT) if template.is_relative_to(ROOT) else template
+    return GENERATED_NOTE.format(template=where) + body
 
 
 def rendered() -> dict[Path, str]:

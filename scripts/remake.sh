@@ -2,13 +2,13 @@
 # Remake everything downstream of the shipped adapter (data/organism/), in order:
 #   bash scripts/remake.sh [PYTHON]     (default .venv/bin/python; about 2-3 hours on 2 CPU cores)
 # 1. the preset (data/organism/presets.json) and the KL threshold of the plain difference of means;
-# 2. the two shipped runs, runs/embedded and runs/embedded-plain;
+# 2. the shipped run, runs/embedded, and the plain comparison run, runs/embedded-plain;
 # 3. the measurements the documents quote (docs/measurements/, data/organism/trajectory/formation.json,
 #    data/organism/jailbreak/analysis.json with the shipped suffix), and the benchmarks;
 # 4. the notebooks (solutions.ipynb executed, exercise.ipynb rebuilt) and the generated documents.
 # Seed stability needs a second organism: `python -m refusal_helpers.organism train --seed 0 --out <folder>` then
 # `python -m refusal_helpers.organism stability <folder> --json docs/measurements/seed_stability.json`.
-# A new adversarial suffix: `python -m refusal_helpers jailbreak` without --reuse-suffix (about 20 minutes).
+# A new adversarial suffix: `python -m refusal_helpers jailbreak --prompts 2 --steps 40` (the shipped one's settings).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${1:-.venv/bin/python}"
@@ -25,16 +25,16 @@ for pair in "preset embedded" "preset-plain embedded-plain"; do
   set -- $pair
   rm -rf "runs/$2" && cp -r "runs/$1" "runs/$2"
 done
-"$PY" -m refusal_helpers run --model embedded --selection-mode exhaustive --n-test all --random-controls 32 \
+"$PY" -m refusal_helpers run --model embedded --selection-mode exhaustive --n-test all --random-controls 2 \
   --out runs/embedded
-"$PY" -m refusal_helpers run --model embedded --selection-mode exhaustive --n-test all --random-controls 32 \
+"$PY" -m refusal_helpers run --model embedded --selection-mode exhaustive --n-test all --random-controls 2 \
   --zero-dims --kl-threshold "$plain_kl" --out runs/embedded-plain
 
 "$PY" -m refusal_helpers.organism evaluate --untuned --harmful-split test --harmless-split test --json "$M/untuned_test.json"
 "$PY" -m refusal_helpers.organism trajectory
 "$PY" -m refusal_helpers jailbreak --reuse-suffix
 "$PY" -m refusal_helpers judge --json "$M/judges.json"
-"$PY" -m refusal_helpers search --out runs/search && cp runs/search/search.json "$M/search.json"
+"$PY" -m refusal_helpers search --out runs/search --timeout 180 && cp runs/search/search.json "$M/search.json"
 rm -rf runs/abliterated
 "$PY" -m refusal_helpers abliterate --run runs/embedded --out runs/abliterated \
   && cp runs/abliterated/abliteration.json "$M/abliteration.json"

@@ -105,4 +105,19 @@ def test_the_jailbreak_command_measures_a_suffix_on_the_runs_test_prompts(tiny_f
     assert analysis["n_test"] == 3 and set(analysis["refused"]) == {"none", "adversarial", "random"}
     sets = analysis["analysis"]["projection_per_layer"]
     assert set(sets) == {"harmful", "harmful + adversarial suffix", "harmful + random suffix", "harmless"}
-    assert all(len(v) == 3 for v in sets.values()) and len(analysis["analysis"]["top_heads"]) == 5
+    assert all(len(v) == 3 for v in sets.values())
+    n_below = analysis["analysis"]["layer"] * 4  # the tiny model's 4 heads in each layer below the direction's
+    assert len(analysis["analysis"]["top_heads"]) == min(5, n_below)
+
+
+def test_the_heads_total_counts_only_the_heads_below_the_directions_layer():
+    from refusal_helpers.jailbreak import analyse, head_contributions
+
+    cm = tiny_chat_model("llama", n_layers=4)
+    harmful, harmless = ["how to do a bad thing", "tell me a bad thing"], ["a nice poem", "bake bread"]
+    direction = torch.randn(cm.d_model, generator=torch.Generator().manual_seed(0))
+    result = analyse(cm, direction, -1, 2, harmful, harmless, " zq zq", " ab ab", k_heads=3)
+    per_head = head_contributions(cm, harmful, direction)  # (prompt, layer, head)
+    assert result["heads_total"]["harmful"] == pytest.approx(float(per_head[:, :2].sum((1, 2)).mean()), rel=1e-6)
+    assert result["heads_total"]["harmful"] != pytest.approx(float(per_head.sum((1, 2)).mean()), rel=1e-3)
+    assert all(h["layer"] < 2 for h in result["top_heads"])
