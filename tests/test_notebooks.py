@@ -26,7 +26,11 @@ def check_names():
     """The checks that refusal_helpers.checks defines (not check_* helpers it imports)."""
     from refusal_helpers import checks
 
-    return {n for n in dir(checks) if n.startswith("check_") and getattr(getattr(checks, n), "__module__", None) == checks.__name__}
+    def own(name):  # defined in the package's modules, not imported into them from elsewhere
+        module = getattr(getattr(checks, name), "__module__", None) or ""
+        return module == checks.__name__ or module.startswith(checks.__name__ + ".")
+
+    return {n for n in dir(checks) if n.startswith("check_") and own(n)}
 
 
 def checks_called(source):
