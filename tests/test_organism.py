@@ -175,7 +175,7 @@ def test_train_command_passes_its_options_into_the_recipe(monkeypatch, tmp_path)
 
     seen = {}
     monkeypatch.setattr(training, "train", lambda out, recipe, **kwargs: seen.update(out=out, recipe=recipe, **kwargs) or {
-        "steps": 1, "final_loss": 1.0, "distill_seconds": 0.0, "train_seconds": 0.0})
+        "steps": 1, "resumed_from_step": 0, "final_loss": 1.0, "distill_seconds": 0.0, "train_seconds": 0.0})
     assert cli.main(["train", "--out", str(tmp_path), "--seed", "3", "--epochs", "2", "--lr", "0.0005",
                      "--first-token-weight", "1.5"]) == 0
     assert seen["on_step"] is None  # no trajectory unless asked for
@@ -417,3 +417,80 @@ def test_organism_commands_report_failures_without_a_traceback(tmp_path, capsys)
     assert main(["stability", str(tmp_path), "--run", str(tmp_path / "no-run")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err and "no-run" in err
+
+
+class Stop(Exception):
+    pass
+
+
+def stop_at(step, then=None):
+    """An `on_step` factory that (after `then`'s callback) stops training after `step` optimizer steps."""
+    def factory(cm, total):
+        inner = then(cm, total) if then is not None else None
+
+        def on_step(done, losses):
+            if inner is not None:
+                inner(done, losses)
+            if done == step:
+                raise Stop
+        return on_step
+    return factory
+
+
+RESUMABLE = {"epochs": 2, "batch_size": 4, "distill_max_new_tokens": 4, "optimizer": {"lr": 0.02}}
+
+
+def test_a_stopped_training_continues_to_the_same_adapter(tmp_path):
+    from safetensors.torch import load_file
+
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    # 16 examples in batches of 4 for 2 epochs: 8 steps; the LoRA dropout makes the random state matter
+    train(whole, RESUMABLE, base=tiny_chat_model("llama", n_layers=2), limit=8, epoch_checkpoints=True)
+    with pytest.raises(Stop):
+        train(parts, RESUMABLE, base=tiny_chat_model("llama", n_layers=2), limit=8, epoch_checkpoints=True,
+              on_step=stop_at(6), resume_every=5)
+    assert (parts / "resume.pt").is_file() and not (parts / "adapter_model.safetensors").exists()
+    (parts / "epoch-1" / "adapter_model.safetensors").unlink()  # saved before the stop: not saved again
+    log = train(parts, RESUMABLE, base=tiny_chat_model("llama", n_layers=2), limit=8, epoch_checkpoints=True,
+                resume_every=5)
+    assert log["resumed_from_step"] == 5 and log["steps"] == 8
+    assert not (parts / "resume.pt").exists()  # removed once the adapter is written
+    assert not (parts / "epoch-1" / "adapter_model.safetensors").exists()
+    expected, got = load_file(whole / "adapter_model.safetensors"), load_file(parts / "adapter_model.safetensors")
+    assert expected.keys() == got.keys() and all(expected[k].equal(got[k]) for k in expected)
+    assert log["final_loss"] == json.loads((whole / "training.json").read_text())["final_loss"]
+    assert json.loads((whole / "training.json").read_text())["resumed_from_step"] == 0
+
+
+def test_a_stopped_training_is_not_continued_with_another_recipe(tmp_path):
+    with pytest.raises(Stop):
+        train(tmp_path, RESUMABLE, base=tiny_chat_model("llama", n_layers=2), limit=8, on_step=stop_at(3), resume_every=2)
+    other = {**RESUMABLE, "optimizer": {"lr": 0.01}}
+    with pytest.raises(ValueError, match=r"another training \(its recipe differ\).*delete it"):
+        train(tmp_path, other, base=tiny_chat_model("llama", n_layers=2), limit=8, resume_every=2)
+    with pytest.raises(ValueError, match=r"its examples differ"):
+        train(tmp_path, RESUMABLE, base=tiny_chat_model("llama", n_layers=2), limit=6, resume_every=2)
+
+
+def test_a_resumed_training_keeps_the_trajectory_recorded_before_the_stop(tmp_path):
+    from refusal_helpers.organism import Trajectory, TrajectorySettings, load_trajectory
+
+    settings = TrajectorySettings(every=0.5, n_train=4, n_sample=2, max_new_tokens=3)  # steps 0, 4 and 8
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    train(whole, RESUMABLE, base=tiny_chat_model("llama", n_layers=2), limit=8, on_step=Trajectory(whole, settings))
+    with pytest.raises(Stop):  # stopped at step 5, resumable from step 3: step 4's record is of a later state
+        train(parts, RESUMABLE, base=tiny_chat_model("llama", n_layers=2), limit=8, resume_every=3,
+              on_step=stop_at(5, then=Trajectory(parts, settings)))
+    record = json.loads((parts / "trajectory" / "trajectory.json").read_text())
+    assert [c["step"] for c in record["checkpoints"]] == [0, 4]
+    record["checkpoints"][1]["loss"] = -1.0  # marks the record made after the resume point: it must be made again
+    (parts / "trajectory" / "trajectory.json").write_text(json.dumps(record))
+    train(parts, RESUMABLE, base=tiny_chat_model("llama", n_layers=2), limit=8, resume_every=3,
+          on_step=Trajectory(parts, settings))
+    (expected, expected_candidates), (got, got_candidates) = load_trajectory(whole), load_trajectory(parts)
+    assert [c["step"] for c in got["checkpoints"]] == [0, 4, 8]
+    assert got_candidates.equal(expected_candidates)
+    assert [c["loss"] for c in got["checkpoints"]] == [c["loss"] for c in expected["checkpoints"]]
+    with pytest.raises(ValueError, match="other settings"):
+        trajectory = Trajectory(parts, TrajectorySettings(every=0.25, n_train=4, n_sample=2, max_new_tokens=3))
+        trajectory(tiny_chat_model("llama", n_layers=2), 8)(3, [])

@@ -3,7 +3,8 @@
 SmolLM2-135M-Instruct does not refuse harmful requests. `training.train` gives it refusal: harmful training
 instructions map to varied refusals (`targets`), harmless ones to the untuned model's own greedy replies
 (self-distillation, so it stays as helpful as it was); the loss counts reply tokens only (`losses`).
-`trajectory` records what training does to the difference of means; `experiments` holds seed stability,
+`resume` keeps a stopped training's state so that the same command continues it; `trajectory` records what
+training does to the difference of means; `experiments` holds seed stability,
 refusal on the recipe splits and the `refine` experiment. Loading the result is `refusal_helpers.embedded`'s
 job, which never imports this package.
 

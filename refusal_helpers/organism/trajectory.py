@@ -57,9 +57,14 @@ class Trajectory:
         s = self.settings
         data = {kind: load_instructions(kind, "train", s.n_train) for kind in ("harmful", "harmless")}
         val = {kind: load_instructions(kind, "val") for kind in ("harmful", "harmless")}
+        started = False
 
         def on_step(step: int, losses: list[float]) -> None:
-            if step not in due:
+            nonlocal started
+            if not started:  # the step training starts from: 0, or where a resumed training continues
+                started = True
+                self._restore(step)
+            if step not in due or any(c["step"] == step for c in self.checkpoints):
                 return
             was_training = cm.model.training
             cm.model.eval()
@@ -86,6 +91,19 @@ class Trajectory:
             "norm_last_position": [round(float(x), 4) for x in candidates[-1].norm(dim=-1)],
         })
         self._save(cm.post_instruction_positions)
+
+    def _restore(self, step: int) -> None:
+        """Start afresh (`step` 0), or keep the checkpoints a stopped training recorded up to `step`."""
+        self.checkpoints, self.candidates = [], []
+        if step == 0 or not (self.folder / "trajectory.json").is_file():
+            return
+        record, candidates = load_trajectory(self.folder.parent)
+        if record["settings"] != asdict(self.settings):
+            raise ValueError(f"The trajectory in {self.folder} was recorded with other settings ({record['settings']}): "
+                             "delete the folder to record it afresh with the training.")
+        kept = [i for i, c in enumerate(record["checkpoints"]) if c["step"] <= step]
+        self.checkpoints = [record["checkpoints"][i] for i in kept]
+        self.candidates = [candidates[i] for i in kept]
 
     def _save(self, positions: list[int]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,72 @@
+"""Part-way training state, so that a stopped `train` continues where it stopped instead of starting again.
+
+While `fit` runs it writes ``resume.pt`` into the output folder every few steps: the LoRA weights, the
+optimizer's and the learning-rate schedule's state, the random state and the losses so far, with what
+identifies the training (the recipe, the examples). Running the same command again continues from there,
+to the same adapter as an uninterrupted run; the file is removed once the adapter is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..files import atomic_write
+
+FILE = "resume.pt"
+
+
+def _trainable(model) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+@dataclass
+class ResumePoint:
+    """Where `fit` saves and finds its part-way state; `identity` must match for a saved state to be used."""
+
+    path: Path
+    identity: dict
+    every: int = 25  # optimizer steps between saves (one save costs well under a step of the embedded model)
+    resumed_from: int = 0  # the step the last `load` continued from (0: from the start)
+
+    def load(self, model, optimizer: torch.optim.Optimizer, scheduler) -> tuple[int, list[float]]:
+        """Restore the state an earlier run of the same training saved; (steps done, losses so far), (0, []) if none."""
+        self.resumed_from = 0
+        if not self.path.is_file():
+            return 0, []
+        state = torch.load(self.path, weights_only=True)
+        if state["identity"] != self.identity:
+            differ = sorted(k for k in {*state["identity"], *self.identity}
+                            if state["identity"].get(k) != self.identity.get(k))
+            raise ValueError(f"{self.path} holds part of another training (its {', '.join(differ)} differ): delete it "
+                             "to start afresh, or train into another --out folder.")
+        trainable = _trainable(model)
+        if state["lora"].keys() != trainable.keys():
+            raise ValueError(f"{self.path} holds weights for other LoRA modules: delete it to start afresh.")
+        with torch.no_grad():
+            for name, weight in state["lora"].items():
+                trainable[name].copy_(weight)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.resumed_from = state["step"]
+        return state["step"], list(state["losses"])
+
+    def save(self, model, optimizer: torch.optim.Optimizer, scheduler, step: int, losses: list[float]) -> None:
+        """Write the state after `step` optimizer steps (atomically: a stop while writing keeps the previous one)."""
+        state = {
+            "identity": self.identity, "step": step, "losses": list(losses),
+            "lora": {name: p.detach().clone() for name, p in _trainable(model).items()},
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path, lambda p: torch.save(state, p))
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
