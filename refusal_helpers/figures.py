@@ -35,18 +35,20 @@ def run_figures(folder: Path) -> dict:
     """A finished run's figures: direction, rates (all test prompts and the original test split), loss."""
     run = RunFolder(folder)
     summary = run.summary()
-    original = {kind: {r["instruction"] for r in load_records(kind, "test") if r.get("batch") == "original"}
-                for kind in ("harmful", "harmless")}
+    # the test records by instruction, per kind: which batch and category each completed prompt comes from
+    test = {kind: {r["instruction"]: r for r in load_records(kind, "test")} for kind in ("harmful", "harmless")}
+    items = {condition: run.completions(condition)["items"] for condition in CONDITIONS}
     rates, original_rates, refused, answered = {}, {}, {}, {}
     for condition, spec in CONDITIONS.items():
-        items = run.completions(condition)["items"]
-        rates[condition] = rate(sum(i["refusal"] for i in items), len(items))
-        old = [i for i in items if i["instruction"] in original[spec.kind]]
+        done = items[condition]
+        rates[condition] = rate(sum(i["refusal"] for i in done), len(done))
+        old = [i for i in done if test[spec.kind].get(i["instruction"], {}).get("batch") == "original"]
         original_rates[condition] = rate(sum(i["refusal"] for i in old), len(old)) if old else None
-        refused[condition] = [i["instruction"] for i in items if i["refusal"]]
-        answered[condition] = [i["instruction"] for i in items if not i["refusal"]]
-    broadening = {r["instruction"] for kind in ("harmful", "harmless") for r in load_records(kind, "test")
-                  if r.get("batch") == "broadening"}  # to count which batch the misses come from
+        refused[condition] = [i["instruction"] for i in done if i["refusal"]]
+        answered[condition] = [i["instruction"] for i in done if not i["refusal"]]
+    broadening = {instruction for records in test.values() for instruction, r in records.items()
+                  if r["batch"] == "broadening"}  # to count which batch the misses come from
+    edgy = {instruction for instruction, r in test["harmless"].items() if r["category"] == "edgy_benign"}
     loss = summary["ce_loss"]
     controls = loss["random_controls"]["increases"]
     _, selection = run.direction()
@@ -59,10 +61,8 @@ def run_figures(folder: Path) -> dict:
                                    "median": median(controls) if controls else None,
                                    "min": min(controls) if controls else None, "max": max(controls) if controls else None,
                                    "cheaper": sum(x < loss["increase"] for x in controls)},
-        "edgy_refused": sum(i["refusal"] for i in run.completions("harmless_baseline")["items"]
-                            if i["instruction"] in {r["instruction"] for r in load_records("harmless", "test")
-                                                    if r["category"] == "edgy_benign"}),
-        "edgy_n": sum(r["category"] == "edgy_benign" for r in load_records("harmless", "test")),
+        "edgy_refused": sum(i["refusal"] for i in items["harmless_baseline"] if i["instruction"] in edgy),
+        "edgy_n": len(edgy),
         "compute_s": summary["compute_s"],
     }
 
