@@ -19,7 +19,8 @@ def compare_judges(run: RunFolder, judge: Judge, examples: int = 3) -> dict:
     completions they disagree on."""
     cm = run.load_model()
     direction, selection = run.direction()
-    out = {"run": run.label, "second_judge": judge.name, "conditions": {}}
+    out = {"run": run.label, "model_version": (run.identity() or {}).get("model_version"), "second_judge": judge.name,
+           "conditions": {}}
     for condition, spec in CONDITIONS.items():
         record = run.completions(condition)
         items = record["items"]

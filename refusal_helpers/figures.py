@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MEASUREMENTS = ROOT / "docs" / "measurements"
 BENCHMARK_RESULTS = ROOT / "benchmarks" / "results"
 PLAIN_RUN = ROOT / "runs" / "embedded-plain"
+UNTUNED_MEASUREMENTS = {"untuned_test"}  # of the untuned model: they hold whatever the adapter
 
 
 def _json(path: Path) -> dict | None:
@@ -109,9 +110,27 @@ def organism_figures() -> dict:
             "suffix": _json(folder / "jailbreak" / "suffix.json")}
 
 
+def measured_on(data: dict) -> str | None:
+    """The weights a measurement names: the model version of the run it measured (``model_version``,
+    ``run_model_version`` or ``origin.model_version``), or the adapter a preset was derived for (``adapter``)."""
+    named = (data.get("model_version"), data.get("run_model_version"), (data.get("origin") or {}).get("model_version"),
+             data.get("adapter"))
+    return next((value for value in named if value), None)
+
+
+def current_measurements(folder: Path | None = None, digest: str | None = None) -> dict[str, dict]:
+    """The measurements in `folder` (default: ``docs/measurements``) that hold for the adapter with `digest`
+    (default: the shipped one): those
+    naming its weights, and those of the untuned model. Others (made before a retrain, or naming no weights)
+    are left out, so the documents say "not measured" with the command that makes them."""
+    digest = digest or adapter_digest(adapter_dir())
+    found = {p.stem: json.loads(p.read_text()) for p in sorted((folder or MEASUREMENTS).glob("*.json"))}
+    return {name: data for name, data in found.items() if name in UNTUNED_MEASUREMENTS or measured_on(data) == digest}
+
+
 def figures() -> dict:
     """Everything the templates may quote."""
-    measurements = {p.stem: json.loads(p.read_text()) for p in sorted(MEASUREMENTS.glob("*.json"))}
+    measurements = current_measurements()
     benchmarks = {p.stem: json.loads(p.read_text()) for p in sorted(BENCHMARK_RESULTS.glob("*.json"))}
     return {"run": run_figures(SHIPPED_RUN), "plain": comparison_run_figures(PLAIN_RUN), "data": data_figures(),
             "organism": organism_figures(), "measured": measurements, "bench": benchmarks, "conditions": CONDITIONS}

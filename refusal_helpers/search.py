@@ -215,7 +215,7 @@ def search_run(run: str | Path, out: str | Path, n_trials: int = 100, timeout: f
     result["chosen"] = chosen
     result["test"] = compare_on_test(cm, at_position, chosen, selection["layer"], test["harmful"], test["harmless"],
                                      judge, summary["sizes"]["max_new_tokens"])
-    result["run"] = folder.label
+    result["run"], result["model_version"] = folder.label, (folder.identity() or {}).get("model_version")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "search.json", result)

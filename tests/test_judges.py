@@ -96,6 +96,9 @@ def test_a_second_judge_rereads_each_condition_under_its_intervention(tiny_folde
     assert seen == [None, "ablation", "ablation_spared", "subtract", None, "add"]
     result = json.loads((tmp_path / "a.json").read_text())
     assert result["n"] == 18 and 0 <= result["agree"] <= 18 and "all conditions:" in capsys.readouterr().out
+    from refusal_helpers.runs import RunFolder
+
+    assert result["model_version"] == RunFolder(run).identity()["model_version"] is not None  # the weights judged
     for c in result["conditions"].values():
         assert sum(c["pairs"].values()) == c["n"] == 3
         assert c["agree"] == sum(n for pair, n in c["pairs"].items() if pair.split("/")[0] == pair.split("/")[1])

@@ -1,5 +1,7 @@
 """Measured figures in the docs come from artifacts: every generated document is what `report build` writes."""
 
+import json
+
 import pytest
 
 from refusal_helpers import report
@@ -34,14 +36,20 @@ def test_a_changed_artifact_makes_its_document_stale(monkeypatch):
     assert report.ROOT / "data" / "DATASHEET.md" in report.stale()
 
 
-def test_a_missing_or_foreign_measurement_is_named_not_quoted(monkeypatch):
+def test_a_missing_or_foreign_measurement_is_named_not_quoted(monkeypatch, tmp_path):
     """Optional measurements (benchmarks, search, judges, seed stability, ...) absent from the artifacts render
-    as "not measured" with the command that makes them; a seed-stability figure of another adapter is not quoted."""
+    as "not measured" with the command that makes them; measurements of another adapter are not quoted."""
     import refusal_helpers.figures as figures
 
+    measured = tmp_path / "measurements"
+    measured.mkdir()
+    (measured / "untuned_test.json").write_text((figures.MEASUREMENTS / "untuned_test.json").read_text())
+    (measured / "seed_stability.json").write_text(json.dumps(
+        {"run_model_version": "another adapter", "cosine": 0.123, "norm_ratio": 1.0}))
+    (measured / "judges.json").write_text(json.dumps({"run": "runs/embedded", "agree": 1, "n": 1}))  # names no weights
+    monkeypatch.setattr(figures, "MEASUREMENTS", measured)
     real = figures.figures()
-    real["measured"] = {k: v for k, v in real["measured"].items() if k in ("untuned_test", "plain_preset")}
-    real["measured"]["seed_stability"] = {"run_model_version": "another adapter", "cosine": 0.123, "norm_ratio": 1.0}
+    assert sorted(real["measured"]) == ["untuned_test"]
     real["bench"] = {}
     real["plain"] = None  # the comparison run is missing or of other weights (figures.comparison_run_figures)
     monkeypatch.setattr(figures, "figures", lambda: real)
@@ -53,6 +61,22 @@ def test_a_missing_or_foreign_measurement_is_named_not_quoted(monkeypatch):
     assert "plain difference of means (no dimension zeroed) has not been run on this adapter" in card
     assert docs["RESULTS.md"].count("not measured: `python benchmarks/run_all.py --save`") == 5
     assert "Not measured for the current artifacts" in docs["fidelity.md"]
+
+
+def test_measurements_are_quoted_only_for_the_weights_they_name(tmp_path):
+    from refusal_helpers.figures import current_measurements
+
+    named = {"untuned_test": {"harmful": {}},  # the untuned model's: holds for any adapter
+             "judges": {"run": "runs/embedded", "model_version": "abc"},
+             "search": {"run": "runs/embedded", "model_version": "old"},
+             "abliteration": {"origin": {"run": "runs/embedded", "model_version": "abc"}},
+             "seed_stability": {"run_model_version": "old"},
+             "plain_preset": {"adapter": "abc"},
+             "unnamed": {"run": "runs/embedded"}}
+    for name, data in named.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(data))
+    assert sorted(current_measurements(tmp_path, "abc")) == ["abliteration", "judges", "plain_preset", "untuned_test"]
+    assert sorted(current_measurements(tmp_path, "old")) == ["search", "seed_stability", "untuned_test"]
 
 
 def test_a_comparison_run_of_other_weights_is_not_quoted(tiny_folder, tmp_path):

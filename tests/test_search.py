@@ -97,3 +97,6 @@ def test_the_search_command_compares_on_the_runs_test_prompts(tiny_folder, tmp_p
     assert printed.startswith("4 trials in") and "the run's direction:" in printed
     result = __import__("json").loads((tmp_path / "search" / "search.json").read_text())
     assert result["chosen"]["kl"] <= result["trials"][0]["kl"] and (tmp_path / "search" / "pareto.html").is_file()
+    from refusal_helpers.runs import RunFolder
+
+    assert result["model_version"] == RunFolder(run).identity()["model_version"] is not None  # the weights searched
