@@ -128,9 +128,22 @@ def current_measurements(folder: Path | None = None, digest: str | None = None) 
     return {name: data for name, data in found.items() if name in UNTUNED_MEASUREMENTS or measured_on(data) == digest}
 
 
+def seed_figures(stability: dict, target: float = 0.95) -> dict:
+    """Where two seeds' candidates agree: the last layer up to which every cosine (from layer 1) reaches
+    `target`, and the lowest cosine with its layer."""
+    cosines = stability["cosine_per_layer"]
+    agree_through = 0
+    while agree_through + 1 < len(cosines) and cosines[agree_through + 1] >= target:
+        agree_through += 1
+    lowest = min(range(1, len(cosines)), key=cosines.__getitem__)
+    return {"agree_through": agree_through, "lowest_layer": lowest, "lowest": cosines[lowest]}
+
+
 def figures() -> dict:
     """Everything the templates may quote."""
     measurements = current_measurements()
     benchmarks = {p.stem: json.loads(p.read_text()) for p in sorted(BENCHMARK_RESULTS.glob("*.json"))}
+    seeds = seed_figures(measurements["seed_stability"]) if "seed_stability" in measurements else None
     return {"run": run_figures(SHIPPED_RUN), "plain": comparison_run_figures(PLAIN_RUN), "data": data_figures(),
+            "seeds": seeds,
             "organism": organism_figures(), "measured": measurements, "bench": benchmarks, "conditions": CONDITIONS}

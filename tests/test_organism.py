@@ -494,3 +494,16 @@ def test_a_resumed_training_keeps_the_trajectory_recorded_before_the_stop(tmp_pa
     with pytest.raises(ValueError, match="other settings"):
         trajectory = Trajectory(parts, TrajectorySettings(every=0.25, n_train=4, n_sample=2, max_new_tokens=3))
         trajectory(tiny_chat_model("llama", n_layers=2), 8)(3, [])
+
+
+def test_stability_command_records_the_other_organisms_recipe_and_training(monkeypatch, tmp_path):
+    from refusal_helpers.organism import __main__ as cli
+    from refusal_helpers.organism import experiments
+
+    monkeypatch.setattr(experiments, "seed_stability", lambda adapter, run: {"cosine": 0.5, "adapter": str(adapter)})
+    (tmp_path / "recipe.json").write_text(json.dumps({"seed": 0}))
+    (tmp_path / "training.json").write_text(json.dumps({"steps": 7}))
+    assert cli.main(["stability", str(tmp_path), "--json", str(tmp_path / "out.json")]) == 0
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert result == {"cosine": 0.5, "adapter": str(tmp_path), "other_adapter_recipe": {"seed": 0},
+                      "other_adapter_training": {"steps": 7}}

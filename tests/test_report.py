@@ -87,3 +87,13 @@ def test_a_comparison_run_of_other_weights_is_not_quoted(tiny_folder, tmp_path):
     assert run_tiny(tiny_folder, tmp_path / "tiny") == 0  # a finished run, of a model other than the shipped run's
     assert (tmp_path / "tiny" / "summary.json").is_file()
     assert comparison_run_figures(tmp_path / "tiny") is None
+
+
+def test_seed_figures_name_where_two_seeds_agree():
+    from refusal_helpers.figures import seed_figures
+
+    # layer 0 is the embedding (a zero candidate): agreement counts from layer 1
+    assert seed_figures({"cosine_per_layer": [0.0, 0.99, 0.97, 0.94, 0.96, 0.90, 0.93]}) == {
+        "agree_through": 2, "lowest_layer": 5, "lowest": 0.90}
+    assert seed_figures({"cosine_per_layer": [0.0, 0.99, 0.98]}) == {"agree_through": 2, "lowest_layer": 2, "lowest": 0.98}
+    assert seed_figures({"cosine_per_layer": [0.0, 0.5, 0.98]})["agree_through"] == 0

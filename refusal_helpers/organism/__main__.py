@@ -101,8 +101,10 @@ def _refine(args: argparse.Namespace) -> int:
 
 def _stability(args: argparse.Namespace) -> int:
     run = args.run if args.run is not None else experiments.SHIPPED_RUN
-    result = {**experiments.seed_stability(args.adapter, run), "other_adapter_recipe": json.loads(
-        (args.adapter / "recipe.json").read_text())}
+    result = {**experiments.seed_stability(args.adapter, run),
+              "other_adapter_recipe": json.loads((args.adapter / "recipe.json").read_text())}
+    if (args.adapter / "training.json").is_file():
+        result["other_adapter_training"] = json.loads((args.adapter / "training.json").read_text())
     print(json.dumps(result, indent=1))
     if args.json:
         atomic_write_json(args.json, result)
