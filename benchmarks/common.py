@@ -46,7 +46,8 @@ def machine(cm: ChatModel) -> str:
     if cm.device.type == "cuda":
         where = torch.cuda.get_device_name(cm.device)
     else:
-        where = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        threads = torch.get_num_threads()
+        where = f"{platform.processor() or platform.machine()}, {threads} thread{'' if threads == 1 else 's'}"
     return f"{cm.name} ({cm.dtype}) on {where}"
 
 
