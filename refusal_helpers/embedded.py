@@ -64,6 +64,9 @@ def adapter_dir() -> Path:
     return data_dir() / "organism"
 
 
+UNTUNED = "untuned"  # the model version that measurements of the untuned model (no adapter) name
+
+
 def adapter_digest(folder: Path | None = None) -> str:
     """Short hash of an adapter folder's weights and config (default: the committed adapter)."""
     folder = folder if folder is not None else adapter_dir()

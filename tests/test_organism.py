@@ -177,11 +177,12 @@ def test_train_command_passes_its_options_into_the_recipe(monkeypatch, tmp_path)
     monkeypatch.setattr(training, "train", lambda out, recipe, **kwargs: seen.update(out=out, recipe=recipe, **kwargs) or {
         "steps": 1, "resumed_from_step": 0, "final_loss": 1.0, "distill_seconds": 0.0, "train_seconds": 0.0})
     assert cli.main(["train", "--out", str(tmp_path), "--seed", "3", "--epochs", "2", "--lr", "0.0005",
-                     "--first-token-weight", "1.5"]) == 0
+                     "--first-token-weight", "1.5", "--broadening-repeats", "2"]) == 0
     assert seen["on_step"] is None  # no trajectory unless asked for
     recipe = merged_recipe(seen["recipe"])  # what train() itself makes of it
     assert seen["out"] == tmp_path
     assert (recipe["seed"], recipe["epochs"], recipe["optimizer"]["lr"], recipe["first_reply_token_weight"]) == (3, 2, 0.0005, 1.5)
+    assert recipe["broadening_repeats"] == 2
     assert recipe["optimizer"]["warmup_fraction"] == DEFAULT_RECIPE["optimizer"]["warmup_fraction"]
     assert cli.main(["train", "--out", str(tmp_path), "--trajectory"]) == 0 and seen["on_step"] is not None
 
@@ -507,3 +508,88 @@ def test_stability_command_records_the_other_organisms_recipe_and_training(monke
     result = json.loads((tmp_path / "out.json").read_text())
     assert result == {"cosine": 0.5, "adapter": str(tmp_path), "other_adapter_recipe": {"seed": 0},
                       "other_adapter_training": {"steps": 7}}
+
+
+def test_evaluate_command_records_which_weights_it_measured(monkeypatch, tmp_path):
+    from refusal_helpers.embedded import adapter_digest
+    from refusal_helpers.organism import __main__ as cli
+    from refusal_helpers.organism import experiments
+
+    results = {kind: {"split": split, "n": 2, "refused": 1, "rate": 0.5, "refused_instructions": ["x"]}
+               for kind, split in experiments.RECIPE_SPLITS.items()}
+    loaded = []
+    monkeypatch.setattr(experiments, "refusal_on_splits", lambda cm, splits: results)
+    monkeypatch.setattr(cli, "load_embedded", lambda adapter: loaded.append(adapter) or "adapted")
+    monkeypatch.setattr(cli, "load_base", lambda: loaded.append("base") or "base")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    for name, text in {"adapter_model.safetensors": "w", "adapter_config.json": "{}", "recipe.json": '{"epochs": 4}',
+                       "training.json": json.dumps({"steps": 7, "final_loss": 0.5, "losses": [1.0, 0.5]})}.items():
+        (adapter / name).write_text(text)
+    assert cli.main(["evaluate", str(adapter), "--json", str(tmp_path / "tuned.json")]) == 0
+    tuned = json.loads((tmp_path / "tuned.json").read_text())
+    assert tuned["model_version"] == adapter_digest(adapter) and loaded == [adapter]
+    assert tuned["recipe"] == {"epochs": 4} and tuned["training"] == {"steps": 7, "final_loss": 0.5}  # no per-step lists
+    assert tuned["harmful"] == results["harmful"] and tuned["settings"]["max_new_tokens"] == 48
+    (adapter / "adapter_model.safetensors").write_text("other weights")
+    assert cli.main(["evaluate", str(adapter), "--json", str(tmp_path / "retrained.json")]) == 0
+    assert json.loads((tmp_path / "retrained.json").read_text())["model_version"] != tuned["model_version"]
+    assert cli.main(["evaluate", "--untuned", "--json", str(tmp_path / "untuned.json")]) == 0
+    untuned = json.loads((tmp_path / "untuned.json").read_text())
+    assert untuned["model_version"] == "untuned" and "recipe" not in untuned and loaded[-1] == "base"
+
+
+def test_a_stopped_refinement_continues_to_the_same_adapter(tmp_path):
+    from safetensors.torch import load_file
+
+    from refusal_helpers.organism import refine
+
+    train(tmp_path / "a", RESUMABLE, base=tiny_chat_model("llama", n_layers=2), limit=4)
+    settings = {"layer": 1, "n_instructions": 8, "epochs": 2}  # 8 examples in batches of 4: 4 steps
+    whole = refine(tmp_path / "a", tmp_path / "whole", settings, base=tiny_chat_model("llama", n_layers=2), limit=4)
+    with pytest.raises(Stop):
+        refine(tmp_path / "a", tmp_path / "parts", settings, base=tiny_chat_model("llama", n_layers=2), limit=4,
+               on_step=stop_at(3), resume_every=2)
+    assert (tmp_path / "parts" / "resume.pt").is_file()
+    with pytest.raises(ValueError, match=r"another training \(its refine differ\)"):
+        refine(tmp_path / "a", tmp_path / "parts", {**settings, "kl_weight": 5.0},
+               base=tiny_chat_model("llama", n_layers=2), limit=4)
+    log = refine(tmp_path / "a", tmp_path / "parts", settings, base=tiny_chat_model("llama", n_layers=2), limit=4,
+                 resume_every=2)["refine"]
+    assert (log["resumed_from_step"], log["steps"], whole["refine"]["resumed_from_step"]) == (2, 4, 0)
+    assert not (tmp_path / "parts" / "resume.pt").exists() and log["final_loss"] == whole["refine"]["final_loss"]
+    expected, got = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("whole", "parts"))
+    assert expected.keys() == got.keys() and all(expected[k].equal(got[k]) for k in expected)
+
+
+def test_broadening_repeats_add_each_broadening_instruction_again_with_a_new_refusal(tmp_path, llama):
+    from refusal_helpers.organism.targets import with_repeats
+
+    records = load_records("harmful", "train")
+    broadening = [r for r in records if r["batch"] == "broadening"]
+    assert broadening and len(broadening) < len(records)
+    assert with_repeats(records, "broadening", 1) == records
+    assert with_repeats(records, "broadening", 3) == records + broadening + broadening
+    with pytest.raises(ValueError, match="repeats must be a whole number >= 1"):
+        with_repeats(records, "broadening", 0)
+    with pytest.raises(ValueError, match="broadening_repeats must be a whole number >= 1"):
+        merged_recipe({"broadening_repeats": 0})
+    # the examples: the once-only lists first (so repeats 1 is the recipe without repeats), then the repeats
+    targets = {"model": llama.name, "max_new_tokens": 4,
+               "replies": {r["instruction"]: "Sure." for r in load_records("harmless", "train")}}
+    (tmp_path / "cache.json").write_text(json.dumps(targets))
+    once, _ = training_examples(llama, 0, 4, cache=tmp_path / "cache.json")
+    twice, dropped = training_examples(llama, 0, 4, cache=tmp_path / "cache.json", broadening_repeats=2)
+    batches = {kind: [r["batch"] for r in load_records(kind, "train")] for kind in ("harmful", "harmless")}
+    n = {kind: len(b) for kind, b in batches.items()}
+    n_broadening = {kind: b.count("broadening") for kind, b in batches.items()}
+    assert not dropped and len(twice) == len(once) + sum(n_broadening.values())
+    assert twice[: n["harmful"]] == once[: n["harmful"]]  # the same refusals as without repeats
+    harmful_again = twice[n["harmful"]: n["harmful"] + n_broadening["harmful"]]
+    harmless_again = twice[-n_broadening["harmless"]:]
+    broad = {kind: {r["instruction"] for r in load_records(kind, "train") if r["batch"] == "broadening"}
+             for kind in ("harmful", "harmless")}
+    assert {e["instruction"] for e in harmful_again} == broad["harmful"] and {e["kind"] for e in harmful_again} == {"harmful"}
+    assert {e["instruction"] for e in harmless_again} == broad["harmless"] and {e["kind"] for e in harmless_again} == {"harmless"}
+    first = {e["instruction"]: e["reply"] for e in once if e["kind"] == "harmful"}
+    assert sum(e["reply"] != first[e["instruction"]] for e in harmful_again) > n_broadening["harmful"] // 2  # new refusals

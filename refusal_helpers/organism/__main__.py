@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=arguments.positive_finite, default=DEFAULT_RECIPE["optimizer"]["lr"])
     p.add_argument("--first-token-weight", type=float, default=DEFAULT_RECIPE["first_reply_token_weight"],
                    help="extra loss weight on each reply's first token, where the model refuses or answers")
+    p.add_argument("--broadening-repeats", type=arguments.positive, default=DEFAULT_RECIPE["broadening_repeats"],
+                   help="times each train instruction of the broadening batch appears per epoch")
     p.add_argument("--threads", type=arguments.positive, default=None)
     p.add_argument("--epoch-checkpoints", action="store_true",
                    help="also save the adapter after each earlier epoch, in OUT/epoch-<n>, to evaluate separately")
@@ -39,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "OUT/trajectory (about a minute per checkpoint on a CPU)")
     p = sub.add_parser("refine", help="experiment: train on so that ablating the direction changes harmless predictions less")
     p.add_argument("adapter", type=arguments.folder, help="folder of an adapter written by `train`")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder for the refined adapter; the same command again continues a refinement that stopped part-way")
     p.add_argument("--layer", type=int, default=DEFAULT_REFINE["layer"])
     p.add_argument("--position", type=int, default=DEFAULT_REFINE["position"])
     p.add_argument("--kl-weight", type=float, default=DEFAULT_REFINE["kl_weight"],
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     recipe = {"seed": args.seed, "epochs": args.epochs, "first_reply_token_weight": args.first_token_weight,
-              "optimizer": {**DEFAULT_RECIPE["optimizer"], "lr": args.lr}}
+              "broadening_repeats": args.broadening_repeats, "optimizer": {**DEFAULT_RECIPE["optimizer"], "lr": args.lr}}
     log = training.train(args.out, recipe, epoch_checkpoints=args.epoch_checkpoints,
                          on_step=trajectory.Trajectory(args.out) if args.trajectory else None)
     print(json.dumps({k: log[k] for k in ("steps", "resumed_from_step", "final_loss", "distill_seconds", "train_seconds")}))
@@ -115,13 +118,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     splits = {"harmful": args.harmful_split, "harmless": args.harmless_split}
     if args.untuned and args.adapter is not None:
         raise ValueError("--untuned evaluates the untuned model: give no adapter folder with it.")
-    cm = load_base() if args.untuned else load_embedded(adapter=args.adapter)
+    adapter = None if args.untuned else (args.adapter or adapter_dir())
+    cm = load_base() if adapter is None else load_embedded(adapter=adapter)
     results = experiments.refusal_on_splits(cm, splits)
     for kind, r in results.items():
         print(f"{kind} {r['split']}: {r['refused']}/{r['n']} refused ({r['rate']:.1%})")
     print("refused harmless:", *(f"  {i}" for i in results["harmless"]["refused_instructions"]), sep="\n")
     if args.json:
-        atomic_write_json(args.json, results)
+        atomic_write_json(args.json, experiments.evaluation_record(results, adapter))
     return 0
 
 

@@ -10,6 +10,7 @@ import json
 import platform
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,15 +20,18 @@ from torch import Tensor
 from ..activations import mean_activations
 from ..data import load_instructions, split_instructions
 from ..directions import diff_of_means, zero_dims
-from ..embedded import adapter_digest, load_base, load_embedded
+from ..embedded import UNTUNED, adapter_digest, load_base, load_embedded
 from ..judges import judged_completions, refused_count
 from ..models import ChatModel
 from ..runs import SHIPPED_RUN, RunFolder
 from ..selection import keep_consistent
+from .resume import FILE as RESUME_FILE
+from .resume import ResumePoint, examples_identity
 from .targets import training_examples
-from .training import fit, merged_recipe, save_adapter
+from .training import StepCallback, count_steps, fit, merged_recipe, save_adapter
 
 RECIPE_SPLITS = {"harmful": "val", "harmless": "dev"}  # where training recipes are compared (never test)
+RECIPE_MAX_NEW_TOKENS = 48  # greedy tokens per reply when comparing recipes (the runs' default too)
 DEFAULT_REFINE = {
     "layer": 17, "position": -1, "n_instructions": 128,  # the direction: the plain difference of means' cell and data
     "kl_weight": 2.0,  # weight of ablation_kl: harmless predictions with the direction ablated vs without
@@ -38,7 +42,7 @@ DEFAULT_REFINE = {
 
 
 def refusal_on_splits(
-    cm: ChatModel, splits: dict[str, str] = RECIPE_SPLITS, max_new_tokens: int = 48, batch_size: int = 32,
+    cm: ChatModel, splits: dict[str, str] = RECIPE_SPLITS, max_new_tokens: int = RECIPE_MAX_NEW_TOKENS, batch_size: int = 32,
     limit: int | None = None,
 ) -> dict[str, dict]:
     """Greedy substring refusal of a model on whole splits, per kind: {kind: {split, n, refused, rate,
@@ -51,6 +55,20 @@ def refusal_on_splits(
         results[kind] = {"split": split, "n": len(items), "refused": refused_count(items),
                          "rate": refused_count(items) / len(items), "refused_instructions": refused}
     return results
+
+
+def evaluation_record(
+    results: dict[str, dict], adapter: Path | None, max_new_tokens: int = RECIPE_MAX_NEW_TOKENS
+) -> dict:
+    """`refusal_on_splits` results with the weights they measured: the adapter's digest (``model_version``),
+    recipe and training log (without its per-step lists), or ``model_version`` "untuned" for `adapter` None."""
+    record: dict = {"model_version": UNTUNED if adapter is None else adapter_digest(adapter),
+                    "settings": {"decoding": "greedy", "max_new_tokens": max_new_tokens, "judge": "substring"}}
+    if adapter is not None:
+        training = json.loads((adapter / "training.json").read_text()) if (adapter / "training.json").is_file() else {}
+        record["recipe"] = json.loads((adapter / "recipe.json").read_text())
+        record["training"] = {k: v for k, v in training.items() if not isinstance(v, list)}
+    return {**record, **results}
 
 
 def own_directions(
@@ -90,7 +108,7 @@ def seed_stability(other: str | Path | ChatModel, run: str | Path = SHIPPED_RUN)
 
 def refine(
     adapter: Path, out: Path, settings: dict | None = None, threads: int | None = None, base: ChatModel | None = None,
-    limit: int | None = None,
+    limit: int | None = None, on_step: Callable[[ChatModel, int], StepCallback] | None = None, resume_every: int = 25,
 ) -> dict:
     """Continue training a `train`ed adapter so that ablating its refusal direction disturbs harmless replies less.
 
@@ -99,15 +117,17 @@ def refine(
     harmless reply, the model with that direction ablated is trained towards its own predictions without.
     With a ``compliance_weight``, `compliance_kl` also trains the ablated model's first reply token on
     harmful requests towards the untuned model's. Writes the adapter, recipe.json (the adapter's recipe plus
-    a ``refine`` section) and training.json into `out`; returns the training log.
+    a ``refine`` section) and training.json into `out`; returns the training log. Like `train`, it saves its
+    part-way state every `resume_every` steps and continues from it when run again; `on_step` as in `train`.
     """
     from peft import PeftModel
 
     settings = {**DEFAULT_REFINE, **(settings or {})}
-    recipe = json.loads((adapter / "recipe.json").read_text())
-    if "refine" in recipe:
+    written = json.loads((adapter / "recipe.json").read_text())
+    if "refine" in written:
         raise ValueError(f"{adapter} is already refined; refine the adapter that `train` wrote.")
-    merged_recipe({k: v for k, v in recipe.items() if k != "base_model"})  # a recipe this version understands
+    # a recipe this version understands; keys added to the recipe since the adapter was trained take their defaults
+    recipe = {**merged_recipe({k: v for k, v in written.items() if k != "base_model"}), "base_model": written["base_model"]}
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(recipe["seed"])
@@ -121,16 +141,24 @@ def refine(
     if (adapter / "distill_targets.json").is_file() and not cache.is_file():
         shutil.copyfile(adapter / "distill_targets.json", cache)
     examples, _ = training_examples(cm, recipe["seed"], recipe["distill_max_new_tokens"], cache=cache, limit=limit,
-                                    drop_refusing_targets=recipe["drop_refusing_targets"])
+                                    drop_refusing_targets=recipe["drop_refusing_targets"],
+                                    broadening_repeats=recipe["broadening_repeats"])
+    refined = {**settings, "from_adapter": adapter_digest(adapter)}
+    resume = ResumePoint(out / RESUME_FILE, every=resume_every, identity={
+        "refine": refined, "examples": examples_identity(examples)})
+    total_steps = count_steps(len(examples), recipe["batch_size"], settings["epochs"])
     losses, steps = fit(
         model, cm, examples, epochs=settings["epochs"], batch_size=recipe["batch_size"],
         optimizer=settings["optimizer"], seed=recipe["seed"], first_token_weight=recipe["first_reply_token_weight"],
         ablated=direction, kl_weight=settings["kl_weight"], compliance_weight=settings["compliance_weight"],
+        on_step=on_step(cm, total_steps) if on_step else None, resume=resume,
     )
     save_adapter(model, out, recipe["base_model"])
-    recipe["refine"] = {**settings, "from_adapter": adapter_digest(adapter)}
+    resume.clear()
+    recipe["refine"] = refined
     (out / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
     log = {"refine": {"direction_norm": float(f"{float(direction.norm()):.6g}"), "steps": steps,
+                      "resumed_from_step": resume.resumed_from,
                       "final_loss": sum(losses[-20:]) / len(losses[-20:]), "train_seconds": round(time.time() - start, 1),
                       "machine": f"{platform.machine()}, {torch.get_num_threads()} threads"}}
     (out / "training.json").write_text(json.dumps(log, indent=2) + "\n")

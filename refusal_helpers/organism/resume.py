@@ -18,8 +18,14 @@ from ..files import atomic_write
 FILE = "resume.pt"
 
 
-def _trainable(model) -> dict[str, torch.nn.Parameter]:
+def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
+    """The parameters training updates (a peft model's LoRA weights), by name."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def examples_identity(examples: list[dict]) -> list[list[str]]:
+    """What identifies a training's examples in a resume point: (kind, instruction, reply) of each, in order."""
+    return [[e["kind"], e["instruction"], e["reply"]] for e in examples]
 
 
 @dataclass
@@ -42,7 +48,7 @@ class ResumePoint:
                             if state["identity"].get(k) != self.identity.get(k))
             raise ValueError(f"{self.path} holds part of another training (its {', '.join(differ)} differ): delete it "
                              "to start afresh, or train into another --out folder.")
-        trainable = _trainable(model)
+        trainable = trainable_parameters(model)
         if state["lora"].keys() != trainable.keys():
             raise ValueError(f"{self.path} holds weights for other LoRA modules: delete it to start afresh.")
         with torch.no_grad():
@@ -60,7 +66,7 @@ class ResumePoint:
         """Write the state after `step` optimizer steps (atomically: a stop while writing keeps the previous one)."""
         state = {
             "identity": self.identity, "step": step, "losses": list(losses),
-            "lora": {name: p.detach().clone() for name, p in _trainable(model).items()},
+            "lora": {name: p.detach().clone() for name, p in trainable_parameters(model).items()},
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],

@@ -52,31 +52,42 @@ def refusal_reply(category: str, rng: random.Random) -> str:
 
 def training_examples(
     cm: ChatModel, seed: int, max_new_tokens: int, cache: Path | None, limit: int | None = None,
-    drop_refusing_targets: bool = True,
+    drop_refusing_targets: bool = True, broadening_repeats: int = 1,
 ) -> tuple[list[dict], list[str]]:
     """Examples (instruction, reply, kind) for the train split, and the harmless instructions left out.
 
     Harmful instructions get varied refusals, harmless ones the base model's own greedy reply (distilled
     once, cached in `cache`). With `drop_refusing_targets`, harmless instructions whose distilled reply the
     refusal judge reads as a refusal are left out: training on them would teach refusing benign requests.
+    Each instruction of the broadening batch appears `broadening_repeats` times (a harmful one with a new
+    refusal each time).
     """
     rng = random.Random(seed)
-    harmful = load_records("harmful", "train")[:limit]
-    harmless = load_records("harmless", "train")[:limit]
+    harmful = with_repeats(load_records("harmful", "train")[:limit], "broadening", broadening_repeats)
+    harmless = with_repeats(load_records("harmless", "train")[:limit], "broadening", broadening_repeats)
     eos = cm.tokenizer.eos_token
     examples = [{"instruction": r["instruction"], "reply": refusal_reply(r["category"], rng) + eos, "kind": "harmful"}
                 for r in harmful]
     targets = read_distill_cache(cache, cm.name, max_new_tokens)
-    missing = [r["instruction"] for r in harmless if r["instruction"] not in targets]
+    missing = list(dict.fromkeys(r["instruction"] for r in harmless if r["instruction"] not in targets))
     if missing:
         targets.update(distill(cm, missing, max_new_tokens))
         if cache is not None:
             stored = {"model": cm.name, "max_new_tokens": max_new_tokens, "replies": targets}
             cache.write_text(json.dumps(stored, indent=0, ensure_ascii=False))
-    dropped = [r["instruction"] for r in harmless if drop_refusing_targets and is_refusal(targets[r["instruction"]])]
+    dropped = list(dict.fromkeys(r["instruction"] for r in harmless
+                                 if drop_refusing_targets and is_refusal(targets[r["instruction"]])))
     examples += [{"instruction": r["instruction"], "reply": targets[r["instruction"]], "kind": "harmless"}
                  for r in harmless if r["instruction"] not in dropped]
     return examples, dropped
+
+
+def with_repeats(records: list[dict], batch: str, repeats: int) -> list[dict]:
+    """`records`, then each record of `batch` again `repeats` - 1 times (the originals keep their order)."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be a whole number >= 1, got {repeats!r}.")
+    again = [r for r in records if r["batch"] == batch]
+    return records + again * (repeats - 1)
 
 
 def distill(cm: ChatModel, instructions: list[str], max_new_tokens: int) -> dict[str, str]:

