@@ -13,7 +13,7 @@ from pathlib import Path
 from statistics import median
 
 from .data import load_records
-from .embedded import PRESETS_FILE, adapter_digest, adapter_dir
+from .embedded import PRESETS_FILE, UNTUNED, adapter_digest, adapter_dir
 from .runs import SHIPPED_RUN, RunFolder
 from .steps import CONDITIONS
 
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MEASUREMENTS = ROOT / "docs" / "measurements"
 BENCHMARK_RESULTS = ROOT / "benchmarks" / "results"
 PLAIN_RUN = ROOT / "runs" / "embedded-plain"
-UNTUNED_MEASUREMENTS = {"untuned_test"}  # of the untuned model: they hold whatever the adapter
+RECIPES = MEASUREMENTS / "recipes"  # `organism evaluate --json`: adapters (shipped or not) on the recipe splits
 
 
 def _json(path: Path) -> dict | None:
@@ -120,12 +120,50 @@ def measured_on(data: dict) -> str | None:
 
 def current_measurements(folder: Path | None = None, digest: str | None = None) -> dict[str, dict]:
     """The measurements in `folder` (default: ``docs/measurements``) that hold for the adapter with `digest`
-    (default: the shipped one): those
-    naming its weights, and those of the untuned model. Others (made before a retrain, or naming no weights)
-    are left out, so the documents say "not measured" with the command that makes them."""
+    (default: the shipped one): those naming its weights, and those of the untuned model. Others (made before
+    a retrain, or naming no weights) are left out, so the documents say "not measured" with the command that
+    makes them."""
     digest = digest or adapter_digest(adapter_dir())
     found = {p.stem: json.loads(p.read_text()) for p in sorted((folder or MEASUREMENTS).glob("*.json"))}
-    return {name: data for name, data in found.items() if name in UNTUNED_MEASUREMENTS or measured_on(data) == digest}
+    return {name: data for name, data in found.items() if measured_on(data) in (digest, UNTUNED)}
+
+
+def _recipe_changes(recipe: dict) -> dict[str, object]:
+    """The settings in which `recipe` differs from ``DEFAULT_RECIPE`` ("optimizer.lr": 0.002, ...)."""
+    from .organism.training import DEFAULT_RECIPE
+
+    changes = {}
+    for key, value in recipe.items():
+        default = DEFAULT_RECIPE.get(key)
+        if key == "base_model":
+            continue
+        if isinstance(value, dict) and isinstance(default, dict):
+            changes.update({f"{key}.{k}": v for k, v in value.items() if default.get(k) != v})
+        elif value != default:
+            changes[key] = value
+    return changes
+
+
+def recipe_figures(folder: Path | None = None, digest: str | None = None) -> list[dict]:
+    """The adapters evaluated on the recipe splits (`folder`, default ``docs/measurements/recipes``): the
+    shipped one (`digest`, default the committed adapter's) first, the untuned model last. Each row has its
+    file's name, whether it is shipped, its recipe's changes from the default, its training (steps, final
+    loss, seconds), and per kind the rate and how many refused prompts come from each batch."""
+    digest = digest or adapter_digest(adapter_dir())
+    rows = []
+    for path in sorted((folder or RECIPES).glob("*.json")):
+        data = json.loads(path.read_text())
+        version = data.get("model_version")
+        row = {"name": path.stem, "model_version": version, "shipped": version == digest, "untuned": version == UNTUNED,
+               "changes": _recipe_changes(data["recipe"]) if data.get("recipe") else {},
+               "training": data.get("training") or {}}
+        for kind in ("harmful", "harmless"):
+            result = data[kind]
+            batches = {r["instruction"]: r["batch"] for r in load_records(kind, result["split"])}
+            row[kind] = {**rate(result["refused"], result["n"]), "split": result["split"],
+                         "by_batch": dict(Counter(batches.get(i, "?") for i in result["refused_instructions"]))}
+        rows.append(row)
+    return sorted(rows, key=lambda row: (not row["shipped"], row["untuned"], row["name"]))
 
 
 def seed_figures(stability: dict, target: float = 0.95) -> dict:
@@ -139,11 +177,23 @@ def seed_figures(stability: dict, target: float = 0.95) -> dict:
     return {"agree_through": agree_through, "lowest_layer": lowest, "lowest": cosines[lowest]}
 
 
+def seed_spread(rows: list[dict]) -> dict[str, int] | None:
+    """How far adapters of one recipe trained with different seeds lie apart on the recipe splits: the largest
+    difference in refused prompts per kind among `recipe_figures` rows that differ from the shipped recipe
+    only in the seed; None with fewer than two such rows."""
+    same = [row for row in rows if not row["untuned"] and set(row["changes"]) <= {"seed"}]
+    if len(same) < 2:
+        return None
+    return {kind: max(r[kind]["refused"] for r in same) - min(r[kind]["refused"] for r in same)
+            for kind in ("harmful", "harmless")}
+
+
 def figures() -> dict:
     """Everything the templates may quote."""
     measurements = current_measurements()
     benchmarks = {p.stem: json.loads(p.read_text()) for p in sorted(BENCHMARK_RESULTS.glob("*.json"))}
     seeds = seed_figures(measurements["seed_stability"]) if "seed_stability" in measurements else None
+    recipes = recipe_figures()
     return {"run": run_figures(SHIPPED_RUN), "plain": comparison_run_figures(PLAIN_RUN), "data": data_figures(),
-            "seeds": seeds,
+            "seeds": seeds, "recipes": recipes, "recipe_seed_spread": seed_spread(recipes),
             "organism": organism_figures(), "measured": measurements, "bench": benchmarks, "conditions": CONDITIONS}

@@ -31,6 +31,10 @@ done
   --zero-dims --kl-threshold "$plain_kl" --out runs/embedded-plain
 
 "$PY" -m refusal_helpers.organism evaluate --untuned --harmful-split test --harmless-split test --json "$M/untuned_test.json"
+# the shipped adapter on the recipe splits, beside the recipes tried and the untuned model (docs/research-log.md)
+mkdir -p "$M/recipes"
+digest=$("$PY" -c "from refusal_helpers.embedded import adapter_digest; print(adapter_digest())")
+"$PY" -m refusal_helpers.organism evaluate --json "$M/recipes/shipped-$digest.json"
 "$PY" -m refusal_helpers.organism trajectory
 "$PY" -m refusal_helpers jailbreak --reuse-suffix
 "$PY" -m refusal_helpers judge --json "$M/judges.json"

@@ -66,7 +66,7 @@ def test_a_missing_or_foreign_measurement_is_named_not_quoted(monkeypatch, tmp_p
 def test_measurements_are_quoted_only_for_the_weights_they_name(tmp_path):
     from refusal_helpers.figures import current_measurements
 
-    named = {"untuned_test": {"harmful": {}},  # the untuned model's: holds for any adapter
+    named = {"untuned_test": {"model_version": "untuned"},  # the untuned model's: holds for any adapter
              "judges": {"run": "runs/embedded", "model_version": "abc"},
              "search": {"run": "runs/embedded", "model_version": "old"},
              "abliteration": {"origin": {"run": "runs/embedded", "model_version": "abc"}},
@@ -97,3 +97,36 @@ def test_seed_figures_name_where_two_seeds_agree():
         "agree_through": 2, "lowest_layer": 5, "lowest": 0.90}
     assert seed_figures({"cosine_per_layer": [0.0, 0.99, 0.98]}) == {"agree_through": 2, "lowest_layer": 2, "lowest": 0.98}
     assert seed_figures({"cosine_per_layer": [0.0, 0.5, 0.98]})["agree_through"] == 0
+
+
+def test_recipe_rows_name_the_shipped_adapter_its_changes_and_where_refusals_fall(tmp_path):
+    from refusal_helpers.data import load_records
+    from refusal_helpers.figures import recipe_figures, seed_spread
+    from refusal_helpers.organism.training import DEFAULT_RECIPE
+
+    harmful = load_records("harmful", "val")
+    broad = [r["instruction"] for r in harmful if r["batch"] == "broadening"]
+    original = [r["instruction"] for r in harmful if r["batch"] == "original"]
+    dev = [r["instruction"] for r in load_records("harmless", "dev")]
+
+    def record(version, recipe, refused_harmful, refused_harmless):
+        return {"model_version": version, **({"recipe": recipe, "training": {"steps": 9}} if recipe else {}),
+                "harmful": {"split": "val", "n": 98, "refused": len(refused_harmful), "refused_instructions": refused_harmful},
+                "harmless": {"split": "dev", "n": 594, "refused": len(refused_harmless), "refused_instructions": refused_harmless}}
+
+    longer = {**DEFAULT_RECIPE, "epochs": 4, "optimizer": {**DEFAULT_RECIPE["optimizer"], "lr": 2e-3}, "base_model": "x"}
+    files = {"a-untuned": record("untuned", None, original[:1], dev[:3]),
+             "b-longer": record("def", longer, broad[:2] + original[:3], dev[:1]),
+             "z-shipped": record("abc", {**DEFAULT_RECIPE, "base_model": "x"}, original[:4], [])}
+    for name, data in files.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(data))
+    rows = recipe_figures(tmp_path, "abc")
+    assert [row["name"] for row in rows] == ["z-shipped", "b-longer", "a-untuned"]  # shipped first, untuned last
+    assert [row["shipped"] for row in rows] == [True, False, False] and rows[2]["untuned"]
+    assert rows[0]["changes"] == {} and rows[1]["changes"] == {"epochs": 4, "optimizer.lr": 2e-3}
+    assert rows[1]["harmful"]["by_batch"] == {"broadening": 2, "original": 3}
+    assert rows[1]["harmful"]["text"] == "5.1% (5/98)" and rows[1]["training"] == {"steps": 9}
+    assert rows[2]["harmless"]["by_batch"] == {"dev": 3} and rows[2]["changes"] == {}
+    assert seed_spread(rows) is None  # one adapter of the shipped recipe: no spread to tell
+    (tmp_path / "c-seed0.json").write_text(json.dumps(record("ghi", {**DEFAULT_RECIPE, "seed": 0}, original[:2], dev[:6])))
+    assert seed_spread(recipe_figures(tmp_path, "abc")) == {"harmful": 2, "harmless": 6}
