@@ -128,13 +128,12 @@ def current_measurements(folder: Path | None = None, digest: str | None = None) 
     return {name: data for name, data in found.items() if measured_on(data) in (digest, UNTUNED)}
 
 
-def _recipe_changes(recipe: dict) -> dict[str, object]:
-    """The settings in which `recipe` differs from ``DEFAULT_RECIPE`` ("optimizer.lr": 0.002, ...)."""
-    from .organism.training import DEFAULT_RECIPE
-
+def recipe_changes(recipe: dict, reference: dict) -> dict[str, object]:
+    """The settings in which `recipe` differs from `reference` ("optimizer.lr": 0.002, ...); a setting that
+    `recipe` does not name (it predates that setting) counts as unchanged."""
     changes = {}
     for key, value in recipe.items():
-        default = DEFAULT_RECIPE.get(key)
+        default = reference.get(key)
         if key == "base_model":
             continue
         if isinstance(value, dict) and isinstance(default, dict):
@@ -147,15 +146,16 @@ def _recipe_changes(recipe: dict) -> dict[str, object]:
 def recipe_figures(folder: Path | None = None, digest: str | None = None) -> list[dict]:
     """The adapters evaluated on the recipe splits (`folder`, default ``docs/measurements/recipes``): the
     shipped one (`digest`, default the committed adapter's) first, the untuned model last. Each row has its
-    file's name, whether it is shipped, its recipe's changes from the default, its training (steps, final
-    loss, seconds), and per kind the rate and how many refused prompts come from each batch."""
+    file's name, whether it is shipped, its recipe's changes from the shipped recipe, its training (steps,
+    final loss, seconds), and per kind the rate and how many refused prompts come from each batch."""
     digest = digest or adapter_digest(adapter_dir())
+    shipped = _json(adapter_dir() / "recipe.json") or {}
     rows = []
     for path in sorted((folder or RECIPES).glob("*.json")):
         data = json.loads(path.read_text())
         version = data.get("model_version")
         row = {"name": path.stem, "model_version": version, "shipped": version == digest, "untuned": version == UNTUNED,
-               "changes": _recipe_changes(data["recipe"]) if data.get("recipe") else {},
+               "changes": recipe_changes(data["recipe"], shipped) if data.get("recipe") else {},
                "training": data.get("training") or {}}
         for kind in ("harmful", "harmless"):
             result = data[kind]

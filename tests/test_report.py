@@ -101,8 +101,10 @@ def test_seed_figures_name_where_two_seeds_agree():
 
 def test_recipe_rows_name_the_shipped_adapter_its_changes_and_where_refusals_fall(tmp_path):
     from refusal_helpers.data import load_records
-    from refusal_helpers.figures import recipe_figures, seed_spread
-    from refusal_helpers.organism.training import DEFAULT_RECIPE
+    from refusal_helpers.embedded import adapter_dir
+    from refusal_helpers.figures import recipe_changes, recipe_figures, seed_spread
+
+    shipped_recipe = json.loads((adapter_dir() / "recipe.json").read_text())  # the shipped recipe: no changes
 
     harmful = load_records("harmful", "val")
     broad = [r["instruction"] for r in harmful if r["batch"] == "broadening"]
@@ -114,10 +116,12 @@ def test_recipe_rows_name_the_shipped_adapter_its_changes_and_where_refusals_fal
                 "harmful": {"split": "val", "n": 98, "refused": len(refused_harmful), "refused_instructions": refused_harmful},
                 "harmless": {"split": "dev", "n": 594, "refused": len(refused_harmless), "refused_instructions": refused_harmless}}
 
-    longer = {**DEFAULT_RECIPE, "epochs": 4, "optimizer": {**DEFAULT_RECIPE["optimizer"], "lr": 2e-3}, "base_model": "x"}
+    longer = {**shipped_recipe, "epochs": 4, "optimizer": {**shipped_recipe["optimizer"], "lr": 2e-3}, "base_model": "x"}
+    older = {k: v for k, v in shipped_recipe.items() if k != "broadening_repeats"}  # a recipe before that setting
+    assert recipe_changes(older, shipped_recipe) == {} and recipe_changes({"seed": 7}, shipped_recipe) == {"seed": 7}
     files = {"a-untuned": record("untuned", None, original[:1], dev[:3]),
              "b-longer": record("def", longer, broad[:2] + original[:3], dev[:1]),
-             "z-shipped": record("abc", {**DEFAULT_RECIPE, "base_model": "x"}, original[:4], [])}
+             "z-shipped": record("abc", {**shipped_recipe, "base_model": "x"}, original[:4], [])}
     for name, data in files.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(data))
     rows = recipe_figures(tmp_path, "abc")
@@ -128,5 +132,5 @@ def test_recipe_rows_name_the_shipped_adapter_its_changes_and_where_refusals_fal
     assert rows[1]["harmful"]["text"] == "5.1% (5/98)" and rows[1]["training"] == {"steps": 9}
     assert rows[2]["harmless"]["by_batch"] == {"dev": 3} and rows[2]["changes"] == {}
     assert seed_spread(rows) is None  # one adapter of the shipped recipe: no spread to tell
-    (tmp_path / "c-seed0.json").write_text(json.dumps(record("ghi", {**DEFAULT_RECIPE, "seed": 0}, original[:2], dev[:6])))
+    (tmp_path / "c-seed0.json").write_text(json.dumps(record("ghi", {**shipped_recipe, "seed": 0}, original[:2], dev[:6])))
     assert seed_spread(recipe_figures(tmp_path, "abc")) == {"harmful": 2, "harmless": 6}
