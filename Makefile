@@ -46,9 +46,10 @@ notebooks: $(STAMP)
 	$(PY) -m refusal_helpers.notebooks execute
 	$(PY) -m refusal_helpers.notebooks build
 
-## Remake everything downstream of the shipped adapter: preset, shipped runs, measurements, notebooks, documents.
+## Remake everything downstream of the shipped adapter: preset, shipped runs, measurements, notebooks, documents
+## (TWIN=<folder>: also seed stability against an adapter trained with another seed). Run again, it continues.
 remake: $(STAMP)
-	bash scripts/remake.sh $(PY)
+	$(PY) scripts/remake.py $(if $(TWIN),--twin $(TWIN))
 
 clean:
 	rm -rf runs/demo .pytest_cache

@@ -55,6 +55,11 @@ def load_records(kind: str, split: str | None = None) -> list[dict]:
     return [dict(r) for r in _records(kind) if split is None or r["split"] == split]
 
 
+def records_by_instruction(kind: str, split: str | None = None) -> dict[str, dict]:
+    """`load_records` keyed by instruction: where a completed prompt comes from (batch, category, id)."""
+    return {r["instruction"]: r for r in load_records(kind, split)}
+
+
 def load_instructions(kind: str, split: str, n: int | None = None, seed: int | None = None) -> list[str]:
     """Bundled instructions of one kind ("harmful"/"harmless") and split; the first `n`, or `n` sampled with `seed`."""
     instructions = [r["instruction"] for r in load_records(kind, split)]

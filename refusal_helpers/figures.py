@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 from statistics import median
 
-from .data import load_records
+from .data import load_records, records_by_instruction
 from .embedded import PRESETS_FILE, UNTUNED, adapter_digest, adapter_dir
 from .runs import SHIPPED_RUN, RunFolder
 from .steps import CONDITIONS
@@ -37,7 +37,7 @@ def run_figures(folder: Path) -> dict:
     run = RunFolder(folder)
     summary = run.summary()
     # the test records by instruction, per kind: which batch and category each completed prompt comes from
-    test = {kind: {r["instruction"]: r for r in load_records(kind, "test")} for kind in ("harmful", "harmless")}
+    test = {kind: records_by_instruction(kind, "test") for kind in ("harmful", "harmless")}
     items = {condition: run.completions(condition)["items"] for condition in CONDITIONS}
     rates, original_rates, refused, answered = {}, {}, {}, {}
     for condition, spec in CONDITIONS.items():
@@ -100,13 +100,19 @@ def data_figures() -> dict:
 
 
 def organism_figures() -> dict:
+    """The shipped adapter's recipe, training log, preset, trajectory and jailbreak measurements (a jailbreak
+    analysis that names other weights is left out)."""
     folder = adapter_dir()
+    digest = adapter_digest(folder)
     presets = _json(folder / PRESETS_FILE) or {}
+    jailbreak = _json(folder / "jailbreak" / "analysis.json")
+    if jailbreak and jailbreak.get("model_version") not in (None, digest):
+        jailbreak = None
     return {"recipe": _json(folder / "recipe.json"), "training": _json(folder / "training.json"),
-            "digest": adapter_digest(folder), "preset": presets.get(adapter_digest(folder)),
+            "digest": digest, "preset": presets.get(digest),
             "trajectory": _json(folder / "trajectory" / "trajectory.json"),
             "formation": _json(folder / "trajectory" / "formation.json"),
-            "jailbreak": _json(folder / "jailbreak" / "analysis.json"),
+            "jailbreak": jailbreak,
             "suffix": _json(folder / "jailbreak" / "suffix.json")}
 
 
@@ -159,9 +165,10 @@ def recipe_figures(folder: Path | None = None, digest: str | None = None) -> lis
                "training": data.get("training") or {}}
         for kind in ("harmful", "harmless"):
             result = data[kind]
-            batches = {r["instruction"]: r["batch"] for r in load_records(kind, result["split"])}
+            records = records_by_instruction(kind, result["split"])
             row[kind] = {**rate(result["refused"], result["n"]), "split": result["split"],
-                         "by_batch": dict(Counter(batches.get(i, "?") for i in result["refused_instructions"]))}
+                         "by_batch": dict(Counter(records.get(i, {}).get("batch", "?")
+                                                  for i in result["refused_instructions"]))}
         rows.append(row)
     return sorted(rows, key=lambda row: (not row["shipped"], row["untuned"], row["name"]))
 

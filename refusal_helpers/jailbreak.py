@@ -231,6 +231,7 @@ def attack_run(
                                    ("random", with_suffix(test["harmful"], control)))}
     result = {"suffix": suffix, "random_suffix": control, "n_test": len(test["harmful"]), "refused": rates,
               "max_new_tokens": max_new_tokens, "run": run.label,
+              "model_version": (run.identity() or {}).get("model_version"),  # the weights measured (the suffix names its own)
               "analysis": analyse(cm, direction, selection["position"], selection["layer"], test["harmful"][:n_analysed],
                                   test["harmless"][:n_analysed], suffix, control)}
     atomic_write_json(out / "analysis.json", result)

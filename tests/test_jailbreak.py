@@ -103,6 +103,8 @@ def test_the_jailbreak_command_measures_a_suffix_on_the_runs_test_prompts(tiny_f
     assert "held-out harmful test prompts refused" in capsys.readouterr().out
     analysis = json.loads((out / "analysis.json").read_text())
     assert analysis["n_test"] == 3 and set(analysis["refused"]) == {"none", "adversarial", "random"}
+    version = json.loads((run / "run.json").read_text())["model_version"]
+    assert version and analysis["model_version"] == version  # the weights measured, beside the suffix's own
     sets = analysis["analysis"]["projection_per_layer"]
     assert set(sets) == {"harmful", "harmful + adversarial suffix", "harmful + random suffix", "harmless"}
     assert all(len(v) == 3 for v in sets.values())

@@ -134,3 +134,28 @@ def test_recipe_rows_name_the_shipped_adapter_its_changes_and_where_refusals_fal
     assert seed_spread(rows) is None  # one adapter of the shipped recipe: no spread to tell
     (tmp_path / "c-seed0.json").write_text(json.dumps(record("ghi", {**shipped_recipe, "seed": 0}, original[:2], dev[:6])))
     assert seed_spread(recipe_figures(tmp_path, "abc")) == {"harmful": 2, "harmless": 6}
+
+
+def test_a_jailbreak_of_other_weights_is_not_quoted_and_a_carried_suffix_is_named(monkeypatch, tmp_path):
+    import shutil
+
+    import refusal_helpers.figures as figures
+    from refusal_helpers.embedded import adapter_digest, adapter_dir
+
+    folder = tmp_path / "organism"
+    shutil.copytree(adapter_dir(), folder)
+    monkeypatch.setattr(figures, "adapter_dir", lambda: folder)
+    digest = adapter_digest(folder)
+    analysis = json.loads((folder / "jailbreak" / "analysis.json").read_text())
+    for version, kept in ((digest, True), ("another adapter", False)):
+        (folder / "jailbreak" / "analysis.json").write_text(json.dumps({**analysis, "model_version": version}))
+        assert (figures.organism_figures()["jailbreak"] is not None) == kept
+
+    real = figures.figures()
+    monkeypatch.setattr(figures, "figures", lambda: real)
+    assert "Not measured for this adapter: run `python -m refusal_helpers jailbreak`" in report.rendered()[
+        report.ROOT / "docs" / "MODEL_CARD.md"]
+    real["organism"]["jailbreak"] = {**analysis, "model_version": digest}
+    real["organism"]["suffix"]["model"]["model_version"] = "earlier"
+    card = report.rendered()[report.ROOT / "docs" / "MODEL_CARD.md"]
+    assert "It was found on an earlier adapter (earlier) and is\nmeasured here unchanged on this one" in card

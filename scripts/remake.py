@@ -1,0 +1,144 @@
+"""Remake everything downstream of the shipped adapter (data/organism/), in order:
+
+    python scripts/remake.py [--twin FOLDER] [--fresh]      (``make remake``; about 2-3 hours on 2 CPU cores)
+
+1. the preset (data/organism/presets.json) and the KL threshold of the plain difference of means;
+2. the shipped run, runs/embedded, and the plain comparison run, runs/embedded-plain;
+3. the measurements the documents quote (docs/measurements/, data/organism/trajectory/formation.json,
+   data/organism/jailbreak/analysis.json with the shipped suffix), and the benchmarks;
+4. the notebooks (solutions.ipynb executed, exercise.ipynb rebuilt) and the generated documents.
+
+Stopped part-way (a failure, Ctrl-C, a closed session), the same command continues: the steps finished for
+this adapter are listed in runs/remake/<adapter digest>.json and skipped; the list is removed when the last
+step finishes. ``--fresh`` starts over. Seed stability needs a second organism trained with another seed
+(``python -m refusal_helpers.organism train --seed 0 --out FOLDER`` with the shipped recipe's other settings);
+``--twin FOLDER`` measures it into docs/measurements/seed_stability.json.
+A new adversarial suffix: ``python -m refusal_helpers jailbreak --prompts 2 --steps 40`` (the shipped one's settings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MEASUREMENTS = Path("docs/measurements")
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    action: Callable[[], None]
+
+
+def run(*args: str) -> None:
+    """Run one command of the remake (the project's Python for a leading "-m" or script), failing loudly."""
+    command = [sys.executable, *args]
+    print("remake: $", " ".join(command), flush=True)
+    subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def fresh_copy(source: str, target: str) -> None:
+    """runs/`target` replaced by a copy of runs/`source` (the shipped runs reuse the preset's score tables)."""
+    shutil.rmtree(f"runs/{target}", ignore_errors=True)
+    shutil.copytree(f"runs/{source}", f"runs/{target}")
+
+
+def steps(digest: str, twin: Path | None = None) -> list[Step]:
+    """The remake's steps in order, for the adapter with `digest`; with `twin`, seed stability after the runs."""
+    m = MEASUREMENTS
+
+    def plain_run() -> None:
+        kl = json.loads((m / "plain_preset.json").read_text())["settings"]["kl_threshold"]
+        fresh_copy("preset-plain", "embedded-plain")
+        run("-m", "refusal_helpers", "run", "--model", "embedded", "--selection-mode", "exhaustive", "--n-test", "all",
+            "--random-controls", "2", "--zero-dims", "--kl-threshold", str(kl), "--out", "runs/embedded-plain")
+
+    def shipped_run() -> None:
+        fresh_copy("preset", "embedded")
+        run("-m", "refusal_helpers", "run", "--model", "embedded", "--selection-mode", "exhaustive", "--n-test", "all",
+            "--random-controls", "2", "--out", "runs/embedded")
+
+    def abliterate() -> None:
+        shutil.rmtree("runs/abliterated", ignore_errors=True)
+        run("-m", "refusal_helpers", "abliterate", "--run", "runs/embedded", "--out", "runs/abliterated")
+        shutil.copyfile("runs/abliterated/abliteration.json", m / "abliteration.json")
+
+    def search() -> None:
+        run("-m", "refusal_helpers", "search", "--out", "runs/search", "--timeout", "180")
+        shutil.copyfile("runs/search/search.json", m / "search.json")
+
+    listed = [
+        Step("preset", lambda: run("-m", "refusal_helpers", "preset", "--out", "runs/preset")),
+        Step("plain preset", lambda: run("-m", "refusal_helpers", "preset", "--out", "runs/preset-plain", "--plain",
+                                         "--json", str(m / "plain_preset.json"))),
+        Step("shipped run", shipped_run),
+        Step("plain run", plain_run),
+        Step("untuned on test", lambda: run("-m", "refusal_helpers.organism", "evaluate", "--untuned", "--harmful-split",
+                                            "test", "--harmless-split", "test", "--json", str(m / "untuned_test.json"))),
+        # the shipped adapter on the recipe splits, beside the recipes tried and the untuned model (docs/research-log.md)
+        Step("shipped on recipe splits", lambda: run("-m", "refusal_helpers.organism", "evaluate", "--json",
+                                                     str(m / "recipes" / f"shipped-{digest}.json"))),
+        Step("trajectory", lambda: run("-m", "refusal_helpers.organism", "trajectory")),
+        Step("jailbreak", lambda: run("-m", "refusal_helpers", "jailbreak", "--reuse-suffix")),
+        Step("judges", lambda: run("-m", "refusal_helpers", "judge", "--json", str(m / "judges.json"))),
+        Step("search", search),
+        Step("abliterate", abliterate),
+        Step("benchmarks", lambda: run("benchmarks/run_all.py", "--save")),
+        Step("notebooks", lambda: (run("-m", "refusal_helpers.notebooks", "execute"),
+                                   run("-m", "refusal_helpers.notebooks", "build"))),
+        Step("documents", lambda: run("-m", "refusal_helpers.report", "build")),
+    ]
+    if twin is not None:
+        listed.insert(4, Step("seed stability", lambda: run("-m", "refusal_helpers.organism", "stability", str(twin),
+                                                            "--json", str(m / "seed_stability.json"))))
+    return listed
+
+
+def remake(digest: str, plan: list[Step], state_dir: Path = Path("runs/remake"), fresh: bool = False) -> None:
+    """Run `plan` in order, skipping the steps that a stopped remake of the same adapter finished."""
+    state = state_dir / f"{digest}.json"
+    if fresh:
+        state.unlink(missing_ok=True)
+    done = json.loads(state.read_text())["done"] if state.is_file() else []
+    if done:
+        print(f"remake: continuing for adapter {digest}; finished already: {', '.join(done)} ({state}; --fresh "
+              "starts over)", flush=True)
+    for step in plan:
+        if step.name in done:
+            continue
+        print(f"remake: == {step.name}", flush=True)
+        step.action()
+        done.append(step.name)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        state.write_text(json.dumps({"adapter": digest, "done": done}, indent=1))
+    state.unlink(missing_ok=True)
+    print(f"remake: all {len(plan)} steps done for adapter {digest}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--twin", type=Path, help="adapter trained with another seed, for seed stability")
+    parser.add_argument("--fresh", action="store_true", help="start over instead of continuing a stopped remake")
+    args = parser.parse_args(argv)
+    os.chdir(ROOT)
+    sys.path.insert(0, str(ROOT))
+    from refusal_helpers.embedded import adapter_digest
+
+    MEASUREMENTS.mkdir(parents=True, exist_ok=True)
+    (MEASUREMENTS / "recipes").mkdir(exist_ok=True)
+    digest = adapter_digest()
+    remake(digest, steps(digest, args.twin.resolve() if args.twin else None), fresh=args.fresh)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

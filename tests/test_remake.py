@@ -1,0 +1,62 @@
+"""scripts/remake.py: its steps run in order, and a stopped remake continues where it stopped."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "remake.py"
+spec = importlib.util.spec_from_file_location("remake", SCRIPT)
+remake = importlib.util.module_from_spec(spec)
+sys.modules["remake"] = remake  # dataclasses look their module up
+spec.loader.exec_module(remake)
+
+
+def _plan(ran: list[str], fail_at: str | None = None) -> list:
+    def action(name):
+        def act():
+            if name == fail_at:
+                raise RuntimeError(f"{name} failed")
+            ran.append(name)
+        return act
+    return [remake.Step(name, action(name)) for name in ("a", "b", "c", "d")]
+
+
+def test_a_stopped_remake_continues_after_the_finished_steps(tmp_path):
+    ran = []
+    with pytest.raises(RuntimeError, match="c failed"):
+        remake.remake("abc123", _plan(ran, fail_at="c"), state_dir=tmp_path)
+    assert ran == ["a", "b"]
+    assert json.loads((tmp_path / "abc123.json").read_text()) == {"adapter": "abc123", "done": ["a", "b"]}
+
+    ran.clear()
+    remake.remake("abc123", _plan(ran), state_dir=tmp_path)
+    assert ran == ["c", "d"]
+    assert not (tmp_path / "abc123.json").exists()  # finished: the next remake starts from the first step
+
+    ran.clear()
+    remake.remake("abc123", _plan(ran), state_dir=tmp_path)
+    assert ran == ["a", "b", "c", "d"]
+
+
+def test_another_adapter_or_fresh_starts_over(tmp_path):
+    ran = []
+    with pytest.raises(RuntimeError):
+        remake.remake("old", _plan(ran, fail_at="b"), state_dir=tmp_path)
+    ran.clear()
+    remake.remake("new", _plan(ran), state_dir=tmp_path)
+    assert ran == ["a", "b", "c", "d"]
+    ran.clear()
+    remake.remake("old", _plan(ran), state_dir=tmp_path, fresh=True)
+    assert ran == ["a", "b", "c", "d"]
+
+
+def test_the_steps_are_named_once_and_seed_stability_follows_the_shipped_run(tmp_path):
+    plain = [step.name for step in remake.steps("abc123")]
+    with_twin = [step.name for step in remake.steps("abc123", twin=tmp_path)]
+    assert len(set(plain)) == len(plain) and plain[0] == "preset" and plain[-1] == "documents"
+    assert [name for name in with_twin if name != "seed stability"] == plain
+    assert with_twin.index("seed stability") > with_twin.index("shipped run")
+    assert "seed stability" not in plain
