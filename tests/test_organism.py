@@ -125,6 +125,18 @@ def test_recipe_changes_merge_into_nested_sections():
         merged_recipe({"lroa": {"r": 4}})
 
 
+def test_a_written_recipe_keeps_the_value_a_later_key_had_before_it_existed(monkeypatch):
+    from refusal_helpers.organism import training
+
+    monkeypatch.setitem(training.DEFAULT_RECIPE, "broadening_repeats", 3)  # a default that has moved on
+    old = {k: v for k, v in training.DEFAULT_RECIPE.items() if k != "broadening_repeats"}
+    assert training.merged_recipe(old)["broadening_repeats"] == 3
+    recipe = training.written_recipe({**old, "seed": 5, "base_model": "the gguf"})
+    assert recipe["broadening_repeats"] == training.LATER_KEYS["broadening_repeats"] == 1
+    assert recipe["seed"] == 5 and recipe["base_model"] == "the gguf"
+    assert training.written_recipe({**old, "broadening_repeats": 2})["broadening_repeats"] == 2
+
+
 def test_the_default_recipe_is_the_shipped_adapters():
     from refusal_helpers.embedded import adapter_dir
     from refusal_helpers.organism import DEFAULT_RECIPE
@@ -514,6 +526,7 @@ def test_evaluate_command_records_which_weights_it_measured(monkeypatch, tmp_pat
     from refusal_helpers.embedded import adapter_digest
     from refusal_helpers.organism import __main__ as cli
     from refusal_helpers.organism import experiments
+    from refusal_helpers.organism.training import LATER_KEYS, written_recipe
 
     results = {kind: {"split": split, "n": 2, "refused": 1, "rate": 0.5, "refused_instructions": ["x"]}
                for kind, split in experiments.RECIPE_SPLITS.items()}
@@ -529,7 +542,9 @@ def test_evaluate_command_records_which_weights_it_measured(monkeypatch, tmp_pat
     assert cli.main(["evaluate", str(adapter), "--json", str(tmp_path / "tuned.json")]) == 0
     tuned = json.loads((tmp_path / "tuned.json").read_text())
     assert tuned["model_version"] == adapter_digest(adapter) and loaded == [adapter]
-    assert tuned["recipe"] == {"epochs": 4} and tuned["training"] == {"steps": 7, "final_loss": 0.5}  # no per-step lists
+    assert tuned["training"] == {"steps": 7, "final_loss": 0.5}  # no per-step lists
+    # the recipe complete, a key it predates at the value it had then
+    assert tuned["recipe"] == written_recipe({"epochs": 4}) and tuned["recipe"]["broadening_repeats"] == LATER_KEYS["broadening_repeats"]
     assert tuned["harmful"] == results["harmful"] and tuned["settings"]["max_new_tokens"] == 48
     (adapter / "adapter_model.safetensors").write_text("other weights")
     assert cli.main(["evaluate", str(adapter), "--json", str(tmp_path / "retrained.json")]) == 0

@@ -28,7 +28,7 @@ from ..selection import keep_consistent
 from .resume import FILE as RESUME_FILE
 from .resume import ResumePoint, examples_identity
 from .targets import training_examples
-from .training import StepCallback, count_steps, fit, merged_recipe, save_adapter
+from .training import StepCallback, count_steps, fit, save_adapter, written_recipe
 
 RECIPE_SPLITS = {"harmful": "val", "harmless": "dev"}  # where training recipes are compared (never test)
 RECIPE_MAX_NEW_TOKENS = 48  # greedy tokens per reply when comparing recipes (the runs' default too)
@@ -61,12 +61,12 @@ def evaluation_record(
     results: dict[str, dict], adapter: Path | None, max_new_tokens: int = RECIPE_MAX_NEW_TOKENS
 ) -> dict:
     """`refusal_on_splits` results with the weights they measured: the adapter's digest (``model_version``),
-    recipe and training log (without its per-step lists), or ``model_version`` "untuned" for `adapter` None."""
+    complete recipe (`written_recipe`) and training log (without its per-step lists), or ``model_version`` "untuned" for `adapter` None."""
     record: dict = {"model_version": UNTUNED if adapter is None else adapter_digest(adapter),
                     "settings": {"decoding": "greedy", "max_new_tokens": max_new_tokens, "judge": "substring"}}
     if adapter is not None:
         training = json.loads((adapter / "training.json").read_text()) if (adapter / "training.json").is_file() else {}
-        record["recipe"] = json.loads((adapter / "recipe.json").read_text())
+        record["recipe"] = written_recipe(json.loads((adapter / "recipe.json").read_text()))
         record["training"] = {k: v for k, v in training.items() if not isinstance(v, list)}
     return {**record, **results}
 
@@ -126,8 +126,7 @@ def refine(
     written = json.loads((adapter / "recipe.json").read_text())
     if "refine" in written:
         raise ValueError(f"{adapter} is already refined; refine the adapter that `train` wrote.")
-    # a recipe this version understands; keys added to the recipe since the adapter was trained take their defaults
-    recipe = {**merged_recipe({k: v for k, v in written.items() if k != "base_model"}), "base_model": written["base_model"]}
+    recipe = written_recipe(written)
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(recipe["seed"])

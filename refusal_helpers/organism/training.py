@@ -45,7 +45,17 @@ DEFAULT_RECIPE = {
     "seed": 1,
 }  # the shipped adapter's recipe (data/organism/recipe.json): `train --out data/organism` reproduces it
 
+# Recipe keys added after adapters were trained without them, each with the value those adapters had in effect.
+LATER_KEYS = {"broadening_repeats": 1}
+
 StepCallback = Callable[[int, list[float]], None]  # (steps done, losses so far), after each optimizer step
+
+
+def written_recipe(written: dict) -> dict:
+    """An adapter's recipe.json as a complete recipe: a key it predates takes the value it had (`LATER_KEYS`),
+    not today's default; ``base_model`` is kept."""
+    recipe = merged_recipe({**LATER_KEYS, **{k: v for k, v in written.items() if k != "base_model"}})
+    return {**recipe, "base_model": written["base_model"]} if "base_model" in written else recipe
 
 
 def merged_recipe(changes: dict | None = None) -> dict:
