@@ -117,11 +117,10 @@ def organism_figures() -> dict:
 
 
 def measured_on(data: dict) -> str | None:
-    """The weights a measurement names: the model version of the run it measured (``model_version``,
-    ``run_model_version`` or ``origin.model_version``), or the adapter a preset was derived for (``adapter``)."""
-    named = (data.get("model_version"), data.get("run_model_version"), (data.get("origin") or {}).get("model_version"),
-             data.get("adapter"))
-    return next((value for value in named if value), None)
+    """The weights a measurement names: its ``model_version`` (the weights of the run it measured, the adapter a
+    preset was derived for, or "untuned"), or for an exported copy the version of the run it came from
+    (``origin.model_version``)."""
+    return data.get("model_version") or (data.get("origin") or {}).get("model_version")
 
 
 def current_measurements(folder: Path | None = None, digest: str | None = None) -> dict[str, dict]:

@@ -103,7 +103,7 @@ def derive_preset(out: str | Path = "runs/preset", max_refused: float = 0.05, pl
     harmful = split_instructions("bundled", "harmful", "val", None)  # every harmful validation prompt
     kl = derive_kl_threshold(cm, table, candidates, harmful, max_refused, max_new_tokens=config.max_new_tokens,
                              batch_size=config.batch_size)
-    return {"adapter": adapter_digest(), "settings": {"kl_threshold": kl["kl_threshold"], "zero_dims": dims},
+    return {"model_version": adapter_digest(), "settings": {"kl_threshold": kl["kl_threshold"], "zero_dims": dims},
             "derived": {"command": f"python -m refusal_helpers preset --out {out} --max-refused {max_refused}"
                                    + (" --plain" if plain else ""),
                         "max_refused": max_refused, "sink": sink,
@@ -115,6 +115,6 @@ def save_preset(derived: dict, folder: Path | None = None) -> Path:
     folder = folder if folder is not None else adapter_dir()
     path = folder / PRESETS_FILE
     presets = json.loads(path.read_text()) if path.is_file() else {}
-    presets[derived["adapter"]] = {"settings": derived["settings"], "derived": derived["derived"]}
+    presets[derived["model_version"]] = {"settings": derived["settings"], "derived": derived["derived"]}
     atomic_write_json(path, presets)
     return path

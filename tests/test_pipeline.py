@@ -192,7 +192,7 @@ def test_seed_stability_of_a_run_against_its_own_model_and_another(tiny_folder, 
     assert (same["position"], same["layer"]) == (described["position"], described["layer"])
     assert abs(same["cosine"] - 1) < 1e-4 and abs(same["norm_ratio"] - 1) < 1e-4
     assert len(same["cosine_per_layer"]) == 3
-    assert same["run_model_version"] == model_version(str(tiny_folder))  # the docs check it is this adapter's
+    assert same["model_version"] == model_version(str(tiny_folder))  # the docs check it is this adapter's
     other = seed_stability(tiny_chat_model("qwen2", n_layers=3, seed=1), run=out)
     assert other["cosine"] < 0.9  # independent random weights: unrelated directions
 

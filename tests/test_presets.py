@@ -50,8 +50,8 @@ def test_the_kl_threshold_is_the_smallest_step_whose_choice_leaves_few_refused(m
 def test_a_saved_preset_is_keyed_by_the_adapters_digest(tmp_path):
     from refusal_helpers import embedded
 
-    derived = {"adapter": "abc123", "settings": {"kl_threshold": 0.4, "zero_dims": [5]}, "derived": {"rule": "x"}}
+    derived = {"model_version": "abc123", "settings": {"kl_threshold": 0.4, "zero_dims": [5]}, "derived": {"rule": "x"}}
     presets.save_preset(derived, tmp_path)
-    presets.save_preset({**derived, "adapter": "def456"}, tmp_path)
+    presets.save_preset({**derived, "model_version": "def456"}, tmp_path)
     stored = json.loads((tmp_path / embedded.PRESETS_FILE).read_text())
     assert set(stored) == {"abc123", "def456"} and stored["abc123"]["settings"] == derived["settings"]

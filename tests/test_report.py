@@ -45,7 +45,7 @@ def test_a_missing_or_foreign_measurement_is_named_not_quoted(monkeypatch, tmp_p
     measured.mkdir()
     (measured / "untuned_test.json").write_text((figures.MEASUREMENTS / "untuned_test.json").read_text())
     (measured / "seed_stability.json").write_text(json.dumps(
-        {"run_model_version": "another adapter", "cosine": 0.123, "norm_ratio": 1.0}))
+        {"model_version": "another adapter", "cosine": 0.123, "norm_ratio": 1.0}))
     (measured / "judges.json").write_text(json.dumps({"run": "runs/embedded", "agree": 1, "n": 1}))  # names no weights
     monkeypatch.setattr(figures, "MEASUREMENTS", measured)
     real = figures.figures()
@@ -70,8 +70,8 @@ def test_measurements_are_quoted_only_for_the_weights_they_name(tmp_path):
              "judges": {"run": "runs/embedded", "model_version": "abc"},
              "search": {"run": "runs/embedded", "model_version": "old"},
              "abliteration": {"origin": {"run": "runs/embedded", "model_version": "abc"}},
-             "seed_stability": {"run_model_version": "old"},
-             "plain_preset": {"adapter": "abc"},
+             "seed_stability": {"model_version": "old"},
+             "plain_preset": {"model_version": "abc"},
              "unnamed": {"run": "runs/embedded"}}
     for name, data in named.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(data))

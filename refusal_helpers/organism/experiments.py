@@ -100,7 +100,7 @@ def seed_stability(other: str | Path | ChatModel, run: str | Path = SHIPPED_RUN)
     theirs = zero_dims(own_directions(cm, instructions, selection["position"]), settings.get("zero_dims", []))
     per_layer = torch.nn.functional.cosine_similarity(ours, theirs, dim=-1)
     layer = selection["layer"]
-    return {"run_model_version": (folder.identity() or {}).get("model_version"),  # which weights the run had
+    return {"model_version": (folder.identity() or {}).get("model_version"),  # which weights the run had
             "position": selection["position"], "layer": layer, "cosine": float(per_layer[layer]),
             "norm_ratio": float(theirs[layer].norm() / ours[layer].norm()),
             "cosine_per_layer": [round(float(c), 3) for c in per_layer]}

@@ -40,7 +40,7 @@ DEFAULT_RECIPE = {
     "epochs": 3,
     "distill_max_new_tokens": 64,
     "drop_refusing_targets": True,
-    "broadening_repeats": 1,  # times each train instruction of the broadening batch appears per epoch
+    "broadening_repeats": 2,  # times each train instruction of the broadening batch appears per epoch
     "first_reply_token_weight": 1.0,  # extra weight on each reply's first token; see losses.reply_loss
     "seed": 1,
 }  # the shipped adapter's recipe (data/organism/recipe.json): `train --out data/organism` reproduces it
