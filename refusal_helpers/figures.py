@@ -183,15 +183,21 @@ def seed_figures(stability: dict, target: float = 0.95) -> dict:
     return {"agree_through": agree_through, "lowest_layer": lowest, "lowest": cosines[lowest]}
 
 
-def seed_spread(rows: list[dict]) -> dict[str, int] | None:
-    """How far adapters of one recipe trained with different seeds lie apart on the recipe splits: the largest
-    difference in refused prompts per kind among `recipe_figures` rows that differ from the shipped recipe
-    only in the seed; None with fewer than two such rows."""
-    same = [row for row in rows if not row["untuned"] and set(row["changes"]) <= {"seed"}]
-    if len(same) < 2:
-        return None
-    return {kind: max(r[kind]["refused"] for r in same) - min(r[kind]["refused"] for r in same)
-            for kind in ("harmful", "harmless")}
+def seed_spreads(rows: list[dict]) -> list[dict]:
+    """How far adapters of one recipe trained with different seeds lie apart on the recipe splits, for each
+    recipe that `recipe_figures` rows hold with two seeds or more: its changes from the shipped recipe (the
+    seed aside), the rows' names, and per kind the largest difference in refused prompts. The shipped recipe
+    comes first."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        if not row["untuned"]:
+            recipe = {k: v for k, v in row["changes"].items() if k != "seed"}
+            groups.setdefault(json.dumps(recipe, sort_keys=True), []).append(row)
+    spreads = [{"changes": json.loads(key), "names": [r["name"] for r in group],
+                **{kind: max(r[kind]["refused"] for r in group) - min(r[kind]["refused"] for r in group)
+                   for kind in ("harmful", "harmless")}}
+               for key, group in groups.items() if len(group) >= 2]
+    return sorted(spreads, key=lambda spread: bool(spread["changes"]))
 
 
 def figures() -> dict:
@@ -201,5 +207,5 @@ def figures() -> dict:
     seeds = seed_figures(measurements["seed_stability"]) if "seed_stability" in measurements else None
     recipes = recipe_figures()
     return {"run": run_figures(SHIPPED_RUN), "plain": comparison_run_figures(PLAIN_RUN), "data": data_figures(),
-            "seeds": seeds, "recipes": recipes, "recipe_seed_spread": seed_spread(recipes),
+            "seeds": seeds, "recipes": recipes, "recipe_seed_spreads": seed_spreads(recipes),
             "organism": organism_figures(), "measured": measurements, "bench": benchmarks, "conditions": CONDITIONS}

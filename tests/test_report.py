@@ -102,7 +102,7 @@ def test_seed_figures_name_where_two_seeds_agree():
 def test_recipe_rows_name_the_shipped_adapter_its_changes_and_where_refusals_fall(tmp_path):
     from refusal_helpers.data import load_records
     from refusal_helpers.embedded import adapter_dir
-    from refusal_helpers.figures import recipe_changes, recipe_figures, seed_spread
+    from refusal_helpers.figures import recipe_changes, recipe_figures, seed_spreads
 
     shipped_recipe = json.loads((adapter_dir() / "recipe.json").read_text())  # the shipped recipe: no changes
 
@@ -131,9 +131,13 @@ def test_recipe_rows_name_the_shipped_adapter_its_changes_and_where_refusals_fal
     assert rows[1]["harmful"]["by_batch"] == {"broadening": 2, "original": 3}
     assert rows[1]["harmful"]["text"] == "5.1% (5/98)" and rows[1]["training"] == {"steps": 9}
     assert rows[2]["harmless"]["by_batch"] == {"dev": 3} and rows[2]["changes"] == {}
-    assert seed_spread(rows) is None  # one adapter of the shipped recipe: no spread to tell
+    assert seed_spreads(rows) == []  # one adapter of each recipe: no spread to tell
     (tmp_path / "c-seed0.json").write_text(json.dumps(record("ghi", {**shipped_recipe, "seed": 0}, original[:2], dev[:6])))
-    assert seed_spread(recipe_figures(tmp_path, "abc")) == {"harmful": 2, "harmless": 6}
+    (tmp_path / "d-longer-seed3.json").write_text(json.dumps(record("jkl", {**longer, "seed": 3}, broad[:1], dev[:1])))
+    assert seed_spreads(recipe_figures(tmp_path, "abc")) == [  # the shipped recipe's seeds first
+        {"changes": {}, "names": ["z-shipped", "c-seed0"], "harmful": 2, "harmless": 6},
+        {"changes": {"epochs": 4, "optimizer.lr": 2e-3}, "names": ["b-longer", "d-longer-seed3"], "harmful": 4,
+         "harmless": 0}]
 
 
 def test_a_jailbreak_of_other_weights_is_not_quoted_and_a_carried_suffix_is_named(monkeypatch, tmp_path):
