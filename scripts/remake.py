@@ -55,16 +55,15 @@ def steps(digest: str, twin: Path | None = None) -> list[Step]:
     """The remake's steps in order, for the adapter with `digest`; with `twin`, seed stability after the runs."""
     m = MEASUREMENTS
 
+    def full_run(preset: str, out: str, *settings: str) -> None:
+        """runs/`out`: the preset's score tables reused, every test prompt, two random-direction controls."""
+        fresh_copy(preset, out)
+        run("-m", "refusal_helpers", "run", "--model", "embedded", "--selection-mode", "exhaustive", "--n-test", "all",
+            "--random-controls", "2", *settings, "--out", f"runs/{out}")
+
     def plain_run() -> None:
         kl = json.loads((m / "plain_preset.json").read_text())["settings"]["kl_threshold"]
-        fresh_copy("preset-plain", "embedded-plain")
-        run("-m", "refusal_helpers", "run", "--model", "embedded", "--selection-mode", "exhaustive", "--n-test", "all",
-            "--random-controls", "2", "--zero-dims", "--kl-threshold", str(kl), "--out", "runs/embedded-plain")
-
-    def shipped_run() -> None:
-        fresh_copy("preset", "embedded")
-        run("-m", "refusal_helpers", "run", "--model", "embedded", "--selection-mode", "exhaustive", "--n-test", "all",
-            "--random-controls", "2", "--out", "runs/embedded")
+        full_run("preset-plain", "embedded-plain", "--zero-dims", "--kl-threshold", str(kl))
 
     def abliterate() -> None:
         shutil.rmtree("runs/abliterated", ignore_errors=True)
@@ -79,7 +78,7 @@ def steps(digest: str, twin: Path | None = None) -> list[Step]:
         Step("preset", lambda: run("-m", "refusal_helpers", "preset", "--out", "runs/preset")),
         Step("plain preset", lambda: run("-m", "refusal_helpers", "preset", "--out", "runs/preset-plain", "--plain",
                                          "--json", str(m / "plain_preset.json"))),
-        Step("shipped run", shipped_run),
+        Step("shipped run", lambda: full_run("preset", "embedded")),
         Step("plain run", plain_run),
         Step("untuned on test", lambda: run("-m", "refusal_helpers.organism", "evaluate", "--untuned", "--harmful-split",
                                             "test", "--harmless-split", "test", "--json", str(m / "untuned_test.json"))),
