@@ -69,30 +69,35 @@ def _rate(items: list[dict]) -> str:
 @torch.inference_mode()
 def export_model(
     cm: ChatModel, direction: torch.Tensor, out: str | Path, harmful: list[str], harmless: list[str],
-    origin: dict, max_new_tokens: int = 48, judge: Judge | None = None, batch_size: int = 32,
+    origin: dict, max_new_tokens: int = 48, judge: Judge | None = None, batch_size: int = 32, progress: bool = True,
 ) -> dict:
     """Fold `direction` into a copy of `cm`'s weights, save it to `out` with a model card, and return the evidence:
     refusal on `harmful` and `harmless` before and after, the KL of harmless first-token predictions, the CE of
     the original model's own harmless replies, and the reloaded folder against hook ablation on `cm`.
     `origin` describes where the direction comes from (``run``, ``model``, ``position``, ``layer``, ``zero_dims``)."""
+
+    def bar(label: str) -> str | bool:
+        return label if progress else False
+
     judge = judge or SubstringJudge()
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty: choose a new folder for the exported model.")
-    before = {kind: judged_completions(cm, prompts, max_new_tokens, batch_size, judge=judge)
+    before = {kind: judged_completions(cm, prompts, max_new_tokens, batch_size, bar(f"generating {kind}"), judge)
               for kind, prompts in (("harmful", harmful), ("harmless", harmless))}
     replies = [item["completion"] for item in before["harmless"]]
     base_logits = last_logits(cm, harmless, batch_size)
-    ce_before = completion_loss(cm, harmless, replies)
+    ce_before = completion_loss(cm, harmless, replies, progress=bar("CE, original"))
     check_inputs = cm.tokenize(harmful[:8] + harmless[:8])
     with ablate(cm, direction):
         hooked = cm.forward(check_inputs, logits_to_keep=0)
 
     edited = orthogonalize_weights(copy.deepcopy(cm), direction)
-    after = {kind: judged_completions(edited, prompts, max_new_tokens, batch_size, judge=judge)
+    after = {kind: judged_completions(edited, prompts, max_new_tokens, batch_size,
+                                      bar(f"generating {kind}, orthogonalized"), judge)
              for kind, prompts in (("harmful", harmful), ("harmless", harmless))}
     kl = float(kl_divergence(base_logits, last_logits(edited, harmless, batch_size)).mean())
-    ce_after = completion_loss(edited, harmless, replies)
+    ce_after = completion_loss(edited, harmless, replies, progress=bar("CE, orthogonalized"))
     out.mkdir(parents=True, exist_ok=True)
     edited.save_pretrained(out)
     del edited
@@ -122,7 +127,7 @@ def export_model(
 
 def abliterate(
     run: str | Path, out: str | Path, n_test: int | None = None, max_new_tokens: int | None = None,
-    judge: Judge | None = None, batch_size: int = 32, cm: ChatModel | None = None,
+    judge: Judge | None = None, batch_size: int = 32, cm: ChatModel | None = None, progress: bool = True,
 ) -> dict:
     """`export_model` with a finished run's model (from its run.json), direction and test prompts."""
     folder = RunFolder(run)
@@ -135,4 +140,5 @@ def abliterate(
               "position": selection["position"], "layer": selection["layer"],
               "zero_dims": summary["direction"]["zero_dims"]}
     return export_model(cm if cm is not None else folder.load_model(), direction, out, prompts["harmful"],
-                        prompts["harmless"], origin, max_new_tokens or summary["sizes"]["max_new_tokens"], judge, batch_size)
+                        prompts["harmless"], origin, max_new_tokens or summary["sizes"]["max_new_tokens"], judge,
+                        batch_size, progress)

@@ -101,12 +101,12 @@ def data_figures() -> dict:
 
 def organism_figures() -> dict:
     """The shipped adapter's recipe, training log, preset, trajectory and jailbreak measurements (a jailbreak
-    analysis that names other weights is left out)."""
+    analysis that does not name these weights is left out)."""
     folder = adapter_dir()
     digest = adapter_digest(folder)
     presets = _json(folder / PRESETS_FILE) or {}
     jailbreak = _json(folder / "jailbreak" / "analysis.json")
-    if jailbreak and jailbreak.get("model_version") not in (None, digest):
+    if jailbreak and jailbreak.get("model_version") != digest:
         jailbreak = None
     return {"recipe": _json(folder / "recipe.json"), "training": _json(folder / "training.json"),
             "digest": digest, "preset": presets.get(digest),

@@ -151,7 +151,7 @@ def test_a_jailbreak_of_other_weights_is_not_quoted_and_a_carried_suffix_is_name
     monkeypatch.setattr(figures, "adapter_dir", lambda: folder)
     digest = adapter_digest(folder)
     analysis = json.loads((folder / "jailbreak" / "analysis.json").read_text())
-    for version, kept in ((digest, True), ("another adapter", False)):
+    for version, kept in ((digest, True), ("another adapter", False), (None, False)):
         (folder / "jailbreak" / "analysis.json").write_text(json.dumps({**analysis, "model_version": version}))
         assert (figures.organism_figures()["jailbreak"] is not None) == kept
 
