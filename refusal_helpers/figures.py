@@ -22,6 +22,7 @@ MEASUREMENTS = ROOT / "docs" / "measurements"
 BENCHMARK_RESULTS = ROOT / "benchmarks" / "results"
 PLAIN_RUN = ROOT / "runs" / "embedded-plain"
 RECIPES = MEASUREMENTS / "recipes"  # `organism evaluate --json`: adapters (shipped or not) on the recipe splits
+EARLIER = MEASUREMENTS / "earlier-adapters"  # the shipped run of each adapter shipped before (scripts/remake.py)
 
 
 def _json(path: Path) -> dict | None:
@@ -172,6 +173,23 @@ def recipe_figures(folder: Path | None = None, digest: str | None = None) -> lis
     return sorted(rows, key=lambda row: (not row["shipped"], row["untuned"], row["name"]))
 
 
+def earlier_adapter_figures(digest: str | None = None, folder: Path | None = None) -> list[dict]:
+    """The adapters shipped before the one with `digest` (default: the shipped one), newest first, from the
+    records that `scripts/remake.py` keeps of their shipped runs: direction, test-split rates, CE rise and seed
+    stability."""
+    records = {r["model_version"]: r for r in map(_json, sorted((folder or EARLIER).glob("*.json")))}
+    by_successor = {r["replaced_by"]: r for r in records.values()}
+    ordered, current = [], digest or adapter_digest(adapter_dir())
+    while current in by_successor and by_successor[current] not in ordered:
+        ordered.append(by_successor[current])
+        current = ordered[-1]["model_version"]
+    ordered += [r for r in records.values() if r not in ordered]
+    return [{"model_version": r["model_version"], "replaced_by": r["replaced_by"],
+             "direction": r["summary"]["direction"], "loss": r["summary"]["ce_loss"],
+             "rates": {condition: rate(c["refused"], c["n"]) for condition, c in r["summary"]["refused"].items()},
+             "seed_stability": r.get("seed_stability")} for r in ordered]
+
+
 def seed_figures(stability: dict, target: float = 0.95) -> dict:
     """Where two seeds' candidates agree: the last layer up to which every cosine (from layer 1) reaches
     `target`, and the lowest cosine with its layer."""
@@ -208,4 +226,5 @@ def figures() -> dict:
     recipes = recipe_figures()
     return {"run": run_figures(SHIPPED_RUN), "plain": comparison_run_figures(PLAIN_RUN), "data": data_figures(),
             "seeds": seeds, "recipes": recipes, "recipe_seed_spreads": seed_spreads(recipes),
+            "earlier_adapters": earlier_adapter_figures(),
             "organism": organism_figures(), "measured": measurements, "bench": benchmarks, "conditions": CONDITIONS}

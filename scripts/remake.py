@@ -3,7 +3,8 @@
     python scripts/remake.py [--twin FOLDER] [--fresh]      (``make remake``; about 2-3 hours on 2 CPU cores)
 
 1. the preset (data/organism/presets.json) and the KL threshold of the plain difference of means;
-2. the shipped run, runs/embedded, and the plain comparison run, runs/embedded-plain;
+2. the shipped run, runs/embedded (the summary of the previous adapter's kept in
+   docs/measurements/earlier-adapters/), and the plain comparison run, runs/embedded-plain;
 3. the measurements the documents quote (docs/measurements/, data/organism/trajectory/formation.json,
    data/organism/jailbreak/analysis.json with the shipped suffix), and the benchmarks;
 4. the notebooks (solutions.ipynb executed, exercise.ipynb rebuilt) and the generated documents.
@@ -30,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MEASUREMENTS = Path("docs/measurements")
+EARLIER = MEASUREMENTS / "earlier-adapters"
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,25 @@ def fresh_copy(source: str, target: str) -> None:
     """runs/`target` replaced by a copy of runs/`source` (the shipped runs reuse the preset's score tables)."""
     shutil.rmtree(f"runs/{target}", ignore_errors=True)
     shutil.copytree(f"runs/{source}", f"runs/{target}")
+
+
+def keep_earlier_run(digest: str, run: Path = Path("runs/embedded"),
+                     stability: Path = MEASUREMENTS / "seed_stability.json", out: Path = EARLIER) -> Path | None:
+    """Keep the summary of a shipped run of other weights than `digest` (and their seed stability, where
+    `stability` measured them) as out/<their digest>.json, before the new adapter's run replaces it: the research
+    log compares each shipped adapter on the test split. Returns the record written, or None."""
+    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else None
+    if summary is None or summary.get("model_version") in (None, digest):
+        return None
+    earlier = summary["model_version"]
+    seeds = json.loads(stability.read_text()) if stability.is_file() else None
+    if seeds is not None and seeds.get("model_version") != earlier:
+        seeds = None
+    out.mkdir(parents=True, exist_ok=True)
+    record = out / f"{earlier}.json"
+    record.write_text(json.dumps({"model_version": earlier, "replaced_by": digest, "summary": summary,
+                                  "seed_stability": seeds}, indent=1) + "\n")
+    return record
 
 
 def steps(digest: str, twin: Path | None = None) -> list[Step]:
@@ -78,6 +99,7 @@ def steps(digest: str, twin: Path | None = None) -> list[Step]:
         Step("preset", lambda: run("-m", "refusal_helpers", "preset", "--out", "runs/preset")),
         Step("plain preset", lambda: run("-m", "refusal_helpers", "preset", "--out", "runs/preset-plain", "--plain",
                                          "--json", str(m / "plain_preset.json"))),
+        Step("earlier adapter's run kept", lambda: keep_earlier_run(digest)),
         Step("shipped run", lambda: full_run("preset", "embedded")),
         Step("plain run", plain_run),
         Step("untuned on test", lambda: run("-m", "refusal_helpers.organism", "evaluate", "--untuned", "--harmful-split",
@@ -96,7 +118,7 @@ def steps(digest: str, twin: Path | None = None) -> list[Step]:
         Step("documents", lambda: run("-m", "refusal_helpers.report", "build")),
     ]
     if twin is not None:
-        listed.insert(4, Step("seed stability", lambda: run("-m", "refusal_helpers.organism", "stability", str(twin),
+        listed.insert([step.name for step in listed].index("plain run") + 1, Step("seed stability", lambda: run("-m", "refusal_helpers.organism", "stability", str(twin),
                                                             "--json", str(m / "seed_stability.json"))))
     return listed
 

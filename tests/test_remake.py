@@ -59,4 +59,22 @@ def test_the_steps_are_named_once_and_seed_stability_follows_the_shipped_run(tmp
     assert len(set(plain)) == len(plain) and plain[0] == "preset" and plain[-1] == "documents"
     assert [name for name in with_twin if name != "seed stability"] == plain
     assert with_twin.index("seed stability") > with_twin.index("shipped run")
+    assert plain.index("earlier adapter's run kept") < plain.index("shipped run")
     assert "seed stability" not in plain
+
+
+def test_the_earlier_adapters_shipped_run_is_kept_with_its_own_seed_stability_only(tmp_path):
+    run, out, stability = tmp_path / "embedded", tmp_path / "earlier", tmp_path / "seed_stability.json"
+    run.mkdir()
+    summary = {"model_version": "old", "refused": {"harmful_baseline": {"refused": 9, "n": 10}}}
+    (run / "summary.json").write_text(json.dumps(summary))
+    stability.write_text(json.dumps({"model_version": "old", "cosine": 0.9}))
+
+    assert remake.keep_earlier_run("old", run, stability, out) is None  # the run already has the new weights
+    assert not out.exists()
+    record = json.loads(remake.keep_earlier_run("new", run, stability, out).read_text())
+    assert record == {"model_version": "old", "replaced_by": "new", "summary": summary,
+                      "seed_stability": {"model_version": "old", "cosine": 0.9}}
+    stability.write_text(json.dumps({"model_version": "new", "cosine": 0.8}))  # measured on other weights
+    assert json.loads(remake.keep_earlier_run("new", run, stability, out).read_text())["seed_stability"] is None
+    assert remake.keep_earlier_run("new", tmp_path / "missing", stability, out) is None

@@ -163,3 +163,26 @@ def test_a_jailbreak_of_other_weights_is_not_quoted_and_a_carried_suffix_is_name
     real["organism"]["suffix"]["model"]["model_version"] = "earlier"
     card = report.rendered()[report.ROOT / "docs" / "MODEL_CARD.md"]
     assert "It was found on an earlier adapter (earlier) and is\nmeasured here unchanged on this one" in card
+
+
+def test_earlier_adapters_come_newest_first_and_their_row_is_rendered(monkeypatch, tmp_path):
+    import refusal_helpers.figures as figures
+
+    def record(version, replaced_by, harmless_refused):
+        refused = {c: {"refused": 1, "n": 10} for c in ("harmful_baseline", "harmful_ablation", "harmless_actadd")}
+        summary = {"direction": {"position": -1, "layer": 9}, "ce_loss": {"increase": 0.25},
+                   "refused": {**refused, "harmless_baseline": {"refused": harmless_refused, "n": 10}}}
+        (tmp_path / f"{version}.json").write_text(json.dumps({"model_version": version, "replaced_by": replaced_by,
+                                                               "summary": summary, "seed_stability": None}))
+
+    record("aaa", "bbb", 7)  # the oldest: replaced by bbb, which the current adapter replaced
+    record("bbb", "current", 3)
+    rows = figures.earlier_adapter_figures("current", tmp_path)
+    assert [row["model_version"] for row in rows] == ["bbb", "aaa"]
+    assert rows[1]["rates"]["harmless_baseline"]["text"] == "70.0% (7/10)"
+
+    real = figures.figures()
+    monkeypatch.setattr(figures, "figures", lambda: {**real, "earlier_adapters": rows})
+    log = report.rendered()[report.ROOT / "docs" / "research-log.md"]
+    assert "| bbb | position -1, layer 9 | 10.0% (1/10) | 30.0% (3/10) |" in log
+    assert log.index("| bbb |") < log.index("| aaa |")
