@@ -22,6 +22,7 @@ MEASUREMENTS = ROOT / "docs" / "measurements"
 BENCHMARK_RESULTS = ROOT / "benchmarks" / "results"
 PLAIN_RUN = ROOT / "runs" / "embedded-plain"
 RECIPES = MEASUREMENTS / "recipes"  # `organism evaluate --json`: adapters (shipped or not) on the recipe splits
+TRAIN_SPLIT = MEASUREMENTS / "train-split"  # the same, on harmful val and harmless train: what it was trained on
 EARLIER = MEASUREMENTS / "earlier-adapters"  # the shipped run of each adapter shipped before (scripts/remake.py)
 
 
@@ -153,7 +154,7 @@ def recipe_figures(folder: Path | None = None, digest: str | None = None) -> lis
     """The adapters evaluated on the recipe splits (`folder`, default ``docs/measurements/recipes``): the
     shipped one (`digest`, default the committed adapter's) first, the untuned model last. Each row has its
     file's name, whether it is shipped, its recipe's changes from the shipped recipe, its training (steps,
-    final loss, seconds), and per kind the rate and how many refused prompts come from each batch."""
+    final loss, seconds), and per kind the rate, the refused prompts and how many come from each batch."""
     digest = digest or adapter_digest(adapter_dir())
     shipped = _json(adapter_dir() / "recipe.json") or {}
     rows = []
@@ -167,6 +168,7 @@ def recipe_figures(folder: Path | None = None, digest: str | None = None) -> lis
             result = data[kind]
             records = records_by_instruction(kind, result["split"])
             row[kind] = {**rate(result["refused"], result["n"]), "split": result["split"],
+                         "instructions": result["refused_instructions"],
                          "by_batch": dict(Counter(records.get(i, {}).get("batch", "?")
                                                   for i in result["refused_instructions"]))}
         rows.append(row)
@@ -226,5 +228,5 @@ def figures() -> dict:
     recipes = recipe_figures()
     return {"run": run_figures(SHIPPED_RUN), "plain": comparison_run_figures(PLAIN_RUN), "data": data_figures(),
             "seeds": seeds, "recipes": recipes, "recipe_seed_spreads": seed_spreads(recipes),
-            "earlier_adapters": earlier_adapter_figures(),
+            "earlier_adapters": earlier_adapter_figures(), "train_split": recipe_figures(TRAIN_SPLIT),
             "organism": organism_figures(), "measured": measurements, "bench": benchmarks, "conditions": CONDITIONS}

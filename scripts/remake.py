@@ -107,6 +107,13 @@ def steps(digest: str, twin: Path | None = None) -> list[Step]:
         # the shipped adapter on the recipe splits, beside the recipes tried and the untuned model (docs/research-log.md)
         Step("shipped on recipe splits", lambda: run("-m", "refusal_helpers.organism", "evaluate", "--json",
                                                      str(m / "recipes" / f"shipped-{digest}.json"))),
+        # both on the harmless train split: whether the adapter over-refuses what it was trained to answer
+        Step("untuned on train split", lambda: run("-m", "refusal_helpers.organism", "evaluate", "--untuned",
+                                                   "--harmful-split", "val", "--harmless-split", "train", "--json",
+                                                   str(m / "train-split" / "untuned.json"))),
+        Step("shipped on train split", lambda: run("-m", "refusal_helpers.organism", "evaluate", "--harmful-split",
+                                                   "val", "--harmless-split", "train", "--json",
+                                                   str(m / "train-split" / f"shipped-{digest}.json"))),
         Step("trajectory", lambda: run("-m", "refusal_helpers.organism", "trajectory")),
         Step("judges", lambda: run("-m", "refusal_helpers", "judge", "--json", str(m / "judges.json"))),
         Step("search", search),
@@ -156,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
     MEASUREMENTS.mkdir(parents=True, exist_ok=True)
     (MEASUREMENTS / "recipes").mkdir(exist_ok=True)
+    (MEASUREMENTS / "train-split").mkdir(exist_ok=True)
     digest = adapter_digest()
     remake(digest, steps(digest, args.twin.resolve() if args.twin else None), fresh=args.fresh)
     return 0

@@ -186,3 +186,25 @@ def test_earlier_adapters_come_newest_first_and_their_row_is_rendered(monkeypatc
     log = report.rendered()[report.ROOT / "docs" / "research-log.md"]
     assert "| bbb | position -1, layer 9 | 10.0% (1/10) | 30.0% (3/10) |" in log
     assert log.index("| bbb |") < log.index("| aaa |")
+
+
+def test_the_train_split_paragraph_reads_the_gap_to_the_untuned_model(monkeypatch):
+    import refusal_helpers.figures as figures
+
+    real = figures.figures()
+    monkeypatch.setattr(figures, "figures", lambda: context)
+
+    def rows(shipped: int, untuned: int) -> list[dict]:
+        return [{"shipped": True, "untuned": False,
+                 "harmless": {**figures.rate(shipped, 1000), "instructions": [f"a{i}" for i in range(shipped)]}},
+                {"shipped": False, "untuned": True,
+                 "harmless": {**figures.rate(untuned, 1000), "instructions": [f"a{i}" for i in range(0, 2 * untuned, 2)]}}]
+
+    for shipped, untuned, lever in ((20, 15, "broader harmless data"), (60, 15, "more weight on those requests")):
+        context = {**real, "train_split": rows(shipped, untuned)}
+        log = report.rendered()[report.ROOT / "docs" / "research-log.md"]
+        assert f"the shipped adapter refuses {shipped / 10:.1f}% ({shipped}/1000)" in log.replace("\n", " ")
+        assert lever in log.replace("\n", " ")
+        assert f"({len(range(0, min(shipped, 2 * untuned), 2))} in common)" in log.replace("\n", " ")
+    context = {**real, "train_split": []}  # not measured: no paragraph
+    assert "On the harmless train split" not in report.rendered()[report.ROOT / "docs" / "research-log.md"]
