@@ -65,7 +65,7 @@ def reused(out: Path) -> set[str]:
 def test_a_changed_float_in_the_direction_is_remade_with_a_notice_and_nothing_uses_the_damaged_one(
         finished, tmp_path, tiny_folder, capsys):
     out = copy_run(finished, tmp_path / "run")
-    good = load_file(str(out / "direction.safetensors"))["direction"]
+    good = load_file(str(out / "direction.safetensors"))["direction"].clone()  # not a view of the file rewritten below
     damaged = good.clone()
     damaged[0] += 1.0
     save_file({"direction": damaged}, str(out / "direction.safetensors"))
