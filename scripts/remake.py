@@ -58,12 +58,14 @@ def keep_earlier_run(digest: str, run: Path = Path("runs/embedded"),
     """Keep the summary of a shipped run of other weights than `digest` (and their seed stability, where
     `stability` measured them) as out/<their digest>.json, before the new adapter's run replaces it: the research
     log compares each shipped adapter on the test split. Returns the record written, or None."""
+    from refusal_helpers.figures import measured_on  # which weights a measurement names
+
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else None
     if summary is None or summary.get("model_version") in (None, digest):
         return None
     earlier = summary["model_version"]
     seeds = json.loads(stability.read_text()) if stability.is_file() else None
-    if seeds is not None and seeds.get("model_version") != earlier:
+    if seeds is not None and measured_on(seeds) != earlier:
         seeds = None
     out.mkdir(parents=True, exist_ok=True)
     record = out / f"{earlier}.json"
@@ -81,6 +83,10 @@ def steps(digest: str, twin: Path | None = None) -> list[Step]:
         fresh_copy(preset, out)
         run("-m", "refusal_helpers", "run", "--model", "embedded", "--selection-mode", "exhaustive", "--n-test", "all",
             "--random-controls", "2", *settings, "--out", f"runs/{out}")
+
+    def evaluate(json_path: Path, *splits: str) -> None:
+        """`organism evaluate` into `json_path`: the shipped adapter unless `splits` says --untuned."""
+        run("-m", "refusal_helpers.organism", "evaluate", *splits, "--json", str(json_path))
 
     def plain_run() -> None:
         kl = json.loads((m / "plain_preset.json").read_text())["settings"]["kl_threshold"]
@@ -102,18 +108,15 @@ def steps(digest: str, twin: Path | None = None) -> list[Step]:
         Step("earlier adapter's run kept", lambda: keep_earlier_run(digest)),
         Step("shipped run", lambda: full_run("preset", "embedded")),
         Step("plain run", plain_run),
-        Step("untuned on test", lambda: run("-m", "refusal_helpers.organism", "evaluate", "--untuned", "--harmful-split",
-                                            "test", "--harmless-split", "test", "--json", str(m / "untuned_test.json"))),
+        Step("untuned on test", lambda: evaluate(m / "untuned_test.json", "--untuned", "--harmful-split", "test",
+                                                 "--harmless-split", "test")),
         # the shipped adapter on the recipe splits, beside the recipes tried and the untuned model (docs/research-log.md)
-        Step("shipped on recipe splits", lambda: run("-m", "refusal_helpers.organism", "evaluate", "--json",
-                                                     str(m / "recipes" / f"shipped-{digest}.json"))),
+        Step("shipped on recipe splits", lambda: evaluate(m / "recipes" / f"shipped-{digest}.json")),
         # both on the harmless train split: whether the adapter over-refuses what it was trained to answer
-        Step("untuned on train split", lambda: run("-m", "refusal_helpers.organism", "evaluate", "--untuned",
-                                                   "--harmful-split", "val", "--harmless-split", "train", "--json",
-                                                   str(m / "train-split" / "untuned.json"))),
-        Step("shipped on train split", lambda: run("-m", "refusal_helpers.organism", "evaluate", "--harmful-split",
-                                                   "val", "--harmless-split", "train", "--json",
-                                                   str(m / "train-split" / f"shipped-{digest}.json"))),
+        Step("untuned on train split", lambda: evaluate(m / "train-split" / "untuned.json", "--untuned",
+                                                        "--harmful-split", "val", "--harmless-split", "train")),
+        Step("shipped on train split", lambda: evaluate(m / "train-split" / f"shipped-{digest}.json",
+                                                        "--harmful-split", "val", "--harmless-split", "train")),
         Step("trajectory", lambda: run("-m", "refusal_helpers.organism", "trajectory")),
         Step("judges", lambda: run("-m", "refusal_helpers", "judge", "--json", str(m / "judges.json"))),
         Step("search", search),
@@ -125,8 +128,9 @@ def steps(digest: str, twin: Path | None = None) -> list[Step]:
         Step("documents", lambda: run("-m", "refusal_helpers.report", "build")),
     ]
     if twin is not None:
-        listed.insert([step.name for step in listed].index("plain run") + 1, Step("seed stability", lambda: run("-m", "refusal_helpers.organism", "stability", str(twin),
-                                                            "--json", str(m / "seed_stability.json"))))
+        stability = Step("seed stability", lambda: run("-m", "refusal_helpers.organism", "stability", str(twin),
+                                                       "--json", str(m / "seed_stability.json")))
+        listed.insert([step.name for step in listed].index("plain run") + 1, stability)
     return listed
 
 
