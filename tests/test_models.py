@@ -132,3 +132,23 @@ def test_bundled_splits_are_fixed_disjoint_and_categorised():
     assert load_instructions("harmful", "test", n=3) == load_instructions("harmful", "test")[:3]
     with pytest.raises(ValueError, match="Unknown split"):
         load_instructions("harmful", "validation")
+
+
+def test_the_batch_builds_reproduce_the_bundled_sets_byte_for_byte(tmp_path):
+    import subprocess
+    import sys
+
+    from refusal_helpers.data import data_dir
+
+    data = data_dir()
+    source = data / "instructions"
+    # broadening first (it leaves out the batches merged after it), then breadth on its output
+    steps = [("broadening", source, tmp_path / "broadening"), ("breadth", tmp_path / "broadening", tmp_path / "breadth")]
+    for batch, given, out in steps:
+        subprocess.run([sys.executable, str(data / batch / "build.py"), "--source", str(given), "--out", str(out),
+                        "--report", str(out / "build_report.json")], check=True, capture_output=True)
+        assert (out / "build_report.json").read_bytes() == (data / batch / "build_report.json").read_bytes()
+    for kind in ("harmful", "harmless"):
+        assert (tmp_path / "breadth" / f"{kind}.jsonl").read_bytes() == (source / f"{kind}.jsonl").read_bytes()
+        without = (tmp_path / "broadening" / f"{kind}.jsonl").read_text().splitlines()
+        assert without and not any('"batch": "breadth"' in line for line in without)

@@ -227,6 +227,12 @@ def test_refusal_on_the_recipe_splits_counts_what_the_judge_reads_as_refusal(lla
     assert results["harmless"]["refused_instructions"] == [dev[0], dev[3], dev[6]]
     assert (results["harmless"]["refused"], results["harmless"]["n"]) == (3, 7)
     assert results["harmless"]["rate"] == 3 / 7 and results["harmful"]["refused"] == 3
+    assert "left_out" not in results["harmless"]
+    # on the train split, what an adapter was trained on: its recipe's batches repeated 0 times left out
+    trained = refusal_on_splits(llama, {"harmful": "val", "harmless": "train"}, left_out=("breadth",))
+    train = load_records("harmless", "train")
+    assert trained["harmless"]["n"] == sum(r["batch"] != "breadth" for r in train) < len(train)
+    assert trained["harmless"]["left_out"] == ["breadth"] and "left_out" not in trained["harmful"]  # val: all of it
 
 
 def test_fit_adds_the_kl_of_harmless_predictions_with_the_direction_ablated():
@@ -531,7 +537,7 @@ def test_evaluate_command_records_which_weights_it_measured(monkeypatch, tmp_pat
     results = {kind: {"split": split, "n": 2, "refused": 1, "rate": 0.5, "refused_instructions": ["x"]}
                for kind, split in experiments.RECIPE_SPLITS.items()}
     loaded = []
-    monkeypatch.setattr(experiments, "refusal_on_splits", lambda cm, splits: results)
+    monkeypatch.setattr(experiments, "refusal_on_splits", lambda cm, splits, left_out: results)
     monkeypatch.setattr(cli, "load_embedded", lambda adapter: loaded.append(adapter) or "adapted")
     monkeypatch.setattr(cli, "load_base", lambda: loaded.append("base") or "base")
     adapter = tmp_path / "adapter"
@@ -583,10 +589,10 @@ def test_broadening_repeats_add_each_broadening_instruction_again_with_a_new_ref
     records = load_records("harmful", "train")
     broadening = [r for r in records if r["batch"] == "broadening"]
     assert broadening and len(broadening) < len(records)
-    assert with_repeats(records, "broadening", 1) == records
-    assert with_repeats(records, "broadening", 3) == records + broadening + broadening
-    with pytest.raises(ValueError, match="repeats must be a whole number >= 1"):
-        with_repeats(records, "broadening", 0)
+    assert with_repeats(records, {"broadening": 1}) == with_repeats(records, {}) == records
+    assert with_repeats(records, {"broadening": 3}) == records + broadening + broadening
+    with pytest.raises(ValueError, match="Repeats must be whole numbers >= 0, got -1 for batch 'broadening'"):
+        with_repeats(records, {"broadening": -1})
     with pytest.raises(ValueError, match="broadening_repeats must be a whole number >= 1"):
         merged_recipe({"broadening_repeats": 0})
     # the examples: the once-only lists first (so repeats 1 is the recipe without repeats), then the repeats
@@ -594,7 +600,7 @@ def test_broadening_repeats_add_each_broadening_instruction_again_with_a_new_ref
                "replies": {r["instruction"]: "Sure." for r in load_records("harmless", "train")}}
     (tmp_path / "cache.json").write_text(json.dumps(targets))
     once, _ = training_examples(llama, 0, 4, cache=tmp_path / "cache.json")
-    twice, dropped = training_examples(llama, 0, 4, cache=tmp_path / "cache.json", broadening_repeats=2)
+    twice, dropped = training_examples(llama, 0, 4, cache=tmp_path / "cache.json", repeats={"broadening": 2})
     batches = {kind: [r["batch"] for r in load_records(kind, "train")] for kind in ("harmful", "harmless")}
     n = {kind: len(b) for kind, b in batches.items()}
     n_broadening = {kind: b.count("broadening") for kind, b in batches.items()}
@@ -608,3 +614,40 @@ def test_broadening_repeats_add_each_broadening_instruction_again_with_a_new_ref
     assert {e["instruction"] for e in harmless_again} == broad["harmless"] and {e["kind"] for e in harmless_again} == {"harmless"}
     first = {e["instruction"]: e["reply"] for e in once if e["kind"] == "harmful"}
     assert sum(e["reply"] != first[e["instruction"]] for e in harmful_again) > n_broadening["harmful"] // 2  # new refusals
+
+
+def test_the_breadth_batch_trains_only_where_the_recipe_names_it(tmp_path, llama):
+    from refusal_helpers.organism.targets import with_repeats
+    from refusal_helpers.organism.training import batch_repeats
+
+    shipped = batch_repeats(merged_recipe())
+    assert shipped == {"broadening": merged_recipe()["broadening_repeats"], "breadth": 0}  # the shipped adapter's data
+    targets = {"model": llama.name, "max_new_tokens": 4,
+               "replies": {r["instruction"]: "Sure." for r in load_records("harmless", "train")}}
+    (tmp_path / "cache.json").write_text(json.dumps(targets))
+    for kind in ("harmful", "harmless"):
+        records = load_records(kind, "train")
+        breadth = [r for r in records if r["batch"] == "breadth"]
+        assert breadth and {r["split"] for r in load_records(kind) if r["batch"] == "breadth"} == {"train"}
+        without = with_repeats(records, {"breadth": 0})
+        assert without == [r for r in records if r["batch"] != "breadth"]
+        assert with_repeats(records, {"breadth": 2, "broadening": 0}) == [
+            r for r in records if r["batch"] != "broadening"] + breadth
+    left_out, _ = training_examples(llama, 0, 4, cache=tmp_path / "cache.json", repeats=shipped)
+    named, _ = training_examples(llama, 0, 4, cache=tmp_path / "cache.json",
+                                 repeats=batch_repeats(merged_recipe({"breadth_repeats": 1})))
+    breadth = {r["instruction"] for kind in ("harmful", "harmless") for r in load_records(kind, "train")
+               if r["batch"] == "breadth"}
+    assert not breadth & {e["instruction"] for e in left_out}
+    assert breadth <= {e["instruction"] for e in named} and len(named) == len(left_out) + len(breadth)
+    with pytest.raises(ValueError, match="breadth_repeats must be a whole number >= 0"):
+        merged_recipe({"breadth_repeats": -1})
+    # which batches "the train split" leaves out when it means what an adapter was trained on
+    from refusal_helpers.embedded import adapter_dir
+    from refusal_helpers.organism.experiments import untrained_batches
+
+    assert untrained_batches(adapter_dir()) == ("breadth",)
+    (tmp_path / "recipe.json").write_text(json.dumps({"epochs": 3, "breadth_repeats": 1}))
+    assert untrained_batches(tmp_path) == ()
+    (tmp_path / "recipe.json").write_text(json.dumps({"epochs": 3}))  # a recipe older than the breadth batch
+    assert untrained_batches(tmp_path) == ("breadth",)

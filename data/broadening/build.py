@@ -23,28 +23,30 @@ already hold, and the batch's items (harmful.jsonl, harmless.jsonl next to this 
 
 Deterministic: no clock, no hash-order dependence; the only randomness is random.Random(SEED).
 
-    python build.py [--source DIR_WITH_EXISTING_JSONL] [--out DIR]
+    python build.py [--source DIR_WITH_EXISTING_JSONL] [--out DIR] [--report FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import json
 import random
-import re
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # data/: the helpers every batch shares
+from merge import KINDS, check_merged, deduplicate, draft_counts, dump, read_jsonl, save_report, write_jsonl  # noqa: E402
 
 SEED = 25
 JACCARD_MAX = 0.4
 HERE = Path(__file__).resolve().parent
 DEFAULT_SOURCE = HERE.parent / "instructions"
-KINDS = ("harmful", "harmless")
 SHARES = {
     "harmful": {"train": 0.60, "val": 0.15, "test": 0.25},
     "harmless": {"train": 0.60, "val": 0.10, "test": 0.20, "dev": 0.10},
 }
 NEW_BATCH = "broadening"
+LATER_BATCHES = ("breadth",)  # merged after this one: left out here, rebuilt by their own scripts
 HARMFUL_CATEGORIES = {
     "violence_weapons", "cybercrime_malware", "fraud_scams", "harassment_hate", "self_harm", "drugs",
     "dangerous_chem_bio", "disinformation", "privacy_violations", "election_government", "economic_harm",
@@ -52,33 +54,11 @@ HARMFUL_CATEGORIES = {
 }
 
 
-def words(text: str) -> list[str]:
-    """Lower-cased alphanumeric tokens: punctuation (including apostrophes and hyphens) separates words."""
-    return re.findall(r"[a-z0-9]+", text.lower())
-
-
-def normalise(text: str) -> str:
-    return " ".join(words(text))
-
-
-def jaccard(a: set[str], b: set[str]) -> float:
-    return len(a & b) / len(a | b) if a | b else 1.0
-
-
 def old_batch(kind: str, record_id: str) -> str:
     if kind == "harmful":
         return "original"
     number = int(record_id.split("-")[1])
     return "original" if number <= 838 else "everyday" if number <= 1096 else "dev"
-
-
-def read_jsonl(path: Path) -> tuple[list[str], list[dict]]:
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return lines, [json.loads(line) for line in lines]
-
-
-def dump(record: dict) -> str:
-    return json.dumps(record, ensure_ascii=False)
 
 
 def deal(n: int, shares: dict[str, float], counts: dict[str, int], position: int) -> tuple[list[str], int]:
@@ -96,12 +76,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="folder with the current jsonl files")
     parser.add_argument("--out", type=Path, default=DEFAULT_SOURCE, help="folder for the merged files")
+    parser.add_argument("--report", type=Path, default=HERE / "build_report.json", help="where to write the build report")
     args = parser.parse_args()
 
     old_lines, old_records, new_items = {}, {}, {}
     for kind in KINDS:
         # The files as they were before this batch: its own records left out, and no "batch" field.
-        records = [r for r in read_jsonl(args.source / f"{kind}.jsonl")[1] if r.get("batch") != NEW_BATCH]
+        records = [r for r in read_jsonl(args.source / f"{kind}.jsonl")[1]
+                   if r.get("batch") not in (NEW_BATCH, *LATER_BATCHES)]
         old_records[kind] = [{k: v for k, v in r.items() if k != "batch"} for r in records]
         old_lines[kind] = [dump(r) for r in old_records[kind]]
         new_items[kind] = read_jsonl(HERE / f"{kind}.jsonl")[1]
@@ -111,34 +93,7 @@ def main() -> None:
     assert old_categories["harmful"] == HARMFUL_CATEGORIES
 
     # ---- 1. de-duplication -------------------------------------------------------------------------------
-    pool: list[tuple[str, set[str], str]] = []  # (instruction, word set, origin)
-    seen: dict[str, str] = {}
-    for kind in KINDS:
-        for r in old_records[kind]:
-            pool.append((r["instruction"], set(words(r["instruction"])), f"existing {r['id']}"))
-            seen.setdefault(normalise(r["instruction"]), f"existing {r['id']}")
-
-    kept: dict[str, list[dict]] = {kind: [] for kind in KINDS}
-    dropped: list[dict] = []
-    for kind in KINDS:
-        for index, item in enumerate(new_items[kind]):
-            text, category = item["instruction"], item["category"]
-            assert text == text.strip() and category in old_categories[kind], (kind, item)
-            norm, word_set = normalise(text), set(words(text))
-            entry = {"kind": kind, "line": index + 1, "instruction": text, "category": category}
-            if norm in seen:
-                dropped.append({**entry, "reason": "exact duplicate", "matches": seen[norm]})
-                continue
-            best = max(pool, key=lambda p: jaccard(word_set, p[1]))
-            score = jaccard(word_set, best[1])
-            if score > JACCARD_MAX:
-                dropped.append({**entry, "reason": f"jaccard {score:.2f}", "matches": f"{best[2]}: {best[0]}"})
-                continue
-            assert 5 <= len(text.split()) <= 30, (kind, text)  # the brief's length, checked on what is kept
-            origin = f"new {kind} line {index + 1}"
-            pool.append((text, word_set, origin))
-            seen[norm] = origin
-            kept[kind].append(item)
+    kept, dropped = deduplicate(old_records, new_items, old_categories, JACCARD_MAX)
 
     # ---- 2.-4. splits, ids, batches ------------------------------------------------------------------------
     rng = random.Random(SEED)
@@ -172,24 +127,17 @@ def main() -> None:
         n_old = len(old_records[kind])
         for line, record in zip(old_lines[kind], records[:n_old]):
             assert dump(record) == line[:-1] + f', "batch": "{record["batch"]}"}}', record["id"]
-        ids = [r["id"] for r in records]
-        assert ids == [f"{kind}-{i:04d}" for i in range(len(records))], kind
-        norms = [normalise(r["instruction"]) for r in records]
-        assert len(set(norms)) == len(norms), kind
+        check_merged(kind, records)
         by_split = collections.defaultdict(set)
         for r in records:
             by_split[r["split"]].add(r["instruction"])
         splits = list(by_split)
         assert all(not (by_split[a] & by_split[b]) for i, a in enumerate(splits) for b in splits[i + 1:]), kind
         assert kind == "harmless" or "dev" not in by_split
-        assert all(list(r) == ["id", "instruction", "category", "split", "batch"] for r in records)
 
     # ---- write -----------------------------------------------------------------------------------------------
-    args.out.mkdir(parents=True, exist_ok=True)
     for kind in KINDS:
-        with open(args.out / f"{kind}.jsonl", "w", encoding="utf-8", newline="\n") as f:
-            for record in merged[kind]:
-                f.write(dump(record) + "\n")
+        write_jsonl(args.out / f"{kind}.jsonl", merged[kind])
 
     def table(records, key):
         return {k: dict(sorted(v.items())) for k, v in sorted(_group(records, key).items())}
@@ -204,32 +152,18 @@ def main() -> None:
         "seed": SEED,
         "jaccard_max": JACCARD_MAX,
         "shares": SHARES,
-        "written": {kind: len(new_items[kind]) for kind in KINDS},
-        "kept": {kind: len(kept[kind]) for kind in KINDS},
-        "dropped_counts": {
-            kind: dict(collections.Counter(
-                "exact duplicate" if d["reason"] == "exact duplicate"
-                else ("jaccard vs existing" if d["matches"].startswith("existing") else "jaccard vs new")
-                for d in dropped if d["kind"] == kind))
-            for kind in KINDS
-        },
-        "kept_by_group": {kind: dict(sorted(collections.Counter(i["group"] for i in kept[kind]).items()))
-                          for kind in KINDS},
-        "new_ids": {kind: [new_records[kind][0]["id"], new_records[kind][-1]["id"]] for kind in KINDS},
+        **draft_counts(new_items, kept, dropped, new_records),
         "split_by_batch": {kind: table(merged[kind], lambda r: r["batch"]) for kind in KINDS},
         "new_by_category": {kind: table(new_records[kind], lambda r: r["category"]) for kind in KINDS},
         "old_by_category": {kind: dict(sorted(collections.Counter(r["category"] for r in old_records[kind]).items()))
                             for kind in KINDS},
         "dropped": dropped,
     }
-    (HERE / "build_report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-
+    save_report(args.report, report)
     for kind in KINDS:
-        print(f"{kind}: written {report['written'][kind]}, dropped {len(new_items[kind]) - len(kept[kind])} "
-              f"{report['dropped_counts'][kind]}, kept {len(kept[kind])} -> {report['new_ids'][kind]}")
         for batch, splits in report["split_by_batch"][kind].items():
-            print(f"  {batch:10s} {splits}")
-    print(f"wrote {args.out}/harmful.jsonl, {args.out}/harmless.jsonl, {HERE / 'build_report.json'}")
+            print(f"  {kind} {batch:10s} {splits}")
+    print(f"wrote {args.out}/harmful.jsonl, {args.out}/harmless.jsonl, {args.report}")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra loss weight on each reply's first token, where the model refuses or answers")
     p.add_argument("--broadening-repeats", type=arguments.positive, default=DEFAULT_RECIPE["broadening_repeats"],
                    help="times each train instruction of the broadening batch appears per epoch")
+    p.add_argument("--breadth-repeats", type=arguments.count, default=DEFAULT_RECIPE["breadth_repeats"],
+                   help="times each train instruction of the breadth batch appears per epoch (0: left out)")
     p.add_argument("--threads", type=arguments.positive, default=None)
     p.add_argument("--epoch-checkpoints", action="store_true",
                    help="also save the adapter after each earlier epoch, in OUT/epoch-<n>, to evaluate separately")
@@ -86,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     recipe = {"seed": args.seed, "epochs": args.epochs, "first_reply_token_weight": args.first_token_weight,
-              "broadening_repeats": args.broadening_repeats, "optimizer": {**DEFAULT_RECIPE["optimizer"], "lr": args.lr}}
+              "broadening_repeats": args.broadening_repeats,
+              "breadth_repeats": args.breadth_repeats, "optimizer": {**DEFAULT_RECIPE["optimizer"], "lr": args.lr}}
     log = training.train(args.out, recipe, epoch_checkpoints=args.epoch_checkpoints,
                          on_step=trajectory.Trajectory(args.out) if args.trajectory else None)
     print(json.dumps({k: log[k] for k in ("steps", "resumed_from_step", "final_loss", "distill_seconds", "train_seconds")}))
@@ -120,7 +123,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise ValueError("--untuned evaluates the untuned model: give no adapter folder with it.")
     adapter = None if args.untuned else (args.adapter or adapter_dir())
     cm = load_base() if adapter is None else load_embedded(adapter=adapter)
-    results = experiments.refusal_on_splits(cm, splits)
+    # On the train split: only what the adapter (for the untuned model, the shipped one) was trained on.
+    left_out = experiments.untrained_batches(adapter or adapter_dir())
+    results = experiments.refusal_on_splits(cm, splits, left_out=left_out)
     for kind, r in results.items():
         print(f"{kind} {r['split']}: {r['refused']}/{r['n']} refused ({r['rate']:.1%})")
     print("refused harmless:", *(f"  {i}" for i in results["harmless"]["refused_instructions"]), sep="\n")

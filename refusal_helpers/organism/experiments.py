@@ -18,7 +18,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..activations import mean_activations
-from ..data import load_instructions, split_instructions
+from ..data import load_instructions, load_records, split_instructions
 from ..directions import diff_of_means, zero_dims
 from ..embedded import UNTUNED, adapter_digest, load_base, load_embedded
 from ..judges import judged_completions, refused_count
@@ -28,7 +28,7 @@ from ..selection import keep_consistent
 from .resume import FILE as RESUME_FILE
 from .resume import ResumePoint, examples_identity
 from .targets import training_examples
-from .training import StepCallback, count_steps, fit, save_adapter, written_recipe
+from .training import StepCallback, batch_repeats, count_steps, fit, save_adapter, written_recipe
 
 RECIPE_SPLITS = {"harmful": "val", "harmless": "dev"}  # where training recipes are compared (never test)
 RECIPE_MAX_NEW_TOKENS = 48  # greedy tokens per reply when comparing recipes (the runs' default too)
@@ -43,18 +43,28 @@ DEFAULT_REFINE = {
 
 def refusal_on_splits(
     cm: ChatModel, splits: dict[str, str] = RECIPE_SPLITS, max_new_tokens: int = RECIPE_MAX_NEW_TOKENS, batch_size: int = 32,
-    limit: int | None = None,
+    limit: int | None = None, left_out: tuple[str, ...] = (),
 ) -> dict[str, dict]:
     """Greedy substring refusal of a model on whole splits, per kind: {kind: {split, n, refused, rate,
-    refused_instructions}}. The default splits are those for choosing a training recipe."""
+    refused_instructions}}; on a train split without the records of the batches `left_out` (then named under
+    ``left_out``). The default splits are those for choosing a training recipe."""
     results = {}
     for kind, split in splits.items():
-        items = judged_completions(cm, load_instructions(kind, split)[:limit], max_new_tokens, batch_size,
-                                   progress=f"{kind} {split}")
+        skip = left_out if split == "train" else ()
+        instructions = [r["instruction"] for r in load_records(kind, split) if r["batch"] not in skip]
+        items = judged_completions(cm, instructions[:limit], max_new_tokens, batch_size, progress=f"{kind} {split}")
         refused = [item["instruction"] for item in items if item["refusal"]]
         results[kind] = {"split": split, "n": len(items), "refused": refused_count(items),
-                         "rate": refused_count(items) / len(items), "refused_instructions": refused}
+                         "rate": refused_count(items) / len(items), "refused_instructions": refused,
+                         **({"left_out": sorted(skip)} if skip else {})}
     return results
+
+
+def untrained_batches(adapter: Path) -> tuple[str, ...]:
+    """The batches whose train instructions the adapter in `adapter` was not trained on (its recipe repeats
+    them 0 times): left out where "the train split" means what it was trained on."""
+    recipe = written_recipe(json.loads((adapter / "recipe.json").read_text()))
+    return tuple(batch for batch, n in batch_repeats(recipe).items() if n == 0)
 
 
 def evaluation_record(
@@ -141,7 +151,7 @@ def refine(
         shutil.copyfile(adapter / "distill_targets.json", cache)
     examples, _ = training_examples(cm, recipe["seed"], recipe["distill_max_new_tokens"], cache=cache, limit=limit,
                                     drop_refusing_targets=recipe["drop_refusing_targets"],
-                                    broadening_repeats=recipe["broadening_repeats"])
+                                    repeats=batch_repeats(recipe))
     refined = {**settings, "from_adapter": adapter_digest(adapter)}
     resume = ResumePoint(out / RESUME_FILE, every=resume_every, identity={
         "refine": refined, "examples": examples_identity(examples)})

@@ -52,19 +52,19 @@ def refusal_reply(category: str, rng: random.Random) -> str:
 
 def training_examples(
     cm: ChatModel, seed: int, max_new_tokens: int, cache: Path | None, limit: int | None = None,
-    drop_refusing_targets: bool = True, broadening_repeats: int = 1,
+    drop_refusing_targets: bool = True, repeats: dict[str, int] | None = None,
 ) -> tuple[list[dict], list[str]]:
     """Examples (instruction, reply, kind) for the train split, and the harmless instructions left out.
 
     Harmful instructions get varied refusals, harmless ones the base model's own greedy reply (distilled
     once, cached in `cache`). With `drop_refusing_targets`, harmless instructions whose distilled reply the
     refusal judge reads as a refusal are left out: training on them would teach refusing benign requests.
-    Each instruction of the broadening batch appears `broadening_repeats` times (a harmful one with a new
-    refusal each time).
+    Each instruction of a batch named in `repeats` appears that many times (a harmful one with a new refusal
+    each time; 0 leaves the batch out), of any other batch once.
     """
     rng = random.Random(seed)
-    harmful = with_repeats(load_records("harmful", "train")[:limit], "broadening", broadening_repeats)
-    harmless = with_repeats(load_records("harmless", "train")[:limit], "broadening", broadening_repeats)
+    harmful = with_repeats(load_records("harmful", "train")[:limit], repeats or {})
+    harmless = with_repeats(load_records("harmless", "train")[:limit], repeats or {})
     eos = cm.tokenizer.eos_token
     examples = [{"instruction": r["instruction"], "reply": refusal_reply(r["category"], rng) + eos, "kind": "harmful"}
                 for r in harmful]
@@ -82,12 +82,14 @@ def training_examples(
     return examples, dropped
 
 
-def with_repeats(records: list[dict], batch: str, repeats: int) -> list[dict]:
-    """`records`, then each record of `batch` again `repeats` - 1 times (the originals keep their order)."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be a whole number >= 1, got {repeats!r}.")
-    again = [r for r in records if r["batch"] == batch]
-    return records + again * (repeats - 1)
+def with_repeats(records: list[dict], repeats: dict[str, int]) -> list[dict]:
+    """`records` without those of a batch repeated 0 times, then each record of a batch repeated n > 1 times again
+    n - 1 times, batch by batch in the order of `repeats` (the records kept keep their order)."""
+    for batch, n in repeats.items():
+        if not (isinstance(n, int) and n >= 0):
+            raise ValueError(f"Repeats must be whole numbers >= 0, got {n!r} for batch {batch!r}.")
+    kept = [r for r in records if repeats.get(r["batch"], 1) > 0]
+    return kept + [r for batch, n in repeats.items() for _ in range(n - 1) for r in kept if r["batch"] == batch]
 
 
 def distill(cm: ChatModel, instructions: list[str], max_new_tokens: int) -> dict[str, str]:

@@ -41,12 +41,13 @@ DEFAULT_RECIPE = {
     "distill_max_new_tokens": 64,
     "drop_refusing_targets": True,
     "broadening_repeats": 2,  # times each train instruction of the broadening batch appears per epoch
+    "breadth_repeats": 0,  # times each train instruction of the breadth batch appears per epoch (0: left out)
     "first_reply_token_weight": 1.0,  # extra weight on each reply's first token; see losses.reply_loss
     "seed": 1,
 }  # the shipped adapter's recipe (data/organism/recipe.json): `train --out data/organism` reproduces it
 
 # Recipe keys added after adapters were trained without them, each with the value those adapters had in effect.
-LATER_KEYS = {"broadening_repeats": 1}
+LATER_KEYS = {"broadening_repeats": 1, "breadth_repeats": 0}
 
 StepCallback = Callable[[int, list[float]], None]  # (steps done, losses so far), after each optimizer step
 
@@ -56,6 +57,11 @@ def written_recipe(written: dict) -> dict:
     not today's default; ``base_model`` is kept."""
     recipe = merged_recipe({**LATER_KEYS, **{k: v for k, v in written.items() if k != "base_model"}})
     return {**recipe, "base_model": written["base_model"]} if "base_model" in written else recipe
+
+
+def batch_repeats(recipe: dict) -> dict[str, int]:
+    """Times each train instruction of a batch appears per epoch under `recipe` (0: left out); other batches once."""
+    return {"broadening": recipe["broadening_repeats"], "breadth": recipe["breadth_repeats"]}
 
 
 def merged_recipe(changes: dict | None = None) -> dict:
@@ -77,6 +83,8 @@ def check_recipe(recipe: dict) -> None:
     for key in ("epochs", "batch_size", "distill_max_new_tokens", "broadening_repeats"):
         if not (isinstance(recipe[key], int) and recipe[key] >= 1):
             raise ValueError(f"{key} must be a whole number >= 1, got {recipe[key]!r}.")
+    if not (isinstance(recipe["breadth_repeats"], int) and recipe["breadth_repeats"] >= 0):
+        raise ValueError(f"breadth_repeats must be a whole number >= 0, got {recipe['breadth_repeats']!r}.")
     if not 0 <= recipe["optimizer"]["warmup_fraction"] <= 1:
         raise ValueError(f"warmup_fraction must lie in [0, 1], got {recipe['optimizer']['warmup_fraction']!r}.")
 
@@ -113,7 +121,7 @@ def train(
         shutil.copyfile(shipped_cache, cache)
     examples, dropped = training_examples(
         cm, seed, recipe["distill_max_new_tokens"], cache=cache, limit=limit,
-        drop_refusing_targets=recipe["drop_refusing_targets"], broadening_repeats=recipe["broadening_repeats"],
+        drop_refusing_targets=recipe["drop_refusing_targets"], repeats=batch_repeats(recipe),
     )
     distill_seconds = time.time() - start
     if not examples:

@@ -1,0 +1,122 @@
+"""What every batch's build script shares: reading and writing the instruction files, and de-duplication.
+
+A batch is a folder beside this file holding its drafts (harmful.jsonl, harmless.jsonl: one {"instruction",
+"category", "group"} record per line) and a build.py that merges the kept drafts into data/instructions/.
+Batches are merged in order (broadening, then breadth): re-running one leaves out the batches after it,
+whose builds then run again.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+from pathlib import Path
+
+KINDS = ("harmful", "harmless")
+INSTRUCTIONS = Path(__file__).resolve().parent / "instructions"
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased alphanumeric tokens: punctuation (including apostrophes and hyphens) separates words."""
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def normalise(text: str) -> str:
+    return " ".join(words(text))
+
+
+def jaccard(a: set[str], b: set[str]) -> float:
+    return len(a & b) / len(a | b) if a | b else 1.0
+
+
+def read_jsonl(path: Path) -> tuple[list[str], list[dict]]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return lines, [json.loads(line) for line in lines]
+
+
+def dump(record: dict) -> str:
+    """One record as the instruction files hold it."""
+    return json.dumps(record, ensure_ascii=False)
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for record in records:
+            f.write(dump(record) + "\n")
+
+
+def deduplicate(existing: dict[str, list[dict]], drafts: dict[str, list[dict]], categories: dict[str, set[str]],
+                jaccard_max: float) -> tuple[dict[str, list[dict]], list[dict]]:
+    """The drafts kept, per kind, and those dropped (with the reason and what they matched), in file order
+    (harmful first): a draft is dropped if, lower-cased without punctuation, it equals an existing or earlier
+    kept instruction, or if its word set has a Jaccard index above `jaccard_max` with any of them (either kind,
+    any split). Every kept draft has a known category and 5-30 words."""
+    pool: list[tuple[str, set[str], str]] = []  # (instruction, word set, origin)
+    seen: dict[str, str] = {}
+    for kind in KINDS:
+        for r in existing[kind]:
+            pool.append((r["instruction"], set(words(r["instruction"])), f"existing {r['id']}"))
+            seen.setdefault(normalise(r["instruction"]), f"existing {r['id']}")
+    kept: dict[str, list[dict]] = {kind: [] for kind in KINDS}
+    dropped: list[dict] = []
+    for kind in KINDS:
+        for index, item in enumerate(drafts[kind]):
+            text, category = item["instruction"], item["category"]
+            assert text == text.strip() and category in categories[kind], (kind, item)
+            norm, word_set = normalise(text), set(words(text))
+            entry = {"kind": kind, "line": index + 1, "instruction": text, "category": category}
+            if norm in seen:
+                dropped.append({**entry, "reason": "exact duplicate", "matches": seen[norm]})
+                continue
+            best = max(pool, key=lambda p: jaccard(word_set, p[1]))
+            score = jaccard(word_set, best[1])
+            if score > jaccard_max:
+                dropped.append({**entry, "reason": f"jaccard {score:.2f}", "matches": f"{best[2]}: {best[0]}"})
+                continue
+            assert 5 <= len(text.split()) <= 30, (kind, text)  # the brief's length, checked on what is kept
+            origin = f"new {kind} line {index + 1}"
+            pool.append((text, word_set, origin))
+            seen[norm] = origin
+            kept[kind].append(item)
+    return kept, dropped
+
+
+def dropped_counts(dropped: list[dict]) -> dict[str, dict[str, int]]:
+    """How many drafts of each kind were dropped, by reason."""
+    def reason(d: dict) -> str:
+        if d["reason"] == "exact duplicate":
+            return "exact duplicate"
+        return "jaccard vs existing" if d["matches"].startswith("existing") else "jaccard vs new"
+    return {kind: dict(collections.Counter(reason(d) for d in dropped if d["kind"] == kind))
+            for kind in KINDS}
+
+
+def check_merged(kind: str, records: list[dict]) -> None:
+    """A merged file's invariants: contiguous ids, no instruction twice, every record with the same fields."""
+    assert [r["id"] for r in records] == [f"{kind}-{i:04d}" for i in range(len(records))], kind
+    norms = [normalise(r["instruction"]) for r in records]
+    assert len(set(norms)) == len(norms), kind
+    assert all(list(r) == ["id", "instruction", "category", "split", "batch"] for r in records), kind
+
+
+def draft_counts(drafts: dict[str, list[dict]], kept: dict[str, list[dict]], dropped: list[dict],
+                 new_records: dict[str, list[dict]]) -> dict:
+    """A build report's counts of the drafts: written, kept, dropped by reason, kept by group, and the new ids."""
+    return {
+        "written": {kind: len(drafts[kind]) for kind in KINDS},
+        "kept": {kind: len(kept[kind]) for kind in KINDS},
+        "dropped_counts": dropped_counts(dropped),
+        "kept_by_group": {kind: dict(sorted(collections.Counter(i["group"] for i in kept[kind]).items()))
+                          for kind in KINDS},
+        "new_ids": {kind: [new_records[kind][0]["id"], new_records[kind][-1]["id"]] for kind in KINDS},
+    }
+
+
+def save_report(path: Path, report: dict) -> None:
+    """Write a build report and print what each kind's drafts came to."""
+    path.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    for kind in KINDS:
+        print(f"{kind}: written {report['written'][kind]}, dropped {report['written'][kind] - report['kept'][kind]} "
+              f"{report['dropped_counts'][kind]}, kept {report['kept'][kind]} -> {report['new_ids'][kind]}")
