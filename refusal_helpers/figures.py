@@ -12,9 +12,10 @@ from collections import Counter
 from pathlib import Path
 from statistics import median
 
-from .data import load_records, records_by_instruction
+from .data import data_dir, load_records, records_by_instruction
 from .embedded import PRESETS_FILE, UNTUNED, adapter_digest, adapter_dir
 from .runs import SHIPPED_RUN, RunFolder
+from .selection import ScoreTable, SelectionConfig, passing_mask
 from .steps import CONDITIONS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,8 +82,10 @@ def comparison_run_figures(folder: Path) -> dict | None:
 
 
 def data_figures() -> dict:
-    """Counts of the bundled instructions by kind, split, batch and category."""
-    out = {}
+    """Counts of the bundled instructions by kind, split, batch and category; and under "builds" each batch
+    build's report (drafts written, kept and dropped), by batch."""
+    out: dict = {"builds": {folder.name: _json(folder / "build_report.json")
+                            for folder in sorted(data_dir().iterdir()) if (folder / "build_report.json").is_file()}}
     for kind in ("harmful", "harmless"):
         records = load_records(kind)
         broadening = [r for r in records if r["batch"] == "broadening"]
@@ -96,6 +99,7 @@ def data_figures() -> dict:
                      "batches": Counter(r["batch"] for r in records), "batch_ids": ids,
                      "categories": Counter(r["category"] for r in records),
                      "broadening_categories": Counter(r["category"] for r in broadening),
+                     "breadth_categories": Counter(r["category"] for r in records if r["batch"] == "breadth"),
                      "broadening_by_split": by_split,
                      "split_batch": Counter(f"{r['split']}/{r['batch']}" for r in records)}
     return out
@@ -192,15 +196,27 @@ def earlier_adapter_figures(digest: str | None = None, folder: Path | None = Non
              "seed_stability": r.get("seed_stability")} for r in ordered]
 
 
-def seed_figures(stability: dict, target: float = 0.95) -> dict:
+def seed_figures(stability: dict, target: float = 0.95, passing_layers: list[int] | None = None) -> dict:
     """Where two seeds' candidates agree: the last layer up to which every cosine (from layer 1) reaches
-    `target`, and the lowest cosine with its layer."""
+    `target`, the lowest cosine with its layer, and among `passing_layers` (those whose candidate at the compared
+    position the selection's filters let through) the best cosine with its layer (None without any)."""
     cosines = stability["cosine_per_layer"]
     agree_through = 0
     while agree_through + 1 < len(cosines) and cosines[agree_through + 1] >= target:
         agree_through += 1
     lowest = min(range(1, len(cosines)), key=cosines.__getitem__)
-    return {"agree_through": agree_through, "lowest_layer": lowest, "lowest": cosines[lowest]}
+    best = max(passing_layers or [], key=cosines.__getitem__, default=None)
+    return {"agree_through": agree_through, "lowest_layer": lowest, "lowest": cosines[lowest],
+            "best_passing": None if best is None else {"layer": best, "cosine": cosines[best],
+                                                       "layers": sorted(passing_layers)}}
+
+
+def passing_layers(folder: Path, position: int) -> list[int]:
+    """The layers whose candidate at `position` passes a finished run's selection filters, on its score table."""
+    run = RunFolder(folder)
+    table = ScoreTable.from_dict(run.read_json("scores.json")["table"])
+    mask = passing_mask(table, SelectionConfig(**run.summary()["selection"]))
+    return [layer for layer, ok in enumerate(mask[table.positions.index(position)].tolist()) if ok]
 
 
 def seed_spreads(rows: list[dict]) -> list[dict]:
@@ -224,7 +240,8 @@ def figures() -> dict:
     """Everything the templates may quote."""
     measurements = current_measurements()
     benchmarks = {p.stem: json.loads(p.read_text()) for p in sorted(BENCHMARK_RESULTS.glob("*.json"))}
-    seeds = seed_figures(measurements["seed_stability"]) if "seed_stability" in measurements else None
+    stability = measurements.get("seed_stability")
+    seeds = seed_figures(stability, passing_layers=passing_layers(SHIPPED_RUN, stability["position"])) if stability else None
     recipes = recipe_figures()
     return {"run": run_figures(SHIPPED_RUN), "plain": comparison_run_figures(PLAIN_RUN), "data": data_figures(),
             "seeds": seeds, "recipes": recipes, "recipe_seed_spreads": seed_spreads(recipes),

@@ -94,9 +94,35 @@ def test_seed_figures_name_where_two_seeds_agree():
 
     # layer 0 is the embedding (a zero candidate): agreement counts from layer 1
     assert seed_figures({"cosine_per_layer": [0.0, 0.99, 0.97, 0.94, 0.96, 0.90, 0.93]}) == {
-        "agree_through": 2, "lowest_layer": 5, "lowest": 0.90}
-    assert seed_figures({"cosine_per_layer": [0.0, 0.99, 0.98]}) == {"agree_through": 2, "lowest_layer": 2, "lowest": 0.98}
+        "agree_through": 2, "lowest_layer": 5, "lowest": 0.90, "best_passing": None}
+    assert seed_figures({"cosine_per_layer": [0.0, 0.99, 0.98]}) == {"agree_through": 2, "lowest_layer": 2, "lowest": 0.98,
+                                                                     "best_passing": None}
     assert seed_figures({"cosine_per_layer": [0.0, 0.5, 0.98]})["agree_through"] == 0
+    # where the filters let candidates through, the best agreement among them
+    cosines = {"cosine_per_layer": [0.0, 0.99, 0.97, 0.94, 0.96, 0.90, 0.93]}
+    assert seed_figures(cosines, passing_layers=[5, 3, 6])["best_passing"] == {"layer": 3, "cosine": 0.94,
+                                                                               "layers": [3, 5, 6]}
+    assert seed_figures(cosines)["best_passing"] is None and seed_figures(cosines, passing_layers=[])["best_passing"] is None
+
+
+def test_passing_layers_are_those_the_runs_filters_let_through(tiny_folder, tmp_path):
+    from refusal_helpers.figures import passing_layers
+    from refusal_helpers.runs import RunFolder
+    from refusal_helpers.testing import run_tiny
+
+    assert run_tiny(tiny_folder, tmp_path / "tiny") == 0
+    run = RunFolder(tmp_path / "tiny")
+    table, rule = run.read_json("scores.json")["table"], run.summary()["selection"]
+    n_layers = len(table["bypass"][0])
+    for index, position in enumerate(table["positions"]):
+        scores = [(table["bypass"][index][layer], table["kl"][index][layer], table["induce"][index][layer])
+                  for layer in range(n_layers)]
+        expected = [layer for layer, (bypass, kl, induce) in enumerate(scores)
+                    if layer < int(rule["max_layer_fraction"] * n_layers) and None not in (bypass, kl, induce)
+                    and kl <= rule["kl_threshold"] and induce >= rule["induce_threshold"]]
+        assert passing_layers(tmp_path / "tiny", position) == expected
+    chosen = run.summary()["direction"]
+    assert chosen["layer"] in passing_layers(tmp_path / "tiny", chosen["position"])
 
 
 def test_recipe_rows_name_the_shipped_adapter_its_changes_and_where_refusals_fall(tmp_path):
@@ -208,3 +234,32 @@ def test_the_train_split_paragraph_reads_the_gap_to_the_untuned_model(monkeypatc
         assert f"({len(range(0, min(shipped, 2 * untuned), 2))} in common)" in log.replace("\n", " ")
     context = {**real, "train_split": []}  # not measured: no paragraph
     assert "On the harmless train split" not in report.rendered()[report.ROOT / "docs" / "research-log.md"]
+
+
+def test_the_breadth_paragraph_compares_with_the_shipped_adapter_and_the_seed_spread(monkeypatch):
+    import refusal_helpers.figures as figures
+
+    real = figures.figures()
+    monkeypatch.setattr(figures, "figures", lambda: context)
+    shipped = next(row for row in real["recipes"] if row["shipped"])
+    training = {"data": {"harmful_train": 719, "harmless_train": 1570}, "steps": 861, "final_loss": 0.4, "train_seconds": 5000.4,
+                "machine": "x86_64, 2 threads"}
+
+    def breadth_row(harmful: int, harmless: int) -> dict:
+        return {**shipped, "name": "breadth-once", "shipped": False, "changes": {"breadth_repeats": 1},
+                "training": training, "harmful": {**shipped["harmful"], **figures.rate(harmful, shipped["harmful"]["n"])},
+                "harmless": {**shipped["harmless"], **figures.rate(harmless, shipped["harmless"]["n"])}}
+
+    spread = [{"changes": {}, "names": ["a", "b"], "harmful": 2, "harmless": 4}]
+    n_harmful, n_harmless = shipped["harmful"]["refused"], shipped["harmless"]["refused"]
+    cases = [((n_harmful, n_harmless - 10), spread, "Over-refusal: better by 10 prompts, more than seeds of one recipe lie apart (up to 4)"),
+             ((n_harmful - 1, n_harmless - 3), spread, "Harmful refusal: worse by 1 prompt, within how far seeds"),
+             ((n_harmful, n_harmless + 5), spread, "Over-refusal: worse by 5 prompts, more than seeds"),
+             ((n_harmful, n_harmless), [], "Over-refusal: no different (no seed spread measured to compare with)")]
+    for (harmful, harmless), spreads, expected in cases:
+        context = {**real, "recipes": [shipped, breadth_row(harmful, harmless)], "recipe_seed_spreads": spreads}
+        log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
+        assert "The breadth batch" in log and "719 harmful and 1570 harmless examples, 861 steps, 5000 s" in log
+        assert expected in log
+    context = {**real, "recipes": [shipped]}  # no breadth recipe tried: no paragraph
+    assert "The breadth batch" not in report.rendered()[report.ROOT / "docs" / "research-log.md"]
