@@ -8,6 +8,7 @@ whose builds then run again.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import json
 import re
@@ -15,6 +16,16 @@ from pathlib import Path
 
 KINDS = ("harmful", "harmless")
 INSTRUCTIONS = Path(__file__).resolve().parent / "instructions"
+
+
+def build_arguments(doc: str, batch_folder: Path) -> argparse.Namespace:
+    """A batch build's command line: where the current files are, where the merged ones go, and the report."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--source", type=Path, default=INSTRUCTIONS, help="folder with the current jsonl files")
+    parser.add_argument("--out", type=Path, default=INSTRUCTIONS, help="folder for the merged files")
+    parser.add_argument("--report", type=Path, default=batch_folder / "build_report.json",
+                        help="where to write the build report")
+    return parser.parse_args()
 
 
 def words(text: str) -> list[str]:

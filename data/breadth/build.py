@@ -20,14 +20,13 @@ random.Random(SEED).
 
 from __future__ import annotations
 
-import argparse
 import collections
 import random
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # data/: the helpers every batch shares
-from merge import INSTRUCTIONS, KINDS, check_merged, deduplicate, draft_counts, read_jsonl, save_report, write_jsonl  # noqa: E402,E501
+from merge import KINDS, build_arguments, check_merged, deduplicate, draft_counts, read_jsonl, save_report, write_jsonl  # noqa: E402,E501
 
 SEED = 26
 JACCARD_MAX = 0.4
@@ -37,11 +36,7 @@ SPLIT = "train"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", type=Path, default=INSTRUCTIONS, help="folder with the current jsonl files")
-    parser.add_argument("--out", type=Path, default=INSTRUCTIONS, help="folder for the merged files")
-    parser.add_argument("--report", type=Path, default=HERE / "build_report.json", help="where to write the build report")
-    args = parser.parse_args()
+    args = build_arguments(__doc__, HERE)
 
     existing = {kind: [r for r in read_jsonl(args.source / f"{kind}.jsonl")[1] if r["batch"] != BATCH]
                 for kind in KINDS}

@@ -28,19 +28,27 @@ Deterministic: no clock, no hash-order dependence; the only randomness is random
 
 from __future__ import annotations
 
-import argparse
 import collections
 import random
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # data/: the helpers every batch shares
-from merge import KINDS, check_merged, deduplicate, draft_counts, dump, read_jsonl, save_report, write_jsonl  # noqa: E402
+from merge import (  # noqa: E402,E501
+    KINDS,
+    build_arguments,
+    check_merged,
+    deduplicate,
+    draft_counts,
+    dump,
+    read_jsonl,
+    save_report,
+    write_jsonl,
+)
 
 SEED = 25
 JACCARD_MAX = 0.4
 HERE = Path(__file__).resolve().parent
-DEFAULT_SOURCE = HERE.parent / "instructions"
 SHARES = {
     "harmful": {"train": 0.60, "val": 0.15, "test": 0.25},
     "harmless": {"train": 0.60, "val": 0.10, "test": 0.20, "dev": 0.10},
@@ -73,11 +81,7 @@ def deal(n: int, shares: dict[str, float], counts: dict[str, int], position: int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="folder with the current jsonl files")
-    parser.add_argument("--out", type=Path, default=DEFAULT_SOURCE, help="folder for the merged files")
-    parser.add_argument("--report", type=Path, default=HERE / "build_report.json", help="where to write the build report")
-    args = parser.parse_args()
+    args = build_arguments(__doc__, HERE)
 
     old_lines, old_records, new_items = {}, {}, {}
     for kind in KINDS:
