@@ -261,5 +261,6 @@ def test_the_breadth_paragraph_compares_with_the_shipped_adapter_and_the_seed_sp
         log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
         assert "The breadth batch" in log and "719 harmful and 1570 harmless examples, 861 steps, 5000 s" in log
         assert expected in log
+        assert ("the recipe to ship next" in log) == (harmless < n_harmless - 4 and harmful >= n_harmful - 2)
     context = {**real, "recipes": [shipped]}  # no breadth recipe tried: no paragraph
     assert "The breadth batch" not in report.rendered()[report.ROOT / "docs" / "research-log.md"]
