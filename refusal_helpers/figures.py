@@ -82,8 +82,8 @@ def comparison_run_figures(folder: Path) -> dict | None:
 
 
 def data_figures() -> dict:
-    """Counts of the bundled instructions by kind, split, batch and category; and under "builds" each batch
-    build's report (drafts written, kept and dropped), by batch."""
+    """Counts of the bundled instructions by kind, split, batch and category (``batch_categories``: by category
+    within each batch); and under "builds" each batch build's report (drafts written, kept and dropped), by batch."""
     out: dict = {"builds": {folder.name: _json(folder / "build_report.json")
                             for folder in sorted(data_dir().iterdir()) if (folder / "build_report.json").is_file()}}
     for kind in ("harmful", "harmless"):
@@ -98,8 +98,8 @@ def data_figures() -> dict:
         out[kind] = {"n": len(records), "splits": Counter(r["split"] for r in records),
                      "batches": Counter(r["batch"] for r in records), "batch_ids": ids,
                      "categories": Counter(r["category"] for r in records),
-                     "broadening_categories": Counter(r["category"] for r in broadening),
-                     "breadth_categories": Counter(r["category"] for r in records if r["batch"] == "breadth"),
+                     "batch_categories": {batch: Counter(r["category"] for r in records if r["batch"] == batch)
+                                          for batch in ids},
                      "broadening_by_split": by_split,
                      "split_batch": Counter(f"{r['split']}/{r['batch']}" for r in records)}
     return out

@@ -63,8 +63,8 @@ def training_examples(
     each time; 0 leaves the batch out), of any other batch once.
     """
     rng = random.Random(seed)
-    harmful = with_repeats(load_records("harmful", "train")[:limit], repeats or {})
-    harmless = with_repeats(load_records("harmless", "train")[:limit], repeats or {})
+    harmful, harmless = (with_repeats(load_records(kind, "train")[:limit], repeats or {})
+                         for kind in ("harmful", "harmless"))
     eos = cm.tokenizer.eos_token
     examples = [{"instruction": r["instruction"], "reply": refusal_reply(r["category"], rng) + eos, "kind": "harmful"}
                 for r in harmful]

@@ -80,11 +80,10 @@ def check_recipe(recipe: dict) -> None:
     lr = recipe["optimizer"]["lr"]
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"The learning rate must be a positive finite number, got {lr!r}.")
-    for key in ("epochs", "batch_size", "distill_max_new_tokens", "broadening_repeats"):
-        if not (isinstance(recipe[key], int) and recipe[key] >= 1):
-            raise ValueError(f"{key} must be a whole number >= 1, got {recipe[key]!r}.")
-    if not (isinstance(recipe["breadth_repeats"], int) and recipe["breadth_repeats"] >= 0):
-        raise ValueError(f"breadth_repeats must be a whole number >= 0, got {recipe['breadth_repeats']!r}.")
+    minimums = {"epochs": 1, "batch_size": 1, "distill_max_new_tokens": 1, "broadening_repeats": 1, "breadth_repeats": 0}
+    for key, least in minimums.items():
+        if not (isinstance(recipe[key], int) and recipe[key] >= least):
+            raise ValueError(f"{key} must be a whole number >= {least}, got {recipe[key]!r}.")
     if not 0 <= recipe["optimizer"]["warmup_fraction"] <= 1:
         raise ValueError(f"warmup_fraction must lie in [0, 1], got {recipe['optimizer']['warmup_fraction']!r}.")
 
