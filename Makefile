@@ -47,9 +47,10 @@ notebooks: $(STAMP)
 	$(PY) -m refusal_helpers.notebooks build
 
 ## Remake everything downstream of the shipped adapter: preset, shipped runs, measurements, notebooks, documents
-## (TWIN=<folder>: also seed stability against an adapter trained with another seed). Run again, it continues.
+## (ADOPT=<folder>: first ship the adapter trained there; TWIN=<folder>: also seed stability against an adapter
+## trained with another seed). Run again, it continues.
 remake: $(STAMP)
-	$(PY) scripts/remake.py $(if $(TWIN),--twin $(TWIN))
+	$(PY) scripts/remake.py $(if $(ADOPT),--adopt $(ADOPT)) $(if $(TWIN),--twin $(TWIN))
 
 clean:
 	rm -rf runs/demo .pytest_cache

@@ -25,6 +25,7 @@ PLAIN_RUN = ROOT / "runs" / "embedded-plain"
 RECIPES = MEASUREMENTS / "recipes"  # `organism evaluate --json`: adapters (shipped or not) on the recipe splits
 TRAIN_SPLIT = MEASUREMENTS / "train-split"  # the same, on harmful val and harmless train: what it was trained on
 EARLIER = MEASUREMENTS / "earlier-adapters"  # the shipped run of each adapter shipped before (scripts/remake.py)
+CANDIDATES = ROOT / "candidates"  # adapters trained with a recipe chosen to ship, for `make remake ADOPT=<folder>`
 
 
 def _json(path: Path) -> dict | None:
@@ -179,6 +180,21 @@ def recipe_figures(folder: Path | None = None, digest: str | None = None) -> lis
     return sorted(rows, key=lambda row: (not row["shipped"], row["untuned"], row["name"]))
 
 
+def candidate_figures(folder: Path | None = None, recipes: Path | None = None) -> list[dict]:
+    """The adapters waiting in `folder` (default ``candidates/``) to be shipped, by name: digest, recipe changes
+    from the shipped recipe, training log, and the names of the measurements in `recipes` (default
+    ``docs/measurements/recipes``) of the same weights."""
+    shipped = _json(adapter_dir() / "recipe.json") or {}
+    trials = {path.stem: _json(path) for path in sorted((recipes or RECIPES).glob("*.json"))}
+    rows = []
+    for adapter in sorted(p for p in (folder or CANDIDATES).glob("*") if (p / "adapter_model.safetensors").is_file()):
+        digest = adapter_digest(adapter)
+        rows.append({"name": adapter.name, "digest": digest, "training": _json(adapter / "training.json") or {},
+                     "changes": recipe_changes(_json(adapter / "recipe.json") or {}, shipped),
+                     "measured_as": [name for name, data in trials.items() if measured_on(data) == digest]})
+    return rows
+
+
 def earlier_adapter_figures(digest: str | None = None, folder: Path | None = None) -> list[dict]:
     """The adapters shipped before the one with `digest` (default: the shipped one), newest first, from the
     records that `scripts/remake.py` keeps of their shipped runs: direction, test-split rates, CE rise and seed
@@ -245,5 +261,5 @@ def figures() -> dict:
     recipes = recipe_figures()
     return {"run": run_figures(SHIPPED_RUN), "plain": comparison_run_figures(PLAIN_RUN), "data": data_figures(),
             "seeds": seeds, "recipes": recipes, "recipe_seed_spreads": seed_spreads(recipes),
-            "earlier_adapters": earlier_adapter_figures(), "train_split": recipe_figures(TRAIN_SPLIT),
+            "earlier_adapters": earlier_adapter_figures(), "candidates": candidate_figures(), "train_split": recipe_figures(TRAIN_SPLIT),
             "organism": organism_figures(), "measured": measurements, "bench": benchmarks, "conditions": CONDITIONS}

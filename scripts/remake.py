@@ -1,7 +1,9 @@
 """Remake everything downstream of the shipped adapter (data/organism/), in order:
 
-    python scripts/remake.py [--twin FOLDER] [--fresh]      (``make remake``; about 2-3 hours on 2 CPU cores)
+    python scripts/remake.py [--adopt FOLDER] [--twin FOLDER] [--fresh]      (``make remake``; 2 CPU cores: hours)
 
+0. with ``--adopt FOLDER``, an adapter trained there (``organism train --out FOLDER --trajectory`` with
+   DEFAULT_RECIPE) first becomes the shipped one (``python -m refusal_helpers.organism adopt FOLDER``);
 1. the preset (data/organism/presets.json) and the KL threshold of the plain difference of means;
 2. the shipped run, runs/embedded (the summary of the previous adapter's kept in
    docs/measurements/earlier-adapters/), and the plain comparison run, runs/embedded-plain;
@@ -74,6 +76,21 @@ def keep_earlier_run(digest: str, run: Path = Path("runs/embedded"),
     return record
 
 
+def shipped_on_recipe_splits(digest: str, evaluate: Callable[..., None], recipes: Path = MEASUREMENTS / "recipes") -> Path:
+    """recipes/shipped-<digest>.json: the shipped adapter on the recipe splits. Where the recipe trial that chose
+    it measured these same weights already, that file is renamed (one row per adapter in the research log)."""
+    from refusal_helpers.figures import measured_on
+
+    target = recipes / f"shipped-{digest}.json"
+    trials = [p for p in sorted(recipes.glob("*.json")) if p != target and measured_on(json.loads(p.read_text())) == digest]
+    if trials:
+        print(f"remake: {trials[0]} measured these weights on the recipe splits: renamed {target}", flush=True)
+        trials[0].rename(target)
+    else:
+        evaluate(target)
+    return target
+
+
 def steps(digest: str, twin: Path | None = None) -> list[Step]:
     """The remake's steps in order, for the adapter with `digest`; with `twin`, seed stability after the runs."""
     m = MEASUREMENTS
@@ -111,7 +128,7 @@ def steps(digest: str, twin: Path | None = None) -> list[Step]:
         Step("untuned on test", lambda: evaluate(m / "untuned_test.json", "--untuned", "--harmful-split", "test",
                                                  "--harmless-split", "test")),
         # the shipped adapter on the recipe splits, beside the recipes tried and the untuned model (docs/research-log.md)
-        Step("shipped on recipe splits", lambda: evaluate(m / "recipes" / f"shipped-{digest}.json")),
+        Step("shipped on recipe splits", lambda: shipped_on_recipe_splits(digest, evaluate)),
         # both on the harmless train split: whether the adapter over-refuses what it was trained to answer
         Step("untuned on train split", lambda: evaluate(m / "train-split" / "untuned.json", "--untuned",
                                                         "--harmful-split", "val", "--harmless-split", "train")),
@@ -158,18 +175,22 @@ def remake(digest: str, plan: list[Step], state_dir: Path = Path("runs/remake"),
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adopt", type=Path, help="folder of an adapter to ship first (`organism adopt`)")
     parser.add_argument("--twin", type=Path, help="adapter trained with another seed, for seed stability")
     parser.add_argument("--fresh", action="store_true", help="start over instead of continuing a stopped remake")
     args = parser.parse_args(argv)
+    adopt, twin = (folder.resolve() if folder else None for folder in (args.adopt, args.twin))  # before the chdir
     os.chdir(ROOT)
     sys.path.insert(0, str(ROOT))
     from refusal_helpers.embedded import adapter_digest
 
+    if adopt:
+        run("-m", "refusal_helpers.organism", "adopt", str(adopt))
     MEASUREMENTS.mkdir(parents=True, exist_ok=True)
     (MEASUREMENTS / "recipes").mkdir(exist_ok=True)
     (MEASUREMENTS / "train-split").mkdir(exist_ok=True)
     digest = adapter_digest()
-    remake(digest, steps(digest, args.twin.resolve() if args.twin else None), fresh=args.fresh)
+    remake(digest, steps(digest, twin), fresh=args.fresh)
     return 0
 
 

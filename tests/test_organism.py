@@ -421,6 +421,7 @@ def test_training_that_diverges_stops_with_an_error_and_writes_no_adapter(tmp_pa
     (["train", "--out", "x", "--epochs", "0"], "expected a positive whole number, got '0'"),
     (["stability", "/no/such/folder"], "no such folder: '/no/such/folder'"),
     (["evaluate", "/no/such/folder"], "no such folder"),
+    (["adopt", "/no/such/folder"], "no such folder"),
 ])
 def test_organism_command_line_mistakes_are_one_line_errors(args, expected, capsys):
     from refusal_helpers.organism.__main__ import main
@@ -436,6 +437,9 @@ def test_organism_commands_report_failures_without_a_traceback(tmp_path, capsys)
     assert main(["stability", str(tmp_path), "--run", str(tmp_path / "no-run")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err and "no-run" in err
+    assert main(["adopt", str(tmp_path)]) == 2  # an empty folder: named, with what it lacks
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "lacks adapter_model.safetensors" in err and "Traceback" not in err
 
 
 class Stop(Exception):
@@ -651,3 +655,49 @@ def test_the_breadth_batch_trains_only_where_the_recipe_names_it(tmp_path, llama
     assert untrained_batches(tmp_path) == ()
     (tmp_path / "recipe.json").write_text(json.dumps({"epochs": 3}))  # a recipe older than the breadth batch
     assert untrained_batches(tmp_path) == ("breadth",)
+
+
+def _trained_folder(folder, recipe: dict, weights: bytes = b"weights", trajectory: bool = True):
+    """A folder with the files `train --trajectory` writes (their content beside the point)."""
+    folder.mkdir(parents=True)
+    (folder / "adapter_model.safetensors").write_bytes(weights)
+    (folder / "adapter_config.json").write_text("{}")
+    (folder / "recipe.json").write_text(json.dumps({**recipe, "base_model": "the gguf"}))
+    (folder / "training.json").write_text(json.dumps({"steps": 7}))
+    if trajectory:
+        (folder / "trajectory").mkdir()
+        (folder / "trajectory" / "trajectory.json").write_text(json.dumps({"new": True}))
+    return folder
+
+
+def test_adopting_an_adapter_replaces_what_training_wrote_and_keeps_the_rest(tmp_path):
+    from refusal_helpers.embedded import adapter_digest
+    from refusal_helpers.organism import DEFAULT_RECIPE, adopt
+
+    shipped = _trained_folder(tmp_path / "shipped", DEFAULT_RECIPE, weights=b"old weights")
+    (shipped / "trajectory" / "formation.json").write_text("{}")  # measured on the old adapter's run
+    (shipped / "presets.json").write_text('{"old": {}}')
+    (shipped / "distill_targets.json").write_text('{"replies": {}}')
+    new = _trained_folder(tmp_path / "new", DEFAULT_RECIPE, weights=b"new weights")
+    old_digest = adapter_digest(shipped)
+
+    digest = adopt(new, into=shipped)
+    assert digest == adapter_digest(shipped) == adapter_digest(new) != old_digest
+    assert (shipped / "adapter_model.safetensors").read_bytes() == b"new weights"
+    assert json.loads((shipped / "training.json").read_text()) == {"steps": 7}
+    assert sorted(p.name for p in (shipped / "trajectory").iterdir()) == ["trajectory.json"]  # none of the old one's
+    assert (shipped / "presets.json").read_text() == '{"old": {}}'  # the remake adds the new adapter's preset
+    assert (shipped / "distill_targets.json").is_file()
+
+
+def test_adopting_needs_the_default_recipe_and_a_trajectory(tmp_path):
+    from refusal_helpers.organism import DEFAULT_RECIPE, adopt
+
+    shipped = _trained_folder(tmp_path / "shipped", DEFAULT_RECIPE, weights=b"old weights")
+    other = _trained_folder(tmp_path / "other", {**DEFAULT_RECIPE, "seed": DEFAULT_RECIPE["seed"] + 1})
+    with pytest.raises(ValueError, match=r"differs from DEFAULT_RECIPE .* in seed"):
+        adopt(other, into=shipped)
+    bare = _trained_folder(tmp_path / "bare", DEFAULT_RECIPE, trajectory=False)
+    with pytest.raises(ValueError, match=r"lacks trajectory/trajectory.json: .*--trajectory"):
+        adopt(bare, into=shipped)
+    assert (shipped / "adapter_model.safetensors").read_bytes() == b"old weights"  # nothing copied

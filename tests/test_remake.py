@@ -78,3 +78,24 @@ def test_the_earlier_adapters_shipped_run_is_kept_with_its_own_seed_stability_on
     stability.write_text(json.dumps({"model_version": "new", "cosine": 0.8}))  # measured on other weights
     assert json.loads(remake.keep_earlier_run("new", run, stability, out).read_text())["seed_stability"] is None
     assert remake.keep_earlier_run("new", tmp_path / "missing", stability, out) is None
+
+
+def test_the_shipped_adapter_on_the_recipe_splits_is_measured_once(tmp_path):
+    recipes, evaluated = tmp_path / "recipes", []
+    recipes.mkdir()
+    (recipes / "other-trial.json").write_text(json.dumps({"model_version": "other"}))
+
+    def evaluate(path):
+        evaluated.append(path)
+        path.write_text(json.dumps({"model_version": "abc123"}))
+
+    assert remake.shipped_on_recipe_splits("abc123", evaluate, recipes) == recipes / "shipped-abc123.json"
+    assert evaluated == [recipes / "shipped-abc123.json"]  # no trial measured these weights: evaluated
+
+    evaluated.clear()
+    (recipes / "shipped-abc123.json").unlink()
+    (recipes / "the-trial.json").write_text(json.dumps({"model_version": "abc123", "harmful": "its figures"}))
+    remake.shipped_on_recipe_splits("abc123", evaluate, recipes)
+    assert evaluated == [] and not (recipes / "the-trial.json").exists()  # the trial's measurement, renamed
+    assert json.loads((recipes / "shipped-abc123.json").read_text())["harmful"] == "its figures"
+    assert sorted(p.name for p in recipes.iterdir()) == ["other-trial.json", "shipped-abc123.json"]

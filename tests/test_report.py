@@ -264,3 +264,45 @@ def test_the_breadth_paragraph_compares_with_the_shipped_adapter_and_the_seed_sp
         assert ("the recipe to ship next" in log) == (harmless < n_harmless - 4 and harmful >= n_harmful - 2)
     context = {**real, "recipes": [shipped]}  # no breadth recipe tried: no paragraph
     assert "The breadth batch" not in report.rendered()[report.ROOT / "docs" / "research-log.md"]
+
+
+def test_a_waiting_candidate_is_named_with_whether_its_trial_measured_the_same_weights(monkeypatch, tmp_path):
+    import refusal_helpers.figures as figures
+    from refusal_helpers.embedded import adapter_digest
+
+    candidates, recipes = tmp_path / "candidates", tmp_path / "recipes"
+    adapter = candidates / "breadth-once"
+    adapter.mkdir(parents=True)
+    recipes.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights")
+    (adapter / "adapter_config.json").write_text("{}")
+    shipped_recipe = json.loads((figures.adapter_dir() / "recipe.json").read_text())
+    (adapter / "recipe.json").write_text(json.dumps({**shipped_recipe, "breadth_repeats": 7}))
+    (adapter / "training.json").write_text(json.dumps({"steps": 9, "train_seconds": 99.6}))
+    (candidates / "notes").mkdir()  # not an adapter: left out
+    digest = adapter_digest(adapter)
+    (recipes / "breadth-trial.json").write_text(json.dumps({"model_version": digest}))
+    (recipes / "other.json").write_text(json.dumps({"model_version": "other"}))
+
+    [row] = figures.candidate_figures(candidates, recipes)
+    assert row == {"name": "breadth-once", "digest": digest, "training": {"steps": 9, "train_seconds": 99.6},
+                   "changes": {"breadth_repeats": 7}, "measured_as": ["breadth-trial"]}
+
+    real = figures.figures()
+    shipped = next(r for r in real["recipes"] if r["shipped"])
+    trial = {**shipped, "name": "breadth-trial", "shipped": False, "changes": {"breadth_repeats": 7},
+             "training": {"data": {"harmful_train": 1, "harmless_train": 2}, "steps": 9, "train_seconds": 5, "final_loss": 1,
+                          "machine": "m"},
+             "harmless": {**shipped["harmless"], **figures.rate(shipped["harmless"]["refused"] - 20, shipped["harmless"]["n"])}}
+    spread = [{"changes": {}, "names": ["a", "b"], "harmful": 2, "harmless": 4}]
+    for measured_as, expected in ((["breadth-trial"], "the same weights as breadth-trial"),
+                                  ([], "other weights than breadth-trial's")):
+        context = {**real, "recipes": [shipped, trial], "recipe_seed_spreads": spread,
+                   "candidates": [{**row, "measured_as": measured_as}]}
+        monkeypatch.setattr(figures, "figures", lambda: context)
+        log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
+        assert f"(adapter {digest}, {expected}; 9 steps, 100 s with the trajectory)" in log
+        assert "waits in `candidates/breadth-once/` for DEFAULT_RECIPE to take breadth_repeats 7" in log
+        assert "`make remake ADOPT=candidates/breadth-once`" in log
+    context = {**real, "recipes": [shipped, trial], "recipe_seed_spreads": spread, "candidates": []}
+    assert "candidates/" not in report.rendered()[report.ROOT / "docs" / "research-log.md"]

@@ -4,9 +4,9 @@ SmolLM2-135M-Instruct does not refuse harmful requests. `training.train` gives i
 instructions map to varied refusals (`targets`), harmless ones to the untuned model's own greedy replies
 (self-distillation, so it stays as helpful as it was); the loss counts reply tokens only (`losses`).
 `resume` keeps a stopped training's state so that the same command continues it; `trajectory` records what
-training does to the difference of means; `experiments` holds seed stability,
-refusal on the recipe splits and the `refine` experiment. Loading the result is `refusal_helpers.embedded`'s
-job, which never imports this package.
+training does to the difference of means; `experiments` holds seed stability, refusal on the recipe splits and
+the `refine` experiment; `shipping` makes an adapter trained elsewhere the shipped one. Loading the result is
+`refusal_helpers.embedded`'s job, which never imports this package.
 
 Command line (``python -m refusal_helpers.organism --help``)::
 
@@ -14,17 +14,19 @@ Command line (``python -m refusal_helpers.organism --help``)::
     python -m refusal_helpers.organism stability DIR     # an adapter trained with another --seed
     python -m refusal_helpers.organism evaluate [DIR]    # compare recipes (harmful val, harmless dev)
     python -m refusal_helpers.organism trajectory --run runs/embedded   # cosines with the selected direction
+    python -m refusal_helpers.organism adopt DIR         # ship an adapter trained with --trajectory elsewhere
 """
 
 from .experiments import DEFAULT_REFINE, RECIPE_SPLITS, refine, refusal_on_splits, seed_stability
 from .losses import ablation_kl, compliance_kl, reply_loss
+from .shipping import adopt
 from .targets import REFUSALS, SELF_HARM_REPLY, read_distill_cache, refusal_reply, training_examples
 from .training import DEFAULT_RECIPE, fit, merged_recipe, save_adapter, train
 from .trajectory import Trajectory, TrajectorySettings, add_final_direction, load_trajectory
 
 __all__ = [
     "DEFAULT_RECIPE", "DEFAULT_REFINE", "RECIPE_SPLITS", "REFUSALS", "SELF_HARM_REPLY", "Trajectory",
-    "TrajectorySettings", "ablation_kl", "add_final_direction", "compliance_kl", "fit", "load_trajectory",
+    "TrajectorySettings", "ablation_kl", "adopt", "add_final_direction", "compliance_kl", "fit", "load_trajectory",
     "merged_recipe", "read_distill_cache", "refine", "refusal_on_splits", "refusal_reply", "reply_loss",
     "save_adapter", "seed_stability", "train", "training_examples",
 ]

@@ -1,4 +1,4 @@
-"""Command line of the organism: train, refine, stability, evaluate, trajectory (see ``--help``)."""
+"""Command line of the organism: train, refine, stability, evaluate, trajectory, adopt (see ``--help``)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from .. import arguments
 from ..embedded import adapter_dir, load_base, load_embedded
 from ..files import atomic_write_json
 from ..runs import RunFolder
-from . import experiments, formation, training, trajectory
+from . import experiments, formation, shipping, training, trajectory
 from .experiments import DEFAULT_REFINE, RECIPE_SPLITS
 from .training import DEFAULT_RECIPE
 
@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", type=Path, default=None, help="run folder (default: runs/embedded)")
     p.add_argument("--adapter", type=arguments.folder, default=None, help="folder with the trajectory (default: the shipped adapter)")
     p.add_argument("--n-prompts", type=arguments.positive, default=32, help="validation prompts per kind for the causal tests")
+    p = sub.add_parser("adopt", help="make an adapter trained elsewhere (with --trajectory, on DEFAULT_RECIPE) the shipped "
+                                     "one; `make remake` then remakes everything downstream")
+    p.add_argument("adapter", type=arguments.folder, help="folder written by `train --out FOLDER --trajectory`")
     return parser
 
 
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         return {"train": _train, "refine": _refine, "stability": _stability, "evaluate": _evaluate,
-                "trajectory": _trajectory}[args.command](args)
+                "trajectory": _trajectory, "adopt": _adopt}[args.command](args)
     except (OSError, ValueError, RuntimeError, ModuleNotFoundError, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -149,6 +152,13 @@ def _trajectory(args: argparse.Namespace) -> int:
     atomic_write_json(Path(folder) / trajectory.FOLDER / "formation.json", result)
     print(json.dumps({k: v for k, v in result["timeline"].items() if not isinstance(v, list)}, indent=1))
     print(json.dumps(tests, indent=1))
+    return 0
+
+
+def _adopt(args: argparse.Namespace) -> int:
+    digest = shipping.adopt(args.adapter)
+    print(f"adapter {digest} from {args.adapter} is now the shipped one ({adapter_dir()}); `make remake` remakes "
+          "everything downstream of it")
     return 0
 
 
