@@ -84,11 +84,14 @@ def comparison_run_figures(folder: Path) -> dict | None:
 
 def data_figures() -> dict:
     """Counts of the bundled instructions by kind, split, batch and category (``batch_categories``: by category
-    within each batch); and under "builds" each batch build's report (drafts written, kept and dropped), by batch."""
-    out: dict = {"builds": {folder.name: _json(folder / "build_report.json")
-                            for folder in sorted(data_dir().iterdir()) if (folder / "build_report.json").is_file()}}
+    within each batch; ``split_batch_category``: "split/batch/category"; ``group_categories``: for a batch built
+    from drafts, the kept ones by group, the part of the brief a draft was written to, and category); and under "builds" each batch build's report (drafts written, kept and dropped), by batch."""
+    builds = sorted(folder for folder in data_dir().iterdir() if (folder / "build_report.json").is_file())
+    out: dict = {"builds": {folder.name: _json(folder / "build_report.json") for folder in builds}}
     for kind in ("harmful", "harmless"):
         records = load_records(kind)
+        groups = {folder.name: {d["instruction"]: d["group"] for d in map(json.loads, (folder / f"{kind}.jsonl").open())}
+                  for folder in builds}
         broadening = [r for r in records if r["batch"] == "broadening"]
         by_split: dict[str, Counter] = {}
         for r in broadening:
@@ -102,7 +105,19 @@ def data_figures() -> dict:
                      "batch_categories": {batch: Counter(r["category"] for r in records if r["batch"] == batch)
                                           for batch in ids},
                      "broadening_by_split": by_split,
-                     "split_batch": Counter(f"{r['split']}/{r['batch']}" for r in records)}
+                     "split_batch": Counter(f"{r['split']}/{r['batch']}" for r in records),
+                     "split_batch_category": Counter(f"{r['split']}/{r['batch']}/{r['category']}" for r in records),
+                     "group_categories": {batch: _group_categories(records, batch, drafts)
+                                          for batch, drafts in groups.items()}}
+    return out
+
+
+def _group_categories(records: list[dict], batch: str, groups: dict[str, str]) -> dict[str, Counter]:
+    """The records of `batch` by the group (`groups`: instruction -> group) of their draft, and category."""
+    out: dict[str, Counter] = {}
+    for r in records:
+        if r["batch"] == batch:
+            out.setdefault(groups[r["instruction"]], Counter())[r["category"]] += 1
     return out
 
 

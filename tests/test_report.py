@@ -1,6 +1,7 @@
 """Measured figures in the docs come from artifacts: every generated document is what `report build` writes."""
 
 import json
+from collections import Counter
 
 import pytest
 
@@ -265,6 +266,17 @@ def test_the_breadth_paragraph_compares_with_the_shipped_adapter_and_the_seed_sp
     context = {**real, "recipes": [shipped]}  # no breadth recipe tried: no paragraph
     assert "The breadth batch" not in report.rendered()[report.ROOT / "docs" / "research-log.md"]
 
+    # once shipped, the recipe with the batch is the shipped one, and the one before it is "breadth_repeats 0"
+    with_breadth = {**breadth_row(n_harmful, n_harmless - 10), "name": "shipped-new", "shipped": True, "changes": {}}
+    earlier = {**shipped, "name": "shipped-old", "shipped": False, "changes": {"breadth_repeats": 0}}
+    organism = {**real["organism"], "recipe": {**real["organism"]["recipe"], "breadth_repeats": 1}}
+    context = {**real, "recipes": [with_breadth, earlier], "recipe_seed_spreads": spread, "organism": organism}
+    log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
+    assert "- shipped-new (shipped) (breadth_repeats 1; 719 harmful" in log
+    assert f"(without it, shipped-old: {shipped['harmful']['text']})" in log
+    assert "Over-refusal: better by 10 prompts" in log and "so it shipped" in log and "ship next" not in log
+    assert "and the breadth batch once per epoch (`breadth_repeats`; below the table)" in log
+
 
 def test_a_waiting_candidate_is_named_with_whether_its_trial_measured_the_same_weights(monkeypatch, tmp_path):
     import refusal_helpers.figures as figures
@@ -306,3 +318,18 @@ def test_a_waiting_candidate_is_named_with_whether_its_trial_measured_the_same_w
         assert "`make remake ADOPT=candidates/breadth-once`" in log
     context = {**real, "recipes": [shipped, trial], "recipe_seed_spreads": spread, "candidates": []}
     assert "candidates/" not in report.rendered()[report.ROOT / "docs" / "research-log.md"]
+
+
+def test_data_figures_count_each_batch_by_group_category_and_split_consistently():
+    from refusal_helpers.figures import data_figures
+
+    data = data_figures()
+    for kind in ("harmful", "harmless"):
+        d = data[kind]
+        for batch, report_ in data["builds"].items():  # the groups of the kept records: those the build reported
+            groups = d["group_categories"][batch]
+            assert {group: sum(c.values()) for group, c in groups.items()} == report_["kept_by_group"][kind]
+            assert sum((Counter(c) for c in groups.values()), Counter()) == d["batch_categories"][batch]
+        assert sum(d["batch_categories"].values(), Counter()) == d["categories"]
+        for key, n in d["split_batch"].items():
+            assert sum(m for k, m in d["split_batch_category"].items() if k.startswith(key + "/")) == n
