@@ -251,10 +251,10 @@ def passing_layers(folder: Path, position: int) -> list[int]:
 
 
 def seed_spreads(rows: list[dict]) -> list[dict]:
-    """How far adapters of one recipe trained with different seeds lie apart on the recipe splits, for each
-    recipe that `recipe_figures` rows hold with two seeds or more: its changes from the shipped recipe (the
-    seed aside), the rows' names, and per kind the largest difference in refused prompts. The shipped recipe
-    comes first."""
+    """How far adapters of one recipe trained more than once (other seeds, or the same seed again) lie apart on
+    the recipe splits, for each recipe that `recipe_figures` rows hold two or more times: its changes from the
+    shipped recipe (the seed aside), the rows' names, and per kind the largest difference in refused prompts.
+    The shipped recipe comes first."""
     groups: dict[str, list[dict]] = {}
     for row in rows:
         if not row["untuned"]:

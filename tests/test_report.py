@@ -253,10 +253,10 @@ def test_the_breadth_paragraph_compares_with_the_shipped_adapter_and_the_seed_sp
 
     spread = [{"changes": {}, "names": ["a", "b"], "harmful": 2, "harmless": 4}]
     n_harmful, n_harmless = shipped["harmful"]["refused"], shipped["harmless"]["refused"]
-    cases = [((n_harmful, n_harmless - 10), spread, "Over-refusal: better by 10 prompts, more than seeds of one recipe lie apart (up to 4)"),
-             ((n_harmful - 1, n_harmless - 3), spread, "Harmful refusal: worse by 1 prompt, within how far seeds"),
-             ((n_harmful, n_harmless + 5), spread, "Over-refusal: worse by 5 prompts, more than seeds"),
-             ((n_harmful, n_harmless), [], "Over-refusal: no different (no seed spread measured to compare with)")]
+    cases = [((n_harmful, n_harmless - 10), spread, "Over-refusal: better by 10 prompts, more than trainings of one recipe lie apart (up to 4)"),
+             ((n_harmful - 1, n_harmless - 3), spread, "Harmful refusal: worse by 1 prompt, within how far trainings"),
+             ((n_harmful, n_harmless + 5), spread, "Over-refusal: worse by 5 prompts, more than trainings"),
+             ((n_harmful, n_harmless), [], "Over-refusal: no different (no spread between trainings of one recipe measured to compare with)")]
     for (harmful, harmless), spreads, expected in cases:
         context = {**real, "recipes": [shipped, breadth_row(harmful, harmless)], "recipe_seed_spreads": spreads}
         log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
@@ -307,15 +307,16 @@ def test_a_waiting_candidate_is_named_with_whether_its_trial_measured_the_same_w
                           "machine": "m"},
              "harmless": {**shipped["harmless"], **figures.rate(shipped["harmless"]["refused"] - 20, shipped["harmless"]["n"])}}
     spread = [{"changes": {}, "names": ["a", "b"], "harmful": 2, "harmless": 4}]
-    for measured_as, expected in ((["breadth-trial"], "the same weights as breadth-trial"),
-                                  ([], "other weights than breadth-trial's")):
+    for measured_as, expected in ((["breadth-trial"], "measured above as breadth-trial"),
+                                  ([], "not measured on the recipe splits")):
         context = {**real, "recipes": [shipped, trial], "recipe_seed_spreads": spread,
-                   "candidates": [{**row, "measured_as": measured_as}]}
+                   "candidates": [{**row, "measured_as": measured_as}, {**row, "name": "twin", "changes": {"seed": 0}}]}
         monkeypatch.setattr(figures, "figures", lambda: context)
         log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
-        assert f"(adapter {digest}, {expected}; 9 steps, 100 s with the trajectory)" in log
-        assert "waits in `candidates/breadth-once/` for DEFAULT_RECIPE to take breadth_repeats 7" in log
-        assert "`make remake ADOPT=candidates/breadth-once`" in log
+        assert ("waits in `candidates/breadth-once/` (adapter " + digest + "; 9 steps, 100 s with the trajectory; "
+                + expected + "): `make remake ADOPT=candidates/breadth-once` ships it once DEFAULT_RECIPE takes "
+                "breadth_repeats 7.") in log
+        assert "candidates/twin" not in log  # not the recipe chosen to ship
     context = {**real, "recipes": [shipped, trial], "recipe_seed_spreads": spread, "candidates": []}
     assert "candidates/" not in report.rendered()[report.ROOT / "docs" / "research-log.md"]
 
