@@ -92,10 +92,6 @@ def data_figures() -> dict:
         records = load_records(kind)
         groups = {folder.name: {d["instruction"]: d["group"] for d in map(json.loads, (folder / f"{kind}.jsonl").open())}
                   for folder in builds}
-        broadening = [r for r in records if r["batch"] == "broadening"]
-        by_split: dict[str, Counter] = {}
-        for r in broadening:
-            by_split.setdefault(r["category"], Counter())[r["split"]] += 1
         ids: dict[str, list[str]] = {}
         for r in records:  # the first and last id of each batch, in file order
             ids.setdefault(r["batch"], [r["id"], r["id"]])[1] = r["id"]
@@ -104,7 +100,6 @@ def data_figures() -> dict:
                      "categories": Counter(r["category"] for r in records),
                      "batch_categories": {batch: Counter(r["category"] for r in records if r["batch"] == batch)
                                           for batch in ids},
-                     "broadening_by_split": by_split,
                      "split_batch": Counter(f"{r['split']}/{r['batch']}" for r in records),
                      "split_batch_category": Counter(f"{r['split']}/{r['batch']}/{r['category']}" for r in records),
                      "group_categories": {batch: _group_categories(records, batch, drafts)
