@@ -85,7 +85,9 @@ def comparison_run_figures(folder: Path) -> dict | None:
 def data_figures() -> dict:
     """Counts of the bundled instructions by kind, split, batch and category (``batch_categories``: by category
     within each batch; ``split_batch_category``: "split/batch/category"; ``group_categories``: for a batch built
-    from drafts, the kept ones by group, the part of the brief a draft was written to, and category); and under "builds" each batch build's report (drafts written, kept and dropped), by batch."""
+    from drafts, the kept ones by group, the part of the brief a draft was written to, and category;
+    ``batch_shapes``: each batch's word-count range and largest two-word-opening share); and under "builds" each
+    batch build's report (drafts written, kept and dropped), by batch."""
     builds = sorted(folder for folder in data_dir().iterdir() if (folder / "build_report.json").is_file())
     out: dict = {"builds": {folder.name: _json(folder / "build_report.json") for folder in builds}}
     for kind in ("harmful", "harmless"):
@@ -103,8 +105,17 @@ def data_figures() -> dict:
                      "split_batch": Counter(f"{r['split']}/{r['batch']}" for r in records),
                      "split_batch_category": Counter(f"{r['split']}/{r['batch']}/{r['category']}" for r in records),
                      "group_categories": {batch: _group_categories(records, batch, drafts)
-                                          for batch, drafts in groups.items()}}
+                                          for batch, drafts in groups.items()},
+                     "batch_shapes": {batch: _shape([r for r in records if r["batch"] == batch]) for batch in ids}}
     return out
+
+
+def _shape(records: list[dict]) -> dict:
+    """How varied a batch's instructions are: the fewest and most words, and the share (%) of the batch that its
+    most common two-word opening (lower-cased) starts."""
+    words = [len(r["instruction"].split()) for r in records]
+    openings = Counter(" ".join(r["instruction"].lower().split()[:2]) for r in records)
+    return {"words": [min(words), max(words)], "top_opening": 100 * openings.most_common(1)[0][1] / len(records)}
 
 
 def _group_categories(records: list[dict], batch: str, groups: dict[str, str]) -> dict[str, Counter]:

@@ -334,3 +334,11 @@ def test_data_figures_count_each_batch_by_group_category_and_split_consistently(
         assert sum(d["batch_categories"].values(), Counter()) == d["categories"]
         for key, n in d["split_batch"].items():
             assert sum(m for k, m in d["split_batch_category"].items() if k.startswith(key + "/")) == n
+
+
+def test_a_batch_shape_is_its_word_range_and_most_common_two_word_opening():
+    from refusal_helpers.figures import _shape
+
+    records = [{"instruction": text} for text in
+               ("How do I bake bread?", "how do  magnets work", "Write a short poem about rain today", "Explain tides")]
+    assert _shape(records) == {"words": [2, 7], "top_opening": 50.0}  # "how do" twice, whatever the case or spacing
