@@ -76,9 +76,15 @@ def adapter_digest(folder: Path | None = None) -> str:
     return digest.hexdigest()[:12]
 
 
+# Recipe keys added after adapters were trained without them, each with the value those adapters had in effect.
+LATER_KEYS = {"broadening_repeats": 1, "breadth_repeats": 0}
+
+
 def recipe_changes(recipe: dict, reference: dict) -> dict[str, object]:
     """The settings in which an adapter's `recipe` (its recipe.json) differs from `reference` ("optimizer.lr":
-    0.002, ...); a setting that `recipe` does not name (it predates that setting) counts as unchanged."""
+    0.002, ...). A setting in `LATER_KEYS` that either predates takes the value it had then; any other that
+    `recipe` does not name counts as unchanged."""
+    recipe, reference = {**LATER_KEYS, **recipe}, {**LATER_KEYS, **reference}
     changes = {}
     for key, value in recipe.items():
         default = reference.get(key)

@@ -126,13 +126,14 @@ def test_recipe_changes_merge_into_nested_sections():
 
 
 def test_a_written_recipe_keeps_the_value_a_later_key_had_before_it_existed(monkeypatch):
+    from refusal_helpers.embedded import LATER_KEYS
     from refusal_helpers.organism import training
 
     monkeypatch.setitem(training.DEFAULT_RECIPE, "broadening_repeats", 3)  # a default that has moved on
     old = {k: v for k, v in training.DEFAULT_RECIPE.items() if k != "broadening_repeats"}
     assert training.merged_recipe(old)["broadening_repeats"] == 3
     recipe = training.written_recipe({**old, "seed": 5, "base_model": "the gguf"})
-    assert recipe["broadening_repeats"] == training.LATER_KEYS["broadening_repeats"] == 1
+    assert recipe["broadening_repeats"] == LATER_KEYS["broadening_repeats"] == 1
     assert recipe["seed"] == 5 and recipe["base_model"] == "the gguf"
     assert training.written_recipe({**old, "broadening_repeats": 2})["broadening_repeats"] == 2
 
@@ -533,10 +534,10 @@ def test_stability_command_records_the_other_organisms_recipe_and_training(monke
 
 
 def test_evaluate_command_records_which_weights_it_measured(monkeypatch, tmp_path):
-    from refusal_helpers.embedded import adapter_digest
+    from refusal_helpers.embedded import LATER_KEYS, adapter_digest
     from refusal_helpers.organism import __main__ as cli
     from refusal_helpers.organism import experiments
-    from refusal_helpers.organism.training import LATER_KEYS, written_recipe
+    from refusal_helpers.organism.training import written_recipe
 
     results = {kind: {"split": split, "n": 2, "refused": 1, "rate": 0.5, "refused_instructions": ["x"]}
                for kind, split in experiments.RECIPE_SPLITS.items()}
@@ -621,11 +622,12 @@ def test_broadening_repeats_add_each_broadening_instruction_again_with_a_new_ref
 
 
 def test_the_breadth_batch_trains_only_where_the_recipe_names_it(tmp_path, llama):
+    from refusal_helpers.embedded import adapter_dir
     from refusal_helpers.organism.targets import with_repeats
     from refusal_helpers.organism.training import batch_repeats
 
-    shipped = batch_repeats(merged_recipe())
-    assert shipped == {"broadening": merged_recipe()["broadening_repeats"], "breadth": 0}  # the shipped adapter's data
+    shipped = json.loads((adapter_dir() / "recipe.json").read_text())
+    assert batch_repeats(merged_recipe()) == batch_repeats(shipped)  # the default recipe trains the shipped data
     targets = {"model": llama.name, "max_new_tokens": 4,
                "replies": {r["instruction"]: "Sure." for r in load_records("harmless", "train")}}
     (tmp_path / "cache.json").write_text(json.dumps(targets))
@@ -637,7 +639,8 @@ def test_the_breadth_batch_trains_only_where_the_recipe_names_it(tmp_path, llama
         assert without == [r for r in records if r["batch"] != "breadth"]
         assert with_repeats(records, {"breadth": 2, "broadening": 0}) == [
             r for r in records if r["batch"] != "broadening"] + breadth
-    left_out, _ = training_examples(llama, 0, 4, cache=tmp_path / "cache.json", repeats=shipped)
+    left_out, _ = training_examples(llama, 0, 4, cache=tmp_path / "cache.json",
+                                    repeats=batch_repeats(merged_recipe({"breadth_repeats": 0})))
     named, _ = training_examples(llama, 0, 4, cache=tmp_path / "cache.json",
                                  repeats=batch_repeats(merged_recipe({"breadth_repeats": 1})))
     breadth = {r["instruction"] for kind in ("harmful", "harmless") for r in load_records(kind, "train")
@@ -647,10 +650,10 @@ def test_the_breadth_batch_trains_only_where_the_recipe_names_it(tmp_path, llama
     with pytest.raises(ValueError, match="breadth_repeats must be a whole number >= 0"):
         merged_recipe({"breadth_repeats": -1})
     # which batches "the train split" leaves out when it means what an adapter was trained on
-    from refusal_helpers.embedded import adapter_dir
     from refusal_helpers.organism.experiments import untrained_batches
 
-    assert untrained_batches(adapter_dir()) == ("breadth",)
+    (tmp_path / "recipe.json").write_text(json.dumps({"epochs": 3, "breadth_repeats": 0}))
+    assert untrained_batches(tmp_path) == ("breadth",)
     (tmp_path / "recipe.json").write_text(json.dumps({"epochs": 3, "breadth_repeats": 1}))
     assert untrained_batches(tmp_path) == ()
     (tmp_path / "recipe.json").write_text(json.dumps({"epochs": 3}))  # a recipe older than the breadth batch

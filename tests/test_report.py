@@ -128,7 +128,7 @@ def test_passing_layers_are_those_the_runs_filters_let_through(tiny_folder, tmp_
 
 def test_recipe_rows_name_the_shipped_adapter_its_changes_and_where_refusals_fall(tmp_path):
     from refusal_helpers.data import load_records
-    from refusal_helpers.embedded import adapter_dir, recipe_changes
+    from refusal_helpers.embedded import LATER_KEYS, adapter_dir, recipe_changes
     from refusal_helpers.figures import recipe_figures, seed_spreads
 
     shipped_recipe = json.loads((adapter_dir() / "recipe.json").read_text())  # the shipped recipe: no changes
@@ -144,8 +144,11 @@ def test_recipe_rows_name_the_shipped_adapter_its_changes_and_where_refusals_fal
                 "harmless": {"split": "dev", "n": 594, "refused": len(refused_harmless), "refused_instructions": refused_harmless}}
 
     longer = {**shipped_recipe, "epochs": 4, "optimizer": {**shipped_recipe["optimizer"], "lr": 2e-3}, "base_model": "x"}
-    older = {k: v for k, v in shipped_recipe.items() if k != "broadening_repeats"}  # a recipe before that setting
-    assert recipe_changes(older, shipped_recipe) == {} and recipe_changes({"seed": 7}, shipped_recipe) == {"seed": 7}
+    for key, then in LATER_KEYS.items():  # a recipe from before that setting had its value then
+        older = {k: v for k, v in shipped_recipe.items() if k != key}
+        assert recipe_changes(older, shipped_recipe) == ({} if shipped_recipe[key] == then else {key: then})
+        assert recipe_changes(shipped_recipe, older) == ({} if shipped_recipe[key] == then else {key: shipped_recipe[key]})
+    assert recipe_changes({"seed": 7}, shipped_recipe) == {"seed": 7}
     files = {"a-untuned": record("untuned", None, original[:1], dev[:3]),
              "b-longer": record("def", longer, broad[:2] + original[:3], dev[:1]),
              "z-shipped": record("abc", {**shipped_recipe, "base_model": "x"}, original[:4], [])}

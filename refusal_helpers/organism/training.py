@@ -23,7 +23,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..batching import batches, padded_batch
-from ..embedded import GGUF_FILE, adapter_dir, load_base, package_version
+from ..embedded import GGUF_FILE, LATER_KEYS, adapter_dir, load_base, package_version
 from ..evaluation import encode_completion
 from ..interventions import ablate
 from ..models import ChatModel
@@ -45,9 +45,6 @@ DEFAULT_RECIPE = {
     "first_reply_token_weight": 1.0,  # extra weight on each reply's first token; see losses.reply_loss
     "seed": 1,
 }  # the shipped adapter's recipe (data/organism/recipe.json): `train --out data/organism` reproduces it
-
-# Recipe keys added after adapters were trained without them, each with the value those adapters had in effect.
-LATER_KEYS = {"broadening_repeats": 1, "breadth_repeats": 0}
 
 StepCallback = Callable[[int, list[float]], None]  # (steps done, losses so far), after each optimizer step
 
