@@ -41,7 +41,7 @@ DEFAULT_RECIPE = {
     "distill_max_new_tokens": 64,
     "drop_refusing_targets": True,
     "broadening_repeats": 2,  # times each train instruction of the broadening batch appears per epoch
-    "breadth_repeats": 0,  # times each train instruction of the breadth batch appears per epoch (0: left out)
+    "breadth_repeats": 1,  # times each train instruction of the breadth batch appears per epoch (0: left out)
     "first_reply_token_weight": 1.0,  # extra weight on each reply's first token; see losses.reply_loss
     "seed": 1,
 }  # the shipped adapter's recipe (data/organism/recipe.json): `train --out data/organism` reproduces it
