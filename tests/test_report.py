@@ -148,7 +148,7 @@ def test_recipe_rows_name_the_shipped_adapter_its_changes_and_where_refusals_fal
         older = {k: v for k, v in shipped_recipe.items() if k != key}
         assert recipe_changes(older, shipped_recipe) == ({} if shipped_recipe[key] == then else {key: then})
         assert recipe_changes(shipped_recipe, older) == ({} if shipped_recipe[key] == then else {key: shipped_recipe[key]})
-    assert recipe_changes({"seed": 7}, shipped_recipe) == {"seed": 7}
+    assert recipe_changes({**shipped_recipe, "seed": 7}, shipped_recipe) == {"seed": 7}
     files = {"a-untuned": record("untuned", None, original[:1], dev[:3]),
              "b-longer": record("def", longer, broad[:2] + original[:3], dev[:1]),
              "z-shipped": record("abc", {**shipped_recipe, "base_model": "x"}, original[:4], [])}
@@ -260,13 +260,15 @@ def test_the_breadth_paragraph_compares_with_the_shipped_adapter_and_the_seed_sp
              ((n_harmful - 1, n_harmless - 3), spread, "Harmful refusal: worse by 1 prompt, within how far trainings"),
              ((n_harmful, n_harmless + 5), spread, "Over-refusal: worse by 5 prompts, more than trainings"),
              ((n_harmful, n_harmless), [], "Over-refusal: no different (no spread between trainings of one recipe measured to compare with)")]
+    without = {**real["organism"], "recipe": {**real["organism"]["recipe"], "breadth_repeats": 0}}  # before shipping
     for (harmful, harmless), spreads, expected in cases:
-        context = {**real, "recipes": [shipped, breadth_row(harmful, harmless)], "recipe_seed_spreads": spreads}
+        context = {**real, "recipes": [shipped, breadth_row(harmful, harmless)], "recipe_seed_spreads": spreads,
+                   "organism": without}
         log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
         assert "The breadth batch" in log and "719 harmful and 1570 harmless examples, 861 steps, 5000 s" in log
         assert expected in log
         assert ("the recipe to ship next" in log) == (harmless < n_harmless - 4 and harmful >= n_harmful - 2)
-    context = {**real, "recipes": [shipped]}  # no breadth recipe tried: no paragraph
+    context = {**real, "recipes": [shipped], "organism": without}  # no breadth recipe tried: no paragraph
     assert "The breadth batch" not in report.rendered()[report.ROOT / "docs" / "research-log.md"]
 
     # once shipped, the recipe with the batch is the shipped one, and the one before it is "breadth_repeats 0"
@@ -305,6 +307,7 @@ def test_a_waiting_candidate_is_named_with_whether_its_trial_measured_the_same_w
 
     real = figures.figures()
     shipped = next(r for r in real["recipes"] if r["shipped"])
+    without = {**real["organism"], "recipe": {**real["organism"]["recipe"], "breadth_repeats": 0}}  # before shipping
     trial = {**shipped, "name": "breadth-trial", "shipped": False, "changes": {"breadth_repeats": 7},
              "training": {"data": {"harmful_train": 1, "harmless_train": 2}, "steps": 9, "train_seconds": 5, "final_loss": 1,
                           "machine": "m"},
@@ -312,7 +315,7 @@ def test_a_waiting_candidate_is_named_with_whether_its_trial_measured_the_same_w
     spread = [{"changes": {}, "names": ["a", "b"], "harmful": 2, "harmless": 4}]
     for measured_as, expected in ((["breadth-trial"], "measured above as breadth-trial"),
                                   ([], "not measured on the recipe splits")):
-        context = {**real, "recipes": [shipped, trial], "recipe_seed_spreads": spread,
+        context = {**real, "recipes": [shipped, trial], "recipe_seed_spreads": spread, "organism": without,
                    "candidates": [{**row, "measured_as": measured_as}, {**row, "name": "twin", "changes": {"seed": 0}}]}
         monkeypatch.setattr(figures, "figures", lambda: context)
         log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
