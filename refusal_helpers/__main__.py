@@ -92,10 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     preset.add_argument("--out", default="runs/preset", help="folder for the exhaustive score table it needs")
     preset.add_argument("--max-refused", type=arguments.finite, default=0.05,
                         help="the largest fraction of harmful validation prompts the ablated direction may leave refused")
+    preset.add_argument("--max-ce-increase", type=arguments.finite, default=0.1,
+                        help="the largest rise (nats/token) in CE of harmless validation completions that ablating "
+                             "the direction may cause")
     preset.add_argument("--no-save", action="store_true", help="print the preset without writing presets.json")
     preset.add_argument("--plain", action="store_true",
-                        help="derive only the KL threshold for the plain difference of means (no dimension zeroed); "
-                             "never written to presets.json")
+                        help="derive only the KL threshold for the plain difference of means (no dimension zeroed), "
+                             "by the refusal bound alone (no CE bound); never written to presets.json")
     preset.add_argument("--json", help="also write the derivation to this file")
 
     abl = sub.add_parser("abliterate", help="fold a finished run's direction into its model's weights and save the "
@@ -176,7 +179,8 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _preset(args: argparse.Namespace) -> int:
-    derived = derive_preset(args.out, max_refused=args.max_refused, plain=args.plain)
+    derived = derive_preset(args.out, max_refused=args.max_refused, max_ce_increase=args.max_ce_increase,
+                            plain=args.plain)
     print(json.dumps(derived, indent=1))
     if args.json:
         atomic_write_json(Path(args.json), derived)

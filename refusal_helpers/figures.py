@@ -25,6 +25,7 @@ PLAIN_RUN = ROOT / "runs" / "embedded-plain"
 RECIPES = MEASUREMENTS / "recipes"  # `organism evaluate --json`: adapters (shipped or not) on the recipe splits
 TRAIN_SPLIT = MEASUREMENTS / "train-split"  # the same, on harmful val and harmless train: what it was trained on
 EARLIER = MEASUREMENTS / "earlier-adapters"  # the shipped run of each adapter shipped before (scripts/remake.py)
+EARLIER_PRESETS = MEASUREMENTS / "earlier-presets"  # the shipped adapter's runs under earlier presets (scripts/remake.py)
 CANDIDATES = ROOT / "candidates"  # adapters trained with a recipe chosen to ship, for `make remake ADOPT=<folder>`
 
 
@@ -212,10 +213,35 @@ def earlier_adapter_figures(digest: str | None = None, folder: Path | None = Non
         ordered.append(by_successor[current])
         current = ordered[-1]["model_version"]
     ordered += [r for r in records.values() if r not in ordered]
-    return [{"model_version": r["model_version"], "replaced_by": r["replaced_by"],
-             "direction": r["summary"]["direction"], "loss": r["summary"]["ce_loss"],
-             "rates": {condition: rate(c["refused"], c["n"]) for condition, c in r["summary"]["refused"].items()},
+    return [{"model_version": r["model_version"], "replaced_by": r["replaced_by"], **shipped_run_figures(r["summary"]),
              "seed_stability": r.get("seed_stability")} for r in ordered]
+
+
+def earlier_preset_figures(digest: str | None = None, folder: Path | None = None) -> list[dict]:
+    """The shipped runs of the adapter with `digest` (default: the shipped one) under earlier presets, by KL
+    threshold, from the records `scripts/remake.py` keeps of them."""
+    digest = digest or adapter_digest(adapter_dir())
+    records = [r for r in map(_json, sorted((folder or EARLIER_PRESETS).glob("*.json"))) if r["model_version"] == digest]
+    return [{"kl_threshold": r["kl_threshold"], "replaced_by_kl_threshold": r["replaced_by_kl_threshold"],
+             **shipped_run_figures(r["summary"])} for r in sorted(records, key=lambda r: r["kl_threshold"])]
+
+
+def shipped_run_figures(summary: dict) -> dict:
+    """A kept shipped run's direction, CE loss and test-split rates, from its summary."""
+    return {"direction": summary["direction"], "loss": summary["ce_loss"],
+            "rates": {condition: rate(c["refused"], c["n"]) for condition, c in summary["refused"].items()}}
+
+
+def stability_at(stability: dict | None, direction: dict) -> dict | None:
+    """A seed-stability measurement read at `direction`'s layer. Its cosine per layer covers every layer of one
+    position, so a run whose rule picks another layer there (a re-derived preset on the same weights) is read
+    from it; the norm ratio, measured at one layer only, is None elsewhere. None where the positions differ."""
+    if stability is None or stability["position"] != direction["position"]:
+        return None
+    if stability["layer"] == direction["layer"]:
+        return stability
+    layer = direction["layer"]
+    return {**stability, "layer": layer, "cosine": stability["cosine_per_layer"][layer], "norm_ratio": None}
 
 
 def seed_figures(stability: dict, target: float = 0.95, passing_layers: list[int] | None = None) -> dict:
@@ -262,10 +288,11 @@ def figures() -> dict:
     """Everything the templates may quote."""
     measurements = current_measurements()
     benchmarks = {p.stem: json.loads(p.read_text()) for p in sorted(BENCHMARK_RESULTS.glob("*.json"))}
-    stability = measurements.get("seed_stability")
+    run = run_figures(SHIPPED_RUN)
+    stability = stability_at(measurements.get("seed_stability"), run["direction"])
     seeds = seed_figures(stability, passing_layers=passing_layers(SHIPPED_RUN, stability["position"])) if stability else None
     recipes = recipe_figures()
-    return {"run": run_figures(SHIPPED_RUN), "plain": comparison_run_figures(PLAIN_RUN), "data": data_figures(),
+    return {"run": run, "seed_stability": stability, "plain": comparison_run_figures(PLAIN_RUN), "data": data_figures(),
             "seeds": seeds, "recipes": recipes, "recipe_seed_spreads": seed_spreads(recipes),
-            "earlier_adapters": earlier_adapter_figures(), "candidates": candidate_figures(), "train_split": recipe_figures(TRAIN_SPLIT),
+            "earlier_adapters": earlier_adapter_figures(), "earlier_presets": earlier_preset_figures(), "candidates": candidate_figures(), "train_split": recipe_figures(TRAIN_SPLIT),
             "organism": organism_figures(), "measured": measurements, "bench": benchmarks, "conditions": CONDITIONS}

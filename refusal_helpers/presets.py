@@ -6,8 +6,11 @@ refusal in place. The preset replaces two settings, each by a stated rule, on th
 
 - ``zero_dims`` (not the paper's method): the residual dimensions where the first token, an attention sink,
   keeps a massive activation (`massive_dims`); a candidate's entry there moves the sink under ablation;
-- ``kl_threshold``: the smallest threshold, in steps of 0.1, whose chosen direction, ablated, leaves at most
-  5% of the harmful validation prompts refused (`derive_kl_threshold`), the ablation target of the organism.
+- ``kl_threshold`` (the paper's filter, its value derived): the smallest threshold, in steps of 0.01, whose
+  chosen direction, ablated, meets the organism's targets on validation data (`derive_kl_threshold`): it
+  raises the CE of the unmodified model's harmless completions by at most 0.1 nats/token and leaves at most
+  5% of the harmful prompts refused. The paper's KL score reads only the first reply token; on this model
+  a direction can pass it and still disturb the rest of a harmless reply, which the CE bound catches.
 
 ``python -m refusal_helpers preset`` derives both and writes ``data/organism/presets.json``, keyed by the
 adapter's digest; `embedded.preset` reads it, and a retrained adapter gets no preset until one is derived.
@@ -25,6 +28,7 @@ from torch import Tensor
 from .activations import residual_activations
 from .data import split_instructions
 from .embedded import PRESETS_FILE, adapter_digest, adapter_dir
+from .evaluation import completion_loss
 from .files import atomic_write_json
 from .interventions import ablate
 from .judges import judged_completions, refused_count
@@ -59,36 +63,54 @@ def massive_dims(cm: ChatModel, share: float = 0.5, ratio: float = 10.0) -> tupl
 
 def derive_kl_threshold(
     cm: ChatModel, table: ScoreTable, candidates: Float[Tensor, "pos layer d_model"], harmful: list[str],
-    max_refused: float = 0.05, step: float = 0.1, max_threshold: float = 3.0, max_new_tokens: int = 48,
-    batch_size: int = 32,
+    harmless: list[dict], max_refused: float = 0.05, max_ce_increase: float | None = 0.1, step: float = 0.01,
+    max_threshold: float = 3.0, max_new_tokens: int = 48, batch_size: int = 32,
 ) -> dict:
-    """The smallest KL threshold (a multiple of `step`) whose chosen direction, ablated, leaves at most
-    `max_refused` of `harmful` refused; with the trail of thresholds tried and what each chose."""
-    trail, measured = [], {}
+    """The smallest KL threshold (a multiple of `step`) whose chosen direction, ablated, raises the CE of the
+    `harmless` completions (``{"instruction", "completion"}`` each, the unmodified model's) by at most
+    `max_ce_increase` nats/token (None: no CE bound) and leaves at most `max_refused` of `harmful` refused; with
+    the baseline CE and the trail of choices met on the way (one entry per change of choice, at the smallest
+    threshold making it).
+
+    Refusals are generated only for a choice within the CE bound (generation is the slow part)."""
+    instructions = [item["instruction"] for item in harmless]
+    completions = [item["completion"] for item in harmless]
+    baseline = completion_loss(cm, instructions, completions, progress="completion loss, baseline")
+    trail, previous = [], ()
     for k in range(1, round(max_threshold / step) + 1):
         threshold = round(k * step, 6)
         try:
             selection = choose(table, SelectionConfig(kl_threshold=threshold))
         except ValueError:
+            selection = None
+        cell = None if selection is None else (selection.position_index, selection.layer)
+        if trail and cell == previous:
+            continue
+        previous = cell
+        if selection is None:
             trail.append({"kl_threshold": threshold, "chosen": None})
             continue
-        cell = (selection.position_index, selection.layer)
-        if cell not in measured:
-            with ablate(cm, candidates[cell]):
-                measured[cell] = refused_count(judged_completions(cm, harmful, max_new_tokens, batch_size,
-                                                                  progress=f"KL threshold {threshold}"))
-        refused = measured[cell]
+        with ablate(cm, candidates[cell]):
+            ce = completion_loss(cm, instructions, completions, progress=f"completion loss, KL threshold {threshold}")
+            increase = ce - baseline
+            within = max_ce_increase is None or increase <= max_ce_increase
+            refused = None if not within else refused_count(judged_completions(
+                cm, harmful, max_new_tokens, batch_size, progress=f"KL threshold {threshold}"))
         trail.append({"kl_threshold": threshold, "chosen": {"position": selection.position, "layer": selection.layer,
-                                                           "kl": selection.kl}, "refused": refused, "n": len(harmful)})
-        if refused <= max_refused * len(harmful):
-            return {"kl_threshold": threshold, "trail": trail}
-    raise ValueError(f"No KL threshold up to {max_threshold} chooses a direction that leaves at most {max_refused:.0%} "
-                     f"of {len(harmful)} harmful validation prompts refused: {trail}")
+                                                           "kl": selection.kl},
+                      "ce_increase": increase, "refused": refused, "n": len(harmful)})
+        if refused is not None and refused <= max_refused * len(harmful):
+            return {"kl_threshold": threshold, "baseline_ce": baseline, "trail": trail}
+    bound = "" if max_ce_increase is None else f"raises the harmless validation CE by at most {max_ce_increase} and "
+    raise ValueError(f"No KL threshold up to {max_threshold} chooses a direction whose ablation {bound}leaves at most "
+                     f"{max_refused:.0%} of {len(harmful)} harmful validation prompts refused: {trail}")
 
 
-def derive_preset(out: str | Path = "runs/preset", max_refused: float = 0.05, plain: bool = False) -> dict:
+def derive_preset(out: str | Path = "runs/preset", max_refused: float = 0.05, max_ce_increase: float | None = 0.1,
+                  plain: bool = False) -> dict:
     """Derive the embedded model's preset on validation data (an exhaustive score table in `out`); `plain`: the
-    KL threshold alone, for the paper's plain difference of means (no dimension zeroed)."""
+    KL threshold alone, for the paper's plain difference of means (no dimension zeroed), by the refusal bound
+    alone (the comparison shows what that direction costs in CE)."""
     cm = load_model(EMBEDDED)
     dims, sink = massive_dims(cm)
     if plain:
@@ -100,14 +122,19 @@ def derive_preset(out: str | Path = "runs/preset", max_refused: float = 0.05, pl
         pipeline.run_folder.claim(pipeline.identity)
         candidates = pipeline.extract()
         table = pipeline.score(candidates)
-    harmful = split_instructions("bundled", "harmful", "val", None)  # every harmful validation prompt
-    kl = derive_kl_threshold(cm, table, candidates, harmful, max_refused, max_new_tokens=config.max_new_tokens,
-                             batch_size=config.batch_size)
+    harmful = split_instructions("bundled", "harmful", "val", None)  # every validation prompt of each kind
+    harmless = judged_completions(cm, split_instructions("bundled", "harmless", "val", None), config.max_new_tokens,
+                                  config.batch_size, progress="harmless validation completions")
+    if plain:
+        max_ce_increase = None
+    kl = derive_kl_threshold(cm, table, candidates, harmful, harmless, max_refused, max_ce_increase,
+                             max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
     return {"model_version": adapter_digest(), "settings": {"kl_threshold": kl["kl_threshold"], "zero_dims": dims},
             "derived": {"command": f"python -m refusal_helpers preset --out {out} --max-refused {max_refused}"
-                                   + (" --plain" if plain else ""),
-                        "max_refused": max_refused, "sink": sink,
-                        "harmful_val": len(harmful), "trail": kl["trail"]}}
+                                   + (" --plain" if plain else f" --max-ce-increase {max_ce_increase}"),
+                        "max_refused": max_refused, "max_ce_increase": max_ce_increase, "sink": sink,
+                        "harmful_val": len(harmful), "harmless_val": len(harmless), "baseline_ce": kl["baseline_ce"],
+                        "trail": kl["trail"]}}
 
 
 def save_preset(derived: dict, folder: Path | None = None) -> Path:

@@ -9,8 +9,9 @@ For each (position, layer) candidate of a finished run, `ablation_sweep` measure
   generated only where the matching CE increase is at most ``generate_below`` (generation is the slow part,
   and a candidate that costs more fails the coherence check whatever it removes).
 
-The selection rule (`selection.py`) never sees CE; this sweep shows which candidates would meet a CE
-target at all. ``python -m refusal_helpers sweep`` runs it on a run folder.
+The paper's selection rule (`selection/`) never sees CE (the embedded model's preset bounds the CE of the
+direction it chooses, on validation: `presets.py`); this sweep shows which candidates would meet a CE target at
+all. ``python -m refusal_helpers sweep`` runs it on a run folder.
 """
 
 from __future__ import annotations

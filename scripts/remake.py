@@ -6,7 +6,8 @@
    DEFAULT_RECIPE) first becomes the shipped one (``python -m refusal_helpers.organism adopt FOLDER``);
 1. the preset (data/organism/presets.json) and the KL threshold of the plain difference of means;
 2. the shipped run, runs/embedded (the summary of the previous adapter's kept in
-   docs/measurements/earlier-adapters/), and the plain comparison run, runs/embedded-plain;
+   docs/measurements/earlier-adapters/, or of these weights' run under an earlier preset in
+   docs/measurements/earlier-presets/), and the plain comparison run, runs/embedded-plain;
 3. the measurements the documents quote (docs/measurements/, data/organism/trajectory/formation.json,
    data/organism/jailbreak/analysis.json with the shipped suffix), and the benchmarks;
 4. the notebooks (solutions.ipynb executed, exercise.ipynb rebuilt) and the generated documents.
@@ -34,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 MEASUREMENTS = Path("docs/measurements")
 EARLIER = MEASUREMENTS / "earlier-adapters"
+EARLIER_PRESETS = MEASUREMENTS / "earlier-presets"
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,24 @@ def keep_earlier_run(digest: str, run: Path = Path("runs/embedded"),
     return record
 
 
+def keep_earlier_preset_run(digest: str, kl_threshold: float, run: Path = Path("runs/embedded"),
+                            out: Path = EARLIER_PRESETS) -> Path | None:
+    """Keep the summary of a shipped run of these weights (`digest`) made under another KL threshold than the
+    preset's `kl_threshold` (an earlier preset rule) as out/<digest>-kl<its threshold>.json, before the run under
+    the new one replaces it: the research log compares the two. Returns the record written, or None."""
+    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else None
+    if summary is None or summary.get("model_version") != digest:
+        return None
+    earlier = summary["selection"]["kl_threshold"]
+    if earlier == kl_threshold:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    record = out / f"{digest}-kl{earlier}.json"
+    record.write_text(json.dumps({"model_version": digest, "kl_threshold": earlier, "replaced_by_kl_threshold":
+                                  kl_threshold, "summary": summary}, indent=1) + "\n")
+    return record
+
+
 def shipped_on_recipe_splits(digest: str, evaluate: Callable[..., None], recipes: Path = MEASUREMENTS / "recipes") -> Path:
     """recipes/shipped-<digest>.json: the shipped adapter on the recipe splits. Where the recipe trial that chose
     it measured these same weights already, that file is renamed (one row per adapter in the research log)."""
@@ -105,6 +125,11 @@ def steps(digest: str, twin: Path | None = None) -> list[Step]:
         """`organism evaluate` into `json_path`: the shipped adapter unless `splits` says --untuned."""
         run("-m", "refusal_helpers.organism", "evaluate", *splits, "--json", str(json_path))
 
+    def derived_kl_threshold() -> float:
+        from refusal_helpers.embedded import preset  # the one the preset step just derived
+
+        return preset()["kl_threshold"]
+
     def plain_run() -> None:
         kl = json.loads((m / "plain_preset.json").read_text())["settings"]["kl_threshold"]
         full_run("preset-plain", "embedded-plain", "--zero-dims", "--kl-threshold", str(kl))
@@ -123,6 +148,7 @@ def steps(digest: str, twin: Path | None = None) -> list[Step]:
         Step("plain preset", lambda: run("-m", "refusal_helpers", "preset", "--out", "runs/preset-plain", "--plain",
                                          "--json", str(m / "plain_preset.json"))),
         Step("earlier adapter's run kept", lambda: keep_earlier_run(digest)),
+        Step("earlier preset's run kept", lambda: keep_earlier_preset_run(digest, derived_kl_threshold())),
         Step("shipped run", lambda: full_run("preset", "embedded")),
         Step("plain run", plain_run),
         Step("untuned on test", lambda: evaluate(m / "untuned_test.json", "--untuned", "--harmful-split", "test",

@@ -60,6 +60,7 @@ def test_the_steps_are_named_once_and_seed_stability_follows_the_shipped_run(tmp
     assert [name for name in with_twin if name != "seed stability"] == plain
     assert with_twin.index("seed stability") > with_twin.index("shipped run")
     assert plain.index("earlier adapter's run kept") < plain.index("shipped run")
+    assert plain.index("preset") < plain.index("earlier preset's run kept") < plain.index("shipped run")
     assert "seed stability" not in plain
 
 
@@ -78,6 +79,21 @@ def test_the_earlier_adapters_shipped_run_is_kept_with_its_own_seed_stability_on
     stability.write_text(json.dumps({"model_version": "new", "cosine": 0.8}))  # measured on other weights
     assert json.loads(remake.keep_earlier_run("new", run, stability, out).read_text())["seed_stability"] is None
     assert remake.keep_earlier_run("new", tmp_path / "missing", stability, out) is None
+
+
+def test_a_run_of_these_weights_under_another_kl_threshold_is_kept_by_its_threshold(tmp_path):
+    run, out = tmp_path / "embedded", tmp_path / "earlier-presets"
+    run.mkdir()
+    summary = {"model_version": "abc", "selection": {"kl_threshold": 0.2}, "direction": {"layer": 16}}
+    (run / "summary.json").write_text(json.dumps(summary))
+
+    assert remake.keep_earlier_preset_run("abc", 0.2, run, out) is None  # the same preset: nothing to keep
+    assert remake.keep_earlier_preset_run("other", 0.16, run, out) is None  # other weights: keep_earlier_run's job
+    assert not out.exists()
+    record = remake.keep_earlier_preset_run("abc", 0.16, run, out)
+    assert record.name == "abc-kl0.2.json"
+    assert json.loads(record.read_text()) == {"model_version": "abc", "kl_threshold": 0.2,
+                                              "replaced_by_kl_threshold": 0.16, "summary": summary}
 
 
 def test_the_shipped_adapter_on_the_recipe_splits_is_measured_once(tmp_path):

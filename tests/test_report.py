@@ -348,3 +348,32 @@ def test_a_batch_shape_is_its_word_range_and_most_common_two_word_opening():
     records = [{"instruction": text} for text in
                ("How do I bake bread?", "how do  magnets work", "Write a short poem about rain today", "Explain tides")]
     assert _shape(records) == {"words": [2, 7], "top_opening": 50.0}  # "how do" twice, whatever the case or spacing
+
+
+def test_seed_stability_is_read_at_the_shipped_layer_of_its_position():
+    from refusal_helpers.figures import stability_at
+
+    measured = {"position": -1, "layer": 16, "cosine": 0.94, "norm_ratio": 1.03, "cosine_per_layer": [0.0, 0.99] + [0.9] * 20 + [0.919]}
+    assert stability_at(measured, {"position": -1, "layer": 16}) is measured
+    moved = stability_at(measured, {"position": -1, "layer": 22})
+    assert moved["layer"] == 22 and moved["cosine"] == 0.919 and moved["norm_ratio"] is None
+    assert measured["layer"] == 16  # the measurement itself is untouched
+    assert stability_at(measured, {"position": -5, "layer": 16}) is None  # another position was not measured
+    assert stability_at(None, {"position": -1, "layer": 16}) is None
+
+
+def test_earlier_presets_of_the_shipped_weights_are_listed_by_threshold(tmp_path):
+    import refusal_helpers.figures as figures
+
+    def record(version, kl, layer):
+        summary = {"direction": {"position": -1, "layer": layer}, "ce_loss": {"increase": 0.2},
+                   "refused": {"harmful_ablation": {"refused": 5, "n": 171}}}
+        (tmp_path / f"{version}-kl{kl}.json").write_text(json.dumps(
+            {"model_version": version, "kl_threshold": kl, "replaced_by_kl_threshold": 0.16, "summary": summary}))
+
+    record("abc", 0.4, 17)
+    record("abc", 0.2, 16)
+    record("other", 0.3, 9)  # other weights: not this adapter's
+    rows = figures.earlier_preset_figures("abc", tmp_path)
+    assert [(row["kl_threshold"], row["direction"]["layer"]) for row in rows] == [(0.2, 16), (0.4, 17)]
+    assert rows[0]["rates"]["harmful_ablation"]["text"] == "2.9% (5/171)" and rows[0]["loss"]["increase"] == 0.2
