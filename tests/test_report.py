@@ -240,6 +240,11 @@ def test_the_train_split_paragraph_reads_the_gap_to_the_untuned_model(monkeypatc
     assert "On the harmless train split" not in report.rendered()[report.ROOT / "docs" / "research-log.md"]
 
 
+def before_breadth(organism: dict) -> dict:
+    """The organism's figures as they were before the breadth batch shipped (its recipe with breadth_repeats 0)."""
+    return {**organism, "recipe": {**organism["recipe"], "breadth_repeats": 0}}
+
+
 def test_the_breadth_paragraph_compares_with_the_shipped_adapter_and_the_seed_spread(monkeypatch):
     import refusal_helpers.figures as figures
 
@@ -260,7 +265,7 @@ def test_the_breadth_paragraph_compares_with_the_shipped_adapter_and_the_seed_sp
              ((n_harmful - 1, n_harmless - 3), spread, "Harmful refusal: worse by 1 prompt, within how far trainings"),
              ((n_harmful, n_harmless + 5), spread, "Over-refusal: worse by 5 prompts, more than trainings"),
              ((n_harmful, n_harmless), [], "Over-refusal: no different (no spread between trainings of one recipe measured to compare with)")]
-    without = {**real["organism"], "recipe": {**real["organism"]["recipe"], "breadth_repeats": 0}}  # before shipping
+    without = before_breadth(real["organism"])
     for (harmful, harmless), spreads, expected in cases:
         context = {**real, "recipes": [shipped, breadth_row(harmful, harmless)], "recipe_seed_spreads": spreads,
                    "organism": without}
@@ -307,7 +312,7 @@ def test_a_waiting_candidate_is_named_with_whether_its_trial_measured_the_same_w
 
     real = figures.figures()
     shipped = next(r for r in real["recipes"] if r["shipped"])
-    without = {**real["organism"], "recipe": {**real["organism"]["recipe"], "breadth_repeats": 0}}  # before shipping
+    without = before_breadth(real["organism"])
     trial = {**shipped, "name": "breadth-trial", "shipped": False, "changes": {"breadth_repeats": 7},
              "training": {"data": {"harmful_train": 1, "harmless_train": 2}, "steps": 9, "train_seconds": 5, "final_loss": 1,
                           "machine": "m"},
