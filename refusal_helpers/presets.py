@@ -30,12 +30,12 @@ from .data import split_instructions
 from .embedded import PRESETS_FILE, adapter_digest, adapter_dir
 from .evaluation import completion_loss
 from .files import atomic_write_json
-from .interventions import ablate
-from .judges import judged_completions, refused_count
+from .judges import judged_completions
 from .loading import EMBEDDED, load_model
 from .models import ChatModel
 from .pipeline import Pipeline, PipelineConfig
 from .selection import ScoreTable, SelectionConfig, choose
+from .sweep import ablation_cost
 
 PROBE = "Write a short poem about the sea."
 
@@ -90,12 +90,9 @@ def derive_kl_threshold(
         if selection is None:
             trail.append({"kl_threshold": threshold, "chosen": None})
             continue
-        with ablate(cm, candidates[cell]):
-            ce = completion_loss(cm, instructions, completions, progress=f"completion loss, KL threshold {threshold}")
-            increase = ce - baseline
-            within = max_ce_increase is None or increase <= max_ce_increase
-            refused = None if not within else refused_count(judged_completions(
-                cm, harmful, max_new_tokens, batch_size, progress=f"KL threshold {threshold}"))
+        increase, refused = ablation_cost(cm, candidates[cell], instructions, completions, baseline, harmful,
+                                          max_ce_increase, max_new_tokens, batch_size,
+                                          progress=f"KL threshold {threshold}")
         trail.append({"kl_threshold": threshold, "chosen": {"position": selection.position, "layer": selection.layer,
                                                            "kl": selection.kl},
                       "ce_increase": increase, "refused": refused, "n": len(harmful)})
@@ -114,7 +111,7 @@ def derive_preset(out: str | Path = "runs/preset", max_refused: float = 0.05, ma
     cm = load_model(EMBEDDED)
     dims, sink = massive_dims(cm)
     if plain:
-        dims = []
+        dims, max_ce_increase = [], None
     config = PipelineConfig(out=str(out), zero_dims=tuple(dims), selection_mode="exhaustive", kl_threshold=1e9,
                             induce_threshold=-1e9, random_controls=0)
     pipeline = Pipeline(config, cm=cm)
@@ -125,8 +122,6 @@ def derive_preset(out: str | Path = "runs/preset", max_refused: float = 0.05, ma
     harmful = split_instructions("bundled", "harmful", "val", None)  # every validation prompt of each kind
     harmless = judged_completions(cm, split_instructions("bundled", "harmless", "val", None), config.max_new_tokens,
                                   config.batch_size, progress="harmless validation completions")
-    if plain:
-        max_ce_increase = None
     kl = derive_kl_threshold(cm, table, candidates, harmful, harmless, max_refused, max_ce_increase,
                              max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
     return {"model_version": adapter_digest(), "settings": {"kl_threshold": kl["kl_threshold"], "zero_dims": dims},

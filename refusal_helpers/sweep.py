@@ -72,17 +72,30 @@ def ablation_sweep(
         r = candidates[position, layer].float()
         measured = {}
         for spare, suffix in ((False, ""), (True, "_spared")):
-            with ablate(cm, r, spare_first_token=spare):
-                increase = completion_loss(cm, harmless, completions) - baseline
-                refused = _refused(cm, harmful, max_new_tokens, batch_size) if increase <= generate_below else None
-            measured[f"ce_increase{suffix}"], measured[f"refused{suffix}"] = increase, refused
+            measured[f"ce_increase{suffix}"], measured[f"refused{suffix}"] = ablation_cost(
+                cm, r, harmless, completions, baseline, harmful, generate_below, max_new_tokens, batch_size, spare)
         costs.append(CandidateCost(position, layer, **measured))
     return baseline, costs
 
 
-def _refused(cm: ChatModel, harmful: list[str], max_new_tokens: int, batch_size: int) -> int:
+def ablation_cost(
+    cm: ChatModel, r: Float[Tensor, " d_model"], harmless: list[str], completions: list[str], baseline: float,
+    harmful: list[str], generate_below: float | None, max_new_tokens: int, batch_size: int,
+    spare_first_token: bool = False, progress: str | None = None,
+) -> tuple[float, int | None]:
+    """With `r` ablated: the rise in CE of the harmless `completions` over `baseline` (nats/token), and how many
+    of `harmful` are still refused, generated only where the rise is at most `generate_below` (None: always);
+    `progress` labels progress bars (None: none)."""
+    with ablate(cm, r, spare_first_token=spare_first_token):
+        loss = completion_loss(cm, harmless, completions, progress=f"completion loss, {progress}" if progress else False)
+        increase = loss - baseline
+        generate = generate_below is None or increase <= generate_below
+        return increase, _refused(cm, harmful, max_new_tokens, batch_size, progress or False) if generate else None
+
+
+def _refused(cm: ChatModel, harmful: list[str], max_new_tokens: int, batch_size: int, progress: bool | str = False) -> int:
     """How many of `harmful` the model (under whatever interventions are active) refuses."""
-    return refused_count(judged_completions(cm, harmful, max_new_tokens, batch_size))
+    return refused_count(judged_completions(cm, harmful, max_new_tokens, batch_size, progress))
 
 
 def sweep_run(

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import refusal_helpers.presets as presets
+import refusal_helpers.sweep as sweep
 from refusal_helpers.selection import ScoreTable
 from refusal_helpers.testing import tiny_chat_model
 
@@ -36,7 +37,7 @@ def _derive(monkeypatch, refused_by_layer: dict[int, int], ce_by_layer: dict[int
     ablated = []
 
     @contextmanager
-    def ablate(cm_, r):
+    def ablate(cm_, r, spare_first_token=False):
         ablated.append(next(layer for layer in range(10) if torch.equal(candidates[0, layer], r)))
         yield
         ablated.pop()
@@ -50,9 +51,10 @@ def _derive(monkeypatch, refused_by_layer: dict[int, int], ce_by_layer: dict[int
         return [{"refusal": i < refused_by_layer[ablated[-1]]} for i in range(len(prompts))]
 
     generated: list[int] = []
-    monkeypatch.setattr(presets, "ablate", ablate)
-    monkeypatch.setattr(presets, "completion_loss", loss)
-    monkeypatch.setattr(presets, "judged_completions", judged)
+    monkeypatch.setattr(sweep, "ablate", ablate)  # each candidate's cost is measured by sweep.ablation_cost
+    monkeypatch.setattr(sweep, "completion_loss", loss)
+    monkeypatch.setattr(sweep, "judged_completions", judged)
+    monkeypatch.setattr(presets, "completion_loss", loss)  # the baseline
     harmless = [{"instruction": "hi", "completion": "fine"}] * 4
     result = presets.derive_kl_threshold(cm, table, candidates, ["x"] * 20, harmless, **kwargs)
     return {**result, "generated": generated}
