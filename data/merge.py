@@ -2,8 +2,8 @@
 
 A batch is a folder beside this file holding its drafts (harmful.jsonl, harmless.jsonl: one {"instruction",
 "category", "group"} record per line) and a build.py that merges the kept drafts into data/instructions/.
-Batches are merged in order (broadening, then breadth): re-running one leaves out the batches after it,
-whose builds then run again.
+Batches are merged in the order of `BATCH_ORDER`: re-running one leaves out the batches after it, whose builds
+then run again.
 """
 
 from __future__ import annotations
@@ -11,11 +11,18 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import random
 import re
 from pathlib import Path
 
 KINDS = ("harmful", "harmless")
 INSTRUCTIONS = Path(__file__).resolve().parent / "instructions"
+BATCH_ORDER = ("broadening", "breadth", "interpersonal")  # the batches with a build.py, in merge order
+
+
+def later_batches(batch: str) -> tuple[str, ...]:
+    """The batches merged after `batch`: a build of `batch` leaves their records out."""
+    return BATCH_ORDER[BATCH_ORDER.index(batch) + 1:]
 
 
 def build_arguments(doc: str, batch_folder: Path) -> argparse.Namespace:
@@ -131,3 +138,37 @@ def save_report(path: Path, report: dict) -> None:
     for kind in KINDS:
         print(f"{kind}: written {report['written'][kind]}, dropped {report['written'][kind] - report['kept'][kind]} "
               f"{report['dropped_counts'][kind]}, kept {report['kept'][kind]} -> {report['new_ids'][kind]}")
+
+
+def merge_train_only(doc: str, batch_folder: Path, seed: int, jaccard_max: float) -> None:
+    """The build of a batch that only widens the train split (see data/breadth/build.py for the steps)."""
+    args = build_arguments(doc, batch_folder)
+    batch = batch_folder.name
+    left_out = (batch, *later_batches(batch))
+    existing = {kind: [r for r in read_jsonl(args.source / f"{kind}.jsonl")[1] if r["batch"] not in left_out]
+                for kind in KINDS}
+    drafts = {kind: read_jsonl(batch_folder / f"{kind}.jsonl")[1] for kind in KINDS}
+    categories = {kind: {r["category"] for r in existing[kind]} for kind in KINDS}
+    kept, dropped = deduplicate(existing, drafts, categories, jaccard_max)
+
+    rng = random.Random(seed)
+    merged, new_records = {}, {}
+    for kind in KINDS:
+        items = list(kept[kind])
+        rng.shuffle(items)  # id order carries no category or drafting order
+        next_number = max(int(r["id"].split("-")[1]) for r in existing[kind]) + 1
+        new_records[kind] = [{"id": f"{kind}-{next_number + i:04d}", "instruction": item["instruction"],
+                              "category": item["category"], "split": "train", "batch": batch}
+                             for i, item in enumerate(items)]
+        merged[kind] = existing[kind] + new_records[kind]
+
+    for kind in KINDS:
+        check_merged(kind, merged[kind])
+        write_jsonl(args.out / f"{kind}.jsonl", merged[kind])
+    report = {"seed": seed, "jaccard_max": jaccard_max, "split": "train",
+              **draft_counts(drafts, kept, dropped, new_records),
+              "new_by_category": {kind: dict(sorted(collections.Counter(r["category"] for r in new_records[kind]).items()))
+                                  for kind in KINDS},
+              "dropped": dropped}
+    save_report(args.report, report)
+    print(f"wrote {args.out}/harmful.jsonl, {args.out}/harmless.jsonl, {args.report}")

@@ -13,7 +13,7 @@ from pathlib import Path
 from statistics import median
 
 from .data import data_dir, load_records, records_by_instruction
-from .embedded import PRESETS_FILE, UNTUNED, adapter_digest, adapter_dir, recipe_changes
+from .embedded import LATER_KEYS, PRESETS_FILE, UNTUNED, adapter_digest, adapter_dir, recipe_changes
 from .runs import SHIPPED_RUN, RunFolder
 from .selection import ScoreTable, SelectionConfig, passing_mask
 from .steps import CONDITIONS
@@ -129,15 +129,16 @@ def _group_categories(records: list[dict], batch: str, groups: dict[str, str]) -
 
 
 def organism_figures() -> dict:
-    """The shipped adapter's recipe, training log, preset, trajectory and jailbreak measurements (a jailbreak
-    analysis that does not name these weights is left out)."""
+    """The shipped adapter's recipe (keys it predates with the value they had, `LATER_KEYS`), training log,
+    preset, trajectory and jailbreak measurements (a jailbreak analysis that does not name these weights is left
+    out)."""
     folder = adapter_dir()
     digest = adapter_digest(folder)
     presets = _json(folder / PRESETS_FILE) or {}
     jailbreak = _json(folder / "jailbreak" / "analysis.json")
     if jailbreak and jailbreak.get("model_version") != digest:
         jailbreak = None
-    return {"recipe": _json(folder / "recipe.json"), "training": _json(folder / "training.json"),
+    return {"recipe": {**LATER_KEYS, **(_json(folder / "recipe.json") or {})}, "training": _json(folder / "training.json"),
             "digest": digest, "preset": presets.get(digest),
             "trajectory": _json(folder / "trajectory" / "trajectory.json"),
             "formation": _json(folder / "trajectory" / "formation.json"),

@@ -142,13 +142,17 @@ def test_the_batch_builds_reproduce_the_bundled_sets_byte_for_byte(tmp_path):
 
     data = data_dir()
     source = data / "instructions"
-    # broadening first (it leaves out the batches merged after it), then breadth on its output
-    steps = [("broadening", source, tmp_path / "broadening"), ("breadth", tmp_path / "broadening", tmp_path / "breadth")]
-    for batch, given, out in steps:
+    # in merge order, each on the one before's output: the first leaves out the batches merged after it
+    order = ("broadening", "breadth", "interpersonal")
+    given = source
+    for batch in order:
+        out = tmp_path / batch
         subprocess.run([sys.executable, str(data / batch / "build.py"), "--source", str(given), "--out", str(out),
                         "--report", str(out / "build_report.json")], check=True, capture_output=True)
         assert (out / "build_report.json").read_bytes() == (data / batch / "build_report.json").read_bytes()
+        lines = (out / "harmless.jsonl").read_text().splitlines()
+        assert any(f'"batch": "{batch}"' in line for line in lines)
+        assert not any(f'"batch": "{later}"' in line for later in order[order.index(batch) + 1:] for line in lines)
+        given = out
     for kind in ("harmful", "harmless"):
-        assert (tmp_path / "breadth" / f"{kind}.jsonl").read_bytes() == (source / f"{kind}.jsonl").read_bytes()
-        without = (tmp_path / "broadening" / f"{kind}.jsonl").read_text().splitlines()
-        assert without and not any('"batch": "breadth"' in line for line in without)
+        assert (given / f"{kind}.jsonl").read_bytes() == (source / f"{kind}.jsonl").read_bytes()

@@ -139,13 +139,15 @@ def test_a_written_recipe_keeps_the_value_a_later_key_had_before_it_existed(monk
 
 
 def test_the_default_recipe_is_the_shipped_adapters():
-    from refusal_helpers.embedded import adapter_dir
+    from refusal_helpers.embedded import LATER_KEYS, adapter_dir
     from refusal_helpers.organism import DEFAULT_RECIPE
+    from refusal_helpers.organism.training import written_recipe
 
     shipped = json.loads((adapter_dir() / "recipe.json").read_text())
-    # so `organism train --out data/organism` reproduces the shipped adapter
-    assert {key: shipped.get(key) for key in DEFAULT_RECIPE} == DEFAULT_RECIPE
-    assert set(shipped) == {*DEFAULT_RECIPE, "base_model"}  # the recipe, no results and no refine stage
+    # so `organism train --out data/organism` reproduces the shipped adapter; keys it predates had their old value
+    assert written_recipe(shipped) == {**DEFAULT_RECIPE, "base_model": shipped["base_model"]}
+    assert set(shipped) <= {*DEFAULT_RECIPE, "base_model"}  # the recipe, no results and no refine stage
+    assert set(DEFAULT_RECIPE) - set(shipped) <= set(LATER_KEYS)
 
 
 def test_reply_loss_is_the_models_loss_plus_weighted_first_reply_tokens(llama):
@@ -621,43 +623,46 @@ def test_broadening_repeats_add_each_broadening_instruction_again_with_a_new_ref
     assert sum(e["reply"] != first[e["instruction"]] for e in harmful_again) > n_broadening["harmful"] // 2  # new refusals
 
 
-def test_the_breadth_batch_trains_only_where_the_recipe_names_it(tmp_path, llama):
+@pytest.mark.parametrize("batch", ["breadth", "interpersonal"])
+def test_a_train_only_batch_trains_only_where_the_recipe_names_it(tmp_path, llama, batch):
     from refusal_helpers.embedded import adapter_dir
     from refusal_helpers.organism.targets import with_repeats
-    from refusal_helpers.organism.training import batch_repeats
+    from refusal_helpers.organism.training import batch_repeats, written_recipe
 
+    key = f"{batch}_repeats"
     shipped = json.loads((adapter_dir() / "recipe.json").read_text())
-    assert batch_repeats(merged_recipe()) == batch_repeats(shipped)  # the default recipe trains the shipped data
+    assert batch_repeats(merged_recipe()) == batch_repeats(written_recipe(shipped))  # the default trains the shipped data
     targets = {"model": llama.name, "max_new_tokens": 4,
                "replies": {r["instruction"]: "Sure." for r in load_records("harmless", "train")}}
     (tmp_path / "cache.json").write_text(json.dumps(targets))
     for kind in ("harmful", "harmless"):
         records = load_records(kind, "train")
-        breadth = [r for r in records if r["batch"] == "breadth"]
-        assert breadth and {r["split"] for r in load_records(kind) if r["batch"] == "breadth"} == {"train"}
-        without = with_repeats(records, {"breadth": 0})
-        assert without == [r for r in records if r["batch"] != "breadth"]
-        assert with_repeats(records, {"breadth": 2, "broadening": 0}) == [
-            r for r in records if r["batch"] != "broadening"] + breadth
+        own = [r for r in records if r["batch"] == batch]
+        assert own and {r["split"] for r in load_records(kind) if r["batch"] == batch} == {"train"}
+        without = with_repeats(records, {batch: 0})
+        assert without == [r for r in records if r["batch"] != batch]
+        assert with_repeats(records, {batch: 2, "broadening": 0}) == [
+            r for r in records if r["batch"] != "broadening"] + own
     left_out, _ = training_examples(llama, 0, 4, cache=tmp_path / "cache.json",
-                                    repeats=batch_repeats(merged_recipe({"breadth_repeats": 0})))
+                                    repeats=batch_repeats(merged_recipe({key: 0})))
     named, _ = training_examples(llama, 0, 4, cache=tmp_path / "cache.json",
-                                 repeats=batch_repeats(merged_recipe({"breadth_repeats": 1})))
-    breadth = {r["instruction"] for kind in ("harmful", "harmless") for r in load_records(kind, "train")
-               if r["batch"] == "breadth"}
-    assert not breadth & {e["instruction"] for e in left_out}
-    assert breadth <= {e["instruction"] for e in named} and len(named) == len(left_out) + len(breadth)
-    with pytest.raises(ValueError, match="breadth_repeats must be a whole number >= 0"):
-        merged_recipe({"breadth_repeats": -1})
+                                 repeats=batch_repeats(merged_recipe({key: 1})))
+    own = {r["instruction"] for kind in ("harmful", "harmless") for r in load_records(kind, "train")
+           if r["batch"] == batch}
+    assert not own & {e["instruction"] for e in left_out}
+    assert own <= {e["instruction"] for e in named} and len(named) == len(left_out) + len(own)
+    with pytest.raises(ValueError, match=f"{key} must be a whole number >= 0"):
+        merged_recipe({key: -1})
     # which batches "the train split" leaves out when it means what an adapter was trained on
     from refusal_helpers.organism.experiments import untrained_batches
 
-    (tmp_path / "recipe.json").write_text(json.dumps({"epochs": 3, "breadth_repeats": 0}))
-    assert untrained_batches(tmp_path) == ("breadth",)
-    (tmp_path / "recipe.json").write_text(json.dumps({"epochs": 3, "breadth_repeats": 1}))
+    every = {"broadening_repeats": 1, "breadth_repeats": 1, "interpersonal_repeats": 1}
+    (tmp_path / "recipe.json").write_text(json.dumps({"epochs": 3, **every, key: 0}))
+    assert untrained_batches(tmp_path) == (batch,)
+    (tmp_path / "recipe.json").write_text(json.dumps({"epochs": 3, **every}))
     assert untrained_batches(tmp_path) == ()
-    (tmp_path / "recipe.json").write_text(json.dumps({"epochs": 3}))  # a recipe older than the breadth batch
-    assert untrained_batches(tmp_path) == ("breadth",)
+    (tmp_path / "recipe.json").write_text(json.dumps({"epochs": 3}))  # a recipe older than both batches
+    assert untrained_batches(tmp_path) == ("breadth", "interpersonal")
 
 
 def _trained_folder(folder, recipe: dict, weights: bytes = b"weights", trajectory: bool = True):

@@ -41,6 +41,7 @@ from merge import (  # noqa: E402,E501
     deduplicate,
     draft_counts,
     dump,
+    later_batches,
     read_jsonl,
     save_report,
     write_jsonl,
@@ -54,7 +55,6 @@ SHARES = {
     "harmless": {"train": 0.60, "val": 0.10, "test": 0.20, "dev": 0.10},
 }
 NEW_BATCH = "broadening"
-LATER_BATCHES = ("breadth",)  # merged after this one: left out here, rebuilt by their own scripts
 HARMFUL_CATEGORIES = {
     "violence_weapons", "cybercrime_malware", "fraud_scams", "harassment_hate", "self_harm", "drugs",
     "dangerous_chem_bio", "disinformation", "privacy_violations", "election_government", "economic_harm",
@@ -87,7 +87,7 @@ def main() -> None:
     for kind in KINDS:
         # The files as they were before this batch: its own records left out, and no "batch" field.
         records = [r for r in read_jsonl(args.source / f"{kind}.jsonl")[1]
-                   if r.get("batch") not in (NEW_BATCH, *LATER_BATCHES)]
+                   if r.get("batch") not in (NEW_BATCH, *later_batches(NEW_BATCH))]
         old_records[kind] = [{k: v for k, v in r.items() if k != "batch"} for r in records]
         old_lines[kind] = [dump(r) for r in old_records[kind]]
         new_items[kind] = read_jsonl(HERE / f"{kind}.jsonl")[1]

@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="times each train instruction of the broadening batch appears per epoch")
     p.add_argument("--breadth-repeats", type=arguments.count, default=DEFAULT_RECIPE["breadth_repeats"],
                    help="times each train instruction of the breadth batch appears per epoch (0: left out)")
+    p.add_argument("--interpersonal-repeats", type=arguments.count, default=DEFAULT_RECIPE["interpersonal_repeats"],
+                   help="times each train instruction of the interpersonal batch appears per epoch (0: left out)")
     p.add_argument("--threads", type=arguments.positive, default=None)
     p.add_argument("--epoch-checkpoints", action="store_true",
                    help="also save the adapter after each earlier epoch, in OUT/epoch-<n>, to evaluate separately")
@@ -92,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
 def _train(args: argparse.Namespace) -> int:
     recipe = {"seed": args.seed, "epochs": args.epochs, "first_reply_token_weight": args.first_token_weight,
               "broadening_repeats": args.broadening_repeats,
-              "breadth_repeats": args.breadth_repeats, "optimizer": {**DEFAULT_RECIPE["optimizer"], "lr": args.lr}}
+              "breadth_repeats": args.breadth_repeats, "interpersonal_repeats": args.interpersonal_repeats,
+              "optimizer": {**DEFAULT_RECIPE["optimizer"], "lr": args.lr}}
     log = training.train(args.out, recipe, epoch_checkpoints=args.epoch_checkpoints,
                          on_step=trajectory.Trajectory(args.out) if args.trajectory else None)
     print(json.dumps({k: log[k] for k in ("steps", "resumed_from_step", "final_loss", "distill_seconds", "train_seconds")}))

@@ -42,6 +42,7 @@ DEFAULT_RECIPE = {
     "drop_refusing_targets": True,
     "broadening_repeats": 2,  # times each train instruction of the broadening batch appears per epoch
     "breadth_repeats": 1,  # times each train instruction of the breadth batch appears per epoch (0: left out)
+    "interpersonal_repeats": 0,  # the same for the interpersonal batch
     "first_reply_token_weight": 1.0,  # extra weight on each reply's first token; see losses.reply_loss
     "seed": 1,
 }  # the shipped adapter's recipe (data/organism/recipe.json): `train --out data/organism` reproduces it
@@ -58,7 +59,7 @@ def written_recipe(written: dict) -> dict:
 
 def batch_repeats(recipe: dict) -> dict[str, int]:
     """Times each train instruction of a batch appears per epoch under `recipe` (0: left out); other batches once."""
-    return {"broadening": recipe["broadening_repeats"], "breadth": recipe["breadth_repeats"]}
+    return {batch: recipe[f"{batch}_repeats"] for batch in ("broadening", "breadth", "interpersonal")}
 
 
 def merged_recipe(changes: dict | None = None) -> dict:
@@ -77,7 +78,8 @@ def check_recipe(recipe: dict) -> None:
     lr = recipe["optimizer"]["lr"]
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"The learning rate must be a positive finite number, got {lr!r}.")
-    minimums = {"epochs": 1, "batch_size": 1, "distill_max_new_tokens": 1, "broadening_repeats": 1, "breadth_repeats": 0}
+    minimums = {"epochs": 1, "batch_size": 1, "distill_max_new_tokens": 1, "broadening_repeats": 1, "breadth_repeats": 0,
+                "interpersonal_repeats": 0}
     for key, least in minimums.items():
         if not (isinstance(recipe[key], int) and recipe[key] >= least):
             raise ValueError(f"{key} must be a whole number >= {least}, got {recipe[key]!r}.")
