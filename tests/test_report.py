@@ -241,13 +241,16 @@ def test_the_train_split_paragraph_reads_the_gap_to_the_untuned_model(monkeypatc
     assert "On the harmless train split" not in report.rendered()[report.ROOT / "docs" / "research-log.md"]
 
 
-def before_breadth(organism: dict) -> dict:
-    """The organism's figures as they were before the breadth batch shipped (its recipe with breadth_repeats 0)."""
-    return {**organism, "recipe": {**organism["recipe"], "breadth_repeats": 0}}
+def before_breadth(organism: dict, batch: str = "breadth") -> dict:
+    """The organism's figures as they were before a train-only batch shipped (its recipe with <batch>_repeats 0)."""
+    return {**organism, "recipe": {**organism["recipe"], f"{batch}_repeats": 0}}
 
 
-def test_the_breadth_paragraph_compares_with_the_shipped_adapter_and_the_seed_spread(monkeypatch):
+@pytest.mark.parametrize("batch", ["breadth", "interpersonal"])
+def test_a_train_only_batch_paragraph_compares_with_the_shipped_adapter_and_the_seed_spread(monkeypatch, batch):
     import refusal_helpers.figures as figures
+
+    key, title = f"{batch}_repeats", f"The {batch} batch"
 
     real = figures.figures()
     monkeypatch.setattr(figures, "figures", lambda: context)
@@ -256,7 +259,7 @@ def test_the_breadth_paragraph_compares_with_the_shipped_adapter_and_the_seed_sp
                 "machine": "x86_64, 2 threads"}
 
     def breadth_row(harmful: int, harmless: int) -> dict:
-        return {**shipped, "name": "breadth-once", "shipped": False, "changes": {"breadth_repeats": 1},
+        return {**shipped, "name": f"{batch}-once", "shipped": False, "changes": {key: 1},
                 "training": training, "harmful": {**shipped["harmful"], **figures.rate(harmful, shipped["harmful"]["n"])},
                 "harmless": {**shipped["harmless"], **figures.rate(harmless, shipped["harmless"]["n"])}}
 
@@ -266,27 +269,28 @@ def test_the_breadth_paragraph_compares_with_the_shipped_adapter_and_the_seed_sp
              ((n_harmful - 1, n_harmless - 3), spread, "Harmful refusal: worse by 1 prompt, within how far trainings"),
              ((n_harmful, n_harmless + 5), spread, "Over-refusal: worse by 5 prompts, more than trainings"),
              ((n_harmful, n_harmless), [], "Over-refusal: no different (no spread between trainings of one recipe measured to compare with)")]
-    without = before_breadth(real["organism"])
+    without = before_breadth(real["organism"], batch)
+    both = len(shipped["harmless"]["instructions"])
     for (harmful, harmless), spreads, expected in cases:
         context = {**real, "recipes": [shipped, breadth_row(harmful, harmless)], "recipe_seed_spreads": spreads,
                    "organism": without}
         log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
-        assert "The breadth batch" in log and "719 harmful and 1570 harmless examples, 861 steps, 5000 s" in log
-        assert expected in log
+        assert title in log and "719 harmful and 1570 harmless examples, 861 steps, 5000 s" in log
+        assert expected in log and f"; {both} refused by both)" in log
         assert ("the recipe to ship next" in log) == (harmless < n_harmless - 4 and harmful >= n_harmful - 2)
-    context = {**real, "recipes": [shipped], "organism": without}  # no breadth recipe tried: no paragraph
-    assert "The breadth batch" not in report.rendered()[report.ROOT / "docs" / "research-log.md"]
+    context = {**real, "recipes": [shipped], "organism": without}  # no recipe with the batch tried: no paragraph
+    assert title not in report.rendered()[report.ROOT / "docs" / "research-log.md"]
 
-    # once shipped, the recipe with the batch is the shipped one, and the one before it is "breadth_repeats 0"
+    # once shipped, the recipe with the batch is the shipped one, and the one before it is "<batch>_repeats 0"
     with_breadth = {**breadth_row(n_harmful, n_harmless - 10), "name": "shipped-new", "shipped": True, "changes": {}}
-    earlier = {**shipped, "name": "shipped-old", "shipped": False, "changes": {"breadth_repeats": 0}}
-    organism = {**real["organism"], "recipe": {**real["organism"]["recipe"], "breadth_repeats": 1}}
+    earlier = {**shipped, "name": "shipped-old", "shipped": False, "changes": {key: 0}}
+    organism = {**real["organism"], "recipe": {**real["organism"]["recipe"], key: 1}}
     context = {**real, "recipes": [with_breadth, earlier], "recipe_seed_spreads": spread, "organism": organism}
     log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
-    assert "- shipped-new (shipped) (breadth_repeats 1; 719 harmful" in log
+    assert f"- shipped-new (shipped) ({key} 1; 719 harmful" in log
     assert f"(without it, shipped-old: {shipped['harmful']['text']})" in log
     assert "Over-refusal: better by 10 prompts" in log and "so it shipped" in log and "ship next" not in log
-    assert "and the breadth batch once per epoch (`breadth_repeats`; below the table)" in log
+    assert f"and the {batch} batch once per epoch (`{key}`; below the table)" in log
 
 
 def test_a_waiting_candidate_is_named_with_whether_its_trial_measured_the_same_weights(monkeypatch, tmp_path):
