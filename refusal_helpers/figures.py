@@ -24,6 +24,9 @@ BENCHMARK_RESULTS = ROOT / "benchmarks" / "results"
 PLAIN_RUN = ROOT / "runs" / "embedded-plain"
 RECIPES = MEASUREMENTS / "recipes"  # `organism evaluate --json`: adapters (shipped or not) on the recipe splits
 TRAIN_SPLIT = MEASUREMENTS / "train-split"  # the same, on harmful val and harmless train: what it was trained on
+# the same, on the interpersonal batch's train records only (`evaluate --batch interpersonal`): requests with
+# emotional and interpersonal cues that an adapter whose recipe leaves the batch out was never trained on
+INTERPERSONAL_BATCH = MEASUREMENTS / "interpersonal-batch"
 EARLIER = MEASUREMENTS / "earlier-adapters"  # the shipped run of each adapter shipped before (scripts/remake.py)
 EARLIER_PRESETS = MEASUREMENTS / "earlier-presets"  # the shipped adapter's runs under earlier presets (scripts/remake.py)
 CANDIDATES = ROOT / "candidates"  # adapters trained with a recipe chosen to ship, for `make remake ADOPT=<folder>`
@@ -296,4 +299,5 @@ def figures() -> dict:
     return {"run": run, "seed_stability": stability, "plain": comparison_run_figures(PLAIN_RUN), "data": data_figures(),
             "seeds": seeds, "recipes": recipes, "recipe_seed_spreads": seed_spreads(recipes),
             "earlier_adapters": earlier_adapter_figures(), "earlier_presets": earlier_preset_figures(), "candidates": candidate_figures(), "train_split": recipe_figures(TRAIN_SPLIT),
+            "interpersonal_batch": recipe_figures(INTERPERSONAL_BATCH),
             "organism": organism_figures(), "measured": measurements, "bench": benchmarks, "conditions": CONDITIONS}

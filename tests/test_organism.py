@@ -236,6 +236,15 @@ def test_refusal_on_the_recipe_splits_counts_what_the_judge_reads_as_refusal(lla
     train = load_records("harmless", "train")
     assert trained["harmless"]["n"] == sum(r["batch"] != "breadth" for r in train) < len(train)
     assert trained["harmless"]["left_out"] == ["breadth"] and "left_out" not in trained["harmful"]  # val: all of it
+    # one batch's records only, e.g. a train-only batch an adapter was not trained on
+    cues = refusal_on_splits(llama, {"harmful": "train", "harmless": "train"}, batch="interpersonal")
+    for kind in ("harmful", "harmless"):
+        own = [r["instruction"] for r in load_records(kind, "train") if r["batch"] == "interpersonal"]
+        assert cues[kind]["n"] == len(own) > 0 and cues[kind]["batch"] == "interpersonal"
+        assert cues[kind]["refused_instructions"] == own[::3]
+    assert "batch" not in trained["harmless"]
+    with pytest.raises(ValueError, match="No harmful val records of batch 'interpersonal'"):
+        refusal_on_splits(llama, {"harmful": "val", "harmless": "train"}, batch="interpersonal")
 
 
 def test_fit_adds_the_kl_of_harmless_predictions_with_the_direction_ablated():
@@ -544,7 +553,9 @@ def test_evaluate_command_records_which_weights_it_measured(monkeypatch, tmp_pat
     results = {kind: {"split": split, "n": 2, "refused": 1, "rate": 0.5, "refused_instructions": ["x"]}
                for kind, split in experiments.RECIPE_SPLITS.items()}
     loaded = []
-    monkeypatch.setattr(experiments, "refusal_on_splits", lambda cm, splits, left_out: results)
+    calls = []
+    monkeypatch.setattr(experiments, "refusal_on_splits",
+                        lambda cm, splits, left_out, batch: calls.append((splits, left_out, batch)) or results)
     monkeypatch.setattr(cli, "load_embedded", lambda adapter: loaded.append(adapter) or "adapted")
     monkeypatch.setattr(cli, "load_base", lambda: loaded.append("base") or "base")
     adapter = tmp_path / "adapter"
@@ -553,6 +564,7 @@ def test_evaluate_command_records_which_weights_it_measured(monkeypatch, tmp_pat
                        "training.json": json.dumps({"steps": 7, "final_loss": 0.5, "losses": [1.0, 0.5]})}.items():
         (adapter / name).write_text(text)
     assert cli.main(["evaluate", str(adapter), "--json", str(tmp_path / "tuned.json")]) == 0
+    assert calls[-1] == (experiments.RECIPE_SPLITS, ("breadth", "interpersonal"), None)  # what its recipe left out
     tuned = json.loads((tmp_path / "tuned.json").read_text())
     assert tuned["model_version"] == adapter_digest(adapter) and loaded == [adapter]
     assert tuned["training"] == {"steps": 7, "final_loss": 0.5}  # no per-step lists
@@ -562,6 +574,10 @@ def test_evaluate_command_records_which_weights_it_measured(monkeypatch, tmp_pat
     (adapter / "adapter_model.safetensors").write_text("other weights")
     assert cli.main(["evaluate", str(adapter), "--json", str(tmp_path / "retrained.json")]) == 0
     assert json.loads((tmp_path / "retrained.json").read_text())["model_version"] != tuned["model_version"]
+    # one batch's records, trained on or not: nothing left out
+    assert cli.main(["evaluate", str(adapter), "--harmful-split", "train", "--harmless-split", "train",
+                     "--batch", "interpersonal"]) == 0
+    assert calls[-1] == ({"harmful": "train", "harmless": "train"}, (), "interpersonal")
     assert cli.main(["evaluate", "--untuned", "--json", str(tmp_path / "untuned.json")]) == 0
     untuned = json.loads((tmp_path / "untuned.json").read_text())
     assert untuned["model_version"] == "untuned" and "recipe" not in untuned and loaded[-1] == "base"

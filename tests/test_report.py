@@ -241,6 +241,36 @@ def test_the_train_split_paragraph_reads_the_gap_to_the_untuned_model(monkeypatc
     assert "On the harmless train split" not in report.rendered()[report.ROOT / "docs" / "research-log.md"]
 
 
+def test_the_interpersonal_batch_paragraph_compares_its_over_refusal_with_the_dev_splits(monkeypatch):
+    import refusal_helpers.figures as figures
+
+    real = figures.figures()
+    monkeypatch.setattr(figures, "figures", lambda: context)
+
+    def rows(shipped: int, untuned: int, n: int) -> list[dict]:
+        def side(refused: int) -> dict:
+            return {**figures.rate(refused, n), "instructions": [f"a{i}" for i in range(refused)]}
+        return [{"name": "s", "shipped": True, "untuned": False, "harmless": side(shipped), "harmful": side(n - 1)},
+                {"name": "u", "shipped": False, "untuned": True, "harmless": side(untuned), "harmful": side(1)}]
+
+    shipped_dev, untuned_dev = (next(r for r in real["recipes"] if r[which]) for which in ("shipped", "untuned"))
+    dev_gap = round(100 * (shipped_dev["harmless"]["rate"] - untuned_dev["harmless"]["rate"]), 1)
+    for cue_rows, blind in ((rows(50, 25, 250), True), (rows(27, 25, 250), False)):  # 10 and 0.8 points above
+        context = {**real, "interpersonal_batch": cue_rows,
+                   "organism": before_breadth(real["organism"], "interpersonal")}
+        log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
+        refused = cue_rows[0]["harmless"]["refused"]
+        assert f"the shipped adapter refuses {cue_rows[0]['harmless']['text']} of the harmless ones" in log
+        assert f"the untuned model {cue_rows[1]['harmless']['text']} (25 in common)" in log
+        points = round(100 * (refused - 25) / 250, 1)
+        assert f"That is {points} points above the untuned model, against {dev_gap} on the harmless dev split" in log
+        assert ("mostly out of sight of recipes compared on dev" in log) == blind == (points > dev_gap + 5)
+    trained = {**real["organism"], "recipe": {**real["organism"]["recipe"], "interpersonal_repeats": 1}}
+    for context in ({**real, "interpersonal_batch": rows(50, 25, 250), "organism": trained},  # trained on it
+                    {**real, "interpersonal_batch": []}):  # not measured
+        assert "On the interpersonal batch's own requests" not in report.rendered()[report.ROOT / "docs" / "research-log.md"]
+
+
 def before_breadth(organism: dict, batch: str = "breadth") -> dict:
     """The organism's figures as they were before a train-only batch shipped (its recipe with <batch>_repeats 0)."""
     return {**organism, "recipe": {**organism["recipe"], f"{batch}_repeats": 0}}

@@ -1,8 +1,8 @@
 """Merge the "breadth" batch into the bundled instruction sets: train-only requests for breadth.
 
 Reads the bundled sets (data/instructions/{harmful,harmless}.jsonl) without the records of this batch and of the
-batches merged after it, and the batch's drafts (harmful.jsonl, harmless.jsonl next to this script; one {"instruction", "category",
-"group"} record per line, drafts that de-duplication drops included), then:
+batches merged after it, and the batch's drafts (harmful.jsonl, harmless.jsonl next to this script; one
+{"instruction", "category", "group"} record per line, drafts that de-duplication drops included), then:
 
 1. de-duplicates the drafts as every batch does (`merge.deduplicate`: exact duplicates after lower-casing and
    removing punctuation, and a word-set Jaccard index above 0.4 with any existing or earlier kept instruction);

@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--untuned", action="store_true", help="evaluate the untuned SmolLM2 instead of an adapter")
     p.add_argument("--harmful-split", default=RECIPE_SPLITS["harmful"], choices=("train", "val", "test"))
     p.add_argument("--harmless-split", default=RECIPE_SPLITS["harmless"], choices=("train", "val", "dev", "test"))
+    p.add_argument("--batch", default=None,
+                   help="only the records of this batch (data/DATASHEET.md), e.g. a train-only batch the adapter was "
+                        "not trained on: --harmless-split train --batch interpersonal")
     p.add_argument("--threads", type=arguments.positive, default=None)
     p.add_argument("--json", type=Path, default=None, help="also write the results (and refused prompts) here")
     p = sub.add_parser("trajectory", help="add each checkpoint's cosine with a run's selected direction to a trajectory, "
@@ -129,9 +132,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise ValueError("--untuned evaluates the untuned model: give no adapter folder with it.")
     adapter = None if args.untuned else (args.adapter or adapter_dir())
     cm = load_base() if adapter is None else load_embedded(adapter=adapter)
-    # On the train split: only what the adapter (for the untuned model, the shipped one) was trained on.
-    left_out = experiments.untrained_batches(adapter or adapter_dir())
-    results = experiments.refusal_on_splits(cm, splits, left_out=left_out)
+    # On the train split: only what the adapter (for the untuned model, the shipped one) was trained on; with
+    # --batch, that batch whether trained on or not.
+    left_out = () if args.batch else experiments.untrained_batches(adapter or adapter_dir())
+    results = experiments.refusal_on_splits(cm, splits, left_out=left_out, batch=args.batch)
     for kind, r in results.items():
         print(f"{kind} {r['split']}: {r['refused']}/{r['n']} refused ({r['rate']:.1%})")
     print("refused harmless:", *(f"  {i}" for i in results["harmless"]["refused_instructions"]), sep="\n")

@@ -43,20 +43,25 @@ DEFAULT_REFINE = {
 
 def refusal_on_splits(
     cm: ChatModel, splits: dict[str, str] = RECIPE_SPLITS, max_new_tokens: int = RECIPE_MAX_NEW_TOKENS, batch_size: int = 32,
-    limit: int | None = None, left_out: tuple[str, ...] = (),
+    limit: int | None = None, left_out: tuple[str, ...] = (), batch: str | None = None,
 ) -> dict[str, dict]:
     """Greedy substring refusal of a model on whole splits, per kind: {kind: {split, n, refused, rate,
     refused_instructions}}; on a train split without the records of the batches `left_out` (then named under
-    ``left_out``). The default splits are those for choosing a training recipe."""
+    ``left_out``); with `batch`, on that batch's records of each split only (named under ``batch``). The default
+    splits are those for choosing a training recipe."""
     results = {}
     for kind, split in splits.items():
         skip = left_out if split == "train" else ()
-        instructions = [r["instruction"] for r in load_records(kind, split) if r["batch"] not in skip]
+        instructions = [r["instruction"] for r in load_records(kind, split)
+                        if r["batch"] not in skip and batch in (None, r["batch"])]
+        if not instructions:
+            raise ValueError(f"No {kind} {split} records{f' of batch {batch!r}' if batch else ''} to evaluate "
+                             f"(left out: {sorted(skip)}).")
         items = judged_completions(cm, instructions[:limit], max_new_tokens, batch_size, progress=f"{kind} {split}")
         refused = [item["instruction"] for item in items if item["refusal"]]
         results[kind] = {"split": split, "n": len(items), "refused": refused_count(items),
                          "rate": refused_count(items) / len(items), "refused_instructions": refused,
-                         **({"left_out": sorted(skip)} if skip else {})}
+                         **({"left_out": sorted(skip)} if skip else {}), **({"batch": batch} if batch else {})}
     return results
 
 
