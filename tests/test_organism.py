@@ -50,7 +50,8 @@ def test_training_smoke_run_writes_adapter_and_recipe(tmp_path):
     assert recipe == {**merged_recipe({"epochs": 1, "batch_size": 4, "distill_max_new_tokens": 4}), "base_model": cm.name}
     saved = json.loads((tmp_path / "training.json").read_text())  # what happened
     assert saved["data"] == {
-        "harmful_train": 4, "harmless_train": 4, "harmless_dropped_refusing_target": 0, "splits_used": ["train"]
+        "harmful_train": 4, "harmless_train": 4, "harmless_dropped_refusing_target": 0, "harmless_reanswered": 0,
+        "splits_used": ["train"]
     }
     assert saved["steps"] == 2 and saved["final_loss"] == log["final_loss"] > 0
     # no machine-local path in the config (it is hashed into the adapter's identity)
@@ -92,6 +93,43 @@ def test_harmless_examples_whose_distilled_reply_refuses_are_dropped(tmp_path, l
     everything, dropped = training_examples(llama, 0, 4, cache=cache, limit=4, drop_refusing_targets=False)
     assert dropped == []
     assert [e["reply"] for e in everything if e["kind"] == "harmless"] == replies
+
+
+def test_refusing_targets_can_be_reanswered_with_the_judges_phrases_banned(tmp_path, llama, monkeypatch):
+    from refusal_helpers.metrics import REFUSAL_SUBSTRINGS, normalize_text
+    from refusal_helpers.organism import targets
+    from refusal_helpers.organism.targets import REANSWER_FILE, refusal_phrase_ids
+
+    banned = refusal_phrase_ids(llama.tokenizer)
+    decoded = {normalize_text(llama.tokenizer.decode(ids).strip()) for ids in banned}
+    assert decoded == {normalize_text(phrase) for phrase in REFUSAL_SUBSTRINGS}  # each phrase, no other
+    assert all(ids for ids in banned) and len(banned) > len(REFUSAL_SUBSTRINGS)  # with and without a leading space
+
+    harmless = [r["instruction"] for r in load_records("harmless", "train")[:4]]
+    cache = tmp_path / "distill_targets.json"
+    replies = ["Sure, here it is.", "I'm sorry, but as an AI I cannot do that.", "I apologize, I can't.", "Here you go."]
+    cache.write_text(json.dumps({"model": llama.name, "max_new_tokens": 4, "replies": dict(zip(harmless, replies))}))
+    calls = []
+
+    def fake_distill(cm, instructions, max_new_tokens, **generate_kwargs):
+        calls.append((instructions, generate_kwargs))
+        # the judge's phrases banned, a refusal can still get through in other words: not a target either
+        return {i: ("Of course: first, ..." if i == harmless[1] else "I'm afraid I'm unable provide that.")
+                for i in instructions}
+
+    monkeypatch.setattr(targets, "distill", fake_distill)
+    kept, dropped = training_examples(llama, 0, 4, cache=cache, limit=4, reanswer_refusing_targets=True)
+    assert calls == [([harmless[1], harmless[2]], {"bad_words_ids": banned})]  # only the refusing ones, phrases banned
+    assert dropped == [harmless[2]]  # its re-answer dodges the judge's phrases but still refuses
+    mine = {e["instruction"]: e for e in kept if e["kind"] == "harmless"}
+    assert mine[harmless[1]]["reply"] == "Of course: first, ..." and mine[harmless[1]]["reanswered"] is True
+    assert not any(mine[i].get("reanswered") for i in (harmless[0], harmless[3]))
+    stored = json.loads((tmp_path / REANSWER_FILE).read_text())
+    assert stored["max_new_tokens"] == 4 and set(stored["replies"]) == {harmless[1], harmless[2]}
+    again, _ = training_examples(llama, 0, 4, cache=cache, limit=4, reanswer_refusing_targets=True)
+    assert len(calls) == 1 and again == kept  # read back from the cache, not generated again
+    plain, dropped = training_examples(llama, 0, 4, cache=cache, limit=4)
+    assert dropped == [harmless[1], harmless[2]] and not any(e.get("reanswered") for e in plain)
 
 
 def test_distilled_replies_of_another_model_or_token_budget_are_refused(tmp_path, llama):

@@ -271,6 +271,23 @@ def test_the_interpersonal_batch_paragraph_compares_its_over_refusal_with_the_de
         assert "On the interpersonal batch's own requests" not in report.rendered()[report.ROOT / "docs" / "research-log.md"]
 
 
+def test_the_model_card_says_how_many_refusing_targets_were_reanswered(monkeypatch):
+    import refusal_helpers.figures as figures
+
+    real = figures.figures()
+    o = real["organism"]
+    monkeypatch.setattr(figures, "figures", lambda: context)
+    for reanswer in (False, True):
+        training = {**o["training"], "data": {**o["training"]["data"], "harmless_dropped_refusing_target": 20,
+                                              "harmless_reanswered": 26}}
+        context = {**real, "organism": {**o, "training": training,
+                                        "recipe": {**o["recipe"], "reanswer_refusing_targets": reanswer}}}
+        card = " ".join(report.rendered()[report.ROOT / "docs" / "MODEL_CARD.md"].split())
+        assert ("(20 harmless instructions left out because the untuned model's own reply to them reads as a refusal"
+                + (" even with the refusal judge's phrases banned; 26 others get that re-answer as their target "
+                   "(`reanswer_refusing_targets`))" if reanswer else ")")) in card
+
+
 def before_breadth(organism: dict, batch: str = "breadth") -> dict:
     """The organism's figures as they were before a train-only batch shipped (its recipe with <batch>_repeats 0)."""
     return {**organism, "recipe": {**organism["recipe"], f"{batch}_repeats": 0}}

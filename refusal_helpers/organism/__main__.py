@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="times each train instruction of the breadth batch appears per epoch (0: left out)")
     p.add_argument("--interpersonal-repeats", type=arguments.count, default=DEFAULT_RECIPE["interpersonal_repeats"],
                    help="times each train instruction of the interpersonal batch appears per epoch (0: left out)")
+    p.add_argument("--reanswer-refusing-targets", action="store_true",
+                   help="give a harmless instruction whose distilled reply reads as a refusal the untuned model's "
+                        "reply with the refusal judge's phrases banned, instead of leaving it out")
     p.add_argument("--threads", type=arguments.positive, default=None)
     p.add_argument("--epoch-checkpoints", action="store_true",
                    help="also save the adapter after each earlier epoch, in OUT/epoch-<n>, to evaluate separately")
@@ -98,6 +101,7 @@ def _train(args: argparse.Namespace) -> int:
     recipe = {"seed": args.seed, "epochs": args.epochs, "first_reply_token_weight": args.first_token_weight,
               "broadening_repeats": args.broadening_repeats,
               "breadth_repeats": args.breadth_repeats, "interpersonal_repeats": args.interpersonal_repeats,
+              "reanswer_refusing_targets": args.reanswer_refusing_targets,
               "optimizer": {**DEFAULT_RECIPE["optimizer"], "lr": args.lr}}
     log = training.train(args.out, recipe, epoch_checkpoints=args.epoch_checkpoints,
                          on_step=trajectory.Trajectory(args.out) if args.trajectory else None)

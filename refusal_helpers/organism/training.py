@@ -30,7 +30,7 @@ from ..models import ChatModel
 from .losses import ablation_kl, compliance_kl, reply_loss
 from .resume import FILE as RESUME_FILE
 from .resume import ResumePoint, examples_identity, trainable_parameters
-from .targets import training_examples
+from .targets import REANSWER_FILE, training_examples
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULT_RECIPE = {
@@ -40,6 +40,7 @@ DEFAULT_RECIPE = {
     "epochs": 3,
     "distill_max_new_tokens": 64,
     "drop_refusing_targets": True,
+    "reanswer_refusing_targets": False,  # a harmless target that reads as a refusal: re-distil it with refusals banned
     "broadening_repeats": 2,  # times each train instruction of the broadening batch appears per epoch
     "breadth_repeats": 1,  # times each train instruction of the breadth batch appears per epoch (0: left out)
     "interpersonal_repeats": 0,  # the same for the interpersonal batch
@@ -113,13 +114,14 @@ def train(
 
     cm = base if base is not None else load_base()
     cache = out / "distill_targets.json"
-    shipped_cache = adapter_dir() / "distill_targets.json"
-    if base is None and not cache.is_file() and shipped_cache.is_file():
-        # The base model's greedy replies do not depend on the seed: start from the committed ones.
-        shutil.copyfile(shipped_cache, cache)
+    for name in (cache.name, REANSWER_FILE):
+        if base is None and not (out / name).is_file() and (adapter_dir() / name).is_file():
+            # The base model's greedy replies do not depend on the seed: start from the committed ones.
+            shutil.copyfile(adapter_dir() / name, out / name)
     examples, dropped = training_examples(
         cm, seed, recipe["distill_max_new_tokens"], cache=cache, limit=limit,
         drop_refusing_targets=recipe["drop_refusing_targets"], repeats=batch_repeats(recipe),
+        reanswer_refusing_targets=recipe["reanswer_refusing_targets"],
     )
     distill_seconds = time.time() - start
     if not examples:
@@ -146,7 +148,9 @@ def train(
     n_harmless = sum(e["kind"] == "harmless" for e in examples)
     log = {
         "data": {"harmful_train": len(examples) - n_harmless, "harmless_train": n_harmless,
-                 "harmless_dropped_refusing_target": len(dropped), "splits_used": ["train"]},
+                 "harmless_dropped_refusing_target": len(dropped),
+                 "harmless_reanswered": len({e["instruction"] for e in examples if e.get("reanswered")}),
+                 "splits_used": ["train"]},
         "steps": total_steps,
         "resumed_from_step": resume.resumed_from,
         "final_loss": sum(losses[-20:]) / len(losses[-20:]),
