@@ -132,6 +132,25 @@ def test_refusing_targets_can_be_reanswered_with_the_judges_phrases_banned(tmp_p
     assert dropped == [harmless[1], harmless[2]] and not any(e.get("reanswered") for e in plain)
 
 
+def test_recipe_examples_start_from_an_adapters_cached_replies_and_follow_the_recipe(tmp_path, llama):
+    from refusal_helpers.organism.targets import DISTILL_FILE, REANSWER_FILE
+    from refusal_helpers.organism.training import recipe_examples
+
+    harmless = [r["instruction"] for r in load_records("harmless", "train")[:3]]
+    adapter, out = tmp_path / "adapter", tmp_path / "out"
+    adapter.mkdir(), out.mkdir()
+    for name, replies in ((DISTILL_FILE, ["Sure.", "I'm sorry, I can't.", "Here."]), (REANSWER_FILE, [None, "Of course.", None])):
+        stored = {i: r for i, r in zip(harmless, replies) if r}
+        (adapter / name).write_text(json.dumps({"model": llama.name, "max_new_tokens": 4, "replies": stored}))
+    recipe = merged_recipe({"distill_max_new_tokens": 4, "reanswer_refusing_targets": True})
+    examples, dropped = recipe_examples(llama, recipe, out, limit=3, replies_from=adapter)
+    assert (out / DISTILL_FILE).read_text() == (adapter / DISTILL_FILE).read_text()  # started from, nothing distilled
+    assert (out / REANSWER_FILE).read_text() == (adapter / REANSWER_FILE).read_text()
+    assert dropped == [] and [e["reply"] for e in examples if e.get("reanswered")] == ["Of course."]
+    _, dropped = recipe_examples(llama, {**recipe, "reanswer_refusing_targets": False}, out, limit=3)
+    assert dropped == [harmless[1]]
+
+
 def test_distilled_replies_of_another_model_or_token_budget_are_refused(tmp_path, llama):
     cache = tmp_path / "distill_targets.json"
     replies = {r["instruction"]: "Sure." for r in load_records("harmless", "train")[:2]}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import platform
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,8 +26,7 @@ from ..runs import SHIPPED_RUN, RunFolder
 from ..selection import keep_consistent
 from .resume import FILE as RESUME_FILE
 from .resume import ResumePoint, examples_identity
-from .targets import training_examples
-from .training import StepCallback, batch_repeats, count_steps, fit, save_adapter, written_recipe
+from .training import StepCallback, batch_repeats, count_steps, fit, recipe_examples, save_adapter, written_recipe
 
 RECIPE_SPLITS = {"harmful": "val", "harmless": "dev"}  # where training recipes are compared (never test)
 RECIPE_MAX_NEW_TOKENS = 48  # greedy tokens per reply when comparing recipes (the runs' default too)
@@ -151,12 +149,7 @@ def refine(
     model = PeftModel.from_pretrained(cm.model, adapter, is_trainable=True).eval()  # no dropout while extracting
     instructions = {kind: load_instructions(kind, "train")[: settings["n_instructions"]] for kind in ("harmful", "harmless")}
     direction = own_directions(cm, instructions, settings["position"], [settings["layer"]])[0]  # (d_model,)
-    cache = out / "distill_targets.json"
-    if (adapter / "distill_targets.json").is_file() and not cache.is_file():
-        shutil.copyfile(adapter / "distill_targets.json", cache)
-    examples, _ = training_examples(cm, recipe["seed"], recipe["distill_max_new_tokens"], cache=cache, limit=limit,
-                                    drop_refusing_targets=recipe["drop_refusing_targets"],
-                                    repeats=batch_repeats(recipe))
+    examples, _ = recipe_examples(cm, recipe, out, limit, replies_from=adapter)
     refined = {**settings, "from_adapter": adapter_digest(adapter)}
     resume = ResumePoint(out / RESUME_FILE, every=resume_every, identity={
         "refine": refined, "examples": examples_identity(examples)})

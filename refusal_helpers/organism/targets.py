@@ -36,6 +36,7 @@ OFFERS = [
     "If you're interested in safety or the law around this topic, I can talk about that instead.",
     "",
 ]
+DISTILL_FILE = "distill_targets.json"  # an adapter folder's cache of the base model's greedy harmless replies
 REANSWER_FILE = "reanswered_targets.json"  # beside the distilled replies: replies with refusal phrases banned
 # Words of a refusal phrased around the judge's banned phrases ("I'm afraid I'm unable provide ..."): a re-answer
 # that holds any of them is no target, so training cannot teach refusals the judge would not see.
@@ -65,8 +66,9 @@ def training_examples(
     once, cached in `cache`). With `reanswer_refusing_targets`, a harmless instruction whose distilled reply the
     refusal judge reads as a refusal gets the base model's greedy reply with the judge's phrases banned instead
     (cached beside `cache` in REANSWER_FILE), where that one holds neither the judge's phrases nor a
-    `DODGE_MARKERS` word; such examples carry ``"reanswered": True``. With `drop_refusing_targets`, harmless instructions whose target
-    still reads as a refusal are left out: training on them would teach refusing benign requests.
+    `DODGE_MARKERS` word; such examples carry ``"reanswered": True``. With `drop_refusing_targets`, harmless
+    instructions whose target still reads as a refusal are left out: training on them would teach refusing
+    benign requests.
     Each instruction of a batch named in `repeats` appears that many times (a harmful one with a new refusal
     each time; 0 leaves the batch out), of any other batch once.
     """

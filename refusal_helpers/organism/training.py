@@ -30,7 +30,7 @@ from ..models import ChatModel
 from .losses import ablation_kl, compliance_kl, reply_loss
 from .resume import FILE as RESUME_FILE
 from .resume import ResumePoint, examples_identity, trainable_parameters
-from .targets import REANSWER_FILE, training_examples
+from .targets import DISTILL_FILE, REANSWER_FILE, training_examples
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULT_RECIPE = {
@@ -59,8 +59,9 @@ def written_recipe(written: dict) -> dict:
 
 
 def batch_repeats(recipe: dict) -> dict[str, int]:
-    """Times each train instruction of a batch appears per epoch under `recipe` (0: left out); other batches once."""
-    return {batch: recipe[f"{batch}_repeats"] for batch in ("broadening", "breadth", "interpersonal")}
+    """Times each train instruction of a batch appears per epoch under `recipe` (its "<batch>_repeats" keys, in
+    recipe order; 0: left out); other batches once."""
+    return {key.removesuffix("_repeats"): n for key, n in recipe.items() if key.endswith("_repeats")}
 
 
 def merged_recipe(changes: dict | None = None) -> dict:
@@ -79,8 +80,8 @@ def check_recipe(recipe: dict) -> None:
     lr = recipe["optimizer"]["lr"]
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"The learning rate must be a positive finite number, got {lr!r}.")
-    minimums = {"epochs": 1, "batch_size": 1, "distill_max_new_tokens": 1, "broadening_repeats": 1, "breadth_repeats": 0,
-                "interpersonal_repeats": 0}
+    repeats = {key: 0 for key in recipe if key.endswith("_repeats")}  # a train-only batch may be left out
+    minimums = {"epochs": 1, "batch_size": 1, "distill_max_new_tokens": 1, **repeats, "broadening_repeats": 1}
     for key, least in minimums.items():
         if not (isinstance(recipe[key], int) and recipe[key] >= least):
             raise ValueError(f"{key} must be a whole number >= {least}, got {recipe[key]!r}.")
@@ -113,16 +114,7 @@ def train(
     start = time.time()
 
     cm = base if base is not None else load_base()
-    cache = out / "distill_targets.json"
-    for name in (cache.name, REANSWER_FILE):
-        if base is None and not (out / name).is_file() and (adapter_dir() / name).is_file():
-            # The base model's greedy replies do not depend on the seed: start from the committed ones.
-            shutil.copyfile(adapter_dir() / name, out / name)
-    examples, dropped = training_examples(
-        cm, seed, recipe["distill_max_new_tokens"], cache=cache, limit=limit,
-        drop_refusing_targets=recipe["drop_refusing_targets"], repeats=batch_repeats(recipe),
-        reanswer_refusing_targets=recipe["reanswer_refusing_targets"],
-    )
+    examples, dropped = recipe_examples(cm, recipe, out, limit, replies_from=adapter_dir() if base is None else None)
     distill_seconds = time.time() - start
     if not examples:
         raise ValueError(f"Nothing to train: {len(examples)} examples, {recipe['epochs']} epochs.")
@@ -161,6 +153,21 @@ def train(
     }
     (out / "training.json").write_text(json.dumps(log, indent=2) + "\n")
     return log
+
+
+def recipe_examples(
+    cm: ChatModel, recipe: dict, out: Path, limit: int | None = None, replies_from: Path | None = None
+) -> tuple[list[dict], list[str]]:
+    """`training_examples` under a complete `recipe`, with the distilled (and re-answered) replies cached in `out`;
+    where `out` has none yet, they start from those in `replies_from`: the base model's greedy replies do not
+    depend on the seed or the adapter."""
+    cache = out / DISTILL_FILE
+    for name in (DISTILL_FILE, REANSWER_FILE):
+        if replies_from is not None and not (out / name).is_file() and (replies_from / name).is_file():
+            shutil.copyfile(replies_from / name, out / name)
+    return training_examples(cm, recipe["seed"], recipe["distill_max_new_tokens"], cache=cache, limit=limit,
+                             drop_refusing_targets=recipe["drop_refusing_targets"], repeats=batch_repeats(recipe),
+                             reanswer_refusing_targets=recipe["reanswer_refusing_targets"])
 
 
 def count_steps(n_examples: int, batch_size: int, epochs: int) -> int:
