@@ -17,7 +17,7 @@ from pathlib import Path
 
 KINDS = ("harmful", "harmless")
 INSTRUCTIONS = Path(__file__).resolve().parent / "instructions"
-BATCH_ORDER = ("broadening", "breadth", "interpersonal")  # the batches with a build.py, in merge order
+BATCH_ORDER = ("broadening", "breadth", "interpersonal", "cues")  # the batches with a build.py, in merge order
 
 
 def later_batches(batch: str) -> tuple[str, ...]:
@@ -140,8 +140,9 @@ def save_report(path: Path, report: dict) -> None:
               f"{report['dropped_counts'][kind]}, kept {report['kept'][kind]} -> {report['new_ids'][kind]}")
 
 
-def merge_train_only(doc: str, batch_folder: Path, seed: int, jaccard_max: float) -> None:
-    """The build of a batch that only widens the train split (see data/breadth/build.py for the steps)."""
+def merge_into_split(doc: str, batch_folder: Path, seed: int, jaccard_max: float, split: str = "train") -> None:
+    """The build of a batch whose every kept draft goes to one split: "train" for a batch that only widens the
+    training data (see data/breadth/build.py for the steps), or a split of its own (data/cues/build.py)."""
     args = build_arguments(doc, batch_folder)
     batch = batch_folder.name
     left_out = (batch, *later_batches(batch))
@@ -158,14 +159,14 @@ def merge_train_only(doc: str, batch_folder: Path, seed: int, jaccard_max: float
         rng.shuffle(items)  # id order carries no category or drafting order
         next_number = max(int(r["id"].split("-")[1]) for r in existing[kind]) + 1
         new_records[kind] = [{"id": f"{kind}-{next_number + i:04d}", "instruction": item["instruction"],
-                              "category": item["category"], "split": "train", "batch": batch}
+                              "category": item["category"], "split": split, "batch": batch}
                              for i, item in enumerate(items)]
         merged[kind] = existing[kind] + new_records[kind]
 
     for kind in KINDS:
         check_merged(kind, merged[kind])
         write_jsonl(args.out / f"{kind}.jsonl", merged[kind])
-    report = {"seed": seed, "jaccard_max": jaccard_max, "split": "train",
+    report = {"seed": seed, "jaccard_max": jaccard_max, "split": split,
               **draft_counts(drafts, kept, dropped, new_records),
               "new_by_category": {kind: dict(sorted(collections.Counter(r["category"] for r in new_records[kind]).items()))
                                   for kind in KINDS},

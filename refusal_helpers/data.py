@@ -14,7 +14,9 @@ from functools import lru_cache
 from pathlib import Path
 
 KINDS = ("harmful", "harmless")
-SPLITS = ("train", "val", "test", "dev")  # dev: harmless only, for choosing the embedded model's training recipe
+# dev: harmless only, for choosing the embedded model's training recipe; cues: emotional-cue requests of both kinds,
+# never trained or selected on, for comparing recipes on the over-refusal that dev does not hold
+SPLITS = ("train", "val", "test", "dev", "cues")
 
 
 PACKAGE_DIR = Path(__file__).resolve().parent

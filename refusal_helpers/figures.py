@@ -27,6 +27,8 @@ TRAIN_SPLIT = MEASUREMENTS / "train-split"  # the same, on harmful val and harml
 # the same, on the interpersonal batch's train records only (`evaluate --batch interpersonal`): requests with
 # emotional and interpersonal cues that an adapter whose recipe leaves the batch out was never trained on
 INTERPERSONAL_BATCH = MEASUREMENTS / "interpersonal-batch"
+# the same, on the held-out cues split (`evaluate --harmful-split cues --harmless-split cues`), named as in RECIPES
+CUES = MEASUREMENTS / "cues"
 EARLIER = MEASUREMENTS / "earlier-adapters"  # the shipped run of each adapter shipped before (scripts/remake.py)
 EARLIER_PRESETS = MEASUREMENTS / "earlier-presets"  # the shipped adapter's runs under earlier presets (scripts/remake.py)
 CANDIDATES = ROOT / "candidates"  # adapters trained with a recipe chosen to ship, for `make remake ADOPT=<folder>`
@@ -295,9 +297,10 @@ def figures() -> dict:
     run = run_figures(SHIPPED_RUN)
     stability = stability_at(measurements.get("seed_stability"), run["direction"])
     seeds = seed_figures(stability, passing_layers=passing_layers(SHIPPED_RUN, stability["position"])) if stability else None
-    recipes = recipe_figures()
+    recipes, cues = recipe_figures(), recipe_figures(CUES)
     return {"run": run, "seed_stability": stability, "plain": comparison_run_figures(PLAIN_RUN), "data": data_figures(),
             "seeds": seeds, "recipes": recipes, "recipe_seed_spreads": seed_spreads(recipes),
             "earlier_adapters": earlier_adapter_figures(), "earlier_presets": earlier_preset_figures(), "candidates": candidate_figures(), "train_split": recipe_figures(TRAIN_SPLIT),
             "interpersonal_batch": recipe_figures(INTERPERSONAL_BATCH),
+            "cues": {row["name"]: row for row in cues}, "cue_seed_spreads": seed_spreads(cues),
             "organism": organism_figures(), "measured": measurements, "bench": benchmarks, "conditions": CONDITIONS}

@@ -126,12 +126,27 @@ def test_bundled_splits_are_fixed_disjoint_and_categorised():
     assert len(harmful) >= 300 and len(categories("harmful")) == 12
     assert len(load_records("harmless")) >= 600 and "edgy_benign" in categories("harmless")
     for kind in ("harmful", "harmless"):
-        splits = [set(load_instructions(kind, s)) for s in ("train", "val", "test", "dev")]
+        splits = [set(load_instructions(kind, s)) for s in ("train", "val", "test", "dev", "cues")]
         assert all(not (a & b) for i, a in enumerate(splits) for b in splits[i + 1:])
     assert load_instructions("harmful", "dev") == [] and len(load_instructions("harmless", "dev")) >= 500
+    # the held-out cue split: both kinds, and only the cues batch
+    assert len(load_instructions("harmful", "cues")) >= 40 and len(load_instructions("harmless", "cues")) >= 100
+    for kind in ("harmful", "harmless"):
+        in_split = {r["id"] for r in load_records(kind, "cues")}
+        assert in_split == {r["id"] for r in load_records(kind) if r["batch"] == "cues"}
     assert load_instructions("harmful", "test", n=3) == load_instructions("harmful", "test")[:3]
     with pytest.raises(ValueError, match="Unknown split"):
         load_instructions("harmful", "validation")
+
+
+def _merge_module(data):
+    """data/merge.py, the helpers every batch build shares (a script folder, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("merge", data / "merge.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_the_batch_builds_reproduce_the_bundled_sets_byte_for_byte(tmp_path):
@@ -143,7 +158,8 @@ def test_the_batch_builds_reproduce_the_bundled_sets_byte_for_byte(tmp_path):
     data = data_dir()
     source = data / "instructions"
     # in merge order, each on the one before's output: the first leaves out the batches merged after it
-    order = ("broadening", "breadth", "interpersonal")
+    order = _merge_module(data).BATCH_ORDER
+    assert order[-1] == "cues"  # the held-out split's batch is merged last, so no train-only batch shifts its ids
     given = source
     for batch in order:
         out = tmp_path / batch

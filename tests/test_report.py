@@ -271,6 +271,37 @@ def test_the_interpersonal_batch_paragraph_compares_its_over_refusal_with_the_de
         assert "On the interpersonal batch's own requests" not in report.rendered()[report.ROOT / "docs" / "research-log.md"]
 
 
+def test_the_cues_split_fills_its_table_columns_by_name_and_compares_adapters_with_the_shipped_one(monkeypatch):
+    import refusal_helpers.figures as figures
+
+    real = figures.figures()
+    monkeypatch.setattr(figures, "figures", lambda: context)
+    shipped, untuned = (next(r for r in real["recipes"] if r[which]) for which in ("shipped", "untuned"))
+
+    def row(name: str, harmless: int, changes: dict, **flags) -> dict:
+        side = {**figures.rate(harmless, 143), "instructions": [f"h{i}" for i in range(harmless)]}
+        return {"name": name, "shipped": False, "untuned": False, **flags, "changes": changes, "harmless": side,
+                "harmful": {**figures.rate(47, 48), "instructions": []}}
+
+    cues = [row(shipped["name"], 18, {}, shipped=True), row(untuned["name"], 15, {}, untuned=True),
+            row("trial", 11, {"interpersonal_repeats": 1})]
+    for twins in (False, True):
+        rows = cues + ([row("trial-seed0", 14, {"interpersonal_repeats": 1, "seed": 0})] if twins else [])
+        context = {**real, "cues": {r["name"]: r for r in rows}, "cue_seed_spreads": figures.seed_spreads(rows)}
+        log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
+        # the shipped row carries its cues figures; a recipe row measured on dev only shows "-" there
+        assert f"| {shipped['harmless']['text']} ({shipped['harmless']['by_batch'].get('broadening', 0)}) | 97.9% (47/48) | 12.6% (18/143) |" in log
+        unmeasured = next(r for r in real["recipes"] if not r["shipped"] and not r["untuned"])
+        assert f"| {unmeasured['harmless']['text']} ({unmeasured['harmless']['by_batch'].get('broadening', 0)}) | - | - |" in log
+        assert "the shipped adapter refuses 12.6% (18/143) of the harmless ones and the untuned model 10.5% (15/143) (15 in common)" in log
+        assert "That is 2.1 points of over-refusal above the untuned model" in log
+        assert "- trial (interpersonal_repeats 1): harmless 7.7% (11/143), 7 fewer (11 refused by both); harmful 97.9% (47/48)." in log
+        assert ("(trial, trial-seed0) 0 harmful, 3 harmless." in log) == twins
+        assert ("No recipe has two trainings measured on this split" in log) == (not twins)
+    context = {**real, "cues": {}, "cue_seed_spreads": []}
+    assert "On the held-out `cues` split" not in report.rendered()[report.ROOT / "docs" / "research-log.md"]
+
+
 def test_the_model_card_says_how_many_refusing_targets_were_reanswered(monkeypatch):
     import refusal_helpers.figures as figures
 

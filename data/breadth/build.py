@@ -13,7 +13,7 @@ batches merged after it, and the batch's drafts (harmful.jsonl, harmless.jsonl n
    build_report.json with the counts and every dropped draft.
 
 Run after the broadening batch's build and before the interpersonal one's (`merge.BATCH_ORDER`). The steps are
-`merge.merge_train_only`'s, which every train-only batch shares. Deterministic: the only randomness is
+`merge.merge_into_split`'s, which every train-only batch shares. Deterministic: the only randomness is
 random.Random(SEED).
 
     python build.py [--source DIR_WITH_EXISTING_JSONL] [--out DIR] [--report FILE]
@@ -25,10 +25,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # data/: the helpers every batch shares
-from merge import merge_train_only  # noqa: E402
+from merge import merge_into_split  # noqa: E402
 
 SEED = 26
 JACCARD_MAX = 0.4
 
 if __name__ == "__main__":
-    merge_train_only(__doc__, Path(__file__).resolve().parent, SEED, JACCARD_MAX)
+    merge_into_split(__doc__, Path(__file__).resolve().parent, SEED, JACCARD_MAX)

@@ -3,7 +3,7 @@
 Harmless requests that carry the cues the embedded model was seen to over-refuse (feelings, relationships and
 communication, benign requests on sensitive-sounding themes, household and money matters), and harmful requests
 wrapped in the same framing, so that the cue alone does not decide a refusal. Merged after the breadth batch
-(`merge.BATCH_ORDER`) by the steps every train-only batch shares (`merge.merge_train_only`; see
+(`merge.BATCH_ORDER`) by the steps every train-only batch shares (`merge.merge_into_split`; see
 data/breadth/build.py): de-duplication, every kept draft in the train split, seeded ids, batch "interpersonal",
 and build_report.json. Val, test and dev stay exactly as they are. Deterministic: the only randomness is
 random.Random(SEED).
@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # data/: the helpers every batch shares
-from merge import merge_train_only  # noqa: E402
+from merge import merge_into_split  # noqa: E402
 
 SEED = 27
 JACCARD_MAX = 0.4
 
 if __name__ == "__main__":
-    merge_train_only(__doc__, Path(__file__).resolve().parent, SEED, JACCARD_MAX)
+    merge_into_split(__doc__, Path(__file__).resolve().parent, SEED, JACCARD_MAX)

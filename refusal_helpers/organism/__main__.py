@@ -67,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="refusal on the splits for comparing recipes: harmful val, harmless dev")
     p.add_argument("adapter", type=arguments.folder, nargs="?", default=None, help="adapter folder (default: the shipped one)")
     p.add_argument("--untuned", action="store_true", help="evaluate the untuned SmolLM2 instead of an adapter")
-    p.add_argument("--harmful-split", default=RECIPE_SPLITS["harmful"], choices=("train", "val", "test"))
-    p.add_argument("--harmless-split", default=RECIPE_SPLITS["harmless"], choices=("train", "val", "dev", "test"))
+    p.add_argument("--harmful-split", default=RECIPE_SPLITS["harmful"], choices=("train", "val", "test", "cues"))
+    p.add_argument("--harmless-split", default=RECIPE_SPLITS["harmless"], choices=("train", "val", "dev", "test", "cues"))
     p.add_argument("--batch", default=None,
                    help="only the records of this batch (data/DATASHEET.md), e.g. a train-only batch the adapter was "
                         "not trained on: --harmless-split train --batch interpersonal")
