@@ -8,7 +8,8 @@
 2. the shipped run, runs/embedded (the summary of the previous adapter's kept in
    docs/measurements/earlier-adapters/, or of these weights' run under an earlier preset in
    docs/measurements/earlier-presets/), and the plain comparison run, runs/embedded-plain;
-3. the measurements the documents quote (docs/measurements/, data/organism/trajectory/formation.json,
+3. the measurements the documents quote (docs/measurements/: the shipped adapter on the recipe, cues, train and
+   interpersonal-batch splits among them; data/organism/trajectory/formation.json,
    data/organism/jailbreak/analysis.json with the shipped suffix), and the benchmarks;
 4. the notebooks (solutions.ipynb executed, exercise.ipynb rebuilt) and the generated documents.
 
@@ -36,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MEASUREMENTS = Path("docs/measurements")
 EARLIER = MEASUREMENTS / "earlier-adapters"
 EARLIER_PRESETS = MEASUREMENTS / "earlier-presets"
+CUES_SPLITS = ("--harmful-split", "cues", "--harmless-split", "cues")  # `organism evaluate` on the held-out cues split
 
 
 @dataclass(frozen=True)
@@ -96,18 +98,20 @@ def keep_earlier_preset_run(digest: str, kl_threshold: float, run: Path = Path("
     return record
 
 
-def shipped_on_recipe_splits(digest: str, evaluate: Callable[..., None], recipes: Path = MEASUREMENTS / "recipes") -> Path:
-    """recipes/shipped-<digest>.json: the shipped adapter on the recipe splits. Where the recipe trial that chose
-    it measured these same weights already, that file is renamed (one row per adapter in the research log)."""
+def shipped_measured(digest: str, evaluate: Callable[..., None], folder: Path, *splits: str) -> Path:
+    """`folder`/shipped-<digest>.json: the shipped adapter on the splits `folder` holds measurements of (the recipe
+    splits, the cues split), evaluated with the `organism evaluate` options `splits`. Where the recipe trial that
+    chose it measured these same weights there already, that file is renamed (one row per adapter in the research
+    log, under one name in every folder)."""
     from refusal_helpers.figures import measured_on
 
-    target = recipes / f"shipped-{digest}.json"
-    trials = [p for p in sorted(recipes.glob("*.json")) if p != target and measured_on(json.loads(p.read_text())) == digest]
+    target = folder / f"shipped-{digest}.json"
+    trials = [p for p in sorted(folder.glob("*.json")) if p != target and measured_on(json.loads(p.read_text())) == digest]
     if trials:
-        print(f"remake: {trials[0]} measured these weights on the recipe splits: renamed {target}", flush=True)
+        print(f"remake: {trials[0]} measured these weights: renamed {target}", flush=True)
         trials[0].rename(target)
     else:
-        evaluate(target)
+        evaluate(target, *splits)
     return target
 
 
@@ -154,7 +158,13 @@ def steps(digest: str, twin: Path | None = None) -> list[Step]:
         Step("untuned on test", lambda: evaluate(m / "untuned_test.json", "--untuned", "--harmful-split", "test",
                                                  "--harmless-split", "test")),
         # the shipped adapter on the recipe splits, beside the recipes tried and the untuned model (docs/research-log.md)
-        Step("shipped on recipe splits", lambda: shipped_on_recipe_splits(digest, evaluate)),
+        Step("shipped on recipe splits", lambda: shipped_measured(digest, evaluate, m / "recipes")),
+        # ... and on the held-out cues split, the recipes table's other columns
+        Step("shipped on cues split", lambda: shipped_measured(digest, evaluate, m / "cues", *CUES_SPLITS)),
+        # the interpersonal batch's train requests: unseen by an adapter whose recipe leaves the batch out
+        Step("shipped on interpersonal batch", lambda: evaluate(
+            m / "interpersonal-batch" / f"shipped-{digest}.json", "--harmful-split", "train", "--harmless-split", "train",
+            "--batch", "interpersonal")),
         # both on the harmless train split: whether the adapter over-refuses what it was trained to answer
         Step("untuned on train split", lambda: evaluate(m / "train-split" / "untuned.json", "--untuned",
                                                         "--harmful-split", "val", "--harmless-split", "train")),
@@ -213,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     if adopt:
         run("-m", "refusal_helpers.organism", "adopt", str(adopt))
     MEASUREMENTS.mkdir(parents=True, exist_ok=True)
-    (MEASUREMENTS / "recipes").mkdir(exist_ok=True)
-    (MEASUREMENTS / "train-split").mkdir(exist_ok=True)
+    for folder in ("recipes", "cues", "train-split", "interpersonal-batch"):
+        (MEASUREMENTS / folder).mkdir(exist_ok=True)
     digest = adapter_digest()
     remake(digest, steps(digest, twin), fresh=args.fresh)
     return 0

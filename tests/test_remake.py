@@ -62,6 +62,8 @@ def test_the_steps_are_named_once_and_seed_stability_follows_the_shipped_run(tmp
     assert plain.index("earlier adapter's run kept") < plain.index("shipped run")
     assert plain.index("preset") < plain.index("earlier preset's run kept") < plain.index("shipped run")
     assert "seed stability" not in plain
+    # the shipped adapter is measured wherever the research log's recipe table and batch paragraphs read it
+    assert {"shipped on recipe splits", "shipped on cues split", "shipped on interpersonal batch"} <= set(plain)
 
 
 def test_the_earlier_adapters_shipped_run_is_kept_with_its_own_seed_stability_only(tmp_path):
@@ -101,17 +103,18 @@ def test_the_shipped_adapter_on_the_recipe_splits_is_measured_once(tmp_path):
     recipes.mkdir()
     (recipes / "other-trial.json").write_text(json.dumps({"model_version": "other"}))
 
-    def evaluate(path):
-        evaluated.append(path)
+    def evaluate(path, *splits):
+        evaluated.append((path, splits))
         path.write_text(json.dumps({"model_version": "abc123"}))
 
-    assert remake.shipped_on_recipe_splits("abc123", evaluate, recipes) == recipes / "shipped-abc123.json"
-    assert evaluated == [recipes / "shipped-abc123.json"]  # no trial measured these weights: evaluated
+    target = recipes / "shipped-abc123.json"
+    assert remake.shipped_measured("abc123", evaluate, recipes, *remake.CUES_SPLITS) == target
+    assert evaluated == [(target, remake.CUES_SPLITS)]  # no trial measured these weights: evaluated, on its splits
 
     evaluated.clear()
     (recipes / "shipped-abc123.json").unlink()
     (recipes / "the-trial.json").write_text(json.dumps({"model_version": "abc123", "harmful": "its figures"}))
-    remake.shipped_on_recipe_splits("abc123", evaluate, recipes)
+    remake.shipped_measured("abc123", evaluate, recipes)
     assert evaluated == [] and not (recipes / "the-trial.json").exists()  # the trial's measurement, renamed
     assert json.loads((recipes / "shipped-abc123.json").read_text())["harmful"] == "its figures"
     assert sorted(p.name for p in recipes.iterdir()) == ["other-trial.json", "shipped-abc123.json"]
