@@ -675,6 +675,12 @@ def test_broadening_repeats_add_each_broadening_instruction_again_with_a_new_ref
         with_repeats(records, {"broadening": -1})
     with pytest.raises(ValueError, match="broadening_repeats must be a whole number >= 1"):
         merged_recipe({"broadening_repeats": 0})
+    with pytest.raises(ValueError, match="epochs must be a whole number >= 1, got True"):  # a bool is no count
+        merged_recipe({"epochs": True})
+    for switch in ("drop_refusing_targets", "reanswer_refusing_targets"):
+        with pytest.raises(ValueError, match=f"{switch} must be true or false, got 'false'"):
+            merged_recipe({switch: "false"})
+        assert merged_recipe({switch: False})[switch] is False
     # the examples: the once-only lists first (so repeats 1 is the recipe without repeats), then the repeats
     targets = {"model": llama.name, "max_new_tokens": 4,
                "replies": {r["instruction"]: "Sure." for r in load_records("harmless", "train")}}

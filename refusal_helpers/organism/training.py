@@ -83,8 +83,11 @@ def check_recipe(recipe: dict) -> None:
     repeats = {key: 0 for key in recipe if key.endswith("_repeats")}  # a train-only batch may be left out
     minimums = {"epochs": 1, "batch_size": 1, "distill_max_new_tokens": 1, **repeats, "broadening_repeats": 1}
     for key, least in minimums.items():
-        if not (isinstance(recipe[key], int) and recipe[key] >= least):
+        if not (isinstance(recipe[key], int) and not isinstance(recipe[key], bool) and recipe[key] >= least):
             raise ValueError(f"{key} must be a whole number >= {least}, got {recipe[key]!r}.")
+    for key in ("drop_refusing_targets", "reanswer_refusing_targets"):  # switches: a string "false" would read as on
+        if not isinstance(recipe[key], bool):
+            raise ValueError(f"{key} must be true or false, got {recipe[key]!r}.")
     if not 0 <= recipe["optimizer"]["warmup_fraction"] <= 1:
         raise ValueError(f"warmup_fraction must lie in [0, 1], got {recipe['optimizer']['warmup_fraction']!r}.")
 
