@@ -249,12 +249,14 @@ def test_train_command_passes_its_options_into_the_recipe(monkeypatch, tmp_path)
     monkeypatch.setattr(training, "train", lambda out, recipe, **kwargs: seen.update(out=out, recipe=recipe, **kwargs) or {
         "steps": 1, "resumed_from_step": 0, "final_loss": 1.0, "distill_seconds": 0.0, "train_seconds": 0.0})
     assert cli.main(["train", "--out", str(tmp_path), "--seed", "3", "--epochs", "2", "--lr", "0.0005",
-                     "--first-token-weight", "1.5", "--broadening-repeats", "2"]) == 0
+                     "--first-token-weight", "1.5", "--broadening-repeats", "2", "--breadth-repeats", "3",
+                     "--interpersonal-repeats", "4", "--reanswer-refusing-targets"]) == 0
     assert seen["on_step"] is None  # no trajectory unless asked for
     recipe = merged_recipe(seen["recipe"])  # what train() itself makes of it
     assert seen["out"] == tmp_path
     assert (recipe["seed"], recipe["epochs"], recipe["optimizer"]["lr"], recipe["first_reply_token_weight"]) == (3, 2, 0.0005, 1.5)
-    assert recipe["broadening_repeats"] == 2
+    assert (recipe["broadening_repeats"], recipe["breadth_repeats"], recipe["interpersonal_repeats"]) == (2, 3, 4)
+    assert recipe["reanswer_refusing_targets"] is True
     assert recipe["optimizer"]["warmup_fraction"] == DEFAULT_RECIPE["optimizer"]["warmup_fraction"]
     assert cli.main(["train", "--out", str(tmp_path), "--trajectory"]) == 0 and seen["on_step"] is not None
 

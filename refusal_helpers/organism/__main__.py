@@ -17,6 +17,9 @@ from . import experiments, formation, shipping, training, trajectory
 from .experiments import DEFAULT_REFINE, RECIPE_SPLITS
 from .training import DEFAULT_RECIPE
 
+# the recipe keys of the batches a recipe may leave out (broadening, with its own flag, always takes part)
+TRAIN_ONLY_REPEATS = tuple(key for key in DEFAULT_RECIPE if key.endswith("_repeats") and key != "broadening_repeats")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m refusal_helpers.organism",
@@ -33,10 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra loss weight on each reply's first token, where the model refuses or answers")
     p.add_argument("--broadening-repeats", type=arguments.positive, default=DEFAULT_RECIPE["broadening_repeats"],
                    help="times each train instruction of the broadening batch appears per epoch")
-    p.add_argument("--breadth-repeats", type=arguments.count, default=DEFAULT_RECIPE["breadth_repeats"],
-                   help="times each train instruction of the breadth batch appears per epoch (0: left out)")
-    p.add_argument("--interpersonal-repeats", type=arguments.count, default=DEFAULT_RECIPE["interpersonal_repeats"],
-                   help="times each train instruction of the interpersonal batch appears per epoch (0: left out)")
+    for key in TRAIN_ONLY_REPEATS:  # --breadth-repeats, --interpersonal-repeats, ...: one per train-only batch
+        batch = key.removesuffix("_repeats")
+        p.add_argument(f"--{batch}-repeats", type=arguments.count, default=DEFAULT_RECIPE[key],
+                       help=f"times each train instruction of the {batch} batch appears per epoch (0: left out)")
     p.add_argument("--reanswer-refusing-targets", action="store_true",
                    help="give a harmless instruction whose distilled reply reads as a refusal the untuned model's "
                         "reply with the refusal judge's phrases banned, instead of leaving it out")
@@ -99,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     recipe = {"seed": args.seed, "epochs": args.epochs, "first_reply_token_weight": args.first_token_weight,
-              "broadening_repeats": args.broadening_repeats,
-              "breadth_repeats": args.breadth_repeats, "interpersonal_repeats": args.interpersonal_repeats,
+              "broadening_repeats": args.broadening_repeats, **{key: getattr(args, key) for key in TRAIN_ONLY_REPEATS},
               "reanswer_refusing_targets": args.reanswer_refusing_targets,
               "optimizer": {**DEFAULT_RECIPE["optimizer"], "lr": args.lr}}
     log = training.train(args.out, recipe, epoch_checkpoints=args.epoch_checkpoints,
