@@ -351,7 +351,7 @@ def test_a_train_only_batch_paragraph_compares_with_the_shipped_adapter_and_the_
     both = len(shipped["harmless"]["instructions"])
     for (harmful, harmless), spreads, expected in cases:
         context = {**real, "recipes": [shipped, breadth_row(harmful, harmless)], "recipe_seed_spreads": spreads,
-                   "organism": without}
+                   "organism": without, "cues": {}}  # the recipe splits alone (with cues: the test below)
         log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
         assert title in log and "719 harmful and 1570 harmless examples, 861 steps, 5000 s" in log
         assert expected in log and f"; {both} refused by both)" in log
@@ -369,6 +369,48 @@ def test_a_train_only_batch_paragraph_compares_with_the_shipped_adapter_and_the_
     assert f"(without it, shipped-old: {shipped['harmful']['text']})" in log
     assert "Over-refusal: better by 10 prompts" in log and "so it shipped" in log and "ship next" not in log
     assert f"and the {batch} batch once per epoch (`{key}`; below the table)" in log
+
+
+def test_a_batch_trial_is_chosen_when_better_beyond_the_spread_somewhere_and_worse_beyond_it_nowhere(monkeypatch):
+    import refusal_helpers.figures as figures
+
+    real = figures.figures()
+    monkeypatch.setattr(figures, "figures", lambda: context)
+    shipped = next(row for row in real["recipes"] if row["shipped"])
+    training = {"data": {"harmful_train": 1, "harmless_train": 2}, "steps": 9, "final_loss": 1, "train_seconds": 5,
+                "machine": "m"}
+
+    def with_rates(row: dict, harmful: int, harmless: int, **fields) -> dict:
+        return {**row, **fields, "harmful": {**row["harmful"], **figures.rate(harmful, row["harmful"]["n"])},
+                "harmless": {**row["harmless"], **figures.rate(harmless, row["harmless"]["n"])}}
+
+    def cue(name: str, harmful: int, harmless: int) -> dict:
+        return {"name": name, "shipped": name == shipped["name"], "untuned": False, "changes": {},
+                "harmful": {**figures.rate(harmful, 48), "instructions": []},
+                "harmless": {**figures.rate(harmless, 143), "instructions": []}}
+
+    h, hl = shipped["harmful"]["refused"], shipped["harmless"]["refused"]
+    dev_spread = [{"changes": {}, "names": ["a", "b"], "harmful": 2, "harmless": 4}]
+    cue_spread = [{"changes": {}, "names": ["a", "b"], "harmful": 1, "harmless": 3}]
+    cases = [  # (dev harmless of the trial, its cues (harmful, harmless), cue spreads) -> chosen, "not chosen" said
+        (hl, (47, 11), cue_spread, True, False),  # 7 fewer on cues beyond 3, the same elsewhere
+        (hl + 6, (47, 11), cue_spread, False, True),  # ... but 6 more on dev, beyond 4
+        (hl, (47, 11), [], False, False),  # no spread on cues: better there is not shown
+        (hl - 10, (46, 18), [], False, True),  # better on dev, but worse on cues where no spread is known
+        (hl - 10, (46, 18), cue_spread, True, False),  # ... within the spread once it is known
+    ]
+    for dev_harmless, (cue_harmful, cue_harmless), cue_spreads, chosen, rejected in cases:
+        trial = with_rates(shipped, h, dev_harmless, name="interpersonal-once", shipped=False,
+                           changes={"interpersonal_repeats": 1}, training=training)
+        context = {**real, "recipes": [shipped, trial], "recipe_seed_spreads": dev_spread,
+                   "organism": before_breadth(real["organism"], "interpersonal"), "cue_seed_spreads": cue_spreads,
+                   "cues": {shipped["name"]: cue(shipped["name"], 47, 18),
+                            "interpersonal-once": cue("interpersonal-once", cue_harmful, cue_harmless)}}
+        log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
+        assert (f"On the cues split, harmless {figures.rate(cue_harmless, 143)['text']} (without it: 12.6% (18/143)), "
+                f"harmful {figures.rate(cue_harmful, 48)['text']} (without it: 97.9% (47/48))") in log
+        assert ("the recipe to ship next" in log) == chosen, (dev_harmless, cue_harmful, cue_harmless, cue_spreads)
+        assert ("so it is not chosen" in log) == rejected
 
 
 def test_a_waiting_candidate_is_named_with_whether_its_trial_measured_the_same_weights(monkeypatch, tmp_path):
