@@ -29,6 +29,8 @@ TRAIN_SPLIT = MEASUREMENTS / "train-split"  # the same, on harmful val and harml
 INTERPERSONAL_BATCH = MEASUREMENTS / "interpersonal-batch"
 # the same, on the held-out cues split (`evaluate --harmful-split cues --harmless-split cues`), named as in RECIPES
 CUES = MEASUREMENTS / "cues"
+# `organism stability <seed-0 twin> --against <trial>`: two seeds of a recipe trial, named as in RECIPES
+SEED_PAIRS = MEASUREMENTS / "seed-pairs"
 EARLIER = MEASUREMENTS / "earlier-adapters"  # the shipped run of each adapter shipped before (scripts/remake.py)
 EARLIER_PRESETS = MEASUREMENTS / "earlier-presets"  # the shipped adapter's runs under earlier presets (scripts/remake.py)
 CANDIDATES = ROOT / "candidates"  # adapters trained with a recipe chosen to ship, for `make remake ADOPT=<folder>`
@@ -303,4 +305,6 @@ def figures() -> dict:
             "earlier_adapters": earlier_adapter_figures(), "earlier_presets": earlier_preset_figures(), "candidates": candidate_figures(), "train_split": recipe_figures(TRAIN_SPLIT),
             "interpersonal_batch": recipe_figures(INTERPERSONAL_BATCH),
             "cues": {row["name"]: row for row in cues}, "cue_seed_spreads": seed_spreads(cues),
+            "seed_pairs": {path.stem: {**pair, **seed_figures(pair)}
+                           for path in sorted(SEED_PAIRS.glob("*.json")) for pair in [json.loads(path.read_text())]},
             "organism": organism_figures(), "measured": measurements, "bench": benchmarks, "conditions": CONDITIONS}

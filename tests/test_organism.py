@@ -594,13 +594,18 @@ def test_stability_command_records_the_other_organisms_recipe_and_training(monke
     from refusal_helpers.organism import __main__ as cli
     from refusal_helpers.organism import experiments
 
-    monkeypatch.setattr(experiments, "seed_stability", lambda adapter, run: {"cosine": 0.5, "adapter": str(adapter)})
+    monkeypatch.setattr(experiments, "seed_stability", lambda adapter, run, reference: {
+        "cosine": 0.5, "adapter": str(adapter), "reference": reference and str(reference)})
     (tmp_path / "recipe.json").write_text(json.dumps({"seed": 0}))
     (tmp_path / "training.json").write_text(json.dumps({"steps": 7}))
     assert cli.main(["stability", str(tmp_path), "--json", str(tmp_path / "out.json")]) == 0
     result = json.loads((tmp_path / "out.json").read_text())
-    assert result == {"cosine": 0.5, "adapter": str(tmp_path), "other_adapter_recipe": {"seed": 0},
+    assert result == {"cosine": 0.5, "adapter": str(tmp_path), "reference": None, "other_adapter_recipe": {"seed": 0},
                       "other_adapter_training": {"steps": 7}}
+    trial = tmp_path / "trial"
+    trial.mkdir()
+    assert cli.main(["stability", str(tmp_path), "--against", str(trial), "--json", str(tmp_path / "out.json")]) == 0
+    assert json.loads((tmp_path / "out.json").read_text())["reference"] == str(trial)
 
 
 def test_evaluate_command_records_which_weights_it_measured(monkeypatch, tmp_path):

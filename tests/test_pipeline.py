@@ -193,8 +193,18 @@ def test_seed_stability_of_a_run_against_its_own_model_and_another(tiny_folder, 
     assert abs(same["cosine"] - 1) < 1e-4 and abs(same["norm_ratio"] - 1) < 1e-4
     assert len(same["cosine_per_layer"]) == 3
     assert same["model_version"] == model_version(str(tiny_folder))  # the docs check it is this adapter's
-    other = seed_stability(tiny_chat_model("qwen2", n_layers=3, seed=1), run=out)
+    other_model = tiny_chat_model("qwen2", n_layers=3, seed=1)
+    other = seed_stability(other_model, run=out)
     assert other["cosine"] < 0.9  # independent random weights: unrelated directions
+    # a reference model's own candidates in place of the run's: made the same way, so the run's model as
+    # reference gives the run's figures, and a model against itself agrees everywhere
+    as_reference = seed_stability(other_model, run=out, reference=load_model(str(tiny_folder), device="cpu"))
+    assert as_reference["model_version"] is None  # a model, not an adapter folder: no digest to name
+    assert as_reference["cosine_per_layer"] == pytest.approx(other["cosine_per_layer"], abs=2e-3)
+    assert as_reference["norm_ratio"] == pytest.approx(other["norm_ratio"], rel=1e-3)
+    itself = seed_stability(other_model, run=out, reference=other_model)
+    # (layer 0 is the template token's embedding, the same for both kinds: no direction, cosine 0)
+    assert itself["cosine_per_layer"][1:] == [1.0, 1.0] and abs(itself["norm_ratio"] - 1) < 1e-4
 
     zeroed = tmp_path / "zeroed"  # the other model's candidates get the run's zeroed dimensions too
     assert run_tiny(tiny_folder, zeroed, "--zero-dims", "0", "7", "--random-controls", "0") == 0

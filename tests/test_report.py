@@ -302,6 +302,26 @@ def test_the_cues_split_fills_its_table_columns_by_name_and_compares_adapters_wi
     assert "On the held-out `cues` split" not in report.rendered()[report.ROOT / "docs" / "research-log.md"]
 
 
+def test_two_seeds_of_a_recipe_trial_are_read_beside_the_shipped_recipes_two(monkeypatch):
+    import refusal_helpers.figures as figures
+
+    real = figures.figures()
+    monkeypatch.setattr(figures, "figures", lambda: context)
+    ss = real["seed_stability"]
+    cosines = [0.0] + [0.99] * 5 + [0.9] + [0.97] * (len(ss["cosine_per_layer"]) - 7)
+    pair = {"position": ss["position"], "layer": ss["layer"], "cosine": cosines[ss["layer"]], "norm_ratio": 1.0,
+            "cosine_per_layer": cosines, "model_version": "abc"}
+    context = {**real, "seed_pairs": {"trial": {**pair, **figures.seed_figures(pair)}}}
+    log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
+    assert ("Two seeds of the recipe trial trial (`python -m refusal_helpers.organism stability <its seed-0 twin> "
+            "--against <its adapter> --json docs/measurements/seed-pairs/trial.json`") in log
+    assert (f"agree to 0.95 up to layer 5 (lowest 0.900, layer 6), and 0.970 at layer {ss['layer']}, the shipped "
+            f"run's; the shipped recipe's two seeds agree up to layer {real['seeds']['agree_through']}, and "
+            f"{ss['cosine_per_layer'][ss['layer']]:.3f} at that layer.") in log
+    context = {**real, "seed_pairs": {}}
+    assert "Two seeds of the recipe trial" not in report.rendered()[report.ROOT / "docs" / "research-log.md"]
+
+
 def test_the_model_card_says_how_many_refusing_targets_were_reanswered(monkeypatch):
     import refusal_helpers.figures as figures
 

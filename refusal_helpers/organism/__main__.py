@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stability", help="compare a run's directions with another seed's organism")
     p.add_argument("adapter", type=arguments.folder, help="folder of an adapter trained with another --seed")
     p.add_argument("--run", type=Path, default=None, help="run folder to compare with (default: runs/embedded)")
+    p.add_argument("--against", type=arguments.folder, default=None,
+                   help="compare with this adapter's candidates instead of the run's, made with the run's settings "
+                        "(two seeds of a recipe trial that has no run)")
     p.add_argument("--json", type=Path, default=None, help="also write the result here")
     p = sub.add_parser("evaluate", help="refusal on the splits for comparing recipes: harmful val, harmless dev")
     p.add_argument("adapter", type=arguments.folder, nargs="?", default=None, help="adapter folder (default: the shipped one)")
@@ -122,7 +125,7 @@ def _refine(args: argparse.Namespace) -> int:
 
 def _stability(args: argparse.Namespace) -> int:
     run = args.run if args.run is not None else experiments.SHIPPED_RUN
-    result = {**experiments.seed_stability(args.adapter, run),
+    result = {**experiments.seed_stability(args.adapter, run, reference=args.against),
               "other_adapter_recipe": json.loads((args.adapter / "recipe.json").read_text())}
     if (args.adapter / "training.json").is_file():
         result["other_adapter_training"] = json.loads((args.adapter / "training.json").read_text())

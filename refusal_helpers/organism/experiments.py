@@ -94,11 +94,15 @@ def own_directions(
     return diff_of_means(*means)[0].float()
 
 
-def seed_stability(other: str | Path | ChatModel, run: str | Path = SHIPPED_RUN) -> dict:
+def seed_stability(
+    other: str | Path | ChatModel, run: str | Path = SHIPPED_RUN, reference: str | Path | ChatModel | None = None
+) -> dict:
     """Compare a run's candidate directions with those another model (an adapter trained with another seed)
     gives with the run's extraction settings: its training instructions, the paper's filter if the run used
     it (by the other model's own refusal scores), and its zeroed dimensions. Returns the cosine per layer at
-    the run's selected position, the cosine and norm ratio at its layer, and the run's model version."""
+    the run's selected position, the cosine and norm ratio at its layer, and the model version compared with.
+    With `reference` (an adapter folder or model), its candidates made the same way stand in for the run's: two
+    seeds of a recipe trial that has no run of its own, read at the run's position and layer."""
     folder = RunFolder(run)
     direction, selection = folder.direction()
     settings = folder.record("candidates.safetensors")["settings"]
@@ -106,16 +110,25 @@ def seed_stability(other: str | Path | ChatModel, run: str | Path = SHIPPED_RUN)
     if any(record["source"] != "bundled" for record in data.values()):
         raise ValueError(f"{run} was extracted from hub data; seed stability compares runs on the bundled data.")
     instructions = {kind: split_instructions("bundled", kind, "train", data[kind]["n"]) for kind in data}
-    cm = other if isinstance(other, ChatModel) else load_embedded(adapter=other)
-    if settings.get("filter_train"):
-        instructions = dict(zip(("harmful", "harmless"), keep_consistent(cm, instructions["harmful"], instructions["harmless"])))
-    ours = folder.candidates()[selection["position_index"]]  # (layer, d_model)
-    theirs = zero_dims(own_directions(cm, instructions, selection["position"]), settings.get("zero_dims", []))
+
+    def candidates_of(model: str | Path | ChatModel) -> Float[Tensor, "layer d_model"]:
+        cm = model if isinstance(model, ChatModel) else load_embedded(adapter=model)
+        chosen = instructions
+        if settings.get("filter_train"):
+            chosen = dict(zip(("harmful", "harmless"), keep_consistent(cm, instructions["harmful"], instructions["harmless"])))
+        return zero_dims(own_directions(cm, chosen, selection["position"]), settings.get("zero_dims", []))
+
+    if reference is None:
+        ours = folder.candidates()[selection["position_index"]]  # (layer, d_model)
+        version = (folder.identity() or {}).get("model_version")  # which weights the run had
+    else:
+        ours = candidates_of(reference)
+        version = None if isinstance(reference, ChatModel) else adapter_digest(Path(reference))
+    theirs = candidates_of(other)
     per_layer = torch.nn.functional.cosine_similarity(ours, theirs, dim=-1)
     layer = selection["layer"]
-    return {"model_version": (folder.identity() or {}).get("model_version"),  # which weights the run had
-            "position": selection["position"], "layer": layer, "cosine": float(per_layer[layer]),
-            "norm_ratio": float(theirs[layer].norm() / ours[layer].norm()),
+    return {"model_version": version, "position": selection["position"], "layer": layer,
+            "cosine": float(per_layer[layer]), "norm_ratio": float(theirs[layer].norm() / ours[layer].norm()),
             "cosine_per_layer": [round(float(c), 3) for c in per_layer]}
 
 
