@@ -318,8 +318,9 @@ def test_two_seeds_of_a_recipe_trial_are_read_beside_the_shipped_recipes_two(mon
     assert (f"agree to 0.95 up to layer 5 (lowest 0.900, layer 6), and 0.970 at layer {ss['layer']}, the shipped "
             f"run's; the shipped recipe's two seeds agree up to layer {real['seeds']['agree_through']}, and "
             f"{ss['cosine_per_layer'][ss['layer']]:.3f} at that layer.") in log
-    context = {**real, "seed_pairs": {}}
-    assert "Two seeds of the recipe trial" not in report.rendered()[report.ROOT / "docs" / "research-log.md"]
+    for pairs in ({}, {"trial": {**pair, **figures.seed_figures(pair), "model_version": real["organism"]["digest"]}}):
+        context = {**real, "seed_pairs": pairs}  # none, or the trial shipped since (its seed stability is above)
+        assert "Two seeds of the recipe trial" not in report.rendered()[report.ROOT / "docs" / "research-log.md"]
 
 
 def test_the_model_card_says_how_many_refusing_targets_were_reanswered(monkeypatch):
@@ -473,6 +474,12 @@ def test_a_waiting_candidate_is_named_with_whether_its_trial_measured_the_same_w
                 + expected + "): `make remake ADOPT=candidates/breadth-once` ships it once DEFAULT_RECIPE takes "
                 "breadth_repeats 7.") in log
         assert "candidates/twin" not in log  # not the recipe chosen to ship
+    # its seed-0 twin beside it: named for the remake's seed stability
+    context = {**real, "recipes": [shipped, trial], "recipe_seed_spreads": spread, "organism": without,
+               "candidates": [row, {**row, "name": "twin", "changes": {"breadth_repeats": 7, "seed": 0}}]}
+    log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
+    assert ("`make remake ADOPT=candidates/breadth-once TWIN=candidates/twin` ships it once DEFAULT_RECIPE takes "
+            "breadth_repeats 7 (its seed-0 twin, `candidates/twin/`, measures seed stability).") in log
     context = {**real, "recipes": [shipped, trial], "recipe_seed_spreads": spread, "candidates": []}
     assert "candidates/" not in report.rendered()[report.ROOT / "docs" / "research-log.md"]
 
