@@ -88,9 +88,11 @@ def render(template: Path, context: dict) -> str:
     """The text of one generated document."""
     import jinja2
 
+    from .figures import train_only_batches
+
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(percent=percent, signed=signed)
+    env.filters.update(percent=percent, signed=signed, train_only_batches=train_only_batches)
     body = env.get_template(template.name).render(**context)  # the output line, a comment, renders to nothing
     where = template.relative_to(ROOT) if template.is_relative_to(ROOT) else template
     return GENERATED_NOTE.format(template=where) + body

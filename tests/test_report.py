@@ -534,3 +534,11 @@ def test_earlier_presets_of_the_shipped_weights_are_listed_by_threshold(tmp_path
     rows = figures.earlier_preset_figures("abc", tmp_path)
     assert [(row["kl_threshold"], row["direction"]["layer"]) for row in rows] == [(0.2, 16), (0.4, 17)]
     assert rows[0]["rates"]["harmful_ablation"]["text"] == "2.9% (5/171)" and rows[0]["loss"]["increase"] == 0.2
+
+
+def test_the_train_only_batches_are_a_recipes_repeats_keys_but_broadenings_in_its_order():
+    from refusal_helpers.figures import train_only_batches
+
+    recipe = {"interpersonal_repeats": 0, "epochs": 3, "broadening_repeats": 2, "breadth_repeats": 1, "later_repeats": 4}
+    assert train_only_batches(recipe) == ["interpersonal", "breadth", "later"]
+    assert train_only_batches({"epochs": 3}) == []
