@@ -81,6 +81,18 @@ LATER_KEYS = {"broadening_repeats": 1, "breadth_repeats": 0, "interpersonal_repe
               "reanswer_refusing_targets": False}
 
 
+def batch_repeats(recipe: dict) -> dict[str, int]:
+    """Times each train instruction of a batch appears per epoch under `recipe` (its "<batch>_repeats" keys, in
+    recipe order; 0: left out); other batches once."""
+    return {key.removesuffix("_repeats"): n for key, n in recipe.items() if key.endswith("_repeats")}
+
+
+def train_only_batches(recipe: dict) -> list[str]:
+    """The batches a recipe may leave out, in its key order: all in `batch_repeats` but broadening, which always
+    takes part."""
+    return [batch for batch in batch_repeats(recipe) if batch != "broadening"]
+
+
 def recipe_changes(recipe: dict, reference: dict) -> dict[str, object]:
     """The settings in which an adapter's `recipe` (its recipe.json) differs from `reference` ("optimizer.lr":
     0.002, ...). A setting in `LATER_KEYS` that either predates takes the value it had then; any other that

@@ -40,12 +40,6 @@ def _json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def train_only_batches(recipe: dict) -> list[str]:
-    """The batches a recipe may leave out, in its key order: each "<batch>_repeats" key but broadening's, which
-    always takes part."""
-    return [key.removesuffix("_repeats") for key in recipe if key.endswith("_repeats") and key != "broadening_repeats"]
-
-
 def rate(refused: int, n: int) -> dict:
     return {"refused": refused, "n": n, "rate": refused / n, "text": f"{100 * refused / n:.1f}% ({refused}/{n})"}
 

@@ -88,7 +88,7 @@ def render(template: Path, context: dict) -> str:
     """The text of one generated document."""
     import jinja2
 
-    from .figures import train_only_batches
+    from .embedded import train_only_batches
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)

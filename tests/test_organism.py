@@ -711,9 +711,9 @@ def test_broadening_repeats_add_each_broadening_instruction_again_with_a_new_ref
 
 @pytest.mark.parametrize("batch", ["breadth", "interpersonal"])
 def test_a_train_only_batch_trains_only_where_the_recipe_names_it(tmp_path, llama, batch):
-    from refusal_helpers.embedded import adapter_dir
+    from refusal_helpers.embedded import adapter_dir, batch_repeats
     from refusal_helpers.organism.targets import with_repeats
-    from refusal_helpers.organism.training import batch_repeats, written_recipe
+    from refusal_helpers.organism.training import written_recipe
 
     key = f"{batch}_repeats"
     shipped = json.loads((adapter_dir() / "recipe.json").read_text())

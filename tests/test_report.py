@@ -537,7 +537,7 @@ def test_earlier_presets_of_the_shipped_weights_are_listed_by_threshold(tmp_path
 
 
 def test_the_train_only_batches_are_a_recipes_repeats_keys_but_broadenings_in_its_order():
-    from refusal_helpers.figures import train_only_batches
+    from refusal_helpers.embedded import train_only_batches
 
     recipe = {"interpersonal_repeats": 0, "epochs": 3, "broadening_repeats": 2, "breadth_repeats": 1, "later_repeats": 4}
     assert train_only_batches(recipe) == ["interpersonal", "breadth", "later"]

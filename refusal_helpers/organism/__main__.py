@@ -10,15 +10,15 @@ from pathlib import Path
 import torch
 
 from .. import arguments
-from ..embedded import adapter_dir, load_base, load_embedded
+from ..data import SPLITS
+from ..embedded import adapter_dir, load_base, load_embedded, train_only_batches
 from ..files import atomic_write_json
 from ..runs import RunFolder
 from . import experiments, formation, shipping, training, trajectory
 from .experiments import DEFAULT_REFINE, RECIPE_SPLITS
 from .training import DEFAULT_RECIPE
 
-# the recipe keys of the batches a recipe may leave out (broadening, with its own flag, always takes part)
-TRAIN_ONLY_REPEATS = tuple(key for key in DEFAULT_RECIPE if key.endswith("_repeats") and key != "broadening_repeats")
+TRAIN_ONLY_REPEATS = tuple(f"{batch}_repeats" for batch in train_only_batches(DEFAULT_RECIPE))  # one flag each
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="refusal on the splits for comparing recipes: harmful val, harmless dev")
     p.add_argument("adapter", type=arguments.folder, nargs="?", default=None, help="adapter folder (default: the shipped one)")
     p.add_argument("--untuned", action="store_true", help="evaluate the untuned SmolLM2 instead of an adapter")
-    p.add_argument("--harmful-split", default=RECIPE_SPLITS["harmful"], choices=("train", "val", "test", "cues"))
-    p.add_argument("--harmless-split", default=RECIPE_SPLITS["harmless"], choices=("train", "val", "dev", "test", "cues"))
+    p.add_argument("--harmful-split", default=RECIPE_SPLITS["harmful"], choices=[s for s in SPLITS if s != "dev"])  # dev: harmless only
+    p.add_argument("--harmless-split", default=RECIPE_SPLITS["harmless"], choices=SPLITS)
     p.add_argument("--batch", default=None,
                    help="only the records of this batch (data/DATASHEET.md), e.g. a train-only batch the adapter was "
                         "not trained on: --harmless-split train --batch interpersonal")

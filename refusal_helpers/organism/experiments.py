@@ -19,14 +19,14 @@ from torch import Tensor
 from ..activations import mean_activations
 from ..data import load_instructions, load_records, split_instructions
 from ..directions import diff_of_means, zero_dims
-from ..embedded import UNTUNED, adapter_digest, load_base, load_embedded
+from ..embedded import UNTUNED, adapter_digest, batch_repeats, load_base, load_embedded
 from ..judges import judged_completions, refused_count
 from ..models import ChatModel
 from ..runs import SHIPPED_RUN, RunFolder
 from ..selection import keep_consistent
 from .resume import FILE as RESUME_FILE
 from .resume import ResumePoint, examples_identity
-from .training import StepCallback, batch_repeats, count_steps, fit, recipe_examples, save_adapter, written_recipe
+from .training import StepCallback, count_steps, fit, recipe_examples, save_adapter, written_recipe
 
 RECIPE_SPLITS = {"harmful": "val", "harmless": "dev"}  # where training recipes are compared (never test)
 RECIPE_MAX_NEW_TOKENS = 48  # greedy tokens per reply when comparing recipes (the runs' default too)

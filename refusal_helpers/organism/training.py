@@ -23,7 +23,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..batching import batches, padded_batch
-from ..embedded import GGUF_FILE, LATER_KEYS, adapter_dir, load_base, package_version
+from ..embedded import GGUF_FILE, LATER_KEYS, adapter_dir, batch_repeats, load_base, package_version
 from ..evaluation import encode_completion
 from ..interventions import ablate
 from ..models import ChatModel
@@ -58,12 +58,6 @@ def written_recipe(written: dict) -> dict:
     return {**recipe, "base_model": written["base_model"]} if "base_model" in written else recipe
 
 
-def batch_repeats(recipe: dict) -> dict[str, int]:
-    """Times each train instruction of a batch appears per epoch under `recipe` (its "<batch>_repeats" keys, in
-    recipe order; 0: left out); other batches once."""
-    return {key.removesuffix("_repeats"): n for key, n in recipe.items() if key.endswith("_repeats")}
-
-
 def merged_recipe(changes: dict | None = None) -> dict:
     """DEFAULT_RECIPE with `changes` applied; nested sections ("lora", "optimizer") are updated key by key."""
     recipe = json.loads(json.dumps(DEFAULT_RECIPE))  # a deep copy
@@ -80,7 +74,7 @@ def check_recipe(recipe: dict) -> None:
     lr = recipe["optimizer"]["lr"]
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"The learning rate must be a positive finite number, got {lr!r}.")
-    repeats = {key: 0 for key in recipe if key.endswith("_repeats")}  # a train-only batch may be left out
+    repeats = {f"{batch}_repeats": 0 for batch in batch_repeats(recipe)}  # a train-only batch may be left out
     minimums = {"epochs": 1, "batch_size": 1, "distill_max_new_tokens": 1, **repeats, "broadening_repeats": 1}
     for key, least in minimums.items():
         if not (isinstance(recipe[key], int) and not isinstance(recipe[key], bool) and recipe[key] >= least):
