@@ -16,6 +16,7 @@ from .export import abliterate
 from .files import atomic_write_json
 from .jailbreak import attack_run
 from .judges import judge_by_name
+from .loading import embedded_adapter
 from .pipeline import Pipeline, PipelineConfig, default_out
 from .presets import derive_preset, save_preset
 from .report import format_summary
@@ -26,7 +27,8 @@ from .sweep import format_sweep, sweep_run
 
 def _add_run_options(run: argparse.ArgumentParser) -> None:
     d = PipelineConfig()
-    run.add_argument("--model", default=d.model, help="'embedded', a hub name, a local folder or a .gguf file")
+    run.add_argument("--model", default=d.model, help="'embedded' ('embedded:FOLDER': with FOLDER's adapter), a hub name, a "
+                                                      "local folder or a .gguf file")
     run.add_argument("--out", default=argparse.SUPPRESS,
                      help="output folder (default: runs/<model alias>; runs/demo for the embedded model, whose "
                           "runs/embedded is the shipped run)")
@@ -89,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     preset = sub.add_parser("preset", help="derive the embedded model's pipeline preset on validation data and "
                                            "store it beside its adapter", formatter_class=defaults)
+    preset.add_argument("--model", default="embedded", help="'embedded', or 'embedded:FOLDER' for the adapter in FOLDER "
+                                                         "(stored in FOLDER's presets.json)")
     preset.add_argument("--out", default="runs/preset", help="folder for the exhaustive score table it needs")
     preset.add_argument("--max-refused", type=arguments.finite, default=0.05,
                         help="the largest fraction of harmful validation prompts the ablated direction may leave refused")
@@ -180,12 +184,15 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _preset(args: argparse.Namespace) -> int:
     derived = derive_preset(args.out, max_refused=args.max_refused, max_ce_increase=args.max_ce_increase,
-                            plain=args.plain)
+                            plain=args.plain, model=args.model)
     print(json.dumps(derived, indent=1))
     if args.json:
         atomic_write_json(Path(args.json), derived)
+    if derived["settings"] is None:
+        print(f"error: {derived['derived']['failure']}", file=sys.stderr)
+        return 2
     if not (args.no_save or args.plain):
-        print(f"wrote {save_preset(derived)}")
+        print(f"wrote {save_preset(derived, embedded_adapter(args.model)[1])}")
     return 0
 
 

@@ -164,6 +164,7 @@ def load_embedded(
             _try_save(merged, base.tokenizer, cached)
             _mention_other_cached_models(keep=cached)
         model = ChatModel(model=merged.to(dtype), tokenizer=base.tokenizer, name="embedded")
+    model.name = "embedded" if adapter is None else f"embedded:{folder}"  # the name `loading.load_model` takes
     model.model.to(device)
     return model
 

@@ -21,7 +21,7 @@ from .evaluation import completion_loss, last_logits
 from .files import atomic_write_json, atomic_write_text
 from .interventions import ablate
 from .judges import Judge, SubstringJudge, judged_completions, refused_count
-from .loading import EMBEDDED, load_model
+from .loading import embedded_adapter, load_model
 from .metrics import kl_divergence
 from .models import ChatModel
 from .orthogonalize import orthogonalize_weights
@@ -113,7 +113,7 @@ def export_model(
         "reload_check": {"max_abs_logit_difference": check, "n_prompts": int(mask.shape[0])},
     }
     zeroed = f", residual dimensions {origin['zero_dims']} zeroed" if origin.get("zero_dims") else ""
-    base = origin["model"] if origin["model"] != EMBEDDED else EMBEDDED_BASE
+    base = EMBEDDED_BASE if embedded_adapter(origin["model"])[0] else origin["model"]
     card = CARD.format(base=base, run=origin["run"], position=origin["position"], layer=origin["layer"],
                        norm=evidence["norm"], zeroed=zeroed, n_harmful=len(harmful), n_harmless=len(harmless),
                        max_new_tokens=max_new_tokens, judge=judge.name,

@@ -29,6 +29,9 @@ TRAIN_SPLIT = MEASUREMENTS / "train-split"  # the same, on harmful val and harml
 INTERPERSONAL_BATCH = MEASUREMENTS / "interpersonal-batch"
 # the same, on the held-out cues split (`evaluate --harmful-split cues --harmless-split cues`), named as in RECIPES
 CUES = MEASUREMENTS / "cues"
+# `preset --model embedded:<trial folder> --no-save --json`: whether a recipe trial's adapter has a preset (a
+# direction meeting the validation targets), named as in RECIPES
+TRIAL_PRESETS = MEASUREMENTS / "trial-presets"
 # `organism stability <seed-0 twin> --against <trial>`: two seeds of a recipe trial, named as in RECIPES
 SEED_PAIRS = MEASUREMENTS / "seed-pairs"
 EARLIER = MEASUREMENTS / "earlier-adapters"  # the shipped run of each adapter shipped before (scripts/remake.py)
@@ -210,6 +213,21 @@ def candidate_figures(folder: Path | None = None, recipes: Path | None = None) -
     return rows
 
 
+def trial_preset_figures(folder: Path | None = None) -> dict[str, dict]:
+    """The preset derivations of recipe trials' adapters in `folder` (default ``docs/measurements/trial-presets``),
+    by name: the adapter's digest, its settings (None: no KL threshold met the targets), the CE bound and the
+    direction each threshold chose on the way, with its CE rise."""
+    rows = {}
+    for path in sorted((folder or TRIAL_PRESETS).glob("*.json")):
+        data = json.loads(path.read_text())
+        derived = data["derived"]
+        rows[path.stem] = {"model_version": data["model_version"], "settings": data["settings"],
+                           "max_ce_increase": derived["max_ce_increase"], "max_refused": derived["max_refused"],
+                           "choices": [{**t["chosen"], "kl_threshold": t["kl_threshold"], "ce_increase": t["ce_increase"],
+                                        "refused": t["refused"], "n": t["n"]} for t in derived["trail"] if t["chosen"]]}
+    return rows
+
+
 def earlier_adapter_figures(digest: str | None = None, folder: Path | None = None) -> list[dict]:
     """The adapters shipped before the one with `digest` (default: the shipped one), newest first, from the
     records that `scripts/remake.py` keeps of their shipped runs: direction, test-split rates, CE rise and seed
@@ -305,6 +323,7 @@ def figures() -> dict:
             "earlier_adapters": earlier_adapter_figures(), "earlier_presets": earlier_preset_figures(), "candidates": candidate_figures(), "train_split": recipe_figures(TRAIN_SPLIT),
             "interpersonal_batch": recipe_figures(INTERPERSONAL_BATCH),
             "cues": {row["name"]: row for row in cues}, "cue_seed_spreads": seed_spreads(cues),
+            "trial_presets": trial_preset_figures(),
             "seed_pairs": {path.stem: {**pair, **seed_figures(pair)}
                            for path in sorted(SEED_PAIRS.glob("*.json")) for pair in [json.loads(path.read_text())]},
             "organism": organism_figures(), "measured": measurements, "bench": benchmarks, "conditions": CONDITIONS}

@@ -26,7 +26,7 @@ from .data import HARMFUL_HUB_SETS, HARMLESS_HUB_SETS, data_record, split_instru
 from .devices import resolve_device_dtype
 from .embedded import preset
 from .judges import VERDICTS, judge_by_name, refused_count
-from .loading import EMBEDDED, load_model, model_identity_name, model_version
+from .loading import EMBEDDED, embedded_adapter, load_model, model_identity_name, model_version
 from .models import ChatModel
 from .runs import RunFolder
 from .selection import ScoreTable, Selection, SelectionConfig, choose, keep_consistent, score_candidates
@@ -65,8 +65,10 @@ class PipelineConfig:
 
     @cached_property
     def preset(self) -> dict:
-        """Settings measured for this model (the embedded model's adapter), empty for any other; looked up once."""
-        return preset() if self.model == EMBEDDED else {}
+        """Settings measured for this model (the embedded model's adapter, from its folder's presets.json), empty
+        for any other; looked up once."""
+        embedded, adapter = embedded_adapter(self.model)
+        return preset(adapter) if embedded else {}
 
     def dims_to_zero(self) -> tuple[int, ...]:
         """Residual dimensions zeroed in every candidate and random control (not the paper's method)."""

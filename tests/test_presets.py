@@ -80,8 +80,23 @@ def test_a_choice_that_costs_too_much_ce_is_passed_over_without_generating(monke
 
 
 def test_no_threshold_meeting_both_bounds_is_an_error_that_shows_the_trail(monkeypatch):
-    with pytest.raises(ValueError, match="No KL threshold up to 0.3 .* CE by at most 0.1"):
+    with pytest.raises(presets.NoThreshold, match="No KL threshold up to 0.3 .* CE by at most 0.1") as error:
         _derive(monkeypatch, dict.fromkeys(range(10), 0), dict.fromkeys(range(10), 0.2), max_threshold=0.3)
+    trail = error.value.trail  # what each choice cost, for the record a failed derivation writes
+    assert [t["chosen"]["layer"] for t in trail[1:]] == [0, 1, 2]
+    assert [round(t["ce_increase"], 6) for t in trail[1:]] == [0.2] * 3 and error.value.baseline_ce == 1.0
+
+
+def test_a_failed_derivation_is_never_stored_as_a_preset(tmp_path):
+    derived = {"model_version": "abc123", "settings": None, "derived": {"failure": "No KL threshold up to 3.0"}}
+    with pytest.raises(ValueError, match="No preset to store for adapter abc123: No KL threshold"):
+        presets.save_preset(derived, tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_preset_is_derived_for_the_embedded_model_only():
+    with pytest.raises(ValueError, match="embedded model .* not 'HuggingFaceTB/SmolLM2-135M-Instruct'"):
+        presets.derive_preset(model="HuggingFaceTB/SmolLM2-135M-Instruct")
 
 
 def test_a_saved_preset_is_keyed_by_the_adapters_digest(tmp_path):

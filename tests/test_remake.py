@@ -118,3 +118,19 @@ def test_the_shipped_adapter_on_the_recipe_splits_is_measured_once(tmp_path):
     assert evaluated == [] and not (recipes / "the-trial.json").exists()  # the trial's measurement, renamed
     assert json.loads((recipes / "shipped-abc123.json").read_text())["harmful"] == "its figures"
     assert sorted(p.name for p in recipes.iterdir()) == ["other-trial.json", "shipped-abc123.json"]
+
+
+def test_an_adapter_whose_trial_found_no_preset_is_not_adopted(tmp_path):
+    from refusal_helpers.embedded import adapter_digest, adapter_dir
+
+    adapter = adapter_dir()
+    records = tmp_path / "trial-presets"
+    records.mkdir()
+    assert remake.without_preset(adapter, records) is None  # nothing measured: the remake's own preset step decides
+    found = {"model_version": adapter_digest(adapter), "settings": {"kl_threshold": 0.2}, "derived": {}}
+    (records / "found.json").write_text(json.dumps(found))
+    (records / "other.json").write_text(json.dumps({"model_version": "other", "settings": None, "derived": {}}))
+    assert remake.without_preset(adapter, records) is None
+    (records / "none.json").write_text(json.dumps({**found, "settings": None, "derived": {"failure": "No KL threshold"}}))
+    assert remake.without_preset(adapter, records) == (f"{records / 'none.json'} found no preset for adapter "
+                                                       f"{adapter_digest(adapter)}: No KL threshold")

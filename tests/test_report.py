@@ -433,6 +433,45 @@ def test_a_batch_trial_is_chosen_when_better_beyond_the_spread_somewhere_and_wor
         assert ("the recipe to ship next" in log) == chosen, (dev_harmless, cue_harmful, cue_harmless, cue_spreads)
         assert ("so it is not chosen" in log) == rejected
 
+    # a chosen trial ships only where its adapter has a preset (a direction meeting the validation targets)
+    trial = with_rates(shipped, h, hl, name="interpersonal-once", shipped=False, changes={"interpersonal_repeats": 1},
+                       training=training, model_version="abc123")
+    choices = [{"position": -1, "layer": 20, "kl": 0.11, "kl_threshold": 0.12, "ce_increase": 0.105, "refused": None,
+                "n": 98}, {"position": -1, "layer": 23, "kl": 0.29, "kl_threshold": 0.3, "ce_increase": 0.256,
+                           "refused": None, "n": 98}]
+    none_found = {"model_version": "abc123", "settings": None, "max_ce_increase": 0.1, "max_refused": 0.05,
+                  "choices": choices}
+    found = {**none_found, "settings": {"kl_threshold": 0.31, "zero_dims": [507]}}
+    for presets, ships, said in (({}, True, "Its adapter needs a preset first"),
+                                 ({"interpersonal-once": none_found}, False,
+                                  "(the choices on the way: layer 20 +0.105, layer 23 +0.256; "),
+                                 ({"interpersonal-once": {**none_found, "model_version": "other"}}, True,
+                                  "Its adapter needs a preset first"),  # another adapter's derivation: not this one's
+                                 ({"interpersonal-once": found}, True, "Its adapter has a preset (KL threshold 0.31)")):
+        context = {**real, "recipes": [shipped, trial], "recipe_seed_spreads": dev_spread,
+                   "organism": before_breadth(real["organism"], "interpersonal"), "cue_seed_spreads": cue_spread,
+                   "trial_presets": presets, "cues": {shipped["name"]: cue(shipped["name"], 47, 18),
+                                                      "interpersonal-once": cue("interpersonal-once", 47, 11)}}
+        log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
+        assert ("the recipe to ship next" in log) == ships and ("would miss the CE target. Not shipped." in log) != ships
+        assert said in log
+
+
+def test_a_trial_preset_is_read_with_each_choice_and_its_ce_rise(tmp_path):
+    import refusal_helpers.figures as figures
+
+    trail = [{"kl_threshold": 0.01, "chosen": None},
+             {"kl_threshold": 0.12, "chosen": {"position": -1, "layer": 20, "kl": 0.114}, "ce_increase": 0.105,
+              "refused": None, "n": 98},
+             {"kl_threshold": 0.3, "chosen": {"position": -2, "layer": 23, "kl": 0.29}, "ce_increase": 0.08,
+              "refused": 3, "n": 98}]
+    derived = {"max_ce_increase": 0.1, "max_refused": 0.05, "trail": trail, "baseline_ce": 0.3}
+    (tmp_path / "a-trial.json").write_text(json.dumps({"model_version": "abc", "settings": None, "derived": derived}))
+    [(name, row)] = figures.trial_preset_figures(tmp_path).items()
+    assert name == "a-trial" and row["settings"] is None and row["max_ce_increase"] == 0.1
+    assert [(c["layer"], c["position"], c["ce_increase"], c["refused"]) for c in row["choices"]] == [
+        (20, -1, 0.105, None), (23, -2, 0.08, 3)]  # the threshold that chose nothing is left out
+
 
 def test_a_waiting_candidate_is_named_with_whether_its_trial_measured_the_same_weights(monkeypatch, tmp_path):
     import refusal_helpers.figures as figures
