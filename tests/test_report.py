@@ -455,6 +455,9 @@ def test_a_batch_trial_is_chosen_when_better_beyond_the_spread_somewhere_and_wor
         log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
         assert ("the recipe to ship next" in log) == ships and ("would miss the CE target. Not shipped." in log) != ships
         assert said in log
+        last = [t for t in real["organism"]["preset"]["derived"]["trail"] if t["chosen"]][-1]
+        beside = f"The shipped adapter's preset direction (layer {last['chosen']['layer']}) raises the same CE by +{last['ce_increase']:.3f}"
+        assert (beside in log) != ships
 
 
 def test_a_trial_preset_is_read_with_each_choice_and_its_ce_rise(tmp_path):
