@@ -458,6 +458,10 @@ def test_a_batch_trial_is_chosen_when_better_beyond_the_spread_somewhere_and_wor
         last = [t for t in real["organism"]["preset"]["derived"]["trail"] if t["chosen"]][-1]
         beside = f"The shipped adapter's preset direction (layer {last['chosen']['layer']}) raises the same CE by +{last['ce_increase']:.3f}"
         assert (beside in log) != ships
+        listed = ("- interpersonal-once (adapter abc123; CE bound 0.1, at most 5% refused): "
+                  + ("KL threshold 0.31." if presets.get("interpersonal-once", {}).get("settings") else "no threshold meets both.")
+                  + " Threshold 0.12: position -1, layer 20, CE +0.105 (refusal not generated: over the CE bound).")
+        assert (listed in log) == (presets.get("interpersonal-once", {}).get("model_version") == "abc123")
 
 
 def test_a_trial_preset_is_read_with_each_choice_and_its_ce_rise(tmp_path):
