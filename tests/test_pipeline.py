@@ -283,8 +283,11 @@ def test_settings_come_from_the_embedded_models_preset_unless_given(monkeypatch)
     from refusal_helpers.__main__ import build_parser
     from refusal_helpers.pipeline import PipelineConfig
 
-    monkeypatch.setattr(pipeline, "preset", lambda: {"zero_dims": [9, 4], "kl_threshold": 0.4})
+    read_from = []
+    monkeypatch.setattr(pipeline, "preset", lambda folder=None: read_from.append(folder) or {"zero_dims": [9, 4],
+                                                                                             "kl_threshold": 0.4})
     assert PipelineConfig().dims_to_zero() == (4, 9) and PipelineConfig().selection_config().kl_threshold == 0.4
+    assert read_from == [None, None]  # the committed adapter's presets.json
     assert PipelineConfig(zero_dims=(7, 7)).dims_to_zero() == (7,)
     assert PipelineConfig(kl_threshold=0.2).selection_config().kl_threshold == 0.2
     assert PipelineConfig(model="another-model").dims_to_zero() == ()  # presets are the embedded model's
