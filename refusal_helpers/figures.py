@@ -215,13 +215,14 @@ def candidate_figures(folder: Path | None = None, recipes: Path | None = None) -
 
 def trial_preset_figures(folder: Path | None = None) -> dict[str, dict]:
     """The preset derivations of recipe trials' adapters in `folder` (default ``docs/measurements/trial-presets``),
-    by name: the adapter's digest, its settings (None: no KL threshold met the targets), the CE bound and the
-    direction each threshold chose on the way, with its CE rise."""
+    by name: the adapter's digest, its settings (None: no KL threshold met the targets, and why), the CE bound and
+    the direction each threshold chose on the way, with its CE rise."""
     rows = {}
     for path in sorted((folder or TRIAL_PRESETS).glob("*.json")):
         data = json.loads(path.read_text())
         derived = data["derived"]
         rows[path.stem] = {"model_version": data["model_version"], "settings": data["settings"],
+                           "failure": derived.get("failure"),
                            "max_ce_increase": derived["max_ce_increase"], "max_refused": derived["max_refused"],
                            "choices": [{**t["chosen"], "kl_threshold": t["kl_threshold"], "ce_increase": t["ce_increase"],
                                         "refused": t["refused"], "n": t["n"]} for t in derived["trail"] if t["chosen"]]}

@@ -208,16 +208,17 @@ def remake(digest: str, plan: list[Step], state_dir: Path = Path("runs/remake"),
     print(f"remake: all {len(plan)} steps done for adapter {digest}", flush=True)
 
 
-def without_preset(adapter: Path, records: Path = MEASUREMENTS / "trial-presets") -> str | None:
+def without_preset(adapter: Path, records: Path | None = None) -> str | None:
     """Why the adapter in `adapter` cannot ship, where a trial's preset derivation (``preset --model
-    embedded:FOLDER --json``, in `records`) found no KL threshold meeting the targets for its weights; else None."""
+    embedded:FOLDER --json``, in `records`, default ``docs/measurements/trial-presets``) found no KL threshold
+    meeting the targets for its weights; else None."""
     from refusal_helpers.embedded import adapter_digest
+    from refusal_helpers.figures import TRIAL_PRESETS, trial_preset_figures
 
-    digest = adapter_digest(adapter)
-    for path in sorted(records.glob("*.json")):
-        record = json.loads(path.read_text())
-        if record.get("model_version") == digest and record.get("settings") is None:
-            return f"{path} found no preset for adapter {digest}: {record['derived'].get('failure')}"
+    digest, records = adapter_digest(adapter), records or TRIAL_PRESETS
+    for name, trial in trial_preset_figures(records).items():
+        if trial["model_version"] == digest and trial["settings"] is None:
+            return f"{records / name}.json found no preset for adapter {digest}: {trial['failure']}"
     return None
 
 

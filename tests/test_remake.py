@@ -127,10 +127,12 @@ def test_an_adapter_whose_trial_found_no_preset_is_not_adopted(tmp_path):
     records = tmp_path / "trial-presets"
     records.mkdir()
     assert remake.without_preset(adapter, records) is None  # nothing measured: the remake's own preset step decides
-    found = {"model_version": adapter_digest(adapter), "settings": {"kl_threshold": 0.2}, "derived": {}}
+    derived = {"max_ce_increase": 0.1, "max_refused": 0.05, "trail": []}  # as `preset --json` writes it
+    found = {"model_version": adapter_digest(adapter), "settings": {"kl_threshold": 0.2}, "derived": derived}
     (records / "found.json").write_text(json.dumps(found))
-    (records / "other.json").write_text(json.dumps({"model_version": "other", "settings": None, "derived": {}}))
+    (records / "other.json").write_text(json.dumps({"model_version": "other", "settings": None, "derived": derived}))
     assert remake.without_preset(adapter, records) is None
-    (records / "none.json").write_text(json.dumps({**found, "settings": None, "derived": {"failure": "No KL threshold"}}))
+    (records / "none.json").write_text(json.dumps({**found, "settings": None,
+                                                   "derived": {**derived, "failure": "No KL threshold"}}))
     assert remake.without_preset(adapter, records) == (f"{records / 'none.json'} found no preset for adapter "
                                                        f"{adapter_digest(adapter)}: No KL threshold")
