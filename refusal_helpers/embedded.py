@@ -153,8 +153,9 @@ def load_embedded(
         raise FileNotFoundError(
             f"No LoRA adapter in {folder}. Train one with: python -m refusal_helpers.organism train --out {folder}"
         )
+    name = "embedded" if adapter is None else f"embedded:{folder}"  # the name `loading.load_model` takes
     cached = cache_root() / f"{CACHE_PREFIX}{merged_cache_key(folder)}"
-    model = _load_cached(cached, dtype) if (cached / "config.json").is_file() else None
+    model = _load_cached(cached, dtype, name) if (cached / "config.json").is_file() else None
     if model is None:
         from peft import PeftModel
 
@@ -163,13 +164,12 @@ def load_embedded(
         if cache_merge:
             _try_save(merged, base.tokenizer, cached)
             _mention_other_cached_models(keep=cached)
-        model = ChatModel(model=merged.to(dtype), tokenizer=base.tokenizer, name="embedded")
-    model.name = "embedded" if adapter is None else f"embedded:{folder}"  # the name `loading.load_model` takes
+        model = ChatModel(model=merged.to(dtype), tokenizer=base.tokenizer, name=name)
     model.model.to(device)
     return model
 
 
-def _load_cached(folder: Path, dtype: torch.dtype) -> ChatModel | None:
+def _load_cached(folder: Path, dtype: torch.dtype, name: str) -> ChatModel | None:
     """The cached merged model in `folder`, or None (and the entry deleted, with a notice) when it is damaged."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -181,7 +181,7 @@ def _load_cached(folder: Path, dtype: torch.dtype) -> ChatModel | None:
                       "deleting it and merging afresh.", stacklevel=3)
         shutil.rmtree(folder, ignore_errors=True)
         return None
-    return ChatModel(model=model, tokenizer=tokenizer, name="embedded")
+    return ChatModel(model=model, tokenizer=tokenizer, name=name)
 
 
 def merged_cache_key(folder: Path) -> str:

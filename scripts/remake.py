@@ -34,9 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MEASUREMENTS = Path("docs/measurements")
-EARLIER = MEASUREMENTS / "earlier-adapters"
-EARLIER_PRESETS = MEASUREMENTS / "earlier-presets"
+sys.path.insert(0, str(ROOT))
+from refusal_helpers import figures  # noqa: E402  (the folders the documents read the measurements from)
+
+MEASUREMENTS, EARLIER, EARLIER_PRESETS = figures.MEASUREMENTS, figures.EARLIER, figures.EARLIER_PRESETS
+MEASURED_FOLDERS = (figures.RECIPES, figures.CUES, figures.TRAIN_SPLIT, figures.INTERPERSONAL_BATCH)
 CUES_SPLITS = ("--harmful-split", "cues", "--harmless-split", "cues")  # `organism evaluate` on the held-out cues split
 
 
@@ -64,14 +66,12 @@ def keep_earlier_run(digest: str, run: Path = Path("runs/embedded"),
     """Keep the summary of a shipped run of other weights than `digest` (and their seed stability, where
     `stability` measured them) as out/<their digest>.json, before the new adapter's run replaces it: the research
     log compares each shipped adapter on the test split. Returns the record written, or None."""
-    from refusal_helpers.figures import measured_on  # which weights a measurement names
-
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else None
     if summary is None or summary.get("model_version") in (None, digest):
         return None
     earlier = summary["model_version"]
     seeds = json.loads(stability.read_text()) if stability.is_file() else None
-    if seeds is not None and measured_on(seeds) != earlier:
+    if seeds is not None and figures.measured_on(seeds) != earlier:
         seeds = None
     out.mkdir(parents=True, exist_ok=True)
     record = out / f"{earlier}.json"
@@ -103,10 +103,8 @@ def shipped_measured(digest: str, evaluate: Callable[..., None], folder: Path, *
     splits, the cues split), evaluated with the `organism evaluate` options `splits`. Where the recipe trial that
     chose it measured these same weights there already, that file is renamed (one row per adapter in the research
     log, under one name in every folder)."""
-    from refusal_helpers.figures import measured_on
-
     target = folder / f"shipped-{digest}.json"
-    trials = [p for p in sorted(folder.glob("*.json")) if p != target and measured_on(json.loads(p.read_text())) == digest]
+    trials = [p for p in sorted(folder.glob("*.json")) if p != target and figures.measured_on(json.loads(p.read_text())) == digest]
     if trials:
         print(f"remake: {trials[0]} measured these weights: renamed {target}", flush=True)
         trials[0].rename(target)
@@ -158,17 +156,17 @@ def steps(digest: str, twin: Path | None = None) -> list[Step]:
         Step("untuned on test", lambda: evaluate(m / "untuned_test.json", "--untuned", "--harmful-split", "test",
                                                  "--harmless-split", "test")),
         # the shipped adapter on the recipe splits, beside the recipes tried and the untuned model (docs/research-log.md)
-        Step("shipped on recipe splits", lambda: shipped_measured(digest, evaluate, m / "recipes")),
+        Step("shipped on recipe splits", lambda: shipped_measured(digest, evaluate, figures.RECIPES)),
         # ... and on the held-out cues split, the recipes table's other columns
-        Step("shipped on cues split", lambda: shipped_measured(digest, evaluate, m / "cues", *CUES_SPLITS)),
+        Step("shipped on cues split", lambda: shipped_measured(digest, evaluate, figures.CUES, *CUES_SPLITS)),
         # the interpersonal batch's train requests: unseen by an adapter whose recipe leaves the batch out
         Step("shipped on interpersonal batch", lambda: evaluate(
-            m / "interpersonal-batch" / f"shipped-{digest}.json", "--harmful-split", "train", "--harmless-split", "train",
+            figures.INTERPERSONAL_BATCH / f"shipped-{digest}.json", "--harmful-split", "train", "--harmless-split", "train",
             "--batch", "interpersonal")),
         # both on the harmless train split: whether the adapter over-refuses what it was trained to answer
-        Step("untuned on train split", lambda: evaluate(m / "train-split" / "untuned.json", "--untuned",
+        Step("untuned on train split", lambda: evaluate(figures.TRAIN_SPLIT / "untuned.json", "--untuned",
                                                         "--harmful-split", "val", "--harmless-split", "train")),
-        Step("shipped on train split", lambda: evaluate(m / "train-split" / f"shipped-{digest}.json",
+        Step("shipped on train split", lambda: evaluate(figures.TRAIN_SPLIT / f"shipped-{digest}.json",
                                                         "--harmful-split", "val", "--harmless-split", "train")),
         Step("trajectory", lambda: run("-m", "refusal_helpers.organism", "trajectory")),
         Step("judges", lambda: run("-m", "refusal_helpers", "judge", "--json", str(m / "judges.json"))),
@@ -213,10 +211,9 @@ def without_preset(adapter: Path, records: Path | None = None) -> str | None:
     embedded:FOLDER --json``, in `records`, default ``docs/measurements/trial-presets``) found no KL threshold
     meeting the targets for its weights; else None."""
     from refusal_helpers.embedded import adapter_digest
-    from refusal_helpers.figures import TRIAL_PRESETS, trial_preset_figures
 
-    digest, records = adapter_digest(adapter), records or TRIAL_PRESETS
-    for name, trial in trial_preset_figures(records).items():
+    digest, records = adapter_digest(adapter), records or figures.TRIAL_PRESETS
+    for name, trial in figures.trial_preset_figures(records).items():
         if trial["model_version"] == digest and trial["settings"] is None:
             return f"{records / name}.json found no preset for adapter {digest}: {trial['failure']}"
     return None
@@ -231,7 +228,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     adopt, twin = (folder.resolve() if folder else None for folder in (args.adopt, args.twin))  # before the chdir
     os.chdir(ROOT)
-    sys.path.insert(0, str(ROOT))
     from refusal_helpers.embedded import adapter_digest
 
     if adopt:
@@ -240,9 +236,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"remake: not adopting {adopt}: {reason}", file=sys.stderr)
             return 2
         run("-m", "refusal_helpers.organism", "adopt", str(adopt))
-    MEASUREMENTS.mkdir(parents=True, exist_ok=True)
-    for folder in ("recipes", "cues", "train-split", "interpersonal-batch"):
-        (MEASUREMENTS / folder).mkdir(exist_ok=True)
+    for folder in MEASURED_FOLDERS:
+        folder.mkdir(parents=True, exist_ok=True)
     digest = adapter_digest()
     remake(digest, steps(digest, twin), fresh=args.fresh)
     return 0

@@ -147,10 +147,11 @@ def test_another_adapters_merge_is_cached_only_when_asked(embedded, tmp_path, mo
     monkeypatch.setenv("REFUSAL_DIRECTION_CACHE", str(cache))
     other = tmp_path / "seed1"
     shutil.copytree(emb.adapter_dir(), other)
-    emb.load_embedded(adapter=other)  # a one-off evaluation: merged, not cached
+    assert emb.load_embedded(adapter=other).name == f"embedded:{other}"  # a one-off evaluation: merged, not cached
     assert not list(cache.glob("embedded-*"))
     emb.load_embedded(adapter=other, cache_merge=True)
     assert len(list(cache.glob("embedded-*/model.safetensors"))) == 1
+    assert emb.load_embedded(adapter=other).name == f"embedded:{other}"  # read from the cache, named the same
 
 
 def test_cache_command_lists_prunes_and_clears_merged_models(tmp_path, monkeypatch, capsys):

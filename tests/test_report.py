@@ -444,7 +444,7 @@ def test_a_batch_trial_is_chosen_when_better_beyond_the_spread_somewhere_and_wor
     found = {**none_found, "settings": {"kl_threshold": 0.31, "zero_dims": [507]}}
     for presets, ships, said in (({}, True, "Its adapter needs a preset first"),
                                  ({"interpersonal-once": none_found}, False,
-                                  "(the choices on the way: layer 20 +0.105, layer 23 +0.256; "),
+                                  "by at most 0.1 nats/token and leaves at most 5% of harmful validation prompts refused"),
                                  ({"interpersonal-once": {**none_found, "model_version": "other"}}, True,
                                   "Its adapter needs a preset first"),  # another adapter's derivation: not this one's
                                  ({"interpersonal-once": found}, True, "Its adapter has a preset (KL threshold 0.31)")):
@@ -453,7 +453,7 @@ def test_a_batch_trial_is_chosen_when_better_beyond_the_spread_somewhere_and_wor
                    "trial_presets": presets, "cues": {shipped["name"]: cue(shipped["name"], 47, 18),
                                                       "interpersonal-once": cue("interpersonal-once", 47, 11)}}
         log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
-        assert ("the recipe to ship next" in log) == ships and ("would miss the CE target. Not shipped." in log) != ships
+        assert ("the recipe to ship next" in log) == ships and ("would miss one of those targets. Not shipped." in log) != ships
         assert said in log
         last = [t for t in real["organism"]["preset"]["derived"]["trail"] if t["chosen"]][-1]
         beside = f"The shipped adapter's preset direction (layer {last['chosen']['layer']}) raises the same CE by +{last['ce_increase']:.3f}"
@@ -462,6 +462,31 @@ def test_a_batch_trial_is_chosen_when_better_beyond_the_spread_somewhere_and_wor
                   + ("KL threshold 0.31." if presets.get("interpersonal-once", {}).get("settings") else "no threshold meets both.")
                   + " Threshold 0.12: position -1, layer 20, CE +0.105 (refusal not generated: over the CE bound).")
         assert (listed in log) == (presets.get("interpersonal-once", {}).get("model_version") == "abc123")
+
+
+def test_a_batch_trial_that_changes_more_keys_gets_a_verdict_and_a_seed_twin_does_not(monkeypatch):
+    import refusal_helpers.figures as figures
+
+    real = figures.figures()
+    monkeypatch.setattr(figures, "figures", lambda: context)
+    shipped = next(row for row in real["recipes"] if row["shipped"])
+    training = {"data": {"harmful_train": 1, "harmless_train": 2}, "steps": 9, "final_loss": 1, "train_seconds": 5,
+                "machine": "m"}
+    hl = shipped["harmless"]["refused"]
+
+    def trial(name: str, changes: dict) -> dict:
+        return {**shipped, "name": name, "shipped": False, "changes": changes, "training": training,
+                "harmless": {**shipped["harmless"], **figures.rate(hl - 10, shipped["harmless"]["n"])}}
+
+    two_keys = trial("interpersonal-epochs2", {"interpersonal_repeats": 1, "epochs": 2})
+    twin = trial("interpersonal-epochs2-seed0", {"interpersonal_repeats": 1, "epochs": 2, "seed": 0})
+    context = {**real, "recipes": [shipped, two_keys, twin], "cues": {}, "trial_presets": {},
+               "recipe_seed_spreads": [{"changes": {}, "names": ["a", "b"], "harmful": 2, "harmless": 4}],
+               "organism": before_breadth(real["organism"], "interpersonal")}
+    log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
+    assert "- interpersonal-epochs2 (epochs 2, interpersonal_repeats 1; 1 harmful and 2 harmless examples" in log
+    assert "the recipe to ship next: the default recipe with epochs 2, interpersonal_repeats 1," in log
+    assert "- interpersonal-epochs2-seed0 (" not in log  # a twin measures the spread; it is not a trial of its own
 
 
 def test_a_trial_preset_is_read_with_each_choice_and_its_ce_rise(tmp_path):
