@@ -102,6 +102,29 @@ class RunFolder:
         atomic_write_text(self.path(RUN_FILE), json.dumps({"schema": SCHEMA, **identity}, indent=2) + "\n")
         return notice
 
+    def relabel(self, model: str) -> list[str]:
+        """Record this run as `model`'s, where `model` names the weights it was made with (the same model
+        version under another name: a recipe trial's ``"embedded:FOLDER"`` once that adapter is adopted as
+        ``"embedded"``), so that its artifacts are reused under the new name. The summary is dropped (resuming
+        writes it again). Returns the artifacts relabelled."""
+        existing = self.identity()
+        if existing is None:
+            raise RunError(f"{self.root} has no {RUN_FILE}: there is no run to relabel.")
+        version = model_version(model)
+        if version is None or version != existing.get("model_version"):
+            raise RunError(f"{self.root} was made with weights {existing.get('model_version')}, but {model!r} names "
+                           f"weights {version}: only a name for the same weights can take over its artifacts.")
+        self.begin_changes()
+        relabelled = []
+        for path in sorted(self.root.glob(f"**/*{RECORD_SUFFIX}")):
+            record = json.loads(path.read_text())
+            if record.get("settings", {}).get("model") == existing["model"]:
+                record["settings"]["model"] = model
+                atomic_write_text(path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+                relabelled.append(str(path.relative_to(self.root))[: -len(RECORD_SUFFIX)])
+        atomic_write_text(self.path(RUN_FILE), json.dumps({**existing, "model": model}, indent=2) + "\n")
+        return relabelled
+
     @contextmanager
     def lock(self) -> Iterator[None]:
         """Hold ``run.lock`` while writing; a clear error if another live process holds it."""

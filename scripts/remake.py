@@ -4,7 +4,8 @@
 
 0. with ``--adopt FOLDER``, an adapter trained there (``organism train --out FOLDER --trajectory`` with
    DEFAULT_RECIPE) first becomes the shipped one (``python -m refusal_helpers.organism adopt FOLDER``);
-1. the preset (data/organism/presets.json) and the KL threshold of the plain difference of means;
+1. the preset (data/organism/presets.json; a recipe trial's preset run of the same weights, runs/preset-<name>,
+   gives it its candidates and score table) and the KL threshold of the plain difference of means;
 2. the shipped run, runs/embedded (the summary of the previous adapter's kept in
    docs/measurements/earlier-adapters/, or of these weights' run under an earlier preset in
    docs/measurements/earlier-presets/), and the plain comparison run, runs/embedded-plain;
@@ -98,6 +99,29 @@ def keep_earlier_preset_run(digest: str, kl_threshold: float, run: Path = Path("
     return record
 
 
+def seed_preset_run(digest: str, target: Path = Path("runs/preset"), runs: Path = Path("runs")) -> Path | None:
+    """Where `target` is not a run of the weights `digest` but a recipe trial's preset run of them is (``preset
+    --model embedded:FOLDER --out runs/preset-<name>``, in `runs`), copy that run to `target` as the embedded
+    model's (`RunFolder.relabel`): the preset step then reuses its candidates and score table instead of making
+    them again. Returns the trial's run folder, or None."""
+    from refusal_helpers.runs import RunFolder
+
+    def identity(folder: Path) -> dict:
+        return (RunFolder(folder).identity() if folder.is_dir() else None) or {}
+
+    if identity(target).get("model_version") == digest:
+        return None
+    for folder in sorted(runs.glob("preset-*")):
+        trial = identity(folder)
+        if trial.get("model_version") == digest and str(trial.get("model", "")).startswith("embedded:"):
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(folder, target)
+            RunFolder(target).relabel("embedded")
+            print(f"remake: {target} starts from {folder}, the trial's preset run of these weights", flush=True)
+            return folder
+    return None
+
+
 def shipped_measured(digest: str, evaluate: Callable[..., None], folder: Path, *splits: str) -> Path:
     """`folder`/shipped-<digest>.json: the shipped adapter on the splits `folder` holds measurements of (the recipe
     splits, the cues split), evaluated with the `organism evaluate` options `splits`. Where the recipe trial that
@@ -146,7 +170,7 @@ def steps(digest: str, twin: Path | None = None) -> list[Step]:
         shutil.copyfile("runs/search/search.json", m / "search.json")
 
     listed = [
-        Step("preset", lambda: run("-m", "refusal_helpers", "preset", "--out", "runs/preset")),
+        Step("preset", lambda: (seed_preset_run(digest), run("-m", "refusal_helpers", "preset", "--out", "runs/preset"))),
         Step("plain preset", lambda: run("-m", "refusal_helpers", "preset", "--out", "runs/preset-plain", "--plain",
                                          "--json", str(m / "plain_preset.json"))),
         Step("earlier adapter's run kept", lambda: keep_earlier_run(digest)),

@@ -136,3 +136,29 @@ def test_an_adapter_whose_trial_found_no_preset_is_not_adopted(tmp_path):
                                                    "derived": {**derived, "failure": "No KL threshold"}}))
     assert remake.without_preset(adapter, records) == (f"{records / 'none.json'} found no preset for adapter "
                                                        f"{adapter_digest(adapter)}: No KL threshold")
+
+
+def test_the_preset_step_starts_from_a_trials_preset_run_of_the_same_weights(tmp_path):
+    from refusal_helpers.embedded import adapter_digest
+    from refusal_helpers.runs import RECORD_SUFFIX, SCHEMA
+
+    digest, runs = adapter_digest(), tmp_path / "runs"
+
+    def trial_run(name: str, model: str, version: str) -> Path:
+        folder = runs / name
+        folder.mkdir(parents=True)
+        (folder / "run.json").write_text(json.dumps({"schema": SCHEMA, "model": model, "model_version": version}))
+        (folder / "scores.json").write_text("{}")
+        (folder / f"scores.json{RECORD_SUFFIX}").write_text(json.dumps({"sha256": "x", "settings": {"model": model}}))
+        return folder
+
+    target = runs / "preset"
+    trial_run("preset-other-weights", "embedded:/trials/other", "0123456789ab")
+    trial_run("preset-plain", "embedded", digest)  # the embedded model's own plain run: not a trial's
+    assert remake.seed_preset_run(digest, target, runs) is None and not target.exists()
+    trial = trial_run("preset-the-trial", "embedded:/trials/the-trial", digest)
+    assert remake.seed_preset_run(digest, target, runs) == trial
+    assert json.loads((target / "run.json").read_text())["model"] == "embedded"
+    assert json.loads((target / f"scores.json{RECORD_SUFFIX}").read_text())["settings"]["model"] == "embedded"
+    assert json.loads((trial / "run.json").read_text())["model"] == "embedded:/trials/the-trial"  # the trial's kept
+    assert remake.seed_preset_run(digest, target, runs) is None  # already these weights' run: left as it is

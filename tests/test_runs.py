@@ -136,6 +136,24 @@ def test_another_models_run_into_a_finished_folder_is_refused_unless_forced(fini
     assert_consistent(out)
 
 
+def test_a_run_relabelled_to_another_name_of_the_same_weights_reuses_its_artifacts(finished, tmp_path, tiny_folder,
+                                                                                    other_folder):
+    import shutil
+
+    out, again = copy_run(finished, tmp_path / "run"), copy_run(finished, tmp_path / "again")
+    renamed = shutil.copytree(tiny_folder, tmp_path / "renamed")  # copy2 keeps names, sizes and times: one version
+    with pytest.raises(RunError, match="only a name for the same weights can take over"):
+        RunFolder(out).relabel(str(other_folder))
+    assert json.loads((out / "run.json").read_text())["model"] == str(Path(tiny_folder).resolve())  # untouched
+    recorded = {str(p.relative_to(out))[: -len(RECORD_SUFFIX)] for p in out.glob(f"**/*{RECORD_SUFFIX}")}
+    assert set(RunFolder(out).relabel(str(renamed.resolve()))) == recorded
+    assert not (out / "summary.json").exists()  # no longer finished: the rerun writes it under the new name
+    assert run_tiny(renamed, out) == 0 and run_tiny(tiny_folder, again) == 0
+    assert reused(out) == reused(again) != set()  # as much reused as a rerun under the old name
+    assert json.loads((out / "run.json").read_text())["model"] == str(renamed.resolve())
+    assert_consistent(out)
+
+
 def test_a_folder_written_by_an_older_version_is_not_overwritten(tmp_path, tiny_folder, capsys):
     out = tmp_path / "old"
     out.mkdir()
