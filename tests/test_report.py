@@ -340,6 +340,10 @@ def test_the_model_card_says_how_many_refusing_targets_were_reanswered(monkeypat
                    "(`reanswer_refusing_targets`))" if reanswer else ")")) in card
 
 
+TRIAL_TRAINING = {"data": {"harmful_train": 1, "harmless_train": 2}, "steps": 9, "final_loss": 1, "train_seconds": 5,
+                  "machine": "m"}  # a recipe trial's training log, as `recipe_figures` reads it
+
+
 def before_breadth(organism: dict, batch: str = "breadth") -> dict:
     """The organism's figures as they were before a train-only batch shipped (its recipe with <batch>_repeats 0)."""
     return {**organism, "recipe": {**organism["recipe"], f"{batch}_repeats": 0}}
@@ -398,8 +402,7 @@ def test_a_batch_trial_is_chosen_when_better_beyond_the_spread_somewhere_and_wor
     real = figures.figures()
     monkeypatch.setattr(figures, "figures", lambda: context)
     shipped = next(row for row in real["recipes"] if row["shipped"])
-    training = {"data": {"harmful_train": 1, "harmless_train": 2}, "steps": 9, "final_loss": 1, "train_seconds": 5,
-                "machine": "m"}
+    training = TRIAL_TRAINING
 
     def with_rates(row: dict, harmful: int, harmless: int, **fields) -> dict:
         return {**row, **fields, "harmful": {**row["harmful"], **figures.rate(harmful, row["harmful"]["n"])},
@@ -470,8 +473,7 @@ def test_a_batch_trial_that_changes_more_keys_gets_a_verdict_and_a_seed_twin_doe
     real = figures.figures()
     monkeypatch.setattr(figures, "figures", lambda: context)
     shipped = next(row for row in real["recipes"] if row["shipped"])
-    training = {"data": {"harmful_train": 1, "harmless_train": 2}, "steps": 9, "final_loss": 1, "train_seconds": 5,
-                "machine": "m"}
+    training = TRIAL_TRAINING
     hl = shipped["harmless"]["refused"]
 
     def trial(name: str, changes: dict) -> dict:
