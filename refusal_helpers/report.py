@@ -9,6 +9,7 @@ is generated from solutions.ipynb; ``check`` fails when a generated file is stal
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from statistics import median
@@ -76,6 +77,12 @@ def signed(x: float, digits: int = 3) -> str:
     return f"{x:+.{digits}f}"
 
 
+def recipe_text(changes: dict) -> str:
+    """Recipe changes as the documents write them, by key: "epochs 2, reanswer_refusing_targets true" (values as in
+    recipe.json)."""
+    return ", ".join(f"{key} {json.dumps(value)}" for key, value in sorted(changes.items()))
+
+
 def targets(template: Path) -> Path:
     """Where a template's output goes: the path in its first line (``{# output: docs/MODEL_CARD.md #}``)."""
     first = template.read_text(encoding="utf-8").splitlines()[0]
@@ -92,7 +99,7 @@ def render(template: Path, context: dict) -> str:
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(percent=percent, signed=signed, train_only_batches=train_only_batches)
+    env.filters.update(percent=percent, signed=signed, recipe_text=recipe_text, train_only_batches=train_only_batches)
     body = env.get_template(template.name).render(**context)  # the output line, a comment, renders to nothing
     where = template.relative_to(ROOT) if template.is_relative_to(ROOT) else template
     return GENERATED_NOTE.format(template=where) + body

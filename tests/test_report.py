@@ -615,3 +615,8 @@ def test_the_train_only_batches_are_a_recipes_repeats_keys_but_broadenings_in_it
     recipe = {"interpersonal_repeats": 0, "epochs": 3, "broadening_repeats": 2, "breadth_repeats": 1, "later_repeats": 4}
     assert train_only_batches(recipe) == ["interpersonal", "breadth", "later"]
     assert train_only_batches({"epochs": 3}) == []
+
+
+def test_recipe_changes_read_as_recipe_json_writes_them_in_key_order():
+    changes = {"reanswer_refusing_targets": True, "epochs": 2, "optimizer.lr": 0.0005}
+    assert report.recipe_text(changes) == "epochs 2, optimizer.lr 0.0005, reanswer_refusing_targets true"
