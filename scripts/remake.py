@@ -38,7 +38,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from refusal_helpers import figures  # noqa: E402  (the folders the documents read the measurements from)
 
-MEASUREMENTS, EARLIER, EARLIER_PRESETS = figures.MEASUREMENTS, figures.EARLIER, figures.EARLIER_PRESETS
 MEASURED_FOLDERS = (figures.RECIPES, figures.CUES, figures.TRAIN_SPLIT, figures.INTERPERSONAL_BATCH)
 CUES_SPLITS = ("--harmful-split", "cues", "--harmless-split", "cues")  # `organism evaluate` on the held-out cues split
 
@@ -63,7 +62,7 @@ def fresh_copy(source: str, target: str) -> None:
 
 
 def keep_earlier_run(digest: str, run: Path = Path("runs/embedded"),
-                     stability: Path = MEASUREMENTS / "seed_stability.json", out: Path = EARLIER) -> Path | None:
+                     stability: Path = figures.MEASUREMENTS / "seed_stability.json", out: Path = figures.EARLIER) -> Path | None:
     """Keep the summary of a shipped run of other weights than `digest` (and their seed stability, where
     `stability` measured them) as out/<their digest>.json, before the new adapter's run replaces it: the research
     log compares each shipped adapter on the test split. Returns the record written, or None."""
@@ -82,7 +81,7 @@ def keep_earlier_run(digest: str, run: Path = Path("runs/embedded"),
 
 
 def keep_earlier_preset_run(digest: str, kl_threshold: float, run: Path = Path("runs/embedded"),
-                            out: Path = EARLIER_PRESETS) -> Path | None:
+                            out: Path = figures.EARLIER_PRESETS) -> Path | None:
     """Keep the summary of a shipped run of these weights (`digest`) made under another KL threshold than the
     preset's `kl_threshold` (an earlier preset rule) as out/<digest>-kl<its threshold>.json, before the run under
     the new one replaces it: the research log compares the two. Returns the record written, or None."""
@@ -104,6 +103,7 @@ def seed_preset_run(digest: str, target: Path = Path("runs/preset"), runs: Path 
     --model embedded:FOLDER --out runs/preset-<name>``, in `runs`), copy that run to `target` as the embedded
     model's (`RunFolder.relabel`): the preset step then reuses its candidates and score table instead of making
     them again. Returns the trial's run folder, or None."""
+    from refusal_helpers.loading import EMBEDDED
     from refusal_helpers.runs import RunFolder
 
     def identity(folder: Path) -> dict:
@@ -113,10 +113,10 @@ def seed_preset_run(digest: str, target: Path = Path("runs/preset"), runs: Path 
         return None
     for folder in sorted(runs.glob("preset-*")):
         trial = identity(folder)
-        if trial.get("model_version") == digest and str(trial.get("model", "")).startswith("embedded:"):
+        if trial.get("model_version") == digest and str(trial.get("model", "")).startswith(f"{EMBEDDED}:"):
             shutil.rmtree(target, ignore_errors=True)
             shutil.copytree(folder, target)
-            RunFolder(target).relabel("embedded")
+            RunFolder(target).relabel(EMBEDDED)
             print(f"remake: {target} starts from {folder}, the trial's preset run of these weights", flush=True)
             return folder
     return None
@@ -139,7 +139,7 @@ def shipped_measured(digest: str, evaluate: Callable[..., None], folder: Path, *
 
 def steps(digest: str, twin: Path | None = None) -> list[Step]:
     """The remake's steps in order, for the adapter with `digest`; with `twin`, seed stability after the runs."""
-    m = MEASUREMENTS
+    m = figures.MEASUREMENTS
 
     def full_run(preset: str, out: str, *settings: str) -> None:
         """runs/`out`: the preset's score tables reused, every test prompt, two random-direction controls."""
