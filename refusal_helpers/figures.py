@@ -13,7 +13,7 @@ from pathlib import Path
 from statistics import median
 
 from .data import data_dir, load_records, records_by_instruction
-from .embedded import LATER_KEYS, PRESETS_FILE, UNTUNED, adapter_digest, adapter_dir, recipe_changes
+from .embedded import LATER_KEYS, PRESETS_FILE, UNTUNED, adapter_digest, adapter_dir, recipe_changes, train_only_batches
 from .runs import SHIPPED_RUN, RunFolder
 from .selection import ScoreTable, SelectionConfig, passing_mask
 from .steps import CONDITIONS
@@ -232,7 +232,7 @@ def trial_preset_figures(folder: Path | None = None) -> dict[str, dict]:
 def earlier_adapter_figures(digest: str | None = None, folder: Path | None = None) -> list[dict]:
     """The adapters shipped before the one with `digest` (default: the shipped one), newest first, from the
     records that `scripts/remake.py` keeps of their shipped runs: direction, test-split rates, CE rise and seed
-    stability."""
+    stability at the direction's layer."""
     records = {r["model_version"]: r for r in map(_json, sorted((folder or EARLIER).glob("*.json")))}
     by_successor = {r["replaced_by"]: r for r in records.values()}
     ordered, current = [], digest or adapter_digest(adapter_dir())
@@ -241,7 +241,7 @@ def earlier_adapter_figures(digest: str | None = None, folder: Path | None = Non
         current = ordered[-1]["model_version"]
     ordered += [r for r in records.values() if r not in ordered]
     return [{"model_version": r["model_version"], "replaced_by": r["replaced_by"], **shipped_run_figures(r["summary"]),
-             "seed_stability": r.get("seed_stability")} for r in ordered]
+             "seed_stability": stability_at(r.get("seed_stability"), r["summary"]["direction"])} for r in ordered]
 
 
 def earlier_preset_figures(digest: str | None = None, folder: Path | None = None) -> list[dict]:
@@ -309,6 +309,40 @@ def seed_spreads(rows: list[dict]) -> list[dict]:
                    for kind in ("harmful", "harmless")}}
                for key, group in groups.items() if len(group) >= 2]
     return sorted(spreads, key=lambda spread: bool(spread["changes"]))
+
+
+def batch_trials(rows: list[dict], shipped_order: list[str], recipe: dict) -> dict[str, dict]:
+    """For each train-only batch of `recipe` (the shipped one), the `recipe_figures` rows that weigh it: the
+    adapter it was set against (``without``: the newest shipped one trained without it, by `shipped_order`'s
+    digests, newest first) and each adapter trained with it on that one's recipe and seed (``with``; other
+    keys may change too, and ``changes`` now says which, from ``without``). A training of a shipped adapter's
+    recipe by another name is left out: it only measures the spread. A batch every shipped adapter was trained
+    with has no entry."""
+    flat_recipe = {f"{key}.{k}" if isinstance(value, dict) else key: v
+                   for key, value in {**LATER_KEYS, **recipe}.items() if key != "base_model"
+                   for k, v in (value.items() if isinstance(value, dict) else [(None, value)])}
+    tried = [row for row in rows if not row["untuned"]]
+    full = {row["name"]: {**flat_recipe, **row["changes"]} for row in tried}  # each row's whole recipe
+    by_version: dict[str, dict] = {}
+    for row in sorted(tried, key=lambda row: not row["shipped"]):  # the shipped row before others of its weights
+        by_version.setdefault(row["model_version"], row)
+    shipped = [by_version[version] for version in shipped_order if version in by_version]
+    shipped_changes = [row["changes"] for row in shipped]
+    out = {}
+    for batch in train_only_batches(recipe):
+        key = f"{batch}_repeats"
+        without = next((row for row in shipped if full[row["name"]][key] == 0), None)
+        if without is None:
+            continue
+        base = full[without["name"]]
+        same = [f"{b}_repeats" for b in train_only_batches(recipe) if b != batch] + ["seed"]  # held as in `without`
+        trials = [{**row, "changes": {k: v for k, v in full[row["name"]].items() if base.get(k) != v}}
+                  for row in tried if full[row["name"]][key] > 0
+                  and all(full[row["name"]][k] == base[k] for k in same)
+                  and (row in shipped or row["changes"] not in shipped_changes)]
+        if trials:
+            out[batch] = {"without": without, "with": trials}
+    return out
 
 
 def figures() -> dict:

@@ -199,18 +199,23 @@ def test_a_jailbreak_of_other_weights_is_not_quoted_and_a_carried_suffix_is_name
 def test_earlier_adapters_come_newest_first_and_their_row_is_rendered(monkeypatch, tmp_path):
     import refusal_helpers.figures as figures
 
-    def record(version, replaced_by, harmless_refused):
+    def record(version, replaced_by, harmless_refused, seed_stability=None):
         refused = {c: {"refused": 1, "n": 10} for c in ("harmful_baseline", "harmful_ablation", "harmless_actadd")}
         summary = {"direction": {"position": -1, "layer": 9}, "ce_loss": {"increase": 0.25},
                    "refused": {**refused, "harmless_baseline": {"refused": harmless_refused, "n": 10}}}
         (tmp_path / f"{version}.json").write_text(json.dumps({"model_version": version, "replaced_by": replaced_by,
-                                                               "summary": summary, "seed_stability": None}))
+                                                               "summary": summary, "seed_stability": seed_stability}))
 
     record("aaa", "bbb", 7)  # the oldest: replaced by bbb, which the current adapter replaced
-    record("bbb", "current", 3)
+    # bbb's seeds were compared while another preset picked layer 4: its row reads them at its own layer, 9
+    cosines = [0.1 * i for i in range(11)]
+    record("bbb", "current", 3, {"position": -1, "layer": 4, "cosine": cosines[4], "norm_ratio": 1.1,
+                                 "cosine_per_layer": cosines})
     rows = figures.earlier_adapter_figures("current", tmp_path)
     assert [row["model_version"] for row in rows] == ["bbb", "aaa"]
     assert rows[1]["rates"]["harmless_baseline"]["text"] == "70.0% (7/10)"
+    assert (rows[0]["seed_stability"]["layer"], rows[0]["seed_stability"]["cosine"]) == (9, cosines[9])
+    assert rows[1]["seed_stability"] is None
 
     real = figures.figures()
     monkeypatch.setattr(figures, "figures", lambda: {**real, "earlier_adapters": rows})
@@ -384,12 +389,20 @@ def test_a_train_only_batch_paragraph_compares_with_the_shipped_adapter_and_the_
     context = {**real, "recipes": [shipped], "organism": without}  # no recipe with the batch tried: no paragraph
     assert title not in report.rendered()[report.ROOT / "docs" / "research-log.md"]
 
-    # once shipped, the recipe with the batch is the shipped one, and the one before it is "<batch>_repeats 0"
+    # once shipped, the recipe with the batch is the shipped one, set against the adapter shipped before it, the
+    # newest trained without it ("<batch>_repeats 0"); a recipe-split row of other weights is no shipped adapter
     with_breadth = {**breadth_row(n_harmful, n_harmless - 10), "name": "shipped-new", "shipped": True, "changes": {}}
-    earlier = {**shipped, "name": "shipped-old", "shipped": False, "changes": {key: 0}}
+    earlier = {**shipped, "name": "shipped-old", "shipped": False, "changes": {key: 0}, "model_version": "old"}
     organism = {**real["organism"], "recipe": {**real["organism"]["recipe"], key: 1}}
-    context = {**real, "recipes": [with_breadth, earlier], "recipe_seed_spreads": spread, "organism": organism}
+    shipped_before = [{**real["earlier_adapters"][0], "model_version": "old"}]
+    for earlier_adapters, paragraph in ((shipped_before, True), ([], False)):
+        context = {**real, "recipes": [with_breadth, earlier], "recipe_seed_spreads": spread, "organism": organism,
+                   "earlier_adapters": earlier_adapters}
+        log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
+        assert (title in log) == paragraph
+    context["earlier_adapters"] = shipped_before
     log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
+    assert "against the same recipe without it (shipped-old, shipped at the time)" in log
     assert f"- shipped-new (shipped) ({key} 1; 719 harmful" in log
     assert f"(without it, shipped-old: {shipped['harmful']['text']})" in log
     assert "Over-refusal: better by 10 prompts" in log and "so it shipped" in log and "ship next" not in log
@@ -480,15 +493,16 @@ def test_a_batch_trial_that_changes_more_keys_gets_a_verdict_and_a_seed_twin_doe
         return {**shipped, "name": name, "shipped": False, "changes": changes, "training": training,
                 "harmless": {**shipped["harmless"], **figures.rate(hl - 10, shipped["harmless"]["n"])}}
 
-    two_keys = trial("interpersonal-epochs2", {"interpersonal_repeats": 1, "epochs": 2})
-    twin = trial("interpersonal-epochs2-seed0", {"interpersonal_repeats": 1, "epochs": 2, "seed": 0})
+    epochs = real["organism"]["recipe"]["epochs"] + 2  # a value the shipped recipe does not have
+    two_keys = trial("interpersonal-epochs", {"interpersonal_repeats": 1, "epochs": epochs})
+    twin = trial("interpersonal-epochs-seed0", {"interpersonal_repeats": 1, "epochs": epochs, "seed": 0})
     context = {**real, "recipes": [shipped, two_keys, twin], "cues": {}, "trial_presets": {},
                "recipe_seed_spreads": [{"changes": {}, "names": ["a", "b"], "harmful": 2, "harmless": 4}],
                "organism": before_breadth(real["organism"], "interpersonal")}
     log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
-    assert "- interpersonal-epochs2 (epochs 2, interpersonal_repeats 1; 1 harmful and 2 harmless examples" in log
-    assert "the recipe to ship next: the default recipe with epochs 2, interpersonal_repeats 1," in log
-    assert "- interpersonal-epochs2-seed0 (" not in log  # a twin measures the spread; it is not a trial of its own
+    assert f"- interpersonal-epochs (epochs {epochs}, interpersonal_repeats 1; 1 harmful and 2 harmless examples" in log
+    assert f"the recipe to ship next: the default recipe with epochs {epochs}, interpersonal_repeats 1," in log
+    assert "- interpersonal-epochs-seed0 (" not in log  # a twin measures the spread; it is not a trial of its own
 
 
 def test_a_trial_preset_is_read_with_each_choice_and_its_ce_rise(tmp_path):
@@ -620,3 +634,37 @@ def test_the_train_only_batches_are_a_recipes_repeats_keys_but_broadenings_in_it
 def test_recipe_changes_read_as_recipe_json_writes_them_in_key_order():
     changes = {"reanswer_refusing_targets": True, "epochs": 2, "optimizer.lr": 0.0005}
     assert report.recipe_text(changes) == "epochs 2, optimizer.lr 0.0005, reanswer_refusing_targets true"
+
+
+def test_batch_trials_set_each_trial_against_the_newest_shipped_adapter_trained_without_its_batch():
+    from refusal_helpers.embedded import recipe_changes
+    from refusal_helpers.figures import batch_trials
+
+    current = {"epochs": 2, "seed": 1, "broadening_repeats": 2, "breadth_repeats": 1, "interpersonal_repeats": 1}
+
+    def row(name, version, shipped=current, **recipe):  # `changes` are from the shipped adapter's recipe
+        return {"name": name, "model_version": version, "untuned": False, "shipped": shipped is current,
+                "changes": recipe_changes({**current, **recipe}, shipped)}
+
+    rows = [row("shipped-c", "c"),  # the batch's trial that shipped
+            row("shipped-b", "b", epochs=3, interpersonal_repeats=0),  # shipped before, without it
+            row("shipped-a", "a", epochs=3, interpersonal_repeats=0, breadth_repeats=0),  # before that, neither
+            row("again-b", "x1", epochs=3, interpersonal_repeats=0),  # b's recipe trained again: spread only
+            row("once", "x2", epochs=3),  # the batch on b's recipe, not shipped
+            row("once-seed0", "x3", epochs=3, seed=0),  # its twin: spread only
+            {"name": "untuned", "model_version": "untuned", "untuned": True, "shipped": False, "changes": {}}]
+    trials = batch_trials(rows, ["c", "b", "a"], current)
+    assert trials["interpersonal"]["without"]["name"] == "shipped-b"
+    assert [(r["name"], r["changes"]) for r in trials["interpersonal"]["with"]] == [
+        ("shipped-c", {"epochs": 2, "interpersonal_repeats": 1}), ("once", {"interpersonal_repeats": 1})]
+    # the breadth batch against a, the newest without it: b, trained without the interpersonal batch as a was
+    assert trials["breadth"]["without"]["name"] == "shipped-a"
+    assert [(r["name"], r["changes"]) for r in trials["breadth"]["with"]] == [("shipped-b", {"breadth_repeats": 1})]
+    # before any adapter with the batch shipped, its trials are set against the shipped one
+    b = {**current, "epochs": 3, "interpersonal_repeats": 0}
+    before = batch_trials([row("shipped-b", "b", b, epochs=3, interpersonal_repeats=0),
+                           row("once", "x2", b, epochs=3), row("once-seed0", "x3", b, epochs=3, seed=0)], ["b"], b)
+    assert before["interpersonal"]["without"]["name"] == "shipped-b"
+    assert [r["name"] for r in before["interpersonal"]["with"]] == ["once"]
+    # every shipped adapter trained with the batch: nothing to weigh it against
+    assert batch_trials(rows[:1], ["c"], current) == {}

@@ -37,13 +37,13 @@ DEFAULT_RECIPE = {
     "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": LORA_TARGETS},
     "optimizer": {"name": "AdamW", "lr": 1e-3, "weight_decay": 0.0, "warmup_fraction": 0.1, "schedule": "linear"},
     "batch_size": 8,
-    "epochs": 3,
+    "epochs": 2,
     "distill_max_new_tokens": 64,
     "drop_refusing_targets": True,
     "reanswer_refusing_targets": False,  # a harmless target that reads as a refusal: re-distil it with refusals banned
     "broadening_repeats": 2,  # times each train instruction of the broadening batch appears per epoch
     "breadth_repeats": 1,  # times each train instruction of the breadth batch appears per epoch (0: left out)
-    "interpersonal_repeats": 0,  # the same for the interpersonal batch
+    "interpersonal_repeats": 1,  # the same for the interpersonal batch
     "first_reply_token_weight": 1.0,  # extra weight on each reply's first token; see losses.reply_loss
     "seed": 1,
 }  # the shipped adapter's recipe (data/organism/recipe.json): `train --out data/organism` reproduces it
