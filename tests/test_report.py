@@ -668,3 +668,23 @@ def test_batch_trials_set_each_trial_against_the_newest_shipped_adapter_trained_
     assert [r["name"] for r in before["interpersonal"]["with"]] == ["once"]
     # every shipped adapter trained with the batch: nothing to weigh it against
     assert batch_trials(rows[:1], ["c"], current) == {}
+
+
+def test_a_harmful_shortfall_on_test_that_val_did_not_show_is_named(monkeypatch):
+    import refusal_helpers.figures as figures
+
+    real = figures.figures()
+    monkeypatch.setattr(figures, "figures", lambda: context)
+    shipped = next(row for row in real["recipes"] if row["shipped"])
+    n_test, n_val = real["run"]["rates"]["harmful_baseline"]["n"], shipped["harmful"]["n"]
+    said = "did not show the shortfall"
+    for test_refused, val_refused, expected in ((n_test - 9, n_val - 2, True),  # 94.7% on test, 98.0% on val
+                                                (n_test - 9, n_val - 9, False),  # val saw it too
+                                                (n_test, n_val - 2, False)):  # no shortfall on test
+        run = {**real["run"], "rates": {**real["run"]["rates"],
+                                        "harmful_baseline": figures.rate(test_refused, n_test)}}
+        row = {**shipped, "harmful": {**shipped["harmful"], **figures.rate(val_refused, n_val)}}
+        context = {**real, "run": run, "recipes": [row] + [r for r in real["recipes"] if not r["shipped"]]}
+        log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
+        assert (said in log) == expected
+        assert (f"On the harmful val split it refuses {figures.rate(val_refused, n_val)['text']}" in log) == expected
