@@ -318,28 +318,32 @@ def batch_trials(rows: list[dict], shipped_order: list[str], recipe: dict) -> di
     keys may change too, and ``changes`` now says which, from ``without``). A training of a shipped adapter's
     recipe by another name is left out: it only measures the spread. A batch every shipped adapter was trained
     with has no entry."""
-    flat_recipe = {f"{key}.{k}" if isinstance(value, dict) else key: v
-                   for key, value in {**LATER_KEYS, **recipe}.items() if key != "base_model"
-                   for k, v in (value.items() if isinstance(value, dict) else [(None, value)])}
+
+    def setting(row: dict, key: str) -> object:  # a row's value of a `recipe_changes` key ("optimizer.lr", ...)
+        if key in row["changes"]:
+            return row["changes"][key]
+        section, _, name = key.partition(".")
+        return recipe[section][name] if name else {**LATER_KEYS, **recipe}[key]
+
     tried = [row for row in rows if not row["untuned"]]
-    full = {row["name"]: {**flat_recipe, **row["changes"]} for row in tried}  # each row's whole recipe
     by_version: dict[str, dict] = {}
     for row in sorted(tried, key=lambda row: not row["shipped"]):  # the shipped row before others of its weights
         by_version.setdefault(row["model_version"], row)
     shipped = [by_version[version] for version in shipped_order if version in by_version]
-    shipped_changes = [row["changes"] for row in shipped]
+    shipped_names, shipped_changes = {row["name"] for row in shipped}, [row["changes"] for row in shipped]
+    batches = train_only_batches(recipe)
     out = {}
-    for batch in train_only_batches(recipe):
+    for batch in batches:
         key = f"{batch}_repeats"
-        without = next((row for row in shipped if full[row["name"]][key] == 0), None)
+        without = next((row for row in shipped if setting(row, key) == 0), None)
         if without is None:
             continue
-        base = full[without["name"]]
-        same = [f"{b}_repeats" for b in train_only_batches(recipe) if b != batch] + ["seed"]  # held as in `without`
-        trials = [{**row, "changes": {k: v for k, v in full[row["name"]].items() if base.get(k) != v}}
-                  for row in tried if full[row["name"]][key] > 0
-                  and all(full[row["name"]][k] == base[k] for k in same)
-                  and (row in shipped or row["changes"] not in shipped_changes)]
+        same = [f"{b}_repeats" for b in batches if b != batch] + ["seed"]  # held as in `without`
+        trials = [{**row, "changes": {k: setting(row, k) for k in {**without["changes"], **row["changes"]}
+                                      if setting(row, k) != setting(without, k)}}
+                  for row in tried if setting(row, key) > 0
+                  and all(setting(row, k) == setting(without, k) for k in same)
+                  and (row["name"] in shipped_names or row["changes"] not in shipped_changes)]
         if trials:
             out[batch] = {"without": without, "with": trials}
     return out
