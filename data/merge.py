@@ -17,7 +17,7 @@ from pathlib import Path
 
 KINDS = ("harmful", "harmless")
 INSTRUCTIONS = Path(__file__).resolve().parent / "instructions"
-BATCH_ORDER = ("broadening", "breadth", "interpersonal", "cues")  # the batches with a build.py, in merge order
+BATCH_ORDER = ("broadening", "breadth", "interpersonal", "cues", "harmful_dev")  # the batches with a build.py, in merge order
 
 
 def later_batches(batch: str) -> tuple[str, ...]:
@@ -128,7 +128,8 @@ def draft_counts(drafts: dict[str, list[dict]], kept: dict[str, list[dict]], dro
         "dropped_counts": dropped_counts(dropped),
         "kept_by_group": {kind: dict(sorted(collections.Counter(i["group"] for i in kept[kind]).items()))
                           for kind in KINDS},
-        "new_ids": {kind: [new_records[kind][0]["id"], new_records[kind][-1]["id"]] for kind in KINDS},
+        "new_ids": {kind: [new_records[kind][0]["id"], new_records[kind][-1]["id"]] if new_records[kind] else []
+                    for kind in KINDS},
     }
 
 
@@ -142,7 +143,8 @@ def save_report(path: Path, report: dict) -> None:
 
 def merge_into_split(doc: str, batch_folder: Path, seed: int, jaccard_max: float, split: str = "train") -> None:
     """The build of a batch whose every kept draft goes to one split: "train" for a batch that only widens the
-    training data (see data/breadth/build.py for the steps), or a split of its own (data/cues/build.py)."""
+    training data (see data/breadth/build.py for the steps), or a held-out split (data/cues/build.py,
+    data/harmful_dev/build.py). A batch of one kind leaves its other kind's drafts file empty."""
     args = build_arguments(doc, batch_folder)
     batch = batch_folder.name
     left_out = (batch, *later_batches(batch))

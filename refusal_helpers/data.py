@@ -14,8 +14,8 @@ from functools import lru_cache
 from pathlib import Path
 
 KINDS = ("harmful", "harmless")
-# dev: harmless only, for choosing the embedded model's training recipe; cues: emotional-cue requests of both kinds,
-# never trained or selected on, for comparing recipes on the over-refusal that dev does not hold
+# dev: both kinds, for choosing the embedded model's training recipe (never trained or selected on); cues:
+# emotional-cue requests of both kinds, likewise held out, for comparing recipes on the over-refusal that dev does not hold
 SPLITS = ("train", "val", "test", "dev", "cues")
 
 

@@ -29,6 +29,9 @@ TRAIN_SPLIT = MEASUREMENTS / "train-split"  # the same, on harmful val and harml
 INTERPERSONAL_BATCH = MEASUREMENTS / "interpersonal-batch"
 # the same, on the held-out cues split (`evaluate --harmful-split cues --harmless-split cues`), named as in RECIPES
 CUES = MEASUREMENTS / "cues"
+# the same, on the harmful dev split only (`evaluate --harmful-split dev --harmless-split none`), named as in RECIPES:
+# harmful val is too small to tell recipes apart on harmful refusal
+HARMFUL_DEV = MEASUREMENTS / "harmful-dev"
 # `preset --model embedded:<trial folder> --no-save --json`: whether a recipe trial's adapter has a preset (a
 # direction meeting the validation targets), named as in RECIPES
 TRIAL_PRESETS = MEASUREMENTS / "trial-presets"
@@ -177,7 +180,8 @@ def recipe_figures(folder: Path | None = None, digest: str | None = None) -> lis
     """The adapters evaluated on the recipe splits (`folder`, default ``docs/measurements/recipes``): the
     shipped one (`digest`, default the committed adapter's) first, the untuned model last. Each row has its
     file's name, whether it is shipped, its recipe's changes from the shipped recipe, its training (steps,
-    final loss, seconds), and per kind the rate, the refused prompts and how many come from each batch."""
+    final loss, seconds), and per kind measured (None for a kind left out) the rate, the refused prompts, how many
+    come from each batch, and per category [refused, n]."""
     digest = digest or adapter_digest(adapter_dir())
     shipped = _json(adapter_dir() / "recipe.json") or {}
     rows = []
@@ -188,12 +192,23 @@ def recipe_figures(folder: Path | None = None, digest: str | None = None) -> lis
                "changes": recipe_changes(data["recipe"], shipped) if data.get("recipe") else {},
                "training": data.get("training") or {}}
         for kind in ("harmful", "harmless"):
-            result = data[kind]
+            result = data.get(kind)
+            if result is None:
+                row[kind] = None
+                continue
             records = records_by_instruction(kind, result["split"])
+            refused = set(result["refused_instructions"])
+            by_category: dict[str, list[int]] = {}
+            for instruction, record in records.items():
+                if "batch" not in result or record["batch"] == result["batch"]:
+                    counts = by_category.setdefault(record["category"], [0, 0])
+                    counts[0] += instruction in refused
+                    counts[1] += 1
             row[kind] = {**rate(result["refused"], result["n"]), "split": result["split"],
                          "instructions": result["refused_instructions"],
                          "by_batch": dict(Counter(records.get(i, {}).get("batch", "?")
-                                                  for i in result["refused_instructions"]))}
+                                                  for i in result["refused_instructions"])),
+                         "by_category": dict(sorted(by_category.items()))}
         rows.append(row)
     return sorted(rows, key=lambda row: (not row["shipped"], row["untuned"], row["name"]))
 
@@ -297,7 +312,8 @@ def passing_layers(folder: Path, position: int) -> list[int]:
 def seed_spreads(rows: list[dict]) -> list[dict]:
     """How far adapters of one recipe trained more than once (other seeds, or the same seed again) lie apart on
     the recipe splits, for each recipe that `recipe_figures` rows hold two or more times: its changes from the
-    shipped recipe (the seed aside), the rows' names, and per kind the largest difference in refused prompts.
+    shipped recipe (the seed aside), the rows' names, and per kind they all measured the largest difference in
+    refused prompts.
     The shipped recipe comes first."""
     groups: dict[str, list[dict]] = {}
     for row in rows:
@@ -306,7 +322,7 @@ def seed_spreads(rows: list[dict]) -> list[dict]:
             groups.setdefault(json.dumps(recipe, sort_keys=True), []).append(row)
     spreads = [{"changes": json.loads(key), "names": [r["name"] for r in group],
                 **{kind: max(r[kind]["refused"] for r in group) - min(r[kind]["refused"] for r in group)
-                   for kind in ("harmful", "harmless")}}
+                   for kind in ("harmful", "harmless") if all(r[kind] for r in group)}}
                for key, group in groups.items() if len(group) >= 2]
     return sorted(spreads, key=lambda spread: bool(spread["changes"]))
 
@@ -356,12 +372,13 @@ def figures() -> dict:
     run = run_figures(SHIPPED_RUN)
     stability = stability_at(measurements.get("seed_stability"), run["direction"])
     seeds = seed_figures(stability, passing_layers=passing_layers(SHIPPED_RUN, stability["position"])) if stability else None
-    recipes, cues = recipe_figures(), recipe_figures(CUES)
+    recipes, cues, harmful_dev = recipe_figures(), recipe_figures(CUES), recipe_figures(HARMFUL_DEV)
     return {"run": run, "seed_stability": stability, "plain": comparison_run_figures(PLAIN_RUN), "data": data_figures(),
             "seeds": seeds, "recipes": recipes, "recipe_seed_spreads": seed_spreads(recipes),
             "earlier_adapters": earlier_adapter_figures(), "earlier_presets": earlier_preset_figures(), "candidates": candidate_figures(), "train_split": recipe_figures(TRAIN_SPLIT),
             "interpersonal_batch": recipe_figures(INTERPERSONAL_BATCH),
             "cues": {row["name"]: row for row in cues}, "cue_seed_spreads": seed_spreads(cues),
+            "harmful_dev": {row["name"]: row for row in harmful_dev},
             "trial_presets": trial_preset_figures(),
             "seed_pairs": {path.stem: {**pair, **seed_figures(pair)}
                            for path in sorted(SEED_PAIRS.glob("*.json")) for pair in [json.loads(path.read_text())]},

@@ -9,8 +9,8 @@
 2. the shipped run, runs/embedded (the summary of the previous adapter's kept in
    docs/measurements/earlier-adapters/, or of these weights' run under an earlier preset in
    docs/measurements/earlier-presets/), and the plain comparison run, runs/embedded-plain;
-3. the measurements the documents quote (docs/measurements/: the shipped adapter on the recipe, cues, train and
-   interpersonal-batch splits among them; data/organism/trajectory/formation.json,
+3. the measurements the documents quote (docs/measurements/: the shipped adapter on the recipe, cues, harmful dev,
+   train and interpersonal-batch splits among them; data/organism/trajectory/formation.json,
    data/organism/jailbreak/analysis.json with the shipped suffix), and the benchmarks;
 4. the notebooks (solutions.ipynb executed, exercise.ipynb rebuilt) and the generated documents.
 
@@ -38,8 +38,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from refusal_helpers import figures  # noqa: E402  (the folders the documents read the measurements from)
 
-MEASURED_FOLDERS = (figures.RECIPES, figures.CUES, figures.TRAIN_SPLIT, figures.INTERPERSONAL_BATCH)
+MEASURED_FOLDERS = (figures.RECIPES, figures.CUES, figures.HARMFUL_DEV, figures.TRAIN_SPLIT, figures.INTERPERSONAL_BATCH)
 CUES_SPLITS = ("--harmful-split", "cues", "--harmless-split", "cues")  # `organism evaluate` on the held-out cues split
+HARMFUL_DEV_SPLITS = ("--harmful-split", "dev", "--harmless-split", "none")  # ... and on the harmful dev split
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ def seed_preset_run(digest: str, target: Path = Path("runs/preset"), runs: Path 
 
 def shipped_measured(digest: str, evaluate: Callable[..., None], folder: Path, *splits: str) -> Path:
     """`folder`/shipped-<digest>.json: the shipped adapter on the splits `folder` holds measurements of (the recipe
-    splits, the cues split), evaluated with the `organism evaluate` options `splits`. Where the recipe trial that
+    splits, the cues split, harmful dev), evaluated with the `organism evaluate` options `splits`. Where the recipe trial that
     chose it measured these same weights there already, that file is renamed (one row per adapter in the research
     log, under one name in every folder)."""
     target = folder / f"shipped-{digest}.json"
@@ -183,6 +184,7 @@ def steps(digest: str, twin: Path | None = None) -> list[Step]:
         Step("shipped on recipe splits", lambda: shipped_measured(digest, evaluate, figures.RECIPES)),
         # ... and on the held-out cues split, the recipes table's other columns
         Step("shipped on cues split", lambda: shipped_measured(digest, evaluate, figures.CUES, *CUES_SPLITS)),
+        Step("shipped on harmful dev", lambda: shipped_measured(digest, evaluate, figures.HARMFUL_DEV, *HARMFUL_DEV_SPLITS)),
         # the interpersonal batch's train requests: unseen by an adapter whose recipe leaves the batch out
         Step("shipped on interpersonal batch", lambda: evaluate(
             figures.INTERPERSONAL_BATCH / f"shipped-{digest}.json", "--harmful-split", "train", "--harmless-split", "train",

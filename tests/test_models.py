@@ -128,7 +128,10 @@ def test_bundled_splits_are_fixed_disjoint_and_categorised():
     for kind in ("harmful", "harmless"):
         splits = [set(load_instructions(kind, s)) for s in ("train", "val", "test", "dev", "cues")]
         assert all(not (a & b) for i, a in enumerate(splits) for b in splits[i + 1:])
-    assert load_instructions("harmful", "dev") == [] and len(load_instructions("harmless", "dev")) >= 500
+    # dev: both kinds; its harmful half is the harmful_dev batch alone
+    assert len(load_instructions("harmful", "dev")) >= 300 and len(load_instructions("harmless", "dev")) >= 500
+    assert {r["batch"] for r in load_records("harmful", "dev")} == {"harmful_dev"}
+    assert {r["split"] for r in load_records("harmful") if r["batch"] == "harmful_dev"} == {"dev"}
     # the held-out cue split: both kinds, and only the cues batch
     assert len(load_instructions("harmful", "cues")) >= 40 and len(load_instructions("harmless", "cues")) >= 100
     for kind in ("harmful", "harmless"):
@@ -159,14 +162,15 @@ def test_the_batch_builds_reproduce_the_bundled_sets_byte_for_byte(tmp_path):
     source = data / "instructions"
     # in merge order, each on the one before's output: the first leaves out the batches merged after it
     order = _merge_module(data).BATCH_ORDER
-    assert order[-1] == "cues"  # the held-out split's batch is merged last, so no train-only batch shifts its ids
+    # the held-out splits' batches are merged last, so no train-only batch shifts their ids
+    assert order[-2:] == ("cues", "harmful_dev")
     given = source
     for batch in order:
         out = tmp_path / batch
         subprocess.run([sys.executable, str(data / batch / "build.py"), "--source", str(given), "--out", str(out),
                         "--report", str(out / "build_report.json")], check=True, capture_output=True)
         assert (out / "build_report.json").read_bytes() == (data / batch / "build_report.json").read_bytes()
-        lines = (out / "harmless.jsonl").read_text().splitlines()
+        lines = [line for kind in ("harmful", "harmless") for line in (out / f"{kind}.jsonl").read_text().splitlines()]
         assert any(f'"batch": "{batch}"' in line for line in lines)
         assert not any(f'"batch": "{later}"' in line for later in order[order.index(batch) + 1:] for line in lines)
         given = out

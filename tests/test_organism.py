@@ -608,7 +608,7 @@ def test_stability_command_records_the_other_organisms_recipe_and_training(monke
     assert json.loads((tmp_path / "out.json").read_text())["reference"] == str(trial)
 
 
-def test_evaluate_command_records_which_weights_it_measured(monkeypatch, tmp_path):
+def test_evaluate_command_records_which_weights_it_measured(monkeypatch, tmp_path, capsys):
     from refusal_helpers.embedded import LATER_KEYS, adapter_digest
     from refusal_helpers.organism import __main__ as cli
     from refusal_helpers.organism import experiments
@@ -642,6 +642,15 @@ def test_evaluate_command_records_which_weights_it_measured(monkeypatch, tmp_pat
     assert cli.main(["evaluate", str(adapter), "--harmful-split", "train", "--harmless-split", "train",
                      "--batch", "interpersonal"]) == 0
     assert calls[-1] == ({"harmful": "train", "harmless": "train"}, (), "interpersonal")
+    # one kind only: the harmful dev split, which is for comparing recipes on harmful refusal
+    harmful_only = {"harmful": results["harmful"]}
+    monkeypatch.setattr(experiments, "refusal_on_splits",
+                        lambda cm, splits, left_out, batch: calls.append((splits, left_out, batch)) or harmful_only)
+    assert cli.main(["evaluate", str(adapter), "--harmful-split", "dev", "--harmless-split", "none",
+                     "--json", str(tmp_path / "dev.json")]) == 0
+    assert calls[-1][0] == {"harmful": "dev"} and "harmless" not in json.loads((tmp_path / "dev.json").read_text())
+    assert cli.main(["evaluate", str(adapter), "--harmful-split", "none", "--harmless-split", "none"]) != 0
+    assert "leaves nothing to evaluate" in capsys.readouterr().err
     assert cli.main(["evaluate", "--untuned", "--json", str(tmp_path / "untuned.json")]) == 0
     untuned = json.loads((tmp_path / "untuned.json").read_text())
     assert untuned["model_version"] == "untuned" and "recipe" not in untuned and loaded[-1] == "base"

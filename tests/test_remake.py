@@ -63,7 +63,8 @@ def test_the_steps_are_named_once_and_seed_stability_follows_the_shipped_run(tmp
     assert plain.index("preset") < plain.index("earlier preset's run kept") < plain.index("shipped run")
     assert "seed stability" not in plain
     # the shipped adapter is measured wherever the research log's recipe table and batch paragraphs read it
-    assert {"shipped on recipe splits", "shipped on cues split", "shipped on interpersonal batch"} <= set(plain)
+    assert {"shipped on recipe splits", "shipped on cues split", "shipped on harmful dev",
+            "shipped on interpersonal batch"} <= set(plain)
 
 
 def test_the_earlier_adapters_shipped_run_is_kept_with_its_own_seed_stability_only(tmp_path):

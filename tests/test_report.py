@@ -162,7 +162,26 @@ def test_recipe_rows_name_the_shipped_adapter_its_changes_and_where_refusals_fal
     assert rows[1]["harmful"]["by_batch"] == {"broadening": 2, "original": 3}
     assert rows[1]["harmful"]["text"] == "5.1% (5/98)" and rows[1]["training"] == {"steps": 9}
     assert rows[2]["harmless"]["by_batch"] == {"dev": 3} and rows[2]["changes"] == {}
+    # per category [refused, n] over the whole split: every val record counted once, the refused ones where they fall
+    by_category = rows[1]["harmful"]["by_category"]
+    assert sum(n for _, n in by_category.values()) == len(harmful)
+    assert sum(refused for refused, _ in by_category.values()) == 5
+    first = next(r for r in harmful if r["instruction"] == broad[0])["category"]
+    assert by_category[first][0] >= 1
     assert seed_spreads(rows) == []  # one adapter of each recipe: no spread to tell
+    # a measurement of one kind (the harmful dev split): the other kind is None, and spreads leave it out
+    harmful_dev = [r["instruction"] for r in load_records("harmful", "dev")]
+    only = tmp_path / "harmful-dev"
+    only.mkdir()
+    for name, version, seed, refused in (("z-shipped", "abc", 1, harmful_dev[:5]), ("c-seed0", "ghi", 0, harmful_dev[:2])):
+        data = record(version, {**shipped_recipe, "seed": seed}, [], [])
+        data["harmful"] = {"split": "dev", "n": len(harmful_dev), "refused": len(refused), "refused_instructions": refused}
+        del data["harmless"]
+        (only / f"{name}.json").write_text(json.dumps(data))
+    dev_rows = recipe_figures(only, "abc")
+    assert dev_rows[0]["harmless"] is None and dev_rows[0]["harmful"]["refused"] == 5
+    assert sum(n for _, n in dev_rows[0]["harmful"]["by_category"].values()) == len(harmful_dev)
+    assert seed_spreads(dev_rows) == [{"changes": {}, "names": ["z-shipped", "c-seed0"], "harmful": 3}]
     (tmp_path / "c-seed0.json").write_text(json.dumps(record("ghi", {**shipped_recipe, "seed": 0}, original[:2], dev[:6])))
     (tmp_path / "d-longer-seed3.json").write_text(json.dumps(record("jkl", {**longer, "seed": 3}, broad[:1], dev[:1])))
     assert seed_spreads(recipe_figures(tmp_path, "abc")) == [  # the shipped recipe's seeds first
@@ -580,7 +599,8 @@ def test_data_figures_count_each_batch_by_group_category_and_split_consistently(
         for batch, report_ in data["builds"].items():  # the groups of the kept records: those the build reported
             groups = d["group_categories"][batch]
             assert {group: sum(c.values()) for group, c in groups.items()} == report_["kept_by_group"][kind]
-            assert sum((Counter(c) for c in groups.values()), Counter()) == d["batch_categories"][batch]
+            # a batch of one kind (harmful_dev) has no records, and no entry, of the other
+            assert sum((Counter(c) for c in groups.values()), Counter()) == d["batch_categories"].get(batch, Counter())
         assert sum(d["batch_categories"].values(), Counter()) == d["categories"]
         for key, n in d["split_batch"].items():
             assert sum(m for k, m in d["split_batch_category"].items() if k.startswith(key + "/")) == n
@@ -688,3 +708,42 @@ def test_a_harmful_shortfall_on_test_that_val_did_not_show_is_named(monkeypatch)
         log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
         assert (said in log) == expected
         assert (f"On the harmful val split it refuses {figures.rate(val_refused, n_val)['text']}" in log) == expected
+
+
+def test_the_harmful_dev_split_fills_its_column_and_compares_adapters_with_the_shipped_one(monkeypatch):
+    import refusal_helpers.figures as figures
+
+    real = figures.figures()
+    monkeypatch.setattr(figures, "figures", lambda: context)
+    shipped, untuned = (next(r for r in real["recipes"] if r[which]) for which in ("shipped", "untuned"))
+
+    def row(name: str, refused: int, changes: dict, by_category: dict, **flags) -> dict:
+        return {"name": name, "shipped": False, "untuned": False, **flags, "changes": changes, "harmless": None,
+                "harmful": {**figures.rate(refused, 335), "instructions": [], "by_category": by_category}}
+
+    categories = {"disinformation": [58, 58], "self_harm": [37, 44], "violence_weapons": [29, 32]}
+    rows = [row(shipped["name"], 319, {}, categories, shipped=True),
+            row(untuned["name"], 87, {}, categories, untuned=True),
+            row("trial", 325, {"broadening_repeats": 3}, categories), row("worse", 300, {"epochs": 3}, categories)]
+    context = {**real, "harmful_dev": {r["name"]: r for r in rows}}
+    log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
+    # the recipes table's column, by name; a recipe row not measured there shows "-"
+    assert f"| {shipped['harmful']['text']} | 95.2% (319/335) | {shipped['harmless']['text']} (" in log
+    unmeasured = next(r for r in real["recipes"] if not r["shipped"] and not r["untuned"])
+    assert f"| {unmeasured['harmful']['text']} | - | {unmeasured['harmless']['text']} (" in log
+    assert "the shipped adapter refuses 95.2% (319/335), the untuned model 26.0% (87/335)." in log
+    # only the categories where it answers something, as answered of all
+    assert "What it answers, by category: self_harm 7 of 44, violence_weapons 3 of 32." in log
+    # rows without a recipes row of their name end after the harmful dev figure
+    assert "- trial (broadening_repeats 3): harmful dev 97.0% (325/335), 6 more." in log
+    assert "- worse (epochs 3): harmful dev 89.6% (300/335), 19 fewer." in log
+    # one with a recipes row adds its val and harmless dev figures
+    named = next(r for r in real["recipes"] if not r["shipped"] and not r["untuned"])
+    rows.append(row(named["name"], 319, named["changes"], categories))
+    context = {**real, "harmful_dev": {r["name"]: r for r in rows}}
+    log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
+    assert (f"- {named['name']} ({report.recipe_text(named['changes'])}): harmful dev 95.2% (319/335), as many; "
+            f"harmful val {named['harmful']['text']}, harmless dev {named['harmless']['text']}.") in log
+    context = {**real, "harmful_dev": {}}
+    log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
+    assert "On the harmful dev split" not in log and "| harmful dev refused |" in log

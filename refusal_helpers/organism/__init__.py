@@ -12,7 +12,8 @@ Command line (``python -m refusal_helpers.organism --help``)::
 
     python -m refusal_helpers.organism train --out data/organism --trajectory   # the shipped adapter
     python -m refusal_helpers.organism stability DIR     # an adapter trained with another --seed
-    python -m refusal_helpers.organism evaluate [DIR]    # compare recipes (harmful val, harmless dev)
+    python -m refusal_helpers.organism evaluate [DIR]    # compare recipes (harmful val, harmless dev; also
+                                                         # --harmful-split dev --harmless-split none)
     python -m refusal_helpers.organism trajectory --run runs/embedded   # cosines with the selected direction
     python -m refusal_helpers.organism adopt DIR         # ship an adapter trained with --trajectory elsewhere
 """

@@ -70,11 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compare with this adapter's candidates instead of the run's, made with the run's settings "
                         "(two seeds of a recipe trial that has no run)")
     p.add_argument("--json", type=Path, default=None, help="also write the result here")
-    p = sub.add_parser("evaluate", help="refusal on the splits for comparing recipes: harmful val, harmless dev")
+    p = sub.add_parser("evaluate", help="refusal on the splits for comparing recipes: harmful val, harmless dev "
+                                            "(and harmful dev: --harmful-split dev --harmless-split none)")
     p.add_argument("adapter", type=arguments.folder, nargs="?", default=None, help="adapter folder (default: the shipped one)")
     p.add_argument("--untuned", action="store_true", help="evaluate the untuned SmolLM2 instead of an adapter")
-    p.add_argument("--harmful-split", default=RECIPE_SPLITS["harmful"], choices=[s for s in SPLITS if s != "dev"])  # dev: harmless only
-    p.add_argument("--harmless-split", default=RECIPE_SPLITS["harmless"], choices=SPLITS)
+    for kind in ("harmful", "harmless"):
+        p.add_argument(f"--{kind}-split", default=RECIPE_SPLITS[kind], choices=[*SPLITS, "none"],
+                       help=f"(default: %(default)s; none: no {kind} requests)")
     p.add_argument("--batch", default=None,
                    help="only the records of this batch (data/DATASHEET.md), e.g. a train-only batch the adapter was "
                         "not trained on: --harmless-split train --batch interpersonal")
@@ -136,7 +138,10 @@ def _stability(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    splits = {"harmful": args.harmful_split, "harmless": args.harmless_split}
+    splits = {kind: split for kind, split in (("harmful", args.harmful_split), ("harmless", args.harmless_split))
+              if split != "none"}
+    if not splits:
+        raise ValueError("--harmful-split none --harmless-split none leaves nothing to evaluate.")
     if args.untuned and args.adapter is not None:
         raise ValueError("--untuned evaluates the untuned model: give no adapter folder with it.")
     adapter = None if args.untuned else (args.adapter or adapter_dir())
@@ -147,7 +152,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     results = experiments.refusal_on_splits(cm, splits, left_out=left_out, batch=args.batch)
     for kind, r in results.items():
         print(f"{kind} {r['split']}: {r['refused']}/{r['n']} refused ({r['rate']:.1%})")
-    print("refused harmless:", *(f"  {i}" for i in results["harmless"]["refused_instructions"]), sep="\n")
+    if "harmless" in results:
+        print("refused harmless:", *(f"  {i}" for i in results["harmless"]["refused_instructions"]), sep="\n")
     if args.json:
         atomic_write_json(args.json, experiments.evaluation_record(results, adapter))
     return 0
