@@ -378,7 +378,7 @@ def figures() -> dict:
             "earlier_adapters": earlier_adapter_figures(), "earlier_presets": earlier_preset_figures(), "candidates": candidate_figures(), "train_split": recipe_figures(TRAIN_SPLIT),
             "interpersonal_batch": recipe_figures(INTERPERSONAL_BATCH),
             "cues": {row["name"]: row for row in cues}, "cue_seed_spreads": seed_spreads(cues),
-            "harmful_dev": {row["name"]: row for row in harmful_dev},
+            "harmful_dev": {row["name"]: row for row in harmful_dev}, "harmful_dev_seed_spreads": seed_spreads(harmful_dev),
             "trial_presets": trial_preset_figures(),
             "seed_pairs": {path.stem: {**pair, **seed_figures(pair)}
                            for path in sorted(SEED_PAIRS.glob("*.json")) for pair in [json.loads(path.read_text())]},

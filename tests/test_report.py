@@ -737,13 +737,31 @@ def test_the_harmful_dev_split_fills_its_column_and_compares_adapters_with_the_s
     # rows without a recipes row of their name end after the harmful dev figure
     assert "- trial (broadening_repeats 3): harmful dev 97.0% (325/335), 6 more." in log
     assert "- worse (epochs 3): harmful dev 89.6% (300/335), 19 fewer." in log
-    # one with a recipes row adds its val and harmless dev figures
-    named = next(r for r in real["recipes"] if not r["shipped"] and not r["untuned"])
-    rows.append(row(named["name"], 319, named["changes"], categories))
-    context = {**real, "harmful_dev": {r["name"]: r for r in rows}}
-    log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
-    assert (f"- {named['name']} ({report.recipe_text(named['changes'])}): harmful dev 95.2% (319/335), as many; "
-            f"harmful val {named['harmful']['text']}, harmless dev {named['harmless']['text']}.") in log
+    # a trial with a recipes row of its name adds its val and harmless dev figures and is weighed on all three:
+    # chosen when better beyond the spread on one and worse beyond it on none (the spread on harmful dev from the
+    # seed twin's row)
+    changes = {"broadening_repeats": 3}
+    dev_row = {**shipped, "name": "thrice", "shipped": False, "changes": changes}
+    twin = row("thrice-seed0", 326, {**changes, "seed": 0}, categories)
+    candidate = {"name": "thrice", "digest": "d1", "training": {"steps": 9, "train_seconds": 99.0}, "changes": changes,
+                 "measured_as": ["thrice"]}
+    spreads = [{"changes": {}, "names": ["a", "b"], "harmful": 2, "harmless": 5}]
+    for harmless_more, expected in ((0, "chosen"), (6, "mixed")):
+        side = figures.rate(shipped["harmless"]["refused"] + harmless_more, shipped["harmless"]["n"])
+        trial_rows = rows[:2] + [row("thrice", 330, changes, categories), twin]
+        context = {**real, "harmful_dev": {r["name"]: r for r in trial_rows},
+                   "harmful_dev_seed_spreads": figures.seed_spreads(trial_rows),
+                   "recipes": [shipped, {**dev_row, "harmless": {**shipped["harmless"], **side}}],
+                   "recipe_seed_spreads": spreads, "candidates": [candidate]}
+        log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
+        assert "(trainings of one recipe lie up to 4 prompts apart here: thrice, thrice-seed0):" in log
+        assert (f"- thrice (broadening_repeats 3): harmful dev 98.5% (330/335), 11 more; harmful val "
+                f"{shipped['harmful']['text']}, harmless dev {side['text']}.") in log
+        assert "Harmful refusal on harmful dev: better by 11 prompts, more than trainings of one recipe lie apart (up to 4)" in log
+        assert ("so it is the recipe to ship next" in log) == (expected == "chosen")
+        assert ("`make remake ADOPT=candidates/thrice`" in log) == (expected == "chosen")
+        assert ("worse on another, so it is not chosen" in log) == (expected == "mixed")
+        assert "- thrice-seed0 (broadening_repeats 3, seed 0): harmful dev 97.3% (326/335), 7 more." in log  # no verdict
     context = {**real, "harmful_dev": {}}
     log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
     assert "On the harmful dev split" not in log and "| harmful dev refused |" in log
