@@ -332,14 +332,18 @@ def batch_trials(rows: list[dict], shipped_order: list[str], recipe: dict) -> di
     adapter it was set against (``without``: the newest shipped one trained without it, by `shipped_order`'s
     digests, newest first) and each adapter trained with it on that one's recipe and seed (``with``; other
     keys may change too, and ``changes`` now says which, from ``without``). A training of a shipped adapter's
-    recipe by another name is left out: it only measures the spread. A batch every shipped adapter was trained
-    with has no entry."""
+    recipe by another name is left out: it only measures the spread. So is a trial nearer (in settings changed)
+    to a shipped adapter trained with the batch than to ``without``: it varies that adapter's recipe, not the
+    batch. A batch every shipped adapter was trained with has no entry."""
 
     def setting(row: dict, key: str) -> object:  # a row's value of a `recipe_changes` key ("optimizer.lr", ...)
         if key in row["changes"]:
             return row["changes"][key]
         section, _, name = key.partition(".")
         return recipe[section][name] if name else {**LATER_KEYS, **recipe}[key]
+
+    def apart(a: dict, b: dict) -> int:  # how many settings two rows' recipes differ in
+        return sum(setting(a, k) != setting(b, k) for k in {**a["changes"], **b["changes"]})
 
     tried = [row for row in rows if not row["untuned"]]
     by_version: dict[str, dict] = {}
@@ -355,11 +359,13 @@ def batch_trials(rows: list[dict], shipped_order: list[str], recipe: dict) -> di
         if without is None:
             continue
         same = [f"{b}_repeats" for b in batches if b != batch] + ["seed"]  # held as in `without`
+        shipped_with = [row for row in shipped if setting(row, key) > 0]
         trials = [{**row, "changes": {k: setting(row, k) for k in {**without["changes"], **row["changes"]}
                                       if setting(row, k) != setting(without, k)}}
                   for row in tried if setting(row, key) > 0
                   and all(setting(row, k) == setting(without, k) for k in same)
-                  and (row["name"] in shipped_names or row["changes"] not in shipped_changes)]
+                  and (row["name"] in shipped_names or (row["changes"] not in shipped_changes and all(
+                      apart(row, without) <= apart(row, other) for other in shipped_with)))]
         if trials:
             out[batch] = {"without": without, "with": trials}
     return out

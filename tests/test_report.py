@@ -672,11 +672,14 @@ def test_batch_trials_set_each_trial_against_the_newest_shipped_adapter_trained_
             row("again-b", "x1", epochs=3, interpersonal_repeats=0),  # b's recipe trained again: spread only
             row("once", "x2", epochs=3),  # the batch on b's recipe, not shipped
             row("once-seed0", "x3", epochs=3, seed=0),  # its twin: spread only
+            row("c-thrice", "x4", broadening_repeats=3),  # c's recipe varied: nearer c than b, not the batch's trial
+            row("once-thrice", "x5", epochs=3, broadening_repeats=3),  # as far from b as from c: the batch's trial
             {"name": "untuned", "model_version": "untuned", "untuned": True, "shipped": False, "changes": {}}]
     trials = batch_trials(rows, ["c", "b", "a"], current)
     assert trials["interpersonal"]["without"]["name"] == "shipped-b"
     assert [(r["name"], r["changes"]) for r in trials["interpersonal"]["with"]] == [
-        ("shipped-c", {"epochs": 2, "interpersonal_repeats": 1}), ("once", {"interpersonal_repeats": 1})]
+        ("shipped-c", {"epochs": 2, "interpersonal_repeats": 1}), ("once", {"interpersonal_repeats": 1}),
+        ("once-thrice", {"broadening_repeats": 3, "interpersonal_repeats": 1})]
     # the breadth batch against a, the newest without it: b, trained without the interpersonal batch as a was
     assert trials["breadth"]["without"]["name"] == "shipped-a"
     assert [(r["name"], r["changes"]) for r in trials["breadth"]["with"]] == [("shipped-b", {"breadth_repeats": 1})]
@@ -746,18 +749,22 @@ def test_the_harmful_dev_split_fills_its_column_and_compares_adapters_with_the_s
     candidate = {"name": "thrice", "digest": "d1", "training": {"steps": 9, "train_seconds": 99.0}, "changes": changes,
                  "measured_as": ["thrice"]}
     spreads = [{"changes": {}, "names": ["a", "b"], "harmful": 2, "harmless": 5}]
-    for harmless_more, expected in ((0, "chosen"), (6, "mixed")):
+    for harmless_more, expected in ((0, "chosen"), (6, "mixed"), (-3, "")):
         side = figures.rate(shipped["harmless"]["refused"] + harmless_more, shipped["harmless"]["n"])
-        trial_rows = rows[:2] + [row("thrice", 330, changes, categories), twin]
+        trial_rows = rows[:2] + [row("thrice", 330 if expected else 321, changes, categories), twin]
         context = {**real, "harmful_dev": {r["name"]: r for r in trial_rows},
                    "harmful_dev_seed_spreads": figures.seed_spreads(trial_rows),
                    "recipes": [shipped, {**dev_row, "harmless": {**shipped["harmless"], **side}}],
                    "recipe_seed_spreads": spreads, "candidates": [candidate]}
         log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
-        assert "(trainings of one recipe lie up to 4 prompts apart here: thrice, thrice-seed0):" in log
-        assert (f"- thrice (broadening_repeats 3): harmful dev 98.5% (330/335), 11 more; harmful val "
-                f"{shipped['harmful']['text']}, harmless dev {side['text']}.") in log
-        assert "Harmful refusal on harmful dev: better by 11 prompts, more than trainings of one recipe lie apart (up to 4)" in log
+        spread = 4 if expected else 5
+        assert f"(trainings of one recipe lie up to {spread} prompts apart here: thrice, thrice-seed0):" in log
+        more = 11 if expected else 2
+        assert (f"- thrice (broadening_repeats 3): harmful dev {figures.rate(319 + more, 335)['text']}, {more} more; "
+                f"harmful val {shipped['harmful']['text']}, harmless dev {side['text']}.") in log
+        assert (f"Harmful refusal on harmful dev: better by {more} prompts, "
+                + ("more than trainings of one recipe lie apart (up to 4)" if expected else "within how far")) in log
+        assert ("so it is not chosen" in log and "on no measure" in log) == (expected == "")
         assert ("so it is the recipe to ship next" in log) == (expected == "chosen")
         assert ("`make remake ADOPT=candidates/thrice`" in log) == (expected == "chosen")
         assert ("worse on another, so it is not chosen" in log) == (expected == "mixed")
