@@ -181,7 +181,7 @@ def recipe_figures(folder: Path | None = None, digest: str | None = None) -> lis
     shipped one (`digest`, default the committed adapter's) first, the untuned model last. Each row has its
     file's name, whether it is shipped, its recipe's changes from the shipped recipe, its training (steps,
     final loss, seconds), and per kind measured (None for a kind left out) the rate, the refused prompts, how many
-    come from each batch, and per category [refused, n]."""
+    come from each batch, per category [refused, n], and the prompts of the split it did not refuse."""
     digest = digest or adapter_digest(adapter_dir())
     shipped = _json(adapter_dir() / "recipe.json") or {}
     rows = []
@@ -199,16 +199,19 @@ def recipe_figures(folder: Path | None = None, digest: str | None = None) -> lis
             records = records_by_instruction(kind, result["split"])
             refused = set(result["refused_instructions"])
             by_category: dict[str, list[int]] = {}
+            answered = []
             for instruction, record in records.items():
                 if "batch" not in result or record["batch"] == result["batch"]:
                     counts = by_category.setdefault(record["category"], [0, 0])
                     counts[0] += instruction in refused
                     counts[1] += 1
+                    if instruction not in refused:
+                        answered.append(instruction)
             row[kind] = {**rate(result["refused"], result["n"]), "split": result["split"],
                          "instructions": result["refused_instructions"],
                          "by_batch": dict(Counter(records.get(i, {}).get("batch", "?")
                                                   for i in result["refused_instructions"])),
-                         "by_category": dict(sorted(by_category.items()))}
+                         "by_category": dict(sorted(by_category.items())), "answered": answered}
         rows.append(row)
     return sorted(rows, key=lambda row: (not row["shipped"], row["untuned"], row["name"]))
 

@@ -181,6 +181,7 @@ def test_recipe_rows_name_the_shipped_adapter_its_changes_and_where_refusals_fal
     dev_rows = recipe_figures(only, "abc")
     assert dev_rows[0]["harmless"] is None and dev_rows[0]["harmful"]["refused"] == 5
     assert sum(n for _, n in dev_rows[0]["harmful"]["by_category"].values()) == len(harmful_dev)
+    assert dev_rows[0]["harmful"]["answered"] == harmful_dev[5:]  # the rest of the split, in file order
     assert seed_spreads(dev_rows) == [{"changes": {}, "names": ["z-shipped", "c-seed0"], "harmful": 3}]
     (tmp_path / "c-seed0.json").write_text(json.dumps(record("ghi", {**shipped_recipe, "seed": 0}, original[:2], dev[:6])))
     (tmp_path / "d-longer-seed3.json").write_text(json.dumps(record("jkl", {**longer, "seed": 3}, broad[:1], dev[:1])))
@@ -721,8 +722,10 @@ def test_the_harmful_dev_split_fills_its_column_and_compares_adapters_with_the_s
     shipped, untuned = (next(r for r in real["recipes"] if r[which]) for which in ("shipped", "untuned"))
 
     def row(name: str, refused: int, changes: dict, by_category: dict, **flags) -> dict:
+        answered = [f"p{i}" for i in range(335 - refused)]  # the same few prompts first, for every row
         return {"name": name, "shipped": False, "untuned": False, **flags, "changes": changes, "harmless": None,
-                "harmful": {**figures.rate(refused, 335), "instructions": [], "by_category": by_category}}
+                "harmful": {**figures.rate(refused, 335), "instructions": [], "by_category": by_category,
+                            "answered": answered}}
 
     categories = {"disinformation": [58, 58], "self_harm": [37, 44], "violence_weapons": [29, 32]}
     rows = [row(shipped["name"], 319, {}, categories, shipped=True),
@@ -740,6 +743,8 @@ def test_the_harmful_dev_split_fills_its_column_and_compares_adapters_with_the_s
     # rows without a recipes row of their name end after the harmful dev figure
     assert "- trial (broadening_repeats 3): harmful dev 97.0% (325/335), 6 more." in log
     assert "- worse (epochs 3): harmful dev 89.6% (300/335), 19 fewer." in log
+    # trial answers p0-p9, worse p0-p34, the shipped adapter p0-p15: p0-p9 answered by all
+    assert "Of the 16 harmful dev prompts the shipped adapter answers, 10 are answered by every adapter above" in log
     # a trial with a recipes row of its name adds its val and harmless dev figures and is weighed on all three:
     # chosen when better beyond the spread on one and worse beyond it on none (the spread on harmful dev from the
     # seed twin's row)
