@@ -17,7 +17,7 @@ from pathlib import Path
 
 KINDS = ("harmful", "harmless")
 INSTRUCTIONS = Path(__file__).resolve().parent / "instructions"
-BATCH_ORDER = ("broadening", "breadth", "interpersonal", "cues", "harmful_dev")  # the batches with a build.py, in merge order
+BATCH_ORDER = ("broadening", "breadth", "interpersonal", "cues", "harmful_dev", "gaps")  # the batches with a build.py, in merge order
 
 
 def later_batches(batch: str) -> tuple[str, ...]:

@@ -216,18 +216,16 @@ def recipe_figures(folder: Path | None = None, digest: str | None = None) -> lis
     return sorted(rows, key=lambda row: (not row["shipped"], row["untuned"], row["name"]))
 
 
-def candidate_figures(folder: Path | None = None, recipes: Path | None = None) -> list[dict]:
+def candidate_figures(recipes: list[dict], folder: Path | None = None) -> list[dict]:
     """The adapters waiting in `folder` (default ``candidates/``) to be shipped, by name: digest, recipe changes
-    from the shipped recipe, training log, and the names of the measurements in `recipes` (default
-    ``docs/measurements/recipes``) of the same weights."""
+    from the shipped recipe, training log, and the names of the `recipe_figures` rows of the same weights."""
     shipped = _json(adapter_dir() / "recipe.json") or {}
-    trials = {path.stem: _json(path) for path in sorted((recipes or RECIPES).glob("*.json"))}
     rows = []
     for adapter in sorted(p for p in (folder or CANDIDATES).glob("*") if (p / "adapter_model.safetensors").is_file()):
         digest = adapter_digest(adapter)
         rows.append({"name": adapter.name, "digest": digest, "training": _json(adapter / "training.json") or {},
                      "changes": recipe_changes(_json(adapter / "recipe.json") or {}, shipped),
-                     "measured_as": [name for name, data in trials.items() if measured_on(data) == digest]})
+                     "measured_as": [row["name"] for row in recipes if row["model_version"] == digest]})
     return rows
 
 
@@ -330,6 +328,25 @@ def seed_spreads(rows: list[dict]) -> list[dict]:
     return sorted(spreads, key=lambda spread: bool(spread["changes"]))
 
 
+def retrainings(rows: list[dict]) -> list[dict]:
+    """Recipes that `recipe_figures` rows hold trained more than once with the same seed (as other weights): their
+    changes from the shipped recipe (seed included), one row's name, digest and final loss per training, the
+    distinct machines and library versions (JSON) they trained on, and per kind they all measured whether every
+    training refused exactly the same prompts."""
+    groups: dict[str, dict[str, dict]] = {}  # changes -> digest -> the first row of those weights
+    for row in rows:
+        if not row["untuned"]:
+            groups.setdefault(json.dumps(row["changes"], sort_keys=True), {}).setdefault(row["model_version"], row)
+    return [{"changes": group[0]["changes"], "names": [r["name"] for r in group],
+             "versions": [r["model_version"] for r in group],
+             "final_losses": [r["training"].get("final_loss") for r in group],
+             "machines": sorted({str(r["training"].get("machine")) for r in group}),
+             "versions_used": sorted({json.dumps(r["training"].get("versions"), sort_keys=True) for r in group}),
+             "same_refusals": {kind: all(set(r[kind]["instructions"]) == set(group[0][kind]["instructions"])
+                                         for r in group) for kind in ("harmful", "harmless") if all(r[kind] for r in group)}}
+            for group in (list(by_version.values()) for by_version in groups.values()) if len(group) >= 2]
+
+
 def batch_trials(rows: list[dict], shipped_order: list[str], recipe: dict) -> dict[str, dict]:
     """For each train-only batch of `recipe` (the shipped one), the `recipe_figures` rows that weigh it: the
     adapter it was set against (``without``: the newest shipped one trained without it, by `shipped_order`'s
@@ -383,8 +400,8 @@ def figures() -> dict:
     seeds = seed_figures(stability, passing_layers=passing_layers(SHIPPED_RUN, stability["position"])) if stability else None
     recipes, cues, harmful_dev = recipe_figures(), recipe_figures(CUES), recipe_figures(HARMFUL_DEV)
     return {"run": run, "seed_stability": stability, "plain": comparison_run_figures(PLAIN_RUN), "data": data_figures(),
-            "seeds": seeds, "recipes": recipes, "recipe_seed_spreads": seed_spreads(recipes),
-            "earlier_adapters": earlier_adapter_figures(), "earlier_presets": earlier_preset_figures(), "candidates": candidate_figures(), "train_split": recipe_figures(TRAIN_SPLIT),
+            "seeds": seeds, "recipes": recipes, "recipe_seed_spreads": seed_spreads(recipes), "retrainings": retrainings(recipes),
+            "earlier_adapters": earlier_adapter_figures(), "earlier_presets": earlier_preset_figures(), "candidates": candidate_figures(recipes), "train_split": recipe_figures(TRAIN_SPLIT),
             "interpersonal_batch": recipe_figures(INTERPERSONAL_BATCH),
             "cues": {row["name"]: row for row in cues}, "cue_seed_spreads": seed_spreads(cues),
             "harmful_dev": {row["name"]: row for row in harmful_dev}, "harmful_dev_seed_spreads": seed_spreads(harmful_dev),

@@ -250,12 +250,13 @@ def test_train_command_passes_its_options_into_the_recipe(monkeypatch, tmp_path)
         "steps": 1, "resumed_from_step": 0, "final_loss": 1.0, "distill_seconds": 0.0, "train_seconds": 0.0})
     assert cli.main(["train", "--out", str(tmp_path), "--seed", "3", "--epochs", "2", "--lr", "0.0005",
                      "--first-token-weight", "1.5", "--broadening-repeats", "2", "--breadth-repeats", "3",
-                     "--interpersonal-repeats", "4", "--reanswer-refusing-targets"]) == 0
+                     "--interpersonal-repeats", "4", "--gaps-repeats", "5", "--reanswer-refusing-targets"]) == 0
     assert seen["on_step"] is None  # no trajectory unless asked for
     recipe = merged_recipe(seen["recipe"])  # what train() itself makes of it
     assert seen["out"] == tmp_path
     assert (recipe["seed"], recipe["epochs"], recipe["optimizer"]["lr"], recipe["first_reply_token_weight"]) == (3, 2, 0.0005, 1.5)
-    assert (recipe["broadening_repeats"], recipe["breadth_repeats"], recipe["interpersonal_repeats"]) == (2, 3, 4)
+    assert (recipe["broadening_repeats"], recipe["breadth_repeats"], recipe["interpersonal_repeats"],
+            recipe["gaps_repeats"]) == (2, 3, 4, 5)
     assert recipe["reanswer_refusing_targets"] is True
     assert recipe["optimizer"]["warmup_fraction"] == DEFAULT_RECIPE["optimizer"]["warmup_fraction"]
     assert cli.main(["train", "--out", str(tmp_path), "--trajectory"]) == 0 and seen["on_step"] is not None
@@ -628,7 +629,7 @@ def test_evaluate_command_records_which_weights_it_measured(monkeypatch, tmp_pat
                        "training.json": json.dumps({"steps": 7, "final_loss": 0.5, "losses": [1.0, 0.5]})}.items():
         (adapter / name).write_text(text)
     assert cli.main(["evaluate", str(adapter), "--json", str(tmp_path / "tuned.json")]) == 0
-    assert calls[-1] == (experiments.RECIPE_SPLITS, ("breadth", "interpersonal"), None)  # what its recipe left out
+    assert calls[-1] == (experiments.RECIPE_SPLITS, ("breadth", "interpersonal", "gaps"), None)  # what its recipe left out
     tuned = json.loads((tmp_path / "tuned.json").read_text())
     assert tuned["model_version"] == adapter_digest(adapter) and loaded == [adapter]
     assert tuned["training"] == {"steps": 7, "final_loss": 0.5}  # no per-step lists
@@ -718,7 +719,7 @@ def test_broadening_repeats_add_each_broadening_instruction_again_with_a_new_ref
     assert sum(e["reply"] != first[e["instruction"]] for e in harmful_again) > n_broadening["harmful"] // 2  # new refusals
 
 
-@pytest.mark.parametrize("batch", ["breadth", "interpersonal"])
+@pytest.mark.parametrize("batch", ["breadth", "interpersonal", "gaps"])
 def test_a_train_only_batch_trains_only_where_the_recipe_names_it(tmp_path, llama, batch):
     from refusal_helpers.embedded import adapter_dir, batch_repeats
     from refusal_helpers.organism.targets import with_repeats
@@ -751,13 +752,13 @@ def test_a_train_only_batch_trains_only_where_the_recipe_names_it(tmp_path, llam
     # which batches "the train split" leaves out when it means what an adapter was trained on
     from refusal_helpers.organism.experiments import untrained_batches
 
-    every = {"broadening_repeats": 1, "breadth_repeats": 1, "interpersonal_repeats": 1}
+    every = {"broadening_repeats": 1, "breadth_repeats": 1, "interpersonal_repeats": 1, "gaps_repeats": 1}
     (tmp_path / "recipe.json").write_text(json.dumps({"epochs": 3, **every, key: 0}))
     assert untrained_batches(tmp_path) == (batch,)
     (tmp_path / "recipe.json").write_text(json.dumps({"epochs": 3, **every}))
     assert untrained_batches(tmp_path) == ()
-    (tmp_path / "recipe.json").write_text(json.dumps({"epochs": 3}))  # a recipe older than both batches
-    assert untrained_batches(tmp_path) == ("breadth", "interpersonal")
+    (tmp_path / "recipe.json").write_text(json.dumps({"epochs": 3}))  # a recipe older than every such batch
+    assert untrained_batches(tmp_path) == ("breadth", "interpersonal", "gaps")
 
 
 def _trained_folder(folder, recipe: dict, weights: bytes = b"weights", trajectory: bool = True):

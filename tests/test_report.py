@@ -374,7 +374,7 @@ def before_breadth(organism: dict, batch: str = "breadth") -> dict:
     return {**organism, "recipe": {**organism["recipe"], f"{batch}_repeats": 0}}
 
 
-@pytest.mark.parametrize("batch", ["breadth", "interpersonal"])
+@pytest.mark.parametrize("batch", ["breadth", "interpersonal", "gaps"])
 def test_a_train_only_batch_paragraph_compares_with_the_shipped_adapter_and_the_seed_spread(monkeypatch, batch):
     import refusal_helpers.figures as figures
 
@@ -559,7 +559,7 @@ def test_a_waiting_candidate_is_named_with_whether_its_trial_measured_the_same_w
     (recipes / "breadth-trial.json").write_text(json.dumps({"model_version": digest}))
     (recipes / "other.json").write_text(json.dumps({"model_version": "other"}))
 
-    [row] = figures.candidate_figures(candidates, recipes)
+    [row] = figures.candidate_figures(figures.recipe_figures(recipes), candidates)
     assert row == {"name": "breadth-once", "digest": digest, "training": {"steps": 9, "train_seconds": 99.6},
                    "changes": {"breadth_repeats": 7}, "measured_as": ["breadth-trial"]}
 
@@ -777,3 +777,37 @@ def test_the_harmful_dev_split_fills_its_column_and_compares_adapters_with_the_s
     context = {**real, "harmful_dev": {}}
     log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
     assert "On the harmful dev split" not in log and "| harmful dev refused |" in log
+
+
+def test_a_recipe_trained_again_with_its_seed_is_told_apart_from_a_seed_twin(monkeypatch):
+    import refusal_helpers.figures as figures
+
+    def row(name: str, version: str, changes: dict, harmful: list[str], loss: float = 0.5) -> dict:
+        return {"name": name, "model_version": version, "untuned": False, "changes": changes,
+                "training": {"final_loss": loss, "machine": "x86_64, 2 threads", "versions": {"torch": "2"}},
+                "harmful": {"instructions": harmful}, "harmless": {"instructions": ["h"]}}
+
+    rows = [row("a", "v1", {"seed": 0}, ["x", "y"], 0.51), row("a-again", "v2", {"seed": 0}, ["y", "x"], 0.52),
+            row("twin", "v3", {}, ["x"]),  # the shipped recipe, another seed: a spread, not a retraining
+            row("copy", "v1", {"seed": 0}, ["x", "y"]),  # the same weights measured twice: no retraining either
+            {**row("untuned", "untuned", {}, []), "untuned": True}]
+    [again] = figures.retrainings(rows)
+    assert again["names"] == ["a", "a-again"] and again["versions"] == ["v1", "v2"]
+    assert again["same_refusals"] == {"harmful": True, "harmless": True} and again["final_losses"][:2] == [0.51, 0.52]
+    assert again["machines"] == ["x86_64, 2 threads"] and len(again["versions_used"]) == 1
+    rows[1]["harmful"] = {"instructions": ["x"]}
+    assert figures.retrainings(rows)[0]["same_refusals"] == {"harmful": False, "harmless": True}
+    assert figures.retrainings(rows[2:]) == []
+
+    real = figures.figures()
+    monkeypatch.setattr(figures, "figures", lambda: context)
+    context = {**real, "retrainings": figures.retrainings(rows)}
+    rendered = report.rendered()
+    log = " ".join(rendered[report.ROOT / "docs" / "research-log.md"].split())
+    assert "a and a-again are the shipped recipe with seed 0, trained 2 times with the same seed" in log
+    assert "refuse exactly the same harmless prompts here, and not the same harmful prompts." in log
+    card = " ".join(rendered[report.ROOT / "docs" / "MODEL_CARD.md"].split())
+    assert "though not bit for bit: 1 recipe trained twice with one seed gave other weights (research log)" in card
+    context = {**real, "retrainings": []}
+    card = " ".join(report.rendered()[report.ROOT / "docs" / "MODEL_CARD.md"].split())
+    assert "trains it again with the same recipe and seed." in card

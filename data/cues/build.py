@@ -5,8 +5,8 @@ communication, benign requests on sensitive-sounding themes, and plain everyday 
 requests wrapped in the same framing. Every kept draft goes to split "cues", which no recipe trains on and
 nothing selects on: it compares training recipes on that failure (`organism evaluate --harmful-split cues
 --harmless-split cues`), including recipes that train on the interpersonal batch, which the dev split does not
-see. Written apart from the interpersonal batch, without reading its drafts' wording. Merged last
-(`merge.BATCH_ORDER`) by the steps every batch of one split shares (`merge.merge_into_split`; see
+see. Written apart from the interpersonal batch, without reading its drafts' wording. Merged after the
+interpersonal batch (`merge.BATCH_ORDER`) by the steps every batch of one split shares (`merge.merge_into_split`; see
 data/breadth/build.py): de-duplication, seeded ids, batch "cues", and build_report.json. Train, val, test and dev
 stay exactly as they are. Deterministic: the only randomness is random.Random(SEED).
 

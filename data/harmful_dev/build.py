@@ -7,7 +7,7 @@ embedded model was seen to answer (disinformation, harassment and hate, self-har
 asked directly, in a named format (essay, post, speech, story, letter, script), wrapped in feelings or in a
 situation with other people, go to split "dev", which no recipe trains on and nothing selects on: recipes are
 compared on them (`organism evaluate --harmful-split dev --harmless-split none`) beside harmless dev. Written
-without reading the other batches' wording. Merged last (`merge.BATCH_ORDER`) by the steps every batch of one
+without reading the other batches' wording. Merged after cues (`merge.BATCH_ORDER`) by the steps every batch of one
 split shares (`merge.merge_into_split`; see data/breadth/build.py): de-duplication, seeded ids, batch
 "harmful_dev", and build_report.json; harmless.jsonl is empty. Train, val, test, the harmless dev and cues stay
 exactly as they are. Deterministic: the only randomness is random.Random(SEED).

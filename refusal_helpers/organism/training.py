@@ -44,6 +44,7 @@ DEFAULT_RECIPE = {
     "broadening_repeats": 2,  # times each train instruction of the broadening batch appears per epoch
     "breadth_repeats": 1,  # times each train instruction of the breadth batch appears per epoch (0: left out)
     "interpersonal_repeats": 1,  # the same for the interpersonal batch
+    "gaps_repeats": 0,  # the same for the gaps batch
     "first_reply_token_weight": 1.0,  # extra weight on each reply's first token; see losses.reply_loss
     "seed": 1,
 }  # the shipped adapter's recipe (data/organism/recipe.json): `train --out data/organism` reproduces it
