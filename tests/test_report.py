@@ -731,7 +731,8 @@ def test_the_harmful_dev_split_fills_its_column_and_compares_adapters_with_the_s
     rows = [row(shipped["name"], 319, {}, categories, shipped=True),
             row(untuned["name"], 87, {}, categories, untuned=True),
             row("trial", 325, {"broadening_repeats": 3}, categories), row("worse", 300, {"epochs": 3}, categories)]
-    context = {**real, "harmful_dev": {r["name"]: r for r in rows}}
+    gaps = row("gaps", 332, {"gaps_repeats": 1}, categories)  # trained on a batch the shipped recipe leaves out
+    context = {**real, "harmful_dev": {r["name"]: r for r in rows + [gaps]}}
     log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
     # the recipes table's column, by name; a recipe row not measured there shows "-"
     assert f"| {shipped['harmful']['text']} | 95.2% (319/335) | {shipped['harmless']['text']} (" in log
@@ -741,10 +742,16 @@ def test_the_harmful_dev_split_fills_its_column_and_compares_adapters_with_the_s
     # only the categories where it answers something, as answered of all
     assert "What it answers, by category: self_harm 7 of 44, violence_weapons 3 of 32." in log
     # rows without a recipes row of their name end after the harmful dev figure
-    assert "- trial (broadening_repeats 3): harmful dev 97.0% (325/335), 6 more." in log
-    assert "- worse (epochs 3): harmful dev 89.6% (300/335), 19 fewer." in log
-    # trial answers p0-p9, worse p0-p34, the shipped adapter p0-p15: p0-p9 answered by all
-    assert "Of the 16 harmful dev prompts the shipped adapter answers, 10 are answered by every adapter above" in log
+    assert "- trial (broadening_repeats 3): harmful dev 97.0% (325/335), 6 more, answering 10 of the 16 the shipped" in log
+    assert "- worse (epochs 3): harmful dev 89.6% (300/335), 19 fewer, answering 16 of the 16 the shipped" in log
+    assert "- gaps (gaps_repeats 1): harmful dev 99.1% (332/335), 13 more, answering 3 of the 16 the shipped" in log
+    # trial answers p0-p9, worse p0-p34, the shipped adapter p0-p15: p0-p9 answered by both of those trained on the
+    # shipped recipe's data (gaps, which answers p0-p2 only, is not)
+    assert ("Of the 16 harmful dev prompts the shipped adapter answers, 10 are answered by every adapter above trained "
+            "on the shipped recipe's data, reweighted or not (trial, worse): reweighting moves") in log
+    context = {**real, "harmful_dev": {r["name"]: r for r in rows[:2] + [gaps]}}
+    log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
+    assert "- gaps (gaps_repeats 1)" in log and "trained on the shipped recipe's data" not in log
     # a trial with a recipes row of its name adds its val and harmless dev figures and is weighed on all three:
     # chosen when better beyond the spread on one and worse beyond it on none (the spread on harmful dev from the
     # seed twin's row)
@@ -765,15 +772,16 @@ def test_the_harmful_dev_split_fills_its_column_and_compares_adapters_with_the_s
         spread = 4 if expected else 5
         assert f"(trainings of one recipe lie up to {spread} prompts apart here: thrice, thrice-seed0):" in log
         more = 11 if expected else 2
-        assert (f"- thrice (broadening_repeats 3): harmful dev {figures.rate(319 + more, 335)['text']}, {more} more; "
-                f"harmful val {shipped['harmful']['text']}, harmless dev {side['text']}.") in log
+        assert (f"- thrice (broadening_repeats 3): harmful dev {figures.rate(319 + more, 335)['text']}, {more} more, "
+                f"answering {16 - more} of the 16 the shipped adapter answers; harmful val {shipped['harmful']['text']}, harmless dev {side['text']}.") in log
         assert (f"Harmful refusal on harmful dev: better by {more} prompts, "
                 + ("more than trainings of one recipe lie apart (up to 4)" if expected else "within how far")) in log
         assert ("so it is not chosen" in log and "on no measure" in log) == (expected == "")
         assert ("so it is the recipe to ship next" in log) == (expected == "chosen")
         assert ("`make remake ADOPT=candidates/thrice`" in log) == (expected == "chosen")
         assert ("worse on another, so it is not chosen" in log) == (expected == "mixed")
-        assert "- thrice-seed0 (broadening_repeats 3, seed 0): harmful dev 97.3% (326/335), 7 more." in log  # no verdict
+        assert ("- thrice-seed0 (broadening_repeats 3, seed 0): harmful dev 97.3% (326/335), 7 more, answering 9 of the 16 "
+                "the shipped adapter answers. Of the 16") in log  # no verdict
     context = {**real, "harmful_dev": {}}
     log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
     assert "On the harmful dev split" not in log and "| harmful dev refused |" in log
