@@ -782,6 +782,17 @@ def test_the_harmful_dev_split_fills_its_column_and_compares_adapters_with_the_s
         assert ("worse on another, so it is not chosen" in log) == (expected == "mixed")
         assert ("- thrice-seed0 (broadening_repeats 3, seed 0): harmful dev 97.3% (326/335), 7 more, answering 9 of the 16 "
                 "the shipped adapter answers. Of the 16") in log  # no verdict
+    # measured on the cues split as well, it is weighed there too: over-refusal there beyond the spread makes it mixed
+    shipped_cues = real["cues"][shipped["name"]]
+    for cue_more, verdict in ((6, "worse on another, so it is not chosen"), (1, "so it is the recipe to ship next")):
+        cue = {name: {**shipped_cues, "name": name, "harmless": {**shipped_cues["harmless"], "refused": n}}
+               for name, n in ((shipped["name"], 10), ("thrice", 10 + cue_more))}
+        context = {**context, "harmful_dev": {r["name"]: r for r in rows[:2] + [row("thrice", 330, changes, categories)]},
+                   "harmful_dev_seed_spreads": [{"changes": {}, "names": ["a", "b"], "harmful": 2}],
+                   "recipes": [shipped, dev_row], "cues": cue,
+                   "cue_seed_spreads": [{"changes": {}, "names": ["a", "b"], "harmful": 1, "harmless": 2}]}
+        log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
+        assert f"On the cues split, over-refusal: worse by {cue_more} prompt" in log and verdict in log
     context = {**real, "harmful_dev": {}}
     log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
     assert "On the harmful dev split" not in log and "| harmful dev refused |" in log
