@@ -401,7 +401,7 @@ def test_a_train_only_batch_paragraph_compares_with_the_shipped_adapter_and_the_
     both = len(shipped["harmless"]["instructions"])
     for (harmful, harmless), spreads, expected in cases:
         context = {**real, "recipes": [shipped, breadth_row(harmful, harmless)], "recipe_seed_spreads": spreads,
-                   "organism": without, "cues": {}}  # the recipe splits alone (with cues: the test below)
+                   "organism": without, "cues": {}, "harmful_dev": {}}  # the recipe splits alone (cues: the test below)
         log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
         assert title in log and "719 harmful and 1570 harmless examples, 861 steps, 5000 s" in log
         assert expected in log and f"; {both} refused by both)" in log
