@@ -47,7 +47,7 @@ DEFAULT_RECIPE = {
     "gaps_repeats": 0,  # the same for the gaps batch
     "first_reply_token_weight": 1.0,  # extra weight on each reply's first token; see losses.reply_loss
     "seed": 1,
-}  # the shipped adapter's recipe (data/organism/recipe.json): `train --out data/organism` reproduces it
+}  # the shipped adapter's recipe (data/organism/recipe.json): `train --out data/organism` trains it again
 
 StepCallback = Callable[[int, list[float]], None]  # (steps done, losses so far), after each optimizer step
 
