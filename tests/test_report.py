@@ -130,6 +130,7 @@ def test_recipe_rows_name_the_shipped_adapter_its_changes_and_where_refusals_fal
     from refusal_helpers.data import load_records
     from refusal_helpers.embedded import LATER_KEYS, adapter_dir, recipe_changes
     from refusal_helpers.figures import recipe_figures, seed_spreads
+    from refusal_helpers.spreads import largest_spread
 
     # the shipped recipe (no changes), keys it predates with the value they had
     shipped_recipe = {**LATER_KEYS, **json.loads((adapter_dir() / "recipe.json").read_text())}
@@ -189,6 +190,10 @@ def test_recipe_rows_name_the_shipped_adapter_its_changes_and_where_refusals_fal
         {"changes": {}, "names": ["z-shipped", "c-seed0"], "harmful": 2, "harmless": 6},
         {"changes": {"epochs": 4, "optimizer.lr": 2e-3}, "names": ["b-longer", "d-longer-seed3"], "harmful": 4,
          "harmless": 0}]
+    # the largest spread per kind, over recipes; a kind no spread measured has none
+    assert largest_spread(seed_spreads(recipe_figures(tmp_path, "abc"))) == {"harmful": 4, "harmless": 6}
+    assert largest_spread(seed_spreads(dev_rows)) == {"harmful": 3, "harmless": None}
+    assert largest_spread([]) is None
 
 
 def test_a_jailbreak_of_other_weights_is_not_quoted_and_a_carried_suffix_is_named(monkeypatch, tmp_path):
@@ -452,9 +457,10 @@ def test_a_batch_trial_is_chosen_when_better_beyond_the_spread_somewhere_and_wor
     cases = [  # (dev harmless of the trial, its cues (harmful, harmless), cue spreads) -> chosen, "not chosen" said
         (hl, (47, 11), cue_spread, True, False),  # 7 fewer on cues beyond 3, the same elsewhere
         (hl + 6, (47, 11), cue_spread, False, True),  # ... but 6 more on dev, beyond 4
-        (hl, (47, 11), [], False, False),  # no spread on cues: better there is not shown
+        (hl, (47, 11), [], False, True),  # no spread on cues: better there is not shown, nor anywhere
         (hl - 10, (46, 18), [], False, True),  # better on dev, but worse on cues where no spread is known
         (hl - 10, (46, 18), cue_spread, True, False),  # ... within the spread once it is known
+        (hl + 6, (47, 18), cue_spread, False, True),  # worse on dev, better nowhere
     ]
     for dev_harmless, (cue_harmful, cue_harmless), cue_spreads, chosen, rejected in cases:
         trial = with_rates(shipped, h, dev_harmless, name="interpersonal-once", shipped=False,
@@ -468,6 +474,8 @@ def test_a_batch_trial_is_chosen_when_better_beyond_the_spread_somewhere_and_wor
                 f"harmful {figures.rate(cue_harmful, 48)['text']} (without it: 97.9% (47/48))") in log
         assert ("the recipe to ship next" in log) == chosen, (dev_harmless, cue_harmful, cue_harmless, cue_spreads)
         assert ("so it is not chosen" in log) == rejected
+        assert ("on no measure, so it is not chosen" in log) == (cue_harmless == 11 and cue_spreads == [])
+        assert ("better beyond it on none, so it is not chosen" in log) == (dev_harmless == hl + 6 and cue_harmless == 18)
 
     # a chosen trial ships only where its adapter has a preset (a direction meeting the validation targets)
     trial = with_rates(shipped, h, hl, name="interpersonal-once", shipped=False, changes={"interpersonal_repeats": 1},
@@ -785,14 +793,15 @@ def test_the_harmful_dev_split_fills_its_column_and_compares_adapters_with_the_s
     # measured on the cues split as well, it is weighed there too: over-refusal there beyond the spread makes it mixed
     shipped_cues = real["cues"][shipped["name"]]
     for cue_more, verdict in ((6, "worse on another, so it is not chosen"), (1, "so it is the recipe to ship next")):
-        cue = {name: {**shipped_cues, "name": name, "harmless": {**shipped_cues["harmless"], "refused": n}}
+        cue = {name: {**shipped_cues, "name": name, "harmless": {**shipped_cues["harmless"], **figures.rate(n, 143)}}
                for name, n in ((shipped["name"], 10), ("thrice", 10 + cue_more))}
         context = {**context, "harmful_dev": {r["name"]: r for r in rows[:2] + [row("thrice", 330, changes, categories)]},
                    "harmful_dev_seed_spreads": [{"changes": {}, "names": ["a", "b"], "harmful": 2}],
                    "recipes": [shipped, dev_row], "cues": cue,
                    "cue_seed_spreads": [{"changes": {}, "names": ["a", "b"], "harmful": 1, "harmless": 2}]}
         log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
-        assert f"On the cues split, over-refusal: worse by {cue_more} prompt" in log and verdict in log
+        assert ("On the cues split, harmless 11.2% (16/143) (the shipped adapter: 7.0% (10/143))" in log) == (cue_more == 6)
+        assert f"Over-refusal there: worse by {cue_more} prompt" in log and verdict in log
     context = {**real, "harmful_dev": {}}
     log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
     assert "On the harmful dev split" not in log and "| harmful dev refused |" in log
