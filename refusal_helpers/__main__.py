@@ -93,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                                            "store it beside its adapter", formatter_class=defaults)
     preset.add_argument("--model", default="embedded", help="'embedded', or 'embedded:FOLDER' for the adapter in FOLDER "
                                                          "(stored in FOLDER's presets.json)")
-    preset.add_argument("--out", default="runs/preset", help="folder for the exhaustive score table it needs")
+    preset.add_argument("--out", help="folder for the exhaustive score table it needs (default: runs/preset for "
+                                      "'embedded', runs/preset-<FOLDER's name> for 'embedded:FOLDER', '-plain' added "
+                                      "with --plain)")
     preset.add_argument("--max-refused", type=arguments.finite, default=0.05,
                         help="the largest fraction of harmful validation prompts the ablated direction may leave refused")
     preset.add_argument("--max-ce-increase", type=arguments.finite, default=0.1,

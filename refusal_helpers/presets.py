@@ -111,16 +111,24 @@ def derive_kl_threshold(
                       f"{max_refused:.0%} of {len(harmful)} harmful validation prompts refused: {trail}", trail, baseline)
 
 
-def derive_preset(out: str | Path = "runs/preset", max_refused: float = 0.05, max_ce_increase: float | None = 0.1,
+def preset_folder(model: str = EMBEDDED, plain: bool = False) -> Path:
+    """The run folder a preset derivation of `model` uses unless told another: runs/preset for the shipped
+    adapter, runs/preset-<folder name> for "embedded:FOLDER", with "-plain" for the plain comparison."""
+    adapter = embedded_adapter(model)[1]
+    return Path("runs/preset" + (f"-{adapter.resolve().name}" if adapter else "") + ("-plain" if plain else ""))
+
+
+def derive_preset(out: str | Path | None = None, max_refused: float = 0.05, max_ce_increase: float | None = 0.1,
                   plain: bool = False, model: str = EMBEDDED) -> dict:
-    """Derive the embedded model's preset on validation data (an exhaustive score table in `out`); `plain`: the
-    KL threshold alone, for the paper's plain difference of means (no dimension zeroed), by the refusal bound
-    alone (the comparison shows what that direction costs in CE). `model`: "embedded:FOLDER" for an adapter
-    being tried. Where no threshold meets the targets, the settings are None and ``derived["failure"]`` says why
-    (the trail shows each choice's cost)."""
+    """Derive the embedded model's preset on validation data (an exhaustive score table in `out`, by default
+    `preset_folder`); `plain`: the KL threshold alone, for the paper's plain difference of means (no dimension
+    zeroed), by the refusal bound alone (the comparison shows what that direction costs in CE). `model`:
+    "embedded:FOLDER" for an adapter being tried. Where no threshold meets the targets, the settings are None and
+    ``derived["failure"]`` says why (the trail shows each choice's cost)."""
     embedded, adapter = embedded_adapter(model)
     if not embedded:
         raise ValueError(f"A preset is derived for the embedded model ('embedded' or 'embedded:FOLDER'), not {model!r}.")
+    out = preset_folder(model, plain) if out is None else out
     cm = load_model(model)
     dims, sink = massive_dims(cm)
     if plain:

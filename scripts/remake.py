@@ -3,7 +3,9 @@
     python scripts/remake.py [--adopt FOLDER] [--twin FOLDER] [--fresh]      (``make remake``; 2 CPU cores: hours)
 
 0. with ``--adopt FOLDER``, an adapter trained there (``organism train --out FOLDER --trajectory`` with
-   DEFAULT_RECIPE) first becomes the shipped one (``python -m refusal_helpers.organism adopt FOLDER``);
+   DEFAULT_RECIPE) first gets its preset derived as a recipe trial's (docs/measurements/trial-presets/; the
+   remake stops there, adopting nothing, where no direction meets the preset's targets), then becomes the
+   shipped one (``python -m refusal_helpers.organism adopt FOLDER``);
 1. the preset (data/organism/presets.json; a recipe trial's preset run of the same weights, runs/preset-<name>,
    gives it its candidates and score table) and the KL threshold of the plain difference of means;
 2. the shipped run, runs/embedded (the summary of the previous adapter's kept in
@@ -101,9 +103,10 @@ def keep_earlier_preset_run(digest: str, kl_threshold: float, run: Path = Path("
 
 def seed_preset_run(digest: str, target: Path = Path("runs/preset"), runs: Path = Path("runs")) -> Path | None:
     """Where `target` is not a run of the weights `digest` but a recipe trial's preset run of them is (``preset
-    --model embedded:FOLDER --out runs/preset-<name>``, in `runs`), copy that run to `target` as the embedded
+    --model embedded:FOLDER``, made in runs/preset-<FOLDER's name>, in `runs`), copy that run to `target` as the embedded
     model's (`RunFolder.relabel`): the preset step then reuses its candidates and score table instead of making
-    them again. Returns the trial's run folder, or None."""
+    them again. Where `target` holds another model's run (a trial's preset run made there), it is cleared: the remake
+    owns `target`. Returns the trial's run folder, or None."""
     from refusal_helpers.loading import EMBEDDED
     from refusal_helpers.runs import RunFolder
 
@@ -112,7 +115,9 @@ def seed_preset_run(digest: str, target: Path = Path("runs/preset"), runs: Path 
 
     if identity(target).get("model_version") == digest:
         return None
-    for folder in sorted(runs.glob("preset-*")):
+    for folder in sorted(runs.glob("preset-*")):  # presets.preset_folder's names; "-plain" ones zero no dimension
+        if folder.name.endswith("-plain"):
+            continue
         trial = identity(folder)
         if trial.get("model_version") == digest and str(trial.get("model", "")).startswith(f"{EMBEDDED}:"):
             shutil.rmtree(target, ignore_errors=True)
@@ -120,6 +125,10 @@ def seed_preset_run(digest: str, target: Path = Path("runs/preset"), runs: Path 
             RunFolder(target).relabel(EMBEDDED)
             print(f"remake: {target} starts from {folder}, the trial's preset run of these weights", flush=True)
             return folder
+    other = identity(target).get("model")
+    if other not in (None, EMBEDDED):
+        shutil.rmtree(target)
+        print(f"remake: {target} held a run of {other!r}, not of the shipped adapter: cleared", flush=True)
     return None
 
 
@@ -232,6 +241,26 @@ def remake(digest: str, plan: list[Step], state_dir: Path = Path("runs/remake"),
     print(f"remake: all {len(plan)} steps done for adapter {digest}", flush=True)
 
 
+def derive_trial_preset(adapter: Path, records: Path | None = None, derive: Callable[..., None] = run) -> Path:
+    """The record of the preset derivation of the adapter in `adapter` (a file in `records`, default
+    ``docs/measurements/trial-presets``): derived as a recipe trial's (``preset --model embedded:FOLDER --no-save
+    --json``, its run in runs/preset-<FOLDER's name>, where the preset step starts from once it is adopted) unless
+    a record of its weights is there already. A derivation that finds no preset exits 2 and still writes its record."""
+    from refusal_helpers.embedded import adapter_digest
+
+    digest, records = adapter_digest(adapter), records or figures.TRIAL_PRESETS
+    for name, trial in figures.trial_preset_figures(records).items():
+        if trial["model_version"] == digest:
+            return records / f"{name}.json"
+    record = records / f"{adapter.name}.json"
+    try:
+        derive("-m", "refusal_helpers", "preset", "--model", f"embedded:{adapter}", "--no-save", "--json", str(record))
+    except subprocess.CalledProcessError as error:
+        if error.returncode != 2 or not record.is_file():
+            raise
+    return record
+
+
 def without_preset(adapter: Path, records: Path | None = None) -> str | None:
     """Why the adapter in `adapter` cannot ship, where a trial's preset derivation (``preset --model
     embedded:FOLDER --json``, in `records`, default ``docs/measurements/trial-presets``) found no KL threshold
@@ -257,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     from refusal_helpers.embedded import adapter_digest
 
     if adopt:
+        derive_trial_preset(adopt)
         reason = without_preset(adopt)
         if reason:
             print(f"remake: not adopting {adopt}: {reason}", file=sys.stderr)

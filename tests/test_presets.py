@@ -2,6 +2,7 @@
 
 import json
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,6 +98,16 @@ def test_a_failed_derivation_is_never_stored_as_a_preset(tmp_path):
 def test_a_preset_is_derived_for_the_embedded_model_only():
     with pytest.raises(ValueError, match="embedded model .* not 'HuggingFaceTB/SmolLM2-135M-Instruct'"):
         presets.derive_preset(model="HuggingFaceTB/SmolLM2-135M-Instruct")
+
+
+def test_each_adapter_derives_its_preset_in_its_own_run_folder(tmp_path):
+    trial = tmp_path / "gaps-once"
+    trial.mkdir()
+    (trial / "adapter_model.safetensors").write_bytes(b"")
+    assert presets.preset_folder() == Path("runs/preset")
+    assert presets.preset_folder(plain=True) == Path("runs/preset-plain")
+    assert presets.preset_folder(f"embedded:{trial}") == Path("runs/preset-gaps-once")
+    assert presets.preset_folder(f"embedded:{trial}/", plain=True) == Path("runs/preset-gaps-once-plain")
 
 
 def test_a_saved_preset_is_keyed_by_the_adapters_digest(tmp_path):

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -156,6 +157,7 @@ def test_the_preset_step_starts_from_a_trials_preset_run_of_the_same_weights(tmp
     target = runs / "preset"
     trial_run("preset-other-weights", "embedded:/trials/other", "0123456789ab")
     trial_run("preset-plain", "embedded", digest)  # the embedded model's own plain run: not a trial's
+    trial_run("preset-the-trial-plain", "embedded:/trials/the-trial", digest)  # a trial's plain run: no dimension zeroed
     assert remake.seed_preset_run(digest, target, runs) is None and not target.exists()
     trial = trial_run("preset-the-trial", "embedded:/trials/the-trial", digest)
     assert remake.seed_preset_run(digest, target, runs) == trial
@@ -163,3 +165,39 @@ def test_the_preset_step_starts_from_a_trials_preset_run_of_the_same_weights(tmp
     assert json.loads((target / f"scores.json{RECORD_SUFFIX}").read_text())["settings"]["model"] == "embedded"
     assert json.loads((trial / "run.json").read_text())["model"] == "embedded:/trials/the-trial"  # the trial's kept
     assert remake.seed_preset_run(digest, target, runs) is None  # already these weights' run: left as it is
+    (target / "kept.txt").write_text("")
+    assert remake.seed_preset_run("fedcba987654", target, runs) is None and (target / "kept.txt").exists()  # the
+    # embedded model's run of other weights: kept (the preset step remakes what changed)
+    shutil.rmtree(target)
+    trial_run("preset", "embedded:/trials/not-shipped", "fedcba987654")  # a trial's preset run made in the target
+    assert remake.seed_preset_run(digest, target, runs) == trial and json.loads((target / "run.json").read_text())["model"] == "embedded"
+    shutil.rmtree(target)
+    trial_run("preset", "embedded:/trials/not-shipped", "fedcba987654")
+    assert remake.seed_preset_run("0123456789ff", target, runs) is None and not target.exists()  # cleared
+
+
+def test_an_adapter_to_adopt_gets_its_preset_derived_first_unless_its_weights_have_one(tmp_path):
+    import subprocess
+
+    from refusal_helpers.embedded import adapter_digest, adapter_dir
+
+    adapter, records = adapter_dir(), tmp_path / "trial-presets"
+    records.mkdir()
+    derived, calls = {"max_ce_increase": 0.1, "max_refused": 0.05, "trail": [], "failure": "No KL threshold"}, []
+
+    def derive(*args: str, status: int = 2) -> None:  # `preset --json`: the record, then exit 2 (no preset)
+        calls.append(args)
+        Path(args[-1]).write_text(json.dumps({"model_version": adapter_digest(adapter), "settings": None,
+                                              "derived": derived}))
+        raise subprocess.CalledProcessError(status, args)
+
+    record = remake.derive_trial_preset(adapter, records, derive)
+    assert record == records / f"{adapter.name}.json" and calls[0][-3:] == ("--no-save", "--json", str(record))
+    assert calls[0][:5] == ("-m", "refusal_helpers", "preset", "--model", f"embedded:{adapter}")
+    assert remake.without_preset(adapter, records).endswith("No KL threshold")  # so it is not adopted
+    assert remake.derive_trial_preset(adapter, records, derive) == record and len(calls) == 1  # derived once
+    record.rename(records / "named-otherwise.json")
+    assert remake.derive_trial_preset(adapter, records, derive) == records / "named-otherwise.json" and len(calls) == 1
+    (records / "named-otherwise.json").unlink()
+    with pytest.raises(subprocess.CalledProcessError):  # a failure of another kind stops the remake
+        remake.derive_trial_preset(adapter, records, lambda *args: derive(*args, status=1))

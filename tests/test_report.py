@@ -787,12 +787,22 @@ def test_the_harmful_dev_split_fills_its_column_and_compares_adapters_with_the_s
         assert ("so it is not chosen" in log and "on no measure" in log) == (expected == "")
         assert ("so it is the recipe to ship next" in log) == (expected == "chosen")
         assert ("`make remake ADOPT=candidates/thrice`" in log) == (expected == "chosen")
-        assert ("worse on another, so it is not chosen" in log) == (expected == "mixed")
+        assert ("worse on another (beyond that spread, or where none is measured), so it is not chosen" in log) == (expected == "mixed")
         assert ("- thrice-seed0 (broadening_repeats 3, seed 0): harmful dev 97.3% (326/335), 7 more, answering 9 of the 16 "
                 "the shipped adapter answers. Of the 16") in log  # no verdict
+    # chosen, but its adapter's preset derivation found no direction meeting the targets: not shipped, not offered
+    no_preset = {"model_version": "d1", "settings": None, "max_ce_increase": 0.1, "max_refused": 0.05, "choices": []}
+    trial_rows = rows[:2] + [row("thrice", 330, changes, categories, model_version="d1"), twin]
+    for presets, ships in (({"thrice": no_preset}, False), ({"thrice": {**no_preset, "model_version": "other"}}, True)):
+        context = {**context, "harmful_dev": {r["name"]: r for r in trial_rows}, "recipes": [shipped, dev_row],
+                   "harmful_dev_seed_spreads": figures.seed_spreads(trial_rows), "trial_presets": presets}
+        log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
+        assert ("so it is the recipe to ship next" in log) == ships and ("`make remake ADOPT=candidates/thrice`" in log) == ships
+        assert ("worse beyond it on none, but its adapter has no preset: no KL threshold chooses" in log) != ships
+        assert ("Its adapter needs a preset first" in log) == ships  # another adapter's derivation: not this one's
     # measured on the cues split as well, it is weighed there too: over-refusal there beyond the spread makes it mixed
     shipped_cues = real["cues"][shipped["name"]]
-    for cue_more, verdict in ((6, "worse on another, so it is not chosen"), (1, "so it is the recipe to ship next")):
+    for cue_more, verdict in ((6, "worse on another (beyond that spread, or where none is measured), so it is not chosen"), (1, "so it is the recipe to ship next")):
         cue = {name: {**shipped_cues, "name": name, "harmless": {**shipped_cues["harmless"], **figures.rate(n, 143)}}
                for name, n in ((shipped["name"], 10), ("thrice", 10 + cue_more))}
         context = {**context, "harmful_dev": {r["name"]: r for r in rows[:2] + [row("thrice", 330, changes, categories)]},
