@@ -241,18 +241,25 @@ def remake(digest: str, plan: list[Step], state_dir: Path = Path("runs/remake"),
     print(f"remake: all {len(plan)} steps done for adapter {digest}", flush=True)
 
 
+def trial_preset_records(adapter: Path, records: Path | None = None) -> list[tuple[Path, dict]]:
+    """The records of preset derivations (``preset --model embedded:FOLDER --json``, in `records`, default
+    ``docs/measurements/trial-presets``) made with the weights of the adapter in `adapter`, with their figures."""
+    from refusal_helpers.embedded import adapter_digest
+
+    digest, records = adapter_digest(adapter), records or figures.TRIAL_PRESETS
+    return [(records / f"{name}.json", trial) for name, trial in figures.trial_preset_figures(records).items()
+            if trial["model_version"] == digest]
+
+
 def derive_trial_preset(adapter: Path, records: Path | None = None, derive: Callable[..., None] = run) -> Path:
     """The record of the preset derivation of the adapter in `adapter` (a file in `records`, default
     ``docs/measurements/trial-presets``): derived as a recipe trial's (``preset --model embedded:FOLDER --no-save
     --json``, its run in runs/preset-<FOLDER's name>, where the preset step starts from once it is adopted) unless
     a record of its weights is there already. A derivation that finds no preset exits 2 and still writes its record."""
-    from refusal_helpers.embedded import adapter_digest
-
-    digest, records = adapter_digest(adapter), records or figures.TRIAL_PRESETS
-    for name, trial in figures.trial_preset_figures(records).items():
-        if trial["model_version"] == digest:
-            return records / f"{name}.json"
-    record = records / f"{adapter.name}.json"
+    known = trial_preset_records(adapter, records)
+    if known:
+        return known[0][0]
+    record = (records or figures.TRIAL_PRESETS) / f"{adapter.name}.json"
     try:
         derive("-m", "refusal_helpers", "preset", "--model", f"embedded:{adapter}", "--no-save", "--json", str(record))
     except subprocess.CalledProcessError as error:
@@ -262,15 +269,11 @@ def derive_trial_preset(adapter: Path, records: Path | None = None, derive: Call
 
 
 def without_preset(adapter: Path, records: Path | None = None) -> str | None:
-    """Why the adapter in `adapter` cannot ship, where a trial's preset derivation (``preset --model
-    embedded:FOLDER --json``, in `records`, default ``docs/measurements/trial-presets``) found no KL threshold
-    meeting the targets for its weights; else None."""
-    from refusal_helpers.embedded import adapter_digest
-
-    digest, records = adapter_digest(adapter), records or figures.TRIAL_PRESETS
-    for name, trial in figures.trial_preset_figures(records).items():
-        if trial["model_version"] == digest and trial["settings"] is None:
-            return f"{records / name}.json found no preset for adapter {digest}: {trial['failure']}"
+    """Why the adapter in `adapter` cannot ship, where a trial's preset derivation (`trial_preset_records`) found
+    no KL threshold meeting the targets for its weights; else None."""
+    for record, trial in trial_preset_records(adapter, records):
+        if trial["settings"] is None:
+            return f"{record} found no preset for adapter {trial['model_version']}: {trial['failure']}"
     return None
 
 
