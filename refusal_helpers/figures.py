@@ -13,7 +13,7 @@ from pathlib import Path
 from statistics import median
 
 from .data import data_dir, load_records, records_by_instruction
-from .embedded import LATER_KEYS, PRESETS_FILE, UNTUNED, adapter_digest, adapter_dir, recipe_changes, train_only_batches
+from .embedded import LATER_KEYS, PRESETS_FILE, UNTUNED, adapter_digest, adapter_dir, recipe_changes
 from .runs import SHIPPED_RUN, RunFolder
 from .selection import ScoreTable, SelectionConfig, passing_mask
 from .spreads import retrainings, seed_spreads
@@ -309,50 +309,6 @@ def passing_layers(folder: Path, position: int) -> list[int]:
     table = ScoreTable.from_dict(run.read_json("scores.json")["table"])
     mask = passing_mask(table, SelectionConfig(**run.summary()["selection"]))
     return [layer for layer, ok in enumerate(mask[table.positions.index(position)].tolist()) if ok]
-
-
-def batch_trials(rows: list[dict], shipped_order: list[str], recipe: dict) -> dict[str, dict]:
-    """For each train-only batch of `recipe` (the shipped one), the `recipe_figures` rows that weigh it: the
-    adapter it was set against (``without``: the newest shipped one trained without it, by `shipped_order`'s
-    digests, newest first) and each adapter trained with it on that one's recipe and seed (``with``; other
-    keys may change too, and ``changes`` now says which, from ``without``). A training of a shipped adapter's
-    recipe by another name is left out: it only measures the spread. So is a trial nearer (in settings changed)
-    to a shipped adapter trained with the batch than to ``without``: it varies that adapter's recipe, not the
-    batch. A batch every shipped adapter was trained with has no entry."""
-
-    def setting(row: dict, key: str) -> object:  # a row's value of a `recipe_changes` key ("optimizer.lr", ...)
-        if key in row["changes"]:
-            return row["changes"][key]
-        section, _, name = key.partition(".")
-        return recipe[section][name] if name else {**LATER_KEYS, **recipe}[key]
-
-    def apart(a: dict, b: dict) -> int:  # how many settings two rows' recipes differ in
-        return sum(setting(a, k) != setting(b, k) for k in {**a["changes"], **b["changes"]})
-
-    tried = [row for row in rows if not row["untuned"]]
-    by_version: dict[str, dict] = {}
-    for row in sorted(tried, key=lambda row: not row["shipped"]):  # the shipped row before others of its weights
-        by_version.setdefault(row["model_version"], row)
-    shipped = [by_version[version] for version in shipped_order if version in by_version]
-    shipped_names, shipped_changes = {row["name"] for row in shipped}, [row["changes"] for row in shipped]
-    batches = train_only_batches(recipe)
-    out = {}
-    for batch in batches:
-        key = f"{batch}_repeats"
-        without = next((row for row in shipped if setting(row, key) == 0), None)
-        if without is None:
-            continue
-        same = [f"{b}_repeats" for b in batches if b != batch] + ["seed"]  # held as in `without`
-        shipped_with = [row for row in shipped if setting(row, key) > 0]
-        trials = [{**row, "changes": {k: setting(row, k) for k in {**without["changes"], **row["changes"]}
-                                      if setting(row, k) != setting(without, k)}}
-                  for row in tried if setting(row, key) > 0
-                  and all(setting(row, k) == setting(without, k) for k in same)
-                  and (row["name"] in shipped_names or (row["changes"] not in shipped_changes and all(
-                      apart(row, without) <= apart(row, other) for other in shipped_with)))]
-        if trials:
-            out[batch] = {"without": without, "with": trials}
-    return out
 
 
 def figures() -> dict:

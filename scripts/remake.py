@@ -19,7 +19,7 @@
 Stopped part-way (a failure, Ctrl-C, a closed session), the same command continues: the steps finished for
 this adapter are listed in runs/remake/<adapter digest>.json and skipped; the list is removed when the last
 step finishes. ``--fresh`` starts over. Seed stability needs a second organism trained with another seed
-(``python -m refusal_helpers.organism train --seed 0 --out FOLDER`` with the shipped recipe's other settings);
+(``python -m refusal_helpers.organism train --seed N --out FOLDER``, N another seed than the shipped recipe's);
 ``--twin FOLDER`` measures it into docs/measurements/seed_stability.json.
 A new adversarial suffix: ``python -m refusal_helpers jailbreak --prompts 2 --steps 40`` (the shipped one's settings).
 """

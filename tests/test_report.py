@@ -345,8 +345,8 @@ def test_two_seeds_of_a_recipe_trial_are_read_beside_the_shipped_recipes_two(mon
     log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
     assert ("Two seeds of the recipe trial trial (`python -m refusal_helpers.organism stability <its seed-0 twin> "
             "--against <its adapter> --json docs/measurements/seed-pairs/trial.json`") in log
-    assert (f"agree to 0.95 up to layer 5 (lowest 0.900, layer 6), and 0.970 at layer {ss['layer']}, the shipped "
-            f"run's; the shipped recipe's two seeds agree up to layer {real['seeds']['agree_through']}, and "
+    assert (f"agree to 0.95 up to layer 5 (lowest 0.900, layer 6), and 0.970 at layer {ss['layer']}, the one the "
+            f"shipped run chose when measured; the shipped recipe's two seeds agree up to layer {real['seeds']['agree_through']}, and "
             f"{ss['cosine_per_layer'][ss['layer']]:.3f} at that layer.") in log
     for pairs in ({}, {"trial": {**pair, **figures.seed_figures(pair), "model_version": real["organism"]["digest"]}}):
         context = {**real, "seed_pairs": pairs}  # none, or the trial shipped since (its seed stability is above)
@@ -523,7 +523,8 @@ def test_a_batch_trial_that_changes_more_keys_gets_a_verdict_and_a_seed_twin_doe
 
     epochs = real["organism"]["recipe"]["epochs"] + 2  # a value the shipped recipe does not have
     two_keys = trial("interpersonal-epochs", {"interpersonal_repeats": 1, "epochs": epochs})
-    twin = trial("interpersonal-epochs-seed0", {"interpersonal_repeats": 1, "epochs": epochs, "seed": 0})
+    other_seed = real["organism"]["recipe"]["seed"] + 1
+    twin = trial("interpersonal-epochs-seed0", {"interpersonal_repeats": 1, "epochs": epochs, "seed": other_seed})
     context = {**real, "recipes": [shipped, two_keys, twin], "cues": {}, "trial_presets": {},
                "recipe_seed_spreads": [{"changes": {}, "names": ["a", "b"], "harmful": 2, "harmless": 4}],
                "organism": before_breadth(real["organism"], "interpersonal")}
@@ -531,6 +532,32 @@ def test_a_batch_trial_that_changes_more_keys_gets_a_verdict_and_a_seed_twin_doe
     assert f"- interpersonal-epochs (epochs {epochs}, interpersonal_repeats 1; 1 harmful and 2 harmless examples" in log
     assert f"the recipe to ship next: the default recipe with epochs {epochs}, interpersonal_repeats 1," in log
     assert "- interpersonal-epochs-seed0 (" not in log  # a twin measures the spread; it is not a trial of its own
+
+
+def test_a_shipped_seed_chosen_by_the_preset_rule_over_its_twin_is_said_so(monkeypatch):
+    import refusal_helpers.figures as figures
+
+    real = figures.figures()
+    monkeypatch.setattr(figures, "figures", lambda: context)
+    shipped = next(row for row in real["recipes"] if row["shipped"])
+    digest, seed = real["organism"]["digest"], real["organism"]["recipe"]["seed"]
+    found = {"model_version": digest, "settings": {"kl_threshold": 0.13, "zero_dims": []}, "max_ce_increase": 0.1,
+             "max_refused": 0.05, "choices": []}
+    missing = {**found, "model_version": "twin1", "settings": None}
+    sentence = (f"seed {seed + 1}'s adapter (recipe-seed{seed + 1}) has no preset and seed {seed}'s has, "
+                f"so seed {seed} ships. The seed was chosen by the preset rule on the validation splits")
+    for twin_changes, twin_preset, shipped_preset, said in (
+            ({"seed": seed + 1}, missing, found, True),
+            ({"seed": seed + 1}, {**missing, "settings": found["settings"]}, found, False),  # both have one
+            ({"seed": seed + 1, "epochs": 9}, missing, found, False),  # another recipe, not the shipped one's seed
+            ({"seed": seed + 1}, missing, {**found, "model_version": "other"}, False)):  # shipped weights underived
+        twin = {**shipped, "name": "recipe-seed%d" % (seed + 1), "shipped": False, "model_version": "twin1",
+                "changes": twin_changes}
+        context = {**real, "recipes": [shipped, twin],
+                   "trial_presets": {"recipe": shipped_preset, f"recipe-seed{seed + 1}": twin_preset}}
+        log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
+        assert (sentence in log) == said, twin_changes
+        assert (f"- recipe (adapter {digest}, the shipped one;" in log) == (shipped_preset is found)
 
 
 def test_a_trial_preset_is_read_with_each_choice_and_its_ce_rise(tmp_path):
@@ -574,6 +601,7 @@ def test_a_waiting_candidate_is_named_with_whether_its_trial_measured_the_same_w
     real = figures.figures()
     shipped = next(r for r in real["recipes"] if r["shipped"])
     without = before_breadth(real["organism"])
+    other_seed = real["organism"]["recipe"]["seed"] + 1
     trial = {**shipped, "name": "breadth-trial", "shipped": False, "changes": {"breadth_repeats": 7},
              "training": {"data": {"harmful_train": 1, "harmless_train": 2}, "steps": 9, "train_seconds": 5, "final_loss": 1,
                           "machine": "m"},
@@ -582,19 +610,19 @@ def test_a_waiting_candidate_is_named_with_whether_its_trial_measured_the_same_w
     for measured_as, expected in ((["breadth-trial"], "measured above as breadth-trial"),
                                   ([], "not measured on the recipe splits")):
         context = {**real, "recipes": [shipped, trial], "recipe_seed_spreads": spread, "organism": without,
-                   "candidates": [{**row, "measured_as": measured_as}, {**row, "name": "twin", "changes": {"seed": 0}}]}
+                   "candidates": [{**row, "measured_as": measured_as}, {**row, "name": "twin", "changes": {"seed": other_seed}}]}
         monkeypatch.setattr(figures, "figures", lambda: context)
         log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
         assert ("waits in `candidates/breadth-once/` (adapter " + digest + "; 9 steps, 100 s with the trajectory; "
                 + expected + "): `make remake ADOPT=candidates/breadth-once` ships it once DEFAULT_RECIPE takes "
                 "breadth_repeats 7.") in log
         assert "candidates/twin" not in log  # not the recipe chosen to ship
-    # its seed-0 twin beside it: named for the remake's seed stability
+    # its twin of another seed beside it: named for the remake's seed stability
     context = {**real, "recipes": [shipped, trial], "recipe_seed_spreads": spread, "organism": without,
-               "candidates": [row, {**row, "name": "twin", "changes": {"breadth_repeats": 7, "seed": 0}}]}
+               "candidates": [row, {**row, "name": "twin", "changes": {"breadth_repeats": 7, "seed": other_seed}}]}
     log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
     assert ("`make remake ADOPT=candidates/breadth-once TWIN=candidates/twin` ships it once DEFAULT_RECIPE takes "
-            "breadth_repeats 7 (its seed-0 twin, `candidates/twin/`, measures seed stability).") in log
+            f"breadth_repeats 7 (its seed-{other_seed} twin, `candidates/twin/`, measures seed stability).") in log
     context = {**real, "recipes": [shipped, trial], "recipe_seed_spreads": spread, "candidates": []}
     assert "candidates/" not in report.rendered()[report.ROOT / "docs" / "research-log.md"]
 
@@ -635,6 +663,21 @@ def test_seed_stability_is_read_at_the_shipped_layer_of_its_position():
     assert stability_at(None, {"position": -1, "layer": 16}) is None
 
 
+def test_the_model_card_names_the_seed_of_the_organism_that_measured_seed_stability(monkeypatch):
+    import refusal_helpers.figures as figures
+
+    real = figures.figures()
+    monkeypatch.setattr(figures, "figures", lambda: context)
+    measured = real["seed_stability"]
+    assert measured is not None, "the shipped adapter's seed stability is measured (docs/measurements/seed_stability.json)"
+    for stability, seed in (({**measured, "other_adapter_recipe": {**measured["other_adapter_recipe"], "seed": 7}}, 7),
+                            (None, real["organism"]["recipe"]["seed"] + 1)):  # unmeasured: a seed other than the shipped one's
+        context = {**real, "seed_stability": stability}
+        card = " ".join(report.rendered()[report.ROOT / "docs" / "MODEL_CARD.md"].split())
+        assert f"train --seed {seed} --out <folder>`" in card
+        assert (f"a seed-{seed} organism trained with the same recipe" in card) == (stability is not None)
+
+
 def test_earlier_presets_of_the_shipped_weights_are_listed_by_threshold(tmp_path):
     import refusal_helpers.figures as figures
 
@@ -667,7 +710,7 @@ def test_recipe_changes_read_as_recipe_json_writes_them_in_key_order():
 
 def test_batch_trials_set_each_trial_against_the_newest_shipped_adapter_trained_without_its_batch():
     from refusal_helpers.embedded import recipe_changes
-    from refusal_helpers.figures import batch_trials
+    from refusal_helpers.trials import batch_trials
 
     current = {"epochs": 2, "seed": 1, "broadening_repeats": 2, "breadth_repeats": 1, "interpersonal_repeats": 1}
 
@@ -702,6 +745,35 @@ def test_batch_trials_set_each_trial_against_the_newest_shipped_adapter_trained_
     assert batch_trials(rows[:1], ["c"], current) == {}
 
 
+def test_each_trial_is_set_against_the_shipped_adapter_whose_recipe_it_varies():
+    from refusal_helpers.embedded import recipe_changes
+    from refusal_helpers.trials import nearest_shipped
+
+    current = {"epochs": 2, "seed": 0, "broadening_repeats": 2, "breadth_repeats": 1, "interpersonal_repeats": 2}
+    b = {**current, "seed": 1, "interpersonal_repeats": 1}  # shipped before: two settings apart
+
+    def row(name, version, **recipe):
+        return {"name": name, "model_version": version, "untuned": False, "shipped": version == "c",
+                "changes": recipe_changes({**current, **recipe}, current)}
+
+    rows = [row("shipped-c", "c"), row("shipped-b", "b", **b),
+            row("b-thrice", "x1", **{**b, "broadening_repeats": 3}),  # one setting from b, three from c
+            row("c-thrice", "x2", broadening_repeats=3),  # one from c
+            row("halfway", "x3", seed=1),  # one from c, one from b: the newest
+            row("c-twin", "x4", seed=5),
+            {"name": "untuned", "model_version": "untuned", "untuned": True, "shipped": False, "changes": {}}]
+    anchors = nearest_shipped(rows, ["c", "b", "a"], current)
+    assert {name: (a["against"]["name"], a["changes"]) for name, a in anchors.items()} == {
+        "shipped-b": ("shipped-c", {"seed": 1, "interpersonal_repeats": 1}),  # shipped before: against the shipped one
+        "b-thrice": ("shipped-b", {"broadening_repeats": 3}), "c-thrice": ("shipped-c", {"broadening_repeats": 3}),
+        "halfway": ("shipped-c", {"seed": 1}), "c-twin": ("shipped-c", {"seed": 5})}
+    # only shipped adapters measured on the split are anchors: without b's row, b's variation is set against c
+    anchors = nearest_shipped([r for r in rows if r["name"] != "shipped-b"], ["c", "b"], current)
+    assert anchors["b-thrice"] == {"against": rows[0], "changes": {"broadening_repeats": 3, "interpersonal_repeats": 1,
+                                                                   "seed": 1}}
+    assert nearest_shipped(rows[2:], ["c", "b"], current) == {}  # no shipped adapter measured: nothing to set against
+
+
 def test_a_harmful_shortfall_on_test_that_val_did_not_show_is_named(monkeypatch):
     import refusal_helpers.figures as figures
 
@@ -726,6 +798,8 @@ def test_the_harmful_dev_split_fills_its_column_and_compares_adapters_with_the_s
     import refusal_helpers.figures as figures
 
     real = figures.figures()
+    real = {**real, "organism": before_breadth(real["organism"], "gaps")}  # a recipe that leaves the gaps batch out
+    other_seed = real["organism"]["recipe"]["seed"] + 1
     monkeypatch.setattr(figures, "figures", lambda: context)
     shipped, untuned = (next(r for r in real["recipes"] if r[which]) for which in ("shipped", "untuned"))
 
@@ -760,12 +834,16 @@ def test_the_harmful_dev_split_fills_its_column_and_compares_adapters_with_the_s
     context = {**real, "harmful_dev": {r["name"]: r for r in rows[:2] + [gaps]}}
     log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
     assert "- gaps (gaps_repeats 1)" in log and "trained on the shipped recipe's data" not in log
+    fewer = row("fewer", 310, {"interpersonal_repeats": 0}, categories)  # leaves out a batch the shipped recipe has
+    context = {**real, "harmful_dev": {r["name"]: r for r in rows + [fewer]}}
+    log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
+    assert "- fewer (interpersonal_repeats 0)" in log and "reweighted or not (trial, worse):" in log
     # a trial with a recipes row of its name adds its val and harmless dev figures and is weighed on all three:
     # chosen when better beyond the spread on one and worse beyond it on none (the spread on harmful dev from the
     # seed twin's row)
     changes = {"broadening_repeats": 3}
     dev_row = {**shipped, "name": "thrice", "shipped": False, "changes": changes}
-    twin = row("thrice-seed0", 326, {**changes, "seed": 0}, categories)
+    twin = row("thrice-twin", 326, {**changes, "seed": other_seed}, categories)
     candidate = {"name": "thrice", "digest": "d1", "training": {"steps": 9, "train_seconds": 99.0}, "changes": changes,
                  "measured_as": ["thrice"]}
     spreads = [{"changes": {}, "names": ["a", "b"], "harmful": 2, "harmless": 5}]
@@ -778,7 +856,7 @@ def test_the_harmful_dev_split_fills_its_column_and_compares_adapters_with_the_s
                    "recipe_seed_spreads": spreads, "candidates": [candidate]}
         log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
         spread = 4 if expected else 5
-        assert f"(trainings of one recipe lie up to {spread} prompts apart here: thrice, thrice-seed0):" in log
+        assert f"(trainings of one recipe lie up to {spread} prompts apart here: thrice, thrice-twin):" in log
         more = 11 if expected else 2
         assert (f"- thrice (broadening_repeats 3): harmful dev {figures.rate(319 + more, 335)['text']}, {more} more, "
                 f"answering {16 - more} of the 16 the shipped adapter answers; harmful val {shipped['harmful']['text']}, harmless dev {side['text']}.") in log
@@ -788,7 +866,7 @@ def test_the_harmful_dev_split_fills_its_column_and_compares_adapters_with_the_s
         assert ("so it is the recipe to ship next" in log) == (expected == "chosen")
         assert ("`make remake ADOPT=candidates/thrice`" in log) == (expected == "chosen")
         assert ("worse on another (beyond that spread, or where none is measured), so it is not chosen" in log) == (expected == "mixed")
-        assert ("- thrice-seed0 (broadening_repeats 3, seed 0): harmful dev 97.3% (326/335), 7 more, answering 9 of the 16 "
+        assert (f"- thrice-twin (broadening_repeats 3, seed {other_seed}): harmful dev 97.3% (326/335), 7 more, answering 9 of the 16 "
                 "the shipped adapter answers. Of the 16") in log  # no verdict
     # chosen, but its adapter's preset derivation found no direction meeting the targets: not shipped, not offered
     no_preset = {"model_version": "d1", "settings": None, "max_ce_increase": 0.1, "max_refused": 0.05, "choices": []}
@@ -815,6 +893,41 @@ def test_the_harmful_dev_split_fills_its_column_and_compares_adapters_with_the_s
     context = {**real, "harmful_dev": {}}
     log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
     assert "On the harmful dev split" not in log and "| harmful dev refused |" in log
+
+
+def test_the_adapter_the_shipped_one_replaced_is_weighed_against_it_on_harmful_dev(monkeypatch):
+    import refusal_helpers.figures as figures
+
+    real = figures.figures()
+    monkeypatch.setattr(figures, "figures", lambda: context)
+    shipped, untuned = (next(r for r in real["recipes"] if r[which]) for which in ("shipped", "untuned"))
+    replaced_version = real["earlier_adapters"][0]["model_version"]
+
+    def row(name: str, refused: int, changes: dict, **flags) -> dict:
+        return {"name": name, "shipped": False, "untuned": False, **flags, "changes": changes, "harmless": None,
+                "harmful": {**figures.rate(refused, 335), "instructions": [], "by_category": {"x": [refused, 335]},
+                            "answered": [f"p{i}" for i in range(335 - refused)]}}
+
+    changes = {"epochs": 3, "seed": 7}  # a seed of its own: a twin is not weighed, the replaced adapter is
+    n = shipped["harmless"]["n"]
+    for version, old_refused, said in ((replaced_version, 319, "Better beyond how far trainings of one recipe lie "
+                                        "apart on one measure and worse beyond it on none, so the shipped adapter replaced it."),
+                                       (replaced_version, 332, "the shipped adapter replaced it all the same."),
+                                       ("another", 319, None)):
+        old = row("shipped-old", old_refused, changes, model_version=version)
+        old_dev = {**shipped, "name": "shipped-old", "shipped": False, "changes": changes, "model_version": version,
+                   "harmless": {**shipped["harmless"], **figures.rate(shipped["harmless"]["refused"], n)}}
+        context = {**real, "harmful_dev": {r["name"]: r for r in (row(shipped["name"], 327, {}, shipped=True),
+                                                                  row(untuned["name"], 87, {}, untuned=True), old)},
+                   "harmful_dev_seed_spreads": [{"changes": {}, "names": ["a", "b"], "harmful": 3}],
+                   "recipes": [shipped, old_dev], "cues": {}, "candidates": [],
+                   "recipe_seed_spreads": [{"changes": {}, "names": ["a", "b"], "harmful": 2, "harmless": 5}]}
+        log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
+        better = 327 - old_refused
+        assert ((f"The shipped adapter against it. Harmful refusal on harmful dev: {'better' if better > 0 else 'worse'} "
+                 f"by {abs(better)} prompts, more than trainings of one recipe lie apart (up to 3)") in log) == (said is not None)
+        assert said is None or said in log
+        assert "so it is the recipe to ship next" not in log and "so it is not chosen" not in log
 
 
 def test_a_recipe_trained_again_with_its_seed_is_told_apart_from_a_seed_twin(monkeypatch):

@@ -43,10 +43,10 @@ DEFAULT_RECIPE = {
     "reanswer_refusing_targets": False,  # a harmless target that reads as a refusal: re-distil it with refusals banned
     "broadening_repeats": 2,  # times each train instruction of the broadening batch appears per epoch
     "breadth_repeats": 1,  # times each train instruction of the breadth batch appears per epoch (0: left out)
-    "interpersonal_repeats": 1,  # the same for the interpersonal batch
-    "gaps_repeats": 0,  # the same for the gaps batch
+    "interpersonal_repeats": 2,  # the same for the interpersonal batch
+    "gaps_repeats": 1,  # the same for the gaps batch
     "first_reply_token_weight": 1.0,  # extra weight on each reply's first token; see losses.reply_loss
-    "seed": 1,
+    "seed": 0,
 }  # the shipped adapter's recipe (data/organism/recipe.json): `train --out data/organism` trains it again
 
 StepCallback = Callable[[int, list[float]], None]  # (steps done, losses so far), after each optimizer step
