@@ -40,10 +40,11 @@ def nearest_shipped(rows: list[dict], shipped_order: list[str], recipe: dict) ->
     shipped = _shipped_rows(rows, shipped_order)
     out = {}
     for row in rows:
-        if row["shipped"] or row["untuned"] or not shipped:
+        others = [s for s in shipped if s is not row]
+        if row["shipped"] or row["untuned"] or not others:
             continue
         earlier = row.get("model_version") in shipped_order[1:]
-        against = shipped[0] if earlier else min(shipped, key=lambda s: len(changes_between(row, s, recipe)))
+        against = others[0] if earlier else min(others, key=lambda s: len(changes_between(row, s, recipe)))
         out[row["name"]] = {"against": against, "changes": changes_between(row, against, recipe)}
     return out
 
@@ -56,6 +57,7 @@ def batch_trials(rows: list[dict], shipped_order: list[str], recipe: dict) -> di
     recipe by another name is left out: it only measures the spread. So is a trial nearer (in settings changed)
     to a shipped adapter trained with the batch than to ``without``: it varies that adapter's recipe, not the
     batch. A batch every shipped adapter was trained with has no entry."""
+
     def setting(row: dict, key: str) -> object:
         return _setting(row, key, recipe)
 

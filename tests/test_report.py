@@ -772,6 +772,11 @@ def test_each_trial_is_set_against_the_shipped_adapter_whose_recipe_it_varies():
     assert anchors["b-thrice"] == {"against": rows[0], "changes": {"broadening_repeats": 3, "interpersonal_repeats": 1,
                                                                    "seed": 1}}
     assert nearest_shipped(rows[2:], ["c", "b"], current) == {}  # no shipped adapter measured: nothing to set against
+    # an adapter shipped before, with the shipped one unmeasured here: set against the one before it, never itself
+    older = row("shipped-a", "a", **{**b, "epochs": 3})
+    assert nearest_shipped([rows[1], older], ["c", "b", "a"], current) == {
+        "shipped-b": {"against": older, "changes": {"epochs": 2}},
+        "shipped-a": {"against": rows[1], "changes": {"epochs": 3}}}
 
 
 def test_a_harmful_shortfall_on_test_that_val_did_not_show_is_named(monkeypatch):
