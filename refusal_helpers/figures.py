@@ -288,6 +288,14 @@ def stability_at(stability: dict | None, direction: dict) -> dict | None:
     return {**stability, "layer": layer, "cosine": stability["cosine_per_layer"][layer], "norm_ratio": None}
 
 
+def twin_seed(stability: dict | None, recipe: dict) -> int | str:
+    """The seed of the organism that measured `stability` (from its recipe; "N" where the record predates it), or,
+    unmeasured, a seed other than `recipe`'s for the one to train."""
+    if stability is None:
+        return recipe["seed"] + 1
+    return (stability.get("other_adapter_recipe") or {}).get("seed", "N")
+
+
 def seed_figures(stability: dict, target: float = 0.95, passing_layers: list[int] | None = None) -> dict:
     """Where two seeds' candidates agree: the last layer up to which every cosine (from layer 1) reaches
     `target`, the lowest cosine with its layer, and among `passing_layers` (those whose candidate at the compared

@@ -23,12 +23,11 @@ def changes_between(row: dict, base: dict, recipe: dict) -> dict:
 
 
 def _shipped_rows(rows: list[dict], shipped_order: list[str]) -> list[dict]:
-    """The rows of shipped adapters, newest first by `shipped_order`'s digests (a shipped row without a digest is
-    the newest's)."""
+    """The rows of shipped adapters, newest first by `shipped_order`'s digests."""
     by_version: dict[str, dict] = {}
     for row in sorted(rows, key=lambda row: not row["shipped"]):  # the shipped row before others of its weights
         if not row["untuned"]:
-            by_version.setdefault(row.get("model_version") or (shipped_order[0] if row["shipped"] else None), row)
+            by_version.setdefault(row["model_version"], row)
     return [by_version[version] for version in shipped_order if version in by_version]
 
 
@@ -43,7 +42,7 @@ def nearest_shipped(rows: list[dict], shipped_order: list[str], recipe: dict) ->
         others = [s for s in shipped if s is not row]
         if row["shipped"] or row["untuned"] or not others:
             continue
-        earlier = row.get("model_version") in shipped_order[1:]
+        earlier = row["model_version"] in shipped_order[1:]
         against = others[0] if earlier else min(others, key=lambda s: len(changes_between(row, s, recipe)))
         out[row["name"]] = {"against": against, "changes": changes_between(row, against, recipe)}
     return out

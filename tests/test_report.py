@@ -810,9 +810,10 @@ def test_the_harmful_dev_split_fills_its_column_and_compares_adapters_with_the_s
 
     def row(name: str, refused: int, changes: dict, by_category: dict, **flags) -> dict:
         answered = [f"p{i}" for i in range(335 - refused)]  # the same few prompts first, for every row
-        return {"name": name, "shipped": False, "untuned": False, **flags, "changes": changes, "harmless": None,
-                "harmful": {**figures.rate(refused, 335), "instructions": [], "by_category": by_category,
-                            "answered": answered}}
+        weights = real["organism"]["digest"] if flags.get("shipped") else f"weights-of-{name}"
+        return {"name": name, "model_version": weights, "shipped": False, "untuned": False, **flags, "changes": changes,
+                "harmless": None, "harmful": {**figures.rate(refused, 335), "instructions": [], "by_category": by_category,
+                                              "answered": answered}}
 
     categories = {"disinformation": [58, 58], "self_harm": [37, 44], "violence_weapons": [29, 32]}
     rows = [row(shipped["name"], 319, {}, categories, shipped=True),
@@ -909,9 +910,10 @@ def test_the_adapter_the_shipped_one_replaced_is_weighed_against_it_on_harmful_d
     replaced_version = real["earlier_adapters"][0]["model_version"]
 
     def row(name: str, refused: int, changes: dict, **flags) -> dict:
-        return {"name": name, "shipped": False, "untuned": False, **flags, "changes": changes, "harmless": None,
-                "harmful": {**figures.rate(refused, 335), "instructions": [], "by_category": {"x": [refused, 335]},
-                            "answered": [f"p{i}" for i in range(335 - refused)]}}
+        weights = real["organism"]["digest"] if flags.get("shipped") else f"weights-of-{name}"
+        return {"name": name, "model_version": weights, "shipped": False, "untuned": False, **flags, "changes": changes,
+                "harmless": None, "harmful": {**figures.rate(refused, 335), "instructions": [], "by_category": {"x": [refused, 335]},
+                                              "answered": [f"p{i}" for i in range(335 - refused)]}}
 
     changes = {"epochs": 3, "seed": 7}  # a seed of its own: a twin is not weighed, the replaced adapter is
     n = shipped["harmless"]["n"]
