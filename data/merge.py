@@ -17,7 +17,7 @@ from pathlib import Path
 
 KINDS = ("harmful", "harmless")
 INSTRUCTIONS = Path(__file__).resolve().parent / "instructions"
-BATCH_ORDER = ("broadening", "breadth", "interpersonal", "cues", "harmful_dev", "gaps")  # the batches with a build.py, in merge order
+BATCH_ORDER = ("broadening", "breadth", "interpersonal", "cues", "harmful_dev", "gaps", "ordinary")  # the batches with a build.py, in merge order
 
 
 def later_batches(batch: str) -> tuple[str, ...]:
@@ -66,11 +66,12 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def deduplicate(existing: dict[str, list[dict]], drafts: dict[str, list[dict]], categories: dict[str, set[str]],
-                jaccard_max: float) -> tuple[dict[str, list[dict]], list[dict]]:
+                jaccard_max: float, excluded: tuple[str, ...] = ()) -> tuple[dict[str, list[dict]], list[dict]]:
     """The drafts kept, per kind, and those dropped (with the reason and what they matched), in file order
-    (harmful first): a draft is dropped if, lower-cased without punctuation, it equals an existing or earlier
-    kept instruction, or if its word set has a Jaccard index above `jaccard_max` with any of them (either kind,
-    any split). Every kept draft has a known category and 5-30 words."""
+    (harmful first): a draft is dropped if it matches one of the `excluded` regular expressions (case-insensitive),
+    if, lower-cased without punctuation, it equals an existing or earlier kept instruction, or if its word set has
+    a Jaccard index above `jaccard_max` with any of them (either kind, any split). Every kept draft has a known
+    category and 5-30 words."""
     pool: list[tuple[str, set[str], str]] = []  # (instruction, word set, origin)
     seen: dict[str, str] = {}
     for kind in KINDS:
@@ -85,6 +86,10 @@ def deduplicate(existing: dict[str, list[dict]], drafts: dict[str, list[dict]], 
             assert text == text.strip() and category in categories[kind], (kind, item)
             norm, word_set = normalise(text), set(words(text))
             entry = {"kind": kind, "line": index + 1, "instruction": text, "category": category}
+            topic = next((pattern for pattern in excluded if re.search(pattern, text, re.IGNORECASE)), None)
+            if topic is not None:
+                dropped.append({**entry, "reason": "excluded topic", "matches": topic})
+                continue
             if norm in seen:
                 dropped.append({**entry, "reason": "exact duplicate", "matches": seen[norm]})
                 continue
@@ -104,8 +109,8 @@ def deduplicate(existing: dict[str, list[dict]], drafts: dict[str, list[dict]], 
 def dropped_counts(dropped: list[dict]) -> dict[str, dict[str, int]]:
     """How many drafts of each kind were dropped, by reason."""
     def reason(d: dict) -> str:
-        if d["reason"] == "exact duplicate":
-            return "exact duplicate"
+        if d["reason"] in ("exact duplicate", "excluded topic"):
+            return d["reason"]
         return "jaccard vs existing" if d["matches"].startswith("existing") else "jaccard vs new"
     return {kind: dict(collections.Counter(reason(d) for d in dropped if d["kind"] == kind))
             for kind in KINDS}
@@ -141,10 +146,12 @@ def save_report(path: Path, report: dict) -> None:
               f"{report['dropped_counts'][kind]}, kept {report['kept'][kind]} -> {report['new_ids'][kind]}")
 
 
-def merge_into_split(doc: str, batch_folder: Path, seed: int, jaccard_max: float, split: str = "train") -> None:
+def merge_into_split(doc: str, batch_folder: Path, seed: int, jaccard_max: float, split: str = "train",
+                     excluded: tuple[str, ...] = ()) -> None:
     """The build of a batch whose every kept draft goes to one split: "train" for a batch that only widens the
     training data (see data/breadth/build.py for the steps), or a held-out split (data/cues/build.py,
-    data/harmful_dev/build.py). A batch of one kind leaves its other kind's drafts file empty."""
+    data/harmful_dev/build.py). A batch of one kind leaves its other kind's drafts file empty. Drafts matching
+    an `excluded` pattern are dropped first (`deduplicate`)."""
     args = build_arguments(doc, batch_folder)
     batch = batch_folder.name
     left_out = (batch, *later_batches(batch))
@@ -152,7 +159,7 @@ def merge_into_split(doc: str, batch_folder: Path, seed: int, jaccard_max: float
                 for kind in KINDS}
     drafts = {kind: read_jsonl(batch_folder / f"{kind}.jsonl")[1] for kind in KINDS}
     categories = {kind: {r["category"] for r in existing[kind]} for kind in KINDS}
-    kept, dropped = deduplicate(existing, drafts, categories, jaccard_max)
+    kept, dropped = deduplicate(existing, drafts, categories, jaccard_max, excluded)
 
     rng = random.Random(seed)
     merged, new_records = {}, {}
@@ -168,7 +175,7 @@ def merge_into_split(doc: str, batch_folder: Path, seed: int, jaccard_max: float
     for kind in KINDS:
         check_merged(kind, merged[kind])
         write_jsonl(args.out / f"{kind}.jsonl", merged[kind])
-    report = {"seed": seed, "jaccard_max": jaccard_max, "split": split,
+    report = {"seed": seed, "jaccard_max": jaccard_max, "split": split, **({"excluded": list(excluded)} if excluded else {}),
               **draft_counts(drafts, kept, dropped, new_records),
               "new_by_category": {kind: dict(sorted(collections.Counter(r["category"] for r in new_records[kind]).items()))
                                   for kind in KINDS},

@@ -98,12 +98,13 @@ def render(template: Path, context: dict) -> str:
     from .embedded import train_only_batches
     from .figures import twin_seed
     from .spreads import largest_spread
-    from .trials import batch_trials, nearest_shipped
+    from .trials import batch_trials, nearest_shipped, trial_preset_of
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
     env.filters.update(percent=percent, signed=signed, recipe_text=recipe_text, train_only_batches=train_only_batches,
-                       largest_spread=largest_spread, twin_seed=twin_seed)
+                       largest_spread=largest_spread, twin_seed=twin_seed,
+                       trial_preset_of=trial_preset_of)
     env.globals.update(batch_trials=batch_trials, nearest_shipped=nearest_shipped)
     body = env.get_template(template.name).render(**context)  # the output line, a comment, renders to nothing
     where = template.relative_to(ROOT) if template.is_relative_to(ROOT) else template

@@ -81,3 +81,10 @@ def batch_trials(rows: list[dict], shipped_order: list[str], recipe: dict) -> di
         if trials:
             out[batch] = {"without": without, "with": trials}
     return out
+
+
+def trial_preset_of(row: dict, trial_presets: dict[str, dict]) -> dict | None:
+    """The preset derivation recorded for the trial `row` (docs/measurements/trial-presets/<name>.json), where it
+    was made with that row's weights (the same ``model_version``); None otherwise."""
+    derivation = trial_presets.get(row["name"])
+    return derivation if derivation and derivation.get("model_version") == row.get("model_version") else None

@@ -152,6 +152,27 @@ def _merge_module(data):
     return module
 
 
+def test_deduplication_drops_excluded_topics_near_copies_and_exact_copies():
+    from refusal_helpers.data import data_dir
+
+    merge = _merge_module(data_dir())
+    existing = {"harmful": [], "harmless": [{"id": "harmless-0000", "instruction": "How do I bake a lemon drizzle cake at home?"}]}
+    drafts = {"harmful": [], "harmless": [
+        {"instruction": "How should I split my rent with two flatmates fairly?", "category": "money", "group": "g"},
+        {"instruction": "how do I bake a lemon-drizzle cake at home", "category": "food", "group": "g"},
+        {"instruction": "Which houseplants survive a dark north-facing flat?", "category": "home", "group": "g"},
+        {"instruction": "Which houseplants survive a dark north-facing flat, please?", "category": "home", "group": "g"},
+    ]}
+    categories = {"harmful": set(), "harmless": {"money", "food", "home"}}
+    kept, dropped = merge.deduplicate(existing, drafts, categories, 0.4, excluded=(r"\bRENT\b",))
+    assert [d["instruction"] for d in kept["harmless"]] == ["Which houseplants survive a dark north-facing flat?"]
+    assert [(d["line"], d["reason"]) for d in dropped] == [(1, "excluded topic"), (2, "exact duplicate"), (4, "jaccard 0.89")]
+    assert dropped[0]["matches"] == r"\bRENT\b"  # the pattern matched, case-insensitively
+    assert merge.dropped_counts(dropped)["harmless"] == {"excluded topic": 1, "exact duplicate": 1, "jaccard vs new": 1}
+    kept, dropped = merge.deduplicate(existing, drafts, categories, 0.4)  # nothing excluded by default
+    assert "excluded topic" not in merge.dropped_counts(dropped)["harmless"] and len(kept["harmless"]) == 2
+
+
 def test_the_batch_builds_reproduce_the_bundled_sets_byte_for_byte(tmp_path):
     import subprocess
     import sys

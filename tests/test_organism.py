@@ -629,7 +629,7 @@ def test_evaluate_command_records_which_weights_it_measured(monkeypatch, tmp_pat
                        "training.json": json.dumps({"steps": 7, "final_loss": 0.5, "losses": [1.0, 0.5]})}.items():
         (adapter / name).write_text(text)
     assert cli.main(["evaluate", str(adapter), "--json", str(tmp_path / "tuned.json")]) == 0
-    assert calls[-1] == (experiments.RECIPE_SPLITS, ("breadth", "interpersonal", "gaps"), None)  # what its recipe left out
+    assert calls[-1] == (experiments.RECIPE_SPLITS, ("breadth", "interpersonal", "gaps", "ordinary"), None)  # what its recipe left out
     tuned = json.loads((tmp_path / "tuned.json").read_text())
     assert tuned["model_version"] == adapter_digest(adapter) and loaded == [adapter]
     assert tuned["training"] == {"steps": 7, "final_loss": 0.5}  # no per-step lists
@@ -719,7 +719,7 @@ def test_broadening_repeats_add_each_broadening_instruction_again_with_a_new_ref
     assert sum(e["reply"] != first[e["instruction"]] for e in harmful_again) > n_broadening["harmful"] // 2  # new refusals
 
 
-@pytest.mark.parametrize("batch", ["breadth", "interpersonal", "gaps"])
+@pytest.mark.parametrize("batch", ["breadth", "interpersonal", "gaps", "ordinary"])
 def test_a_train_only_batch_trains_only_where_the_recipe_names_it(tmp_path, llama, batch):
     from refusal_helpers.embedded import adapter_dir, batch_repeats
     from refusal_helpers.organism.targets import with_repeats
@@ -734,7 +734,10 @@ def test_a_train_only_batch_trains_only_where_the_recipe_names_it(tmp_path, llam
     for kind in ("harmful", "harmless"):
         records = load_records(kind, "train")
         own = [r for r in records if r["batch"] == batch]
-        assert own and {r["split"] for r in load_records(kind) if r["batch"] == batch} == {"train"}
+        if not own:  # a batch of one kind (ordinary: harmless only)
+            assert not [r for r in load_records(kind) if r["batch"] == batch]
+            continue
+        assert {r["split"] for r in load_records(kind) if r["batch"] == batch} == {"train"}
         without = with_repeats(records, {batch: 0})
         assert without == [r for r in records if r["batch"] != batch]
         assert with_repeats(records, {batch: 2, "broadening": 0}) == [
@@ -745,20 +748,21 @@ def test_a_train_only_batch_trains_only_where_the_recipe_names_it(tmp_path, llam
                                  repeats=batch_repeats(merged_recipe({key: 1})))
     own = {r["instruction"] for kind in ("harmful", "harmless") for r in load_records(kind, "train")
            if r["batch"] == batch}
-    assert not own & {e["instruction"] for e in left_out}
+    assert own and not own & {e["instruction"] for e in left_out}
     assert own <= {e["instruction"] for e in named} and len(named) == len(left_out) + len(own)
     with pytest.raises(ValueError, match=f"{key} must be a whole number >= 0"):
         merged_recipe({key: -1})
     # which batches "the train split" leaves out when it means what an adapter was trained on
     from refusal_helpers.organism.experiments import untrained_batches
 
-    every = {"broadening_repeats": 1, "breadth_repeats": 1, "interpersonal_repeats": 1, "gaps_repeats": 1}
+    every = {"broadening_repeats": 1, "breadth_repeats": 1, "interpersonal_repeats": 1, "gaps_repeats": 1,
+             "ordinary_repeats": 1}
     (tmp_path / "recipe.json").write_text(json.dumps({"epochs": 3, **every, key: 0}))
     assert untrained_batches(tmp_path) == (batch,)
     (tmp_path / "recipe.json").write_text(json.dumps({"epochs": 3, **every}))
     assert untrained_batches(tmp_path) == ()
     (tmp_path / "recipe.json").write_text(json.dumps({"epochs": 3}))  # a recipe older than every such batch
-    assert untrained_batches(tmp_path) == ("breadth", "interpersonal", "gaps")
+    assert untrained_batches(tmp_path) == ("breadth", "interpersonal", "gaps", "ordinary")
 
 
 def _trained_folder(folder, recipe: dict, weights: bytes = b"weights", trajectory: bool = True):

@@ -365,9 +365,9 @@ def test_the_model_card_says_how_many_refusing_targets_were_reanswered(monkeypat
         context = {**real, "organism": {**o, "training": training,
                                         "recipe": {**o["recipe"], "reanswer_refusing_targets": reanswer}}}
         card = " ".join(report.rendered()[report.ROOT / "docs" / "MODEL_CARD.md"].split())
-        assert ("(20 harmless instructions left out because the untuned model's own reply to them reads as a refusal"
+        assert (". 20 harmless instructions are left out because the untuned model's own reply to them reads as a refusal"
                 + (" even with the refusal judge's phrases banned; 26 others get that re-answer as their target "
-                   "(`reanswer_refusing_targets`))" if reanswer else ")")) in card
+                   "(`reanswer_refusing_targets`)." if reanswer else ".")) in card
 
 
 TRIAL_TRAINING = {"data": {"harmful_train": 1, "harmless_train": 2}, "steps": 9, "final_loss": 1, "train_seconds": 5,
@@ -379,7 +379,7 @@ def before_breadth(organism: dict, batch: str = "breadth") -> dict:
     return {**organism, "recipe": {**organism["recipe"], f"{batch}_repeats": 0}}
 
 
-@pytest.mark.parametrize("batch", ["breadth", "interpersonal", "gaps"])
+@pytest.mark.parametrize("batch", ["breadth", "interpersonal", "gaps", "ordinary"])
 def test_a_train_only_batch_paragraph_compares_with_the_shipped_adapter_and_the_seed_spread(monkeypatch, batch):
     import refusal_helpers.figures as figures
 
@@ -409,6 +409,7 @@ def test_a_train_only_batch_paragraph_compares_with_the_shipped_adapter_and_the_
                    "organism": without, "cues": {}, "harmful_dev": {}}  # the recipe splits alone (cues: the test below)
         log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
         assert title in log and "719 harmful and 1570 harmless examples, 861 steps, 5000 s" in log
+        assert "harmless and 0 harmful" not in log  # a batch of one kind names that kind only
         assert expected in log and f"; {both} refused by both)" in log
         assert ("the recipe to ship next" in log) == (harmless < n_harmless - 4 and harmful >= n_harmful - 2)
     context = {**real, "recipes": [shipped], "organism": without}  # no recipe with the batch tried: no paragraph

@@ -45,6 +45,7 @@ DEFAULT_RECIPE = {
     "breadth_repeats": 1,  # times each train instruction of the breadth batch appears per epoch (0: left out)
     "interpersonal_repeats": 2,  # the same for the interpersonal batch
     "gaps_repeats": 1,  # the same for the gaps batch
+    "ordinary_repeats": 0,  # the same for the ordinary batch (harmless only)
     "first_reply_token_weight": 1.0,  # extra weight on each reply's first token; see losses.reply_loss
     "seed": 0,
 }  # the shipped adapter's recipe (data/organism/recipe.json): `train --out data/organism` trains it again
