@@ -970,3 +970,27 @@ def test_a_recipe_trained_again_with_its_seed_is_told_apart_from_a_seed_twin(mon
     context = {**real, "retrainings": []}
     card = " ".join(report.rendered()[report.ROOT / "docs" / "MODEL_CARD.md"].split())
     assert "trains it again with the same recipe and seed." in card
+
+
+def test_the_broader_data_sentence_counts_the_refusals_shared_with_the_shipped_and_untuned_models(monkeypatch):
+    import refusal_helpers.figures as figures
+
+    real = figures.figures()
+    monkeypatch.setattr(figures, "figures", lambda: context)
+    shipped = next(row for row in real["recipes"] if row["shipped"])
+    untuned = next(row for row in real["recipes"] if row.get("untuned"))
+    refused, floor = shipped["harmless"]["instructions"], untuned["harmless"]["instructions"]
+    both = len(set(refused) & set(floor))
+    assert 0 < both < len(refused)  # the real lists: some, not all, of the shipped adapter's are the untuned model's
+    harmless = {**shipped["harmless"], **figures.rate(3, shipped["harmless"]["n"]),
+                "instructions": refused[:2] + ["A request no other model refused."]}
+    wider = {**shipped, "name": "wider", "shipped": False, "changes": {"ordinary_repeats": 1}, "harmless": harmless}
+    narrower = {**wider, "name": "narrower", "changes": {"ordinary_repeats": 0}}  # the batch left out: not broader
+    context = {**real, "recipes": [shipped, untuned, wider, narrower]}
+    log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
+    assert "Broader harmless data was tried with the ordinary batch (wider: harmless dev 0.5% (3/" in log
+    assert (f"Of the shipped adapter's {len(refused)} harmless dev refusals, {both} are refused by the untuned model "
+            f"too ({untuned['harmless']['text']} in all), and 2 of wider's 3 by the shipped adapter") in log
+    assert "narrower:" not in log
+    context = {**real, "recipes": [shipped, untuned, narrower]}
+    assert "Broader harmless data" not in report.rendered()[report.ROOT / "docs" / "research-log.md"]
