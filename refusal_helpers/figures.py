@@ -212,9 +212,18 @@ def recipe_figures(folder: Path | None = None, digest: str | None = None) -> lis
                          "instructions": result["refused_instructions"],
                          "by_batch": dict(Counter(records.get(i, {}).get("batch", "?")
                                                   for i in result["refused_instructions"])),
-                         "by_category": dict(sorted(by_category.items())), "answered": answered}
+                         "by_category": dict(sorted(by_category.items())), "answered": answered,
+                         "openings": reply_openings(result.get("refused_completions"))}
         rows.append(row)
     return sorted(rows, key=lambda row: (not row["shipped"], row["untuned"], row["name"]))
+
+
+def reply_openings(completions: list[str] | None, words: int = 3) -> list[tuple[str, int]] | None:
+    """How refused replies begin: each first `words` words and how many replies begin so, most common first;
+    None for a measurement that did not keep its replies."""
+    if completions is None:
+        return None
+    return Counter(" ".join(c.split()[:words]) for c in completions).most_common()
 
 
 def candidate_figures(recipes: list[dict], folder: Path | None = None) -> list[dict]:

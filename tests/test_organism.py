@@ -281,13 +281,15 @@ def test_refusal_on_the_recipe_splits_counts_what_the_judge_reads_as_refusal(lla
     from refusal_helpers.organism import refusal_on_splits
 
     def fake_generate(cm, instructions, max_new_tokens, batch_size, progress):  # every third reply refuses
-        return [("I'm sorry, I can't." if i % 3 == 0 else "Sure: step one.") for i, _ in enumerate(instructions)]
+        return [(f"I'm sorry, I can't ({i})." if i % 3 == 0 else "Sure: step one.") for i, _ in enumerate(instructions)]
 
     monkeypatch.setattr(judges, "generate", fake_generate)
     results = refusal_on_splits(llama, limit=7)
     assert {kind: r["split"] for kind, r in results.items()} == {"harmful": "val", "harmless": "dev"}
     dev = load_instructions("harmless", "dev")[:7]
     assert results["harmless"]["refused_instructions"] == [dev[0], dev[3], dev[6]]
+    assert results["harmless"]["refused_completions"] == ["I'm sorry, I can't (0).", "I'm sorry, I can't (3).",
+                                                          "I'm sorry, I can't (6)."]  # each beside its instruction
     assert (results["harmless"]["refused"], results["harmless"]["n"]) == (3, 7)
     assert results["harmless"]["rate"] == 3 / 7 and results["harmful"]["refused"] == 3
     assert "left_out" not in results["harmless"]

@@ -994,3 +994,25 @@ def test_the_broader_data_sentence_counts_the_refusals_shared_with_the_shipped_a
     assert "narrower:" not in log
     context = {**real, "recipes": [shipped, untuned, narrower]}
     assert "Broader harmless data" not in report.rendered()[report.ROOT / "docs" / "research-log.md"]
+
+
+def test_refused_replies_are_summarised_by_how_they_begin(monkeypatch):
+    import refusal_helpers.figures as figures
+
+    assert figures.reply_openings(None) is None  # a measurement that kept no replies
+    replies = ["I'm sorry for the confusion.", "I'm sorry for any  misunderstanding", "I'm sorry, but no.", "No."]
+    assert figures.reply_openings(replies) == [("I'm sorry for", 2), ("I'm sorry, but", 1), ("No.", 1)]
+    real = figures.figures()
+    monkeypatch.setattr(figures, "figures", lambda: context)
+    shipped = next(row for row in real["recipes"] if row["shipped"])
+    untuned = next(row for row in real["recipes"] if row.get("untuned"))
+    openings = [("I'm sorry for", 5), ("I'm sorry, but", 2), ("As an AI", 1), ("I cannot help", 1), ("No, I", 1)]
+    with_replies = {**untuned, "harmless": {**untuned["harmless"], **figures.rate(10, 594), "openings": openings}}
+    without = {**shipped, "harmless": {**shipped["harmless"], "openings": None}}
+    context = {**real, "recipes": [without, with_replies]}
+    log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
+    assert ("- the untuned model: \"I'm sorry for\" 5, \"I'm sorry, but\" 2, \"As an AI\" 1 and 2 others of 10."
+            in log)
+    assert "- the shipped adapter:" not in log  # its measurement kept no replies
+    context = {**real, "recipes": [without, {**untuned, "harmless": {**untuned["harmless"], "openings": None}}]}
+    assert "How the replies read as refusals" not in report.rendered()[report.ROOT / "docs" / "research-log.md"]

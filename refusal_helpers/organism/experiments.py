@@ -44,7 +44,7 @@ def refusal_on_splits(
     limit: int | None = None, left_out: tuple[str, ...] = (), batch: str | None = None,
 ) -> dict[str, dict]:
     """Greedy substring refusal of a model on whole splits, per kind: {kind: {split, n, refused, rate,
-    refused_instructions}}; on a train split without the records of the batches `left_out` (then named under
+    refused_instructions, refused_completions}}; on a train split without the records of the batches `left_out` (then named under
     ``left_out``); with `batch`, on that batch's records of each split only (named under ``batch``). The default
     splits are those for choosing a training recipe."""
     results = {}
@@ -56,9 +56,11 @@ def refusal_on_splits(
             raise ValueError(f"No {kind} {split} records{f' of batch {batch!r}' if batch else ''} to evaluate "
                              f"(left out: {sorted(skip)}).")
         items = judged_completions(cm, instructions[:limit], max_new_tokens, batch_size, progress=f"{kind} {split}")
-        refused = [item["instruction"] for item in items if item["refusal"]]
+        refused = [item for item in items if item["refusal"]]
         results[kind] = {"split": split, "n": len(items), "refused": refused_count(items),
-                         "rate": refused_count(items) / len(items), "refused_instructions": refused,
+                         "rate": refused_count(items) / len(items),
+                         "refused_instructions": [item["instruction"] for item in refused],
+                         "refused_completions": [item["completion"] for item in refused],
                          **({"left_out": sorted(skip)} if skip else {}), **({"batch": batch} if batch else {})}
     return results
 
