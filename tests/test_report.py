@@ -991,7 +991,11 @@ def test_the_broader_data_sentence_counts_the_refusals_shared_with_the_shipped_a
     assert "Broader harmless data was tried with the ordinary batch (wider: harmless dev 0.5% (3/" in log
     assert (f"Of the shipped adapter's {len(refused)} harmless dev refusals, {both} are refused by the untuned model "
             f"too ({untuned['harmless']['text']} in all), and 2 of wider's 3 by the shipped adapter") in log
-    assert "narrower:" not in log
+    assert "narrower:" not in log and "keep refusing much the same ordinary requests, part of them" in log
+    harmless = {**harmless, "instructions": refused[:1] + ["One new refusal.", "Another new refusal."]}
+    context["recipes"] = [shipped, untuned, {**wider, "harmless": harmless}]  # mostly other requests than the shipped's
+    log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
+    assert "and 1 of wider's 3 by the shipped adapter." in log and "much the same" not in log
     context = {**real, "recipes": [shipped, untuned, narrower]}
     assert "Broader harmless data" not in report.rendered()[report.ROOT / "docs" / "research-log.md"]
 
