@@ -20,7 +20,7 @@ from ..activations import mean_activations
 from ..data import load_instructions, load_records, split_instructions
 from ..directions import diff_of_means, zero_dims
 from ..embedded import UNTUNED, adapter_digest, batch_repeats, load_base, load_embedded
-from ..judges import judged_completions, refused_count
+from ..judges import judged_completions
 from ..models import ChatModel
 from ..runs import SHIPPED_RUN, RunFolder
 from ..selection import keep_consistent
@@ -57,8 +57,7 @@ def refusal_on_splits(
                              f"(left out: {sorted(skip)}).")
         items = judged_completions(cm, instructions[:limit], max_new_tokens, batch_size, progress=f"{kind} {split}")
         refused = [item for item in items if item["refusal"]]
-        results[kind] = {"split": split, "n": len(items), "refused": refused_count(items),
-                         "rate": refused_count(items) / len(items),
+        results[kind] = {"split": split, "n": len(items), "refused": len(refused), "rate": len(refused) / len(items),
                          "refused_instructions": [item["instruction"] for item in refused],
                          "refused_completions": [item["completion"] for item in refused],
                          **({"left_out": sorted(skip)} if skip else {}), **({"batch": batch} if batch else {})}
