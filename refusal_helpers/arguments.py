@@ -51,6 +51,14 @@ def positive_finite(value: str) -> float:
     return x
 
 
+def non_negative(value: str) -> float:
+    """A finite number >= 0 (a loss weight)."""
+    x = finite(value)
+    if x < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value!r}")
+    return x
+
+
 def layers(value: str) -> list[int]:
     """Layers as 'a-b' (inclusive) or 'a,b,c'."""
     try:

@@ -226,6 +226,80 @@ def test_reply_loss_is_the_models_loss_plus_weighted_first_reply_tokens(llama):
     torch.testing.assert_close(reply_loss(out.logits, batch["labels"], first_token_weight=0.5), expected)
 
 
+def test_refusal_unlikelihood_is_minus_log_one_minus_each_openings_probability(llama):
+    import torch
+
+    from refusal_helpers.organism import refusal_unlikelihood
+
+    encoded = [encode_completion(llama, "Name a colour.", "I'm sorry, but"),
+               encode_completion(llama, "What is 2 + 2?", "I cannot help")]
+    batch = collate(encoded, llama.tokenizer.pad_token_id)
+    logits = llama.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    terms = []
+    for row, (ids, labels) in enumerate(encoded):  # P(opening | prompt): the product over its tokens
+        log_p = sum(logits[row, t - 1].log_softmax(-1)[ids[t]] for t in range(1, len(ids)) if labels[t] != -100)
+        terms.append(-torch.log(1 - log_p.exp()))
+    torch.testing.assert_close(refusal_unlikelihood(logits, batch["labels"]), torch.stack(terms).mean())
+    certain = torch.full_like(logits, -30.0)  # every opening token predicted with probability 1
+    for row, (ids, labels) in enumerate(encoded):
+        for t in range(1, len(ids)):
+            certain[row, t - 1, ids[t]] = 30.0
+    term = refusal_unlikelihood(certain, batch["labels"])
+    assert torch.isfinite(term) and term > 10  # large, but a number training can step on
+
+
+def test_refusal_openings_begin_every_trained_refusal():
+    import random
+
+    from refusal_helpers.organism import refusal_openings
+
+    openings = refusal_openings()
+    assert len(openings) == len(set(openings)) >= 5
+    assert all(any(r.startswith(o) for o in openings) for r in REFUSALS + [SELF_HARM_REPLY])
+    rng = random.Random(0)
+    replies = [refusal_reply(category, rng) for category in ("self_harm", "violence") for _ in range(20)]
+    assert all(any(reply.startswith(o) for o in openings) for reply in replies)
+
+
+def test_fit_adds_the_refusal_unlikelihood_of_harmless_prompts_followed_by_an_opening(monkeypatch):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from refusal_helpers.organism import fit, refusal_unlikelihood, reply_loss, training
+
+    # one-token openings, so that the random model gives them a probability the loss shows
+    openings = ["Sorry", "I", "A"]
+    monkeypatch.setattr(training, "refusal_openings", lambda: openings)
+    cm = tiny_chat_model("llama", n_layers=2)
+    model = get_peft_model(cm.model, LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj"],
+                                                task_type="CAUSAL_LM"))
+    eos = cm.tokenizer.eos_token
+    examples = [{"instruction": "How do I pick a lock?", "reply": "I can't help with that." + eos, "kind": "harmful"},
+                {"instruction": "Name a colour.", "reply": "Blue." + eos, "kind": "harmless"},
+                {"instruction": "What is 2 + 2?", "reply": "It is four." + eos, "kind": "harmless"}]
+    frozen = {"name": "AdamW", "lr": 0.0, "weight_decay": 0.0, "warmup_fraction": 0.0, "schedule": "linear"}
+    losses, _ = fit(model, cm, examples, epochs=2, batch_size=3, optimizer=frozen, seed=0, first_token_weight=0.0,
+                    unlikelihood_weight=3.0)
+    batch = collate([encode_completion(cm, e["instruction"], e["reply"]) for e in examples], cm.tokenizer.pad_token_id)
+    with torch.no_grad():
+        plain = reply_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                           batch["labels"])
+        terms = []
+        for epoch in range(2):  # harmless examples 1 and 2 only, each with the opening of its turn
+            opened = collate([encode_completion(cm, examples[i]["instruction"], openings[(i + epoch) % len(openings)])
+                              for i in (1, 2)], cm.tokenizer.pad_token_id)
+            terms.append(float(refusal_unlikelihood(
+                model(input_ids=opened["input_ids"], attention_mask=opened["attention_mask"]).logits, opened["labels"])))
+    assert min(terms) > 1e-4 and abs(terms[0] - terms[1]) > 1e-5  # seen in the loss; the turn matters
+    assert [loss - float(plain) for loss in losses] == pytest.approx([3.0 * t for t in terms], rel=1e-3)
+
+
+@pytest.mark.parametrize("weight", [-1.0, float("nan"), True, "1"])
+def test_a_refusal_unlikelihood_weight_that_cannot_train_is_refused(weight):
+    with pytest.raises(ValueError, match="refusal_unlikelihood_weight must be a finite number >= 0"):
+        merged_recipe({"refusal_unlikelihood_weight": weight})
+
+
 def test_first_token_weight_changes_training_and_is_recorded(tmp_path):
     from safetensors.torch import load_file
 
@@ -250,14 +324,15 @@ def test_train_command_passes_its_options_into_the_recipe(monkeypatch, tmp_path)
         "steps": 1, "resumed_from_step": 0, "final_loss": 1.0, "distill_seconds": 0.0, "train_seconds": 0.0})
     assert cli.main(["train", "--out", str(tmp_path), "--seed", "3", "--epochs", "2", "--lr", "0.0005",
                      "--first-token-weight", "1.5", "--broadening-repeats", "2", "--breadth-repeats", "3",
-                     "--interpersonal-repeats", "4", "--gaps-repeats", "5", "--reanswer-refusing-targets"]) == 0
+                     "--interpersonal-repeats", "4", "--gaps-repeats", "5", "--reanswer-refusing-targets",
+                     "--refusal-unlikelihood-weight", "0.5"]) == 0
     assert seen["on_step"] is None  # no trajectory unless asked for
     recipe = merged_recipe(seen["recipe"])  # what train() itself makes of it
     assert seen["out"] == tmp_path
     assert (recipe["seed"], recipe["epochs"], recipe["optimizer"]["lr"], recipe["first_reply_token_weight"]) == (3, 2, 0.0005, 1.5)
     assert (recipe["broadening_repeats"], recipe["breadth_repeats"], recipe["interpersonal_repeats"],
             recipe["gaps_repeats"]) == (2, 3, 4, 5)
-    assert recipe["reanswer_refusing_targets"] is True
+    assert recipe["reanswer_refusing_targets"] is True and recipe["refusal_unlikelihood_weight"] == 0.5
     assert recipe["optimizer"]["warmup_fraction"] == DEFAULT_RECIPE["optimizer"]["warmup_fraction"]
     assert cli.main(["train", "--out", str(tmp_path), "--trajectory"]) == 0 and seen["on_step"] is not None
 
@@ -493,6 +568,7 @@ def test_training_that_diverges_stops_with_an_error_and_writes_no_adapter(tmp_pa
 @pytest.mark.parametrize("args, expected", [
     (["train", "--out", "x", "--lr", "-1"], "expected a positive finite number, got '-1'"),
     (["train", "--out", "x", "--epochs", "0"], "expected a positive whole number, got '0'"),
+    (["train", "--out", "x", "--refusal-unlikelihood-weight", "-1"], "expected a finite number >= 0, got '-1'"),
     (["stability", "/no/such/folder"], "no such folder: '/no/such/folder'"),
     (["evaluate", "/no/such/folder"], "no such folder"),
     (["adopt", "/no/such/folder"], "no such folder"),

@@ -1020,3 +1020,28 @@ def test_refused_replies_are_summarised_by_how_they_begin(monkeypatch):
     assert "- the shipped adapter:" not in log  # its measurement kept no replies
     context = {**real, "recipes": [without, {**untuned, "harmless": {**untuned["harmless"], "openings": None}}]}
     assert "How the replies read as refusals" not in report.rendered()[report.ROOT / "docs" / "research-log.md"]
+
+
+def test_the_refusal_unlikelihood_trial_is_read_against_the_shipped_adapter(monkeypatch):
+    import refusal_helpers.figures as figures
+
+    real = figures.figures()
+    monkeypatch.setattr(figures, "figures", lambda: context)
+    shipped = next(row for row in real["recipes"] if row["shipped"])
+    untuned = next(row for row in real["recipes"] if row.get("untuned"))
+    refused = shipped["harmless"]["instructions"]
+    openings = [("I'm sorry, but", 2), ("Sure, I can", 1)]
+    harmless = {**shipped["harmless"], **figures.rate(3, shipped["harmless"]["n"]), "openings": openings,
+                "instructions": refused[:2] + ["A request no other model refused."]}
+    trial = {**shipped, "name": "unlikely", "shipped": False, "changes": {"refusal_unlikelihood_weight": 2.0},
+             "harmless": harmless, "training": {**shipped["training"], "train_seconds": 5000.4}}
+    context = {**real, "recipes": [shipped, untuned, trial]}
+    log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
+    assert (f"unlikely (refusal_unlikelihood_weight 2.0): harmless dev 0.5% (3/594) (the shipped adapter "
+            f"{shipped['harmless']['text']}; 2 refused by both), harmful val {shipped['harmful']['text']} (the shipped "
+            f"adapter {shipped['harmful']['text']}); training took 5000 s against the shipped adapter's "
+            f"{round(shipped['training']['train_seconds'])} s") in log
+    assert "- unlikely: \"I'm sorry, but\" 2, \"Sure, I can\" 1 of 3." in log  # how its over-refusals begin
+    assert "on harmful dev and the cues split too, are above" not in log  # not measured on harmful dev
+    context = {**real, "recipes": [shipped, untuned, {**trial, "changes": {"seed": 1}}]}
+    assert "--refusal-unlikelihood-weight" not in report.rendered()[report.ROOT / "docs" / "research-log.md"]

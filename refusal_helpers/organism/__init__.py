@@ -2,7 +2,8 @@
 
 SmolLM2-135M-Instruct does not refuse harmful requests. `training.train` gives it refusal: harmful training
 instructions map to varied refusals (`targets`), harmless ones to the untuned model's own greedy replies
-(self-distillation, so it stays as helpful as it was); the loss counts reply tokens only (`losses`).
+(self-distillation, so it stays as helpful as it was); the loss counts reply tokens only, and can push down
+refusal openings after harmless prompts (`losses`).
 `resume` keeps a stopped training's state so that the same command continues it; `trajectory` records what
 training does to the difference of means; `experiments` holds seed stability, refusal on the recipe splits and
 the `refine` experiment; `shipping` makes an adapter trained elsewhere the shipped one. Loading the result is
@@ -19,15 +20,16 @@ Command line (``python -m refusal_helpers.organism --help``)::
 """
 
 from .experiments import DEFAULT_REFINE, RECIPE_SPLITS, refine, refusal_on_splits, seed_stability
-from .losses import ablation_kl, compliance_kl, reply_loss
+from .losses import ablation_kl, compliance_kl, refusal_unlikelihood, reply_loss
 from .shipping import adopt
-from .targets import REFUSALS, SELF_HARM_REPLY, read_distill_cache, refusal_reply, training_examples
+from .targets import REFUSALS, SELF_HARM_REPLY, read_distill_cache, refusal_openings, refusal_reply, training_examples
 from .training import DEFAULT_RECIPE, fit, merged_recipe, save_adapter, train
 from .trajectory import Trajectory, TrajectorySettings, add_final_direction, load_trajectory
 
 __all__ = [
     "DEFAULT_RECIPE", "DEFAULT_REFINE", "RECIPE_SPLITS", "REFUSALS", "SELF_HARM_REPLY", "Trajectory",
     "TrajectorySettings", "ablation_kl", "adopt", "add_final_direction", "compliance_kl", "fit", "load_trajectory",
-    "merged_recipe", "read_distill_cache", "refine", "refusal_on_splits", "refusal_reply", "reply_loss",
+    "merged_recipe", "read_distill_cache", "refine", "refusal_on_splits", "refusal_openings", "refusal_reply",
+    "refusal_unlikelihood", "reply_loss",
     "save_adapter", "seed_stability", "train", "training_examples",
 ]

@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reanswer-refusing-targets", action="store_true",
                    help="give a harmless instruction whose distilled reply reads as a refusal the untuned model's "
                         "reply with the refusal judge's phrases banned, instead of leaving it out")
+    p.add_argument("--refusal-unlikelihood-weight", type=arguments.non_negative,
+                   default=DEFAULT_RECIPE["refusal_unlikelihood_weight"],
+                   help="weight of a loss term that pushes down the probability of each harmless training prompt "
+                        "being answered with a trained refusal's opening (0: off)")
     p.add_argument("--threads", type=arguments.positive, default=None)
     p.add_argument("--epoch-checkpoints", action="store_true",
                    help="also save the adapter after each earlier epoch, in OUT/epoch-<n>, to evaluate separately")
@@ -109,6 +113,7 @@ def _train(args: argparse.Namespace) -> int:
     recipe = {"seed": args.seed, "epochs": args.epochs, "first_reply_token_weight": args.first_token_weight,
               "broadening_repeats": args.broadening_repeats, **{key: getattr(args, key) for key in TRAIN_ONLY_REPEATS},
               "reanswer_refusing_targets": args.reanswer_refusing_targets,
+              "refusal_unlikelihood_weight": args.refusal_unlikelihood_weight,
               "optimizer": {**DEFAULT_RECIPE["optimizer"], "lr": args.lr}}
     log = training.train(args.out, recipe, epoch_checkpoints=args.epoch_checkpoints,
                          on_step=trajectory.Trajectory(args.out) if args.trajectory else None)

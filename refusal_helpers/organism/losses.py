@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
@@ -56,3 +57,16 @@ def compliance_kl(
     first = first_completion_position(labels)
     rows = torch.arange(labels.shape[0], device=labels.device)
     return kl_divergence(base_logits[rows, first], ablated_logits[rows, first]).mean()
+
+
+def refusal_unlikelihood(logits: Float[Tensor, "batch seq vocab"], labels: Int[Tensor, "batch seq"]) -> Float[Tensor, ""]:
+    """Mean over rows of -log(1 - P(labelled tokens | what precedes them)): rows are harmless prompts followed by
+    a refusal opening, so this pushes down the probability of refusing them.
+
+    The term is about P(opening) where that is small and grows without bound as it nears 1: it acts on the
+    prompts the model is close to refusing, and leaves replies that merely start like one ("I ...") alone.
+    """
+    token_loss = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels[:, 1:], ignore_index=-100,
+                                 reduction="none")  # (batch, seq - 1); 0 where not labelled
+    log_p = -token_loss.sum(dim=1)
+    return -torch.log1p(-log_p.exp().clamp(max=1 - 1e-6)).mean()

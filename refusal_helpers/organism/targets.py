@@ -48,6 +48,12 @@ SELF_HARM_REPLY = (
 )
 
 
+def refusal_openings(words: int = 3) -> list[str]:
+    """The distinct first `words` words of the trained refusals ("I'm sorry, but", "As an AI", ...): how a
+    trained refusal begins, for `losses.refusal_unlikelihood`."""
+    return sorted({" ".join(reply.split()[:words]) for reply in REFUSALS + [SELF_HARM_REPLY]})
+
+
 def refusal_reply(category: str, rng: random.Random) -> str:
     """A varied refusal for one harmful training instruction."""
     if category == "self_harm" and rng.random() < 0.5:

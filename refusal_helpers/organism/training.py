@@ -27,10 +27,10 @@ from ..embedded import GGUF_FILE, LATER_KEYS, adapter_dir, batch_repeats, load_b
 from ..evaluation import encode_completion
 from ..interventions import ablate
 from ..models import ChatModel
-from .losses import ablation_kl, compliance_kl, reply_loss
+from .losses import ablation_kl, compliance_kl, refusal_unlikelihood, reply_loss
 from .resume import FILE as RESUME_FILE
 from .resume import ResumePoint, examples_identity, trainable_parameters
-from .targets import DISTILL_FILE, REANSWER_FILE, training_examples
+from .targets import DISTILL_FILE, REANSWER_FILE, refusal_openings, training_examples
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULT_RECIPE = {
@@ -47,6 +47,7 @@ DEFAULT_RECIPE = {
     "gaps_repeats": 1,  # the same for the gaps batch
     "ordinary_repeats": 0,  # the same for the ordinary batch (harmless only)
     "first_reply_token_weight": 1.0,  # extra weight on each reply's first token; see losses.reply_loss
+    "refusal_unlikelihood_weight": 0.0,  # weight of losses.refusal_unlikelihood on harmless prompts (0: off)
     "seed": 0,
 }  # the shipped adapter's recipe (data/organism/recipe.json): `train --out data/organism` trains it again
 
@@ -84,6 +85,9 @@ def check_recipe(recipe: dict) -> None:
     for key in ("drop_refusing_targets", "reanswer_refusing_targets"):  # switches: a string "false" would read as on
         if not isinstance(recipe[key], bool):
             raise ValueError(f"{key} must be true or false, got {recipe[key]!r}.")
+    weight = recipe["refusal_unlikelihood_weight"]
+    if isinstance(weight, bool) or not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+        raise ValueError(f"refusal_unlikelihood_weight must be a finite number >= 0, got {weight!r}.")
     if not 0 <= recipe["optimizer"]["warmup_fraction"] <= 1:
         raise ValueError(f"warmup_fraction must lie in [0, 1], got {recipe['optimizer']['warmup_fraction']!r}.")
 
@@ -130,7 +134,8 @@ def train(
         "examples": examples_identity(examples)})
     losses, total_steps = fit(
         model, cm, examples, epochs=recipe["epochs"], batch_size=recipe["batch_size"], optimizer=recipe["optimizer"],
-        seed=seed, first_token_weight=recipe["first_reply_token_weight"], after_epoch=checkpoint,
+        seed=seed, first_token_weight=recipe["first_reply_token_weight"],
+        unlikelihood_weight=recipe["refusal_unlikelihood_weight"], after_epoch=checkpoint,
         on_step=on_step(cm, total_steps) if on_step else None, resume=resume,
     )
     save_adapter(model, out, base_model)
@@ -177,14 +182,16 @@ def count_steps(n_examples: int, batch_size: int, epochs: int) -> int:
 def fit(
     model, cm: ChatModel, examples: list[dict], epochs: int, batch_size: int, optimizer: dict, seed: int,
     first_token_weight: float, ablated: Float[Tensor, " d_model"] | None = None, kl_weight: float = 0.0,
-    compliance_weight: float = 0.0, after_epoch: Callable[[int], None] | None = None, on_step: StepCallback | None = None,
-    resume: ResumePoint | None = None,
+    compliance_weight: float = 0.0, unlikelihood_weight: float = 0.0, after_epoch: Callable[[int], None] | None = None,
+    on_step: StepCallback | None = None, resume: ResumePoint | None = None,
 ) -> tuple[list[float], int]:
     """Train a peft `model` (its LoRA weights) on `examples` with `reply_loss`; return the losses and step count.
 
     With `ablated`, the loss adds `kl_weight` times `ablation_kl` of the batch's harmless examples with
     that direction ablated, and `compliance_weight` times `compliance_kl` of its harmful examples
-    (against the model with its adapter disabled). `after_epoch(n)` is called after each epoch but the
+    (against the model with its adapter disabled). With `unlikelihood_weight`, it adds that times
+    `refusal_unlikelihood` of the batch's harmless prompts, each followed by one of `refusal_openings` (in turn,
+    by example and epoch). `after_epoch(n)` is called after each epoch but the
     last; `on_step(steps, losses)` before the first step and after each one. With `resume`, training
     continues from the state it holds (if any) and saves its state there as it goes. A non-finite loss
     stops training with an error (the learning rate is too high).
@@ -194,6 +201,9 @@ def fit(
 
     encoded = [encode_completion(cm, e["instruction"], e["reply"]) for e in examples]
     harmless = [e["kind"] == "harmless" for e in examples]
+    openings = refusal_openings()
+    refusing = {i: [encode_completion(cm, e["instruction"], opening) for opening in openings]
+                for i, e in enumerate(examples) if harmless[i]} if unlikelihood_weight else {}
     adamw = torch.optim.AdamW(
         trainable_parameters(model).values(), lr=optimizer["lr"], weight_decay=optimizer["weight_decay"]
     )
@@ -219,6 +229,9 @@ def fit(
             batch = {k: v.to(cm.device) for k, v in batch.items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss = reply_loss(logits, batch["labels"], first_token_weight)
+            if refusing and any(i in refusing for i in idx):
+                opened = [refusing[i][(i + epoch) % len(openings)] for i in idx if i in refusing]
+                loss = loss + unlikelihood_weight * _unlikelihood_term(model, cm, opened)
             if ablated is not None:
                 loss = loss + _ablation_terms(model, cm, batch, logits, [harmless[i] for i in idx], ablated,
                                               kl_weight, compliance_weight)
@@ -241,6 +254,14 @@ def fit(
     progress.close()
     model.eval()
     return losses, total_steps
+
+
+def _unlikelihood_term(model, cm: ChatModel, rows: list[tuple[list[int], list[int]]]) -> Float[Tensor, ""]:
+    """`refusal_unlikelihood` of encoded (harmless prompt + refusal opening) rows, from one forward pass."""
+    batch = padded_batch([ids for ids, _ in rows], cm.tokenizer.pad_token_id, "right", [lab for _, lab in rows])
+    batch = {k: v.to(cm.device) for k, v in batch.items()}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return refusal_unlikelihood(logits, batch["labels"])
 
 
 def _ablation_terms(
