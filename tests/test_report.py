@@ -433,6 +433,12 @@ def test_a_train_only_batch_paragraph_compares_with_the_shipped_adapter_and_the_
     assert f"(without it, shipped-old: {shipped['harmful']['text']})" in log
     assert "Over-refusal: better by 10 prompts" in log and "so it shipped" in log and "ship next" not in log
     assert f"and the {batch} batch once per epoch (`{key}`; below the table)" in log
+    # a trial that beat the adapter shipped at the time, when another recipe shipped since: said so, not offered
+    twice = {**breadth_row(n_harmful, n_harmless - 10), "name": "twice", "changes": {key: 2}}
+    context["recipes"] = [with_breadth, earlier, twice]
+    log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
+    assert f"- twice ({key} 2; 719 harmful" in log and "ship next" not in log
+    assert "worse beyond it on none, so it was chosen against shipped-old; another recipe shipped in its place." in log
 
 
 def test_a_batch_trial_is_chosen_when_better_beyond_the_spread_somewhere_and_worse_beyond_it_nowhere(monkeypatch):
