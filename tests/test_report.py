@@ -370,6 +370,20 @@ def test_the_model_card_says_how_many_refusing_targets_were_reanswered(monkeypat
                    "(`reanswer_refusing_targets`)." if reanswer else ".")) in card
 
 
+def test_the_model_card_names_the_refusal_unlikelihood_term_only_where_the_recipe_uses_it(monkeypatch):
+    import refusal_helpers.figures as figures
+
+    real = figures.figures()
+    o = real["organism"]
+    monkeypatch.setattr(figures, "figures", lambda: context)
+    term = "x -log(1 - P(a trained refusal's opening | harmless prompt)) over the harmless prompts."
+    for weight in (0.0, 2.5):
+        context = {**real, "organism": {**o, "recipe": {**o["recipe"], "refusal_unlikelihood_weight": weight}}}
+        card = " ".join(report.rendered()[report.ROOT / "docs" / "MODEL_CARD.md"].split())
+        assert (f"where the model refuses or answers, and 2.5 {term}" in card) == bool(weight)
+        assert ("where the model refuses or answers. `python -m refusal_helpers.organism train" in card) != bool(weight)
+
+
 TRIAL_TRAINING = {"data": {"harmful_train": 1, "harmless_train": 2}, "steps": 9, "final_loss": 1, "train_seconds": 5,
                   "machine": "m"}  # a recipe trial's training log, as `recipe_figures` reads it
 
