@@ -1058,7 +1058,7 @@ def test_the_refusal_unlikelihood_trial_is_read_against_the_shipped_adapter(monk
     context = {**real, "recipes": [shipped, untuned, trial]}
     log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
     assert (f"unlikely (refusal_unlikelihood_weight 2.0): harmless dev 0.5% (3/594) (the shipped adapter "
-            f"{shipped['harmless']['text']}; 2 refused by both), harmful val {shipped['harmful']['text']} (the shipped "
+            f"{shipped['harmless']['text']}; 2 refused by both; the untuned model {untuned['harmless']['text']}), harmful val {shipped['harmful']['text']} (the shipped "
             f"adapter {shipped['harmful']['text']}); training took 5000 s against the shipped adapter's "
             f"{round(shipped['training']['train_seconds'])} s") in log
     assert "- unlikely: \"I'm sorry, but\" 2, \"Sure, I can\" 1 of 3." in log  # how its over-refusals begin
