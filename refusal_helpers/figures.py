@@ -14,6 +14,7 @@ from statistics import median
 
 from .data import data_dir, load_records, records_by_instruction
 from .embedded import LATER_KEYS, PRESETS_FILE, UNTUNED, adapter_digest, adapter_dir, recipe_changes
+from .metrics import first_words
 from .runs import SHIPPED_RUN, RunFolder
 from .selection import ScoreTable, SelectionConfig, passing_mask
 from .spreads import retrainings, seed_spreads
@@ -223,7 +224,7 @@ def reply_openings(completions: list[str] | None, words: int = 3) -> list[tuple[
     None for a measurement that did not keep its replies."""
     if completions is None:
         return None
-    return Counter(" ".join(c.split()[:words]) for c in completions).most_common()
+    return Counter(first_words(c, words) for c in completions).most_common()
 
 
 def candidate_figures(recipes: list[dict], folder: Path | None = None) -> list[dict]:

@@ -49,6 +49,11 @@ def kl_divergence(
     return F.kl_div(new, base, log_target=True, reduction="none").sum(-1).float()
 
 
+def first_words(text: str, n: int = 3) -> str:
+    """The first `n` whitespace-separated words of `text`, joined by single spaces: how a reply begins."""
+    return " ".join(text.split()[:n])
+
+
 def normalize_text(text: str) -> str:
     """Lower-cased, with curly apostrophes folded into straight ones, for substring matching."""
     return text.replace("\u2019", "'").replace("\u2018", "'").lower()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..data import load_records
 from ..generation import generate_ids
-from ..metrics import REFUSAL_SUBSTRINGS, is_refusal
+from ..metrics import REFUSAL_SUBSTRINGS, first_words, is_refusal
 from ..models import ChatModel
 
 REFUSALS = [
@@ -51,7 +51,7 @@ SELF_HARM_REPLY = (
 def refusal_openings(words: int = 3) -> list[str]:
     """The distinct first `words` words of the trained refusals ("I'm sorry, but", "As an AI", ...): how a
     trained refusal begins, for `losses.refusal_unlikelihood`."""
-    return sorted({" ".join(reply.split()[:words]) for reply in REFUSALS + [SELF_HARM_REPLY]})
+    return sorted({first_words(reply, words) for reply in REFUSALS + [SELF_HARM_REPLY]})
 
 
 def refusal_reply(category: str, rng: random.Random) -> str:

@@ -201,9 +201,7 @@ def fit(
 
     encoded = [encode_completion(cm, e["instruction"], e["reply"]) for e in examples]
     harmless = [e["kind"] == "harmless" for e in examples]
-    openings = refusal_openings()
-    refusing = {i: [encode_completion(cm, e["instruction"], opening) for opening in openings]
-                for i, e in enumerate(examples) if harmless[i]} if unlikelihood_weight else {}
+    openings = refusal_openings() if unlikelihood_weight else []
     adamw = torch.optim.AdamW(
         trainable_parameters(model).values(), lr=optimizer["lr"], weight_decay=optimizer["weight_decay"]
     )
@@ -224,13 +222,12 @@ def fit(
             step += 1
             if step <= done:
                 continue
-            rows = [encoded[i] for i in idx]
-            batch = padded_batch([ids for ids, _ in rows], cm.tokenizer.pad_token_id, "right", [lab for _, lab in rows])
-            batch = {k: v.to(cm.device) for k, v in batch.items()}
+            batch = _labelled_batch(cm, [encoded[i] for i in idx])
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss = reply_loss(logits, batch["labels"], first_token_weight)
-            if refusing and any(i in refusing for i in idx):
-                opened = [refusing[i][(i + epoch) % len(openings)] for i in idx if i in refusing]
+            opened = [encode_completion(cm, examples[i]["instruction"], openings[(i + epoch) % len(openings)])
+                      for i in idx if harmless[i]] if openings else []
+            if opened:
                 loss = loss + unlikelihood_weight * _unlikelihood_term(model, cm, opened)
             if ablated is not None:
                 loss = loss + _ablation_terms(model, cm, batch, logits, [harmless[i] for i in idx], ablated,
@@ -256,10 +253,15 @@ def fit(
     return losses, total_steps
 
 
+def _labelled_batch(cm: ChatModel, rows: list[tuple[list[int], list[int]]]) -> dict[str, Tensor]:
+    """Encoded (ids, labels) rows as one right-padded batch on the model's device."""
+    batch = padded_batch([ids for ids, _ in rows], cm.tokenizer.pad_token_id, "right", [lab for _, lab in rows])
+    return {k: v.to(cm.device) for k, v in batch.items()}
+
+
 def _unlikelihood_term(model, cm: ChatModel, rows: list[tuple[list[int], list[int]]]) -> Float[Tensor, ""]:
     """`refusal_unlikelihood` of encoded (harmless prompt + refusal opening) rows, from one forward pass."""
-    batch = padded_batch([ids for ids, _ in rows], cm.tokenizer.pad_token_id, "right", [lab for _, lab in rows])
-    batch = {k: v.to(cm.device) for k, v in batch.items()}
+    batch = _labelled_batch(cm, rows)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return refusal_unlikelihood(logits, batch["labels"])
 
