@@ -78,7 +78,8 @@ def adapter_digest(folder: Path | None = None) -> str:
 
 # Recipe keys added after adapters were trained without them, each with the value those adapters had in effect.
 LATER_KEYS = {"broadening_repeats": 1, "breadth_repeats": 0, "interpersonal_repeats": 0, "gaps_repeats": 0,
-              "ordinary_repeats": 0, "reanswer_refusing_targets": False, "refusal_unlikelihood_weight": 0.0}
+              "ordinary_repeats": 0, "reanswer_refusing_targets": False, "refusal_unlikelihood_weight": 0.0,
+              "refusal_unlikelihood_self_harm": True}
 
 
 def batch_repeats(recipe: dict) -> dict[str, int]:

@@ -259,6 +259,22 @@ def test_refusal_openings_begin_every_trained_refusal():
     rng = random.Random(0)
     replies = [refusal_reply(category, rng) for category in ("self_harm", "violence") for _ in range(20)]
     assert all(any(reply.startswith(o) for o in openings) for reply in replies)
+    spared = refusal_openings(self_harm=False)  # only the self-harm support opening goes
+    assert set(openings) - set(spared) == {"I'm sorry you're"} and set(spared) < set(openings)
+    assert all(any(r.startswith(o) for o in spared) for r in REFUSALS)
+
+
+def test_training_spares_the_self_harm_opening_only_when_the_recipe_says_so(monkeypatch, tmp_path):
+    from refusal_helpers.organism import training
+
+    asked = []
+    monkeypatch.setattr(training, "refusal_openings", lambda **kwargs: asked.append(kwargs) or ["Sorry"])
+    settings = {"epochs": 1, "batch_size": 4, "distill_max_new_tokens": 4, "refusal_unlikelihood_weight": 1.0}
+    for spare in (False, True):
+        train(tmp_path / str(spare), {**settings, "refusal_unlikelihood_self_harm": not spare},
+              base=tiny_chat_model("llama", n_layers=2), limit=4)
+        assert json.loads((tmp_path / str(spare) / "recipe.json").read_text())["refusal_unlikelihood_self_harm"] is not spare
+    assert asked == [{"self_harm": True}, {"self_harm": False}]
 
 
 def test_fit_adds_the_refusal_unlikelihood_of_harmless_prompts_followed_by_an_opening(monkeypatch):
@@ -269,7 +285,7 @@ def test_fit_adds_the_refusal_unlikelihood_of_harmless_prompts_followed_by_an_op
 
     # one-token openings, so that the random model gives them a probability the loss shows
     openings = ["Sorry", "I", "A"]
-    monkeypatch.setattr(training, "refusal_openings", lambda: openings)
+    monkeypatch.setattr(training, "refusal_openings", lambda **_: openings)
     cm = tiny_chat_model("llama", n_layers=2)
     model = get_peft_model(cm.model, LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj"],
                                                 task_type="CAUSAL_LM"))
@@ -325,7 +341,7 @@ def test_train_command_passes_its_options_into_the_recipe(monkeypatch, tmp_path)
     assert cli.main(["train", "--out", str(tmp_path), "--seed", "3", "--epochs", "2", "--lr", "0.0005",
                      "--first-token-weight", "1.5", "--broadening-repeats", "2", "--breadth-repeats", "3",
                      "--interpersonal-repeats", "4", "--gaps-repeats", "5", "--reanswer-refusing-targets",
-                     "--refusal-unlikelihood-weight", "0.5"]) == 0
+                     "--refusal-unlikelihood-weight", "0.5", "--unlikelihood-spares-self-harm"]) == 0
     assert seen["on_step"] is None  # no trajectory unless asked for
     recipe = merged_recipe(seen["recipe"])  # what train() itself makes of it
     assert seen["out"] == tmp_path
@@ -333,8 +349,10 @@ def test_train_command_passes_its_options_into_the_recipe(monkeypatch, tmp_path)
     assert (recipe["broadening_repeats"], recipe["breadth_repeats"], recipe["interpersonal_repeats"],
             recipe["gaps_repeats"]) == (2, 3, 4, 5)
     assert recipe["reanswer_refusing_targets"] is True and recipe["refusal_unlikelihood_weight"] == 0.5
+    assert recipe["refusal_unlikelihood_self_harm"] is False
     assert recipe["optimizer"]["warmup_fraction"] == DEFAULT_RECIPE["optimizer"]["warmup_fraction"]
     assert cli.main(["train", "--out", str(tmp_path), "--trajectory"]) == 0 and seen["on_step"] is not None
+    assert merged_recipe(seen["recipe"])["refusal_unlikelihood_self_harm"] is True  # penalised unless asked
 
 
 def test_training_with_nothing_to_train_is_an_error(tmp_path):
@@ -772,7 +790,7 @@ def test_broadening_repeats_add_each_broadening_instruction_again_with_a_new_ref
         merged_recipe({"broadening_repeats": 0})
     with pytest.raises(ValueError, match="epochs must be a whole number >= 1, got True"):  # a bool is no count
         merged_recipe({"epochs": True})
-    for switch in ("drop_refusing_targets", "reanswer_refusing_targets"):
+    for switch in ("drop_refusing_targets", "reanswer_refusing_targets", "refusal_unlikelihood_self_harm"):
         with pytest.raises(ValueError, match=f"{switch} must be true or false, got 'false'"):
             merged_recipe({switch: "false"})
         assert merged_recipe({switch: False})[switch] is False

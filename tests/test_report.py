@@ -382,6 +382,10 @@ def test_the_model_card_names_the_refusal_unlikelihood_term_only_where_the_recip
         card = " ".join(report.rendered()[report.ROOT / "docs" / "MODEL_CARD.md"].split())
         assert (f"where the model refuses or answers, and 2.5 {term}" in card) == bool(weight)
         assert ("where the model refuses or answers. `python -m refusal_helpers.organism train" in card) != bool(weight)
+    spared = {**o["recipe"], "refusal_unlikelihood_weight": 2.5, "refusal_unlikelihood_self_harm": False}
+    context = {**real, "organism": {**o, "recipe": spared}}
+    card = " ".join(report.rendered()[report.ROOT / "docs" / "MODEL_CARD.md"].split())
+    assert f"2.5 {term[:-1]} (all openings but the self-harm support reply's)." in card
 
 
 TRIAL_TRAINING = {"data": {"harmful_train": 1, "harmless_train": 2}, "steps": 9, "final_loss": 1, "train_seconds": 5,
@@ -1063,5 +1067,12 @@ def test_the_refusal_unlikelihood_trial_is_read_against_the_shipped_adapter(monk
             f"{round(shipped['training']['train_seconds'])} s") in log
     assert "- unlikely: \"I'm sorry, but\" 2, \"Sure, I can\" 1 of 3." in log  # how its over-refusals begin
     assert "on harmful dev and the cues split too, are above" not in log  # not measured on harmful dev
+    assert "--unlikelihood-spares-self-harm" not in log  # every opening penalised
+    spared = {**trial, "changes": {"refusal_unlikelihood_weight": 2.0, "refusal_unlikelihood_self_harm": False}}
+    context = {**real, "recipes": [shipped, untuned, spared]}
+    log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
+    assert ("(with `--unlikelihood-spares-self-harm`, all but the self-harm support reply's \"I'm sorry you're\", "
+            "the reply a self-harm request should get)") in log
+    assert "unlikely (refusal_unlikelihood_self_harm false, refusal_unlikelihood_weight 2.0): harmless dev" in log
     context = {**real, "recipes": [shipped, untuned, {**trial, "changes": {"seed": 1}}]}
     assert "--refusal-unlikelihood-weight" not in report.rendered()[report.ROOT / "docs" / "research-log.md"]

@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default=DEFAULT_RECIPE["refusal_unlikelihood_weight"],
                    help="weight of a loss term that pushes down the probability of each harmless training prompt "
                         "being answered with a trained refusal's opening (0: off)")
+    p.add_argument("--unlikelihood-spares-self-harm", action="store_true",
+                   help="leave the self-harm support reply's opening (\"I'm sorry you're\") out of that term")
     p.add_argument("--threads", type=arguments.positive, default=None)
     p.add_argument("--epoch-checkpoints", action="store_true",
                    help="also save the adapter after each earlier epoch, in OUT/epoch-<n>, to evaluate separately")
@@ -114,6 +116,7 @@ def _train(args: argparse.Namespace) -> int:
               "broadening_repeats": args.broadening_repeats, **{key: getattr(args, key) for key in TRAIN_ONLY_REPEATS},
               "reanswer_refusing_targets": args.reanswer_refusing_targets,
               "refusal_unlikelihood_weight": args.refusal_unlikelihood_weight,
+              "refusal_unlikelihood_self_harm": not args.unlikelihood_spares_self_harm,
               "optimizer": {**DEFAULT_RECIPE["optimizer"], "lr": args.lr}}
     log = training.train(args.out, recipe, epoch_checkpoints=args.epoch_checkpoints,
                          on_step=trajectory.Trajectory(args.out) if args.trajectory else None)

@@ -48,10 +48,11 @@ SELF_HARM_REPLY = (
 )
 
 
-def refusal_openings(words: int = 3) -> list[str]:
+def refusal_openings(words: int = 3, self_harm: bool = True) -> list[str]:
     """The distinct first `words` words of the trained refusals ("I'm sorry, but", "As an AI", ...): how a
-    trained refusal begins, for `losses.refusal_unlikelihood`."""
-    return sorted({first_words(reply, words) for reply in REFUSALS + [SELF_HARM_REPLY]})
+    trained refusal begins, for `losses.refusal_unlikelihood`. With `self_harm` false, the self-harm support
+    reply's opening ("I'm sorry you're") is left out."""
+    return sorted({first_words(reply, words) for reply in REFUSALS + ([SELF_HARM_REPLY] if self_harm else [])})
 
 
 def refusal_reply(category: str, rng: random.Random) -> str:

@@ -48,6 +48,7 @@ DEFAULT_RECIPE = {
     "ordinary_repeats": 0,  # the same for the ordinary batch (harmless only)
     "first_reply_token_weight": 1.0,  # extra weight on each reply's first token; see losses.reply_loss
     "refusal_unlikelihood_weight": 0.0,  # weight of losses.refusal_unlikelihood on harmless prompts (0: off)
+    "refusal_unlikelihood_self_harm": True,  # the term penalises the self-harm support opening too
     "seed": 0,
 }  # the shipped adapter's recipe (data/organism/recipe.json): `train --out data/organism` trains it again
 
@@ -82,7 +83,7 @@ def check_recipe(recipe: dict) -> None:
     for key, least in minimums.items():
         if not (isinstance(recipe[key], int) and not isinstance(recipe[key], bool) and recipe[key] >= least):
             raise ValueError(f"{key} must be a whole number >= {least}, got {recipe[key]!r}.")
-    for key in ("drop_refusing_targets", "reanswer_refusing_targets"):  # switches: a string "false" would read as on
+    for key in ("drop_refusing_targets", "reanswer_refusing_targets", "refusal_unlikelihood_self_harm"):  # switches: a string "false" would read as on
         if not isinstance(recipe[key], bool):
             raise ValueError(f"{key} must be true or false, got {recipe[key]!r}.")
     weight = recipe["refusal_unlikelihood_weight"]
@@ -135,7 +136,8 @@ def train(
     losses, total_steps = fit(
         model, cm, examples, epochs=recipe["epochs"], batch_size=recipe["batch_size"], optimizer=recipe["optimizer"],
         seed=seed, first_token_weight=recipe["first_reply_token_weight"],
-        unlikelihood_weight=recipe["refusal_unlikelihood_weight"], after_epoch=checkpoint,
+        unlikelihood_weight=recipe["refusal_unlikelihood_weight"],
+        unlikelihood_self_harm=recipe["refusal_unlikelihood_self_harm"], after_epoch=checkpoint,
         on_step=on_step(cm, total_steps) if on_step else None, resume=resume,
     )
     save_adapter(model, out, base_model)
@@ -182,7 +184,8 @@ def count_steps(n_examples: int, batch_size: int, epochs: int) -> int:
 def fit(
     model, cm: ChatModel, examples: list[dict], epochs: int, batch_size: int, optimizer: dict, seed: int,
     first_token_weight: float, ablated: Float[Tensor, " d_model"] | None = None, kl_weight: float = 0.0,
-    compliance_weight: float = 0.0, unlikelihood_weight: float = 0.0, after_epoch: Callable[[int], None] | None = None,
+    compliance_weight: float = 0.0, unlikelihood_weight: float = 0.0, unlikelihood_self_harm: bool = True,
+    after_epoch: Callable[[int], None] | None = None,
     on_step: StepCallback | None = None, resume: ResumePoint | None = None,
 ) -> tuple[list[float], int]:
     """Train a peft `model` (its LoRA weights) on `examples` with `reply_loss`; return the losses and step count.
@@ -191,7 +194,7 @@ def fit(
     that direction ablated, and `compliance_weight` times `compliance_kl` of its harmful examples
     (against the model with its adapter disabled). With `unlikelihood_weight`, it adds that times
     `refusal_unlikelihood` of the batch's harmless prompts, each followed by one of `refusal_openings` (in turn,
-    by example and epoch). `after_epoch(n)` is called after each epoch but the
+    by example and epoch; the self-harm support opening only with `unlikelihood_self_harm`). `after_epoch(n)` is called after each epoch but the
     last; `on_step(steps, losses)` before the first step and after each one. With `resume`, training
     continues from the state it holds (if any) and saves its state there as it goes. A non-finite loss
     stops training with an error (the learning rate is too high).
@@ -201,7 +204,7 @@ def fit(
 
     encoded = [encode_completion(cm, e["instruction"], e["reply"]) for e in examples]
     harmless = [e["kind"] == "harmless" for e in examples]
-    openings = refusal_openings() if unlikelihood_weight else []
+    openings = refusal_openings(self_harm=unlikelihood_self_harm) if unlikelihood_weight else []
     adamw = torch.optim.AdamW(
         trainable_parameters(model).values(), lr=optimizer["lr"], weight_decay=optimizer["weight_decay"]
     )
