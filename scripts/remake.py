@@ -20,7 +20,8 @@ Stopped part-way (a failure, Ctrl-C, a closed session), the same command continu
 this adapter are listed in runs/remake/<adapter digest>.json and skipped; the list is removed when the last
 step finishes. ``--fresh`` starts over. Seed stability needs a second organism trained with another seed
 (``python -m refusal_helpers.organism train --seed N --out FOLDER``, N another seed than the shipped recipe's);
-``--twin FOLDER`` measures it into docs/measurements/seed_stability.json.
+``--twin FOLDER`` measures it into docs/measurements/seed_stability.json (and, on all train instructions,
+seed_agreement.json).
 A new adversarial suffix: ``python -m refusal_helpers jailbreak --prompts 2 --steps 40`` (the shipped one's settings).
 """
 
@@ -214,8 +215,10 @@ def steps(digest: str, twin: Path | None = None) -> list[Step]:
         Step("documents", lambda: run("-m", "refusal_helpers.report", "build")),
     ]
     if twin is not None:
-        stability = Step("seed stability", lambda: run("-m", "refusal_helpers.organism", "stability", str(twin),
-                                                       "--json", str(m / "seed_stability.json")))
+        stability = Step("seed stability", lambda: (
+            run("-m", "refusal_helpers.organism", "stability", str(twin), "--json", str(m / "seed_stability.json")),
+            run("-m", "refusal_helpers.organism", "stability", str(twin), "--all-train",
+                "--json", str(m / "seed_agreement.json"))))
         listed.insert([step.name for step in listed].index("plain run") + 1, stability)
     return listed
 

@@ -703,6 +703,9 @@ def test_stability_command_records_the_other_organisms_recipe_and_training(monke
     trial.mkdir()
     assert cli.main(["stability", str(tmp_path), "--against", str(trial), "--json", str(tmp_path / "out.json")]) == 0
     assert json.loads((tmp_path / "out.json").read_text())["reference"] == str(trial)
+    monkeypatch.setattr(experiments, "seed_agreement", lambda adapter, run, reference: {"cosine_per_layer": [0.9]})
+    assert cli.main(["stability", str(tmp_path), "--all-train", "--json", str(tmp_path / "out.json")]) == 0
+    assert json.loads((tmp_path / "out.json").read_text())["cosine_per_layer"] == [0.9]
 
 
 def test_evaluate_command_records_which_weights_it_measured(monkeypatch, tmp_path, capsys):

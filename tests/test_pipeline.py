@@ -182,8 +182,10 @@ def test_a_new_direction_redoes_interventions_and_loss_but_not_baselines(tiny_fo
 
 
 def test_seed_stability_of_a_run_against_its_own_model_and_another(tiny_folder, tmp_path):
+    from refusal_helpers.data import split_instructions
     from refusal_helpers.loading import load_model, model_version
     from refusal_helpers.organism import seed_stability
+    from refusal_helpers.organism.experiments import own_directions, seed_agreement
 
     out = tmp_path / "run"
     assert run_tiny(tiny_folder, out) == 0
@@ -205,6 +207,20 @@ def test_seed_stability_of_a_run_against_its_own_model_and_another(tiny_folder, 
     itself = seed_stability(other_model, run=out, reference=other_model)
     # (layer 0 is the template token's embedding, the same for both kinds: no direction, cosine 0)
     assert itself["cosine_per_layer"][1:] == [1.0, 1.0] and abs(itself["norm_ratio"] - 1) < 1e-4
+
+    # on more instructions than the run's, beside each model's two disjoint halves of them
+    agreement = seed_agreement(other_model, run=out, reference=other_model, n=16)
+    assert agreement["n"] == {"harmful": 16, "harmless": 16} and agreement["model_version"] is None
+    assert agreement["cosine_per_layer"][1:] == [1.0, 1.0]
+    halves = agreement["halves_cosine_per_layer"]
+    assert halves["reference"] == halves["other"] and max(halves["reference"][1:]) < 0.99  # 8 prompts apart
+    reference = load_model(str(tiny_folder), device="cpu")
+    across = seed_agreement(other_model, run=out, reference=reference, n=16)
+    instructions = {kind: split_instructions("bundled", kind, "train", 16) for kind in ("harmful", "harmless")}
+    whole = [own_directions(cm, instructions, described["position"]) for cm in (reference, other_model)]
+    assert across["cosine_per_layer"] == pytest.approx(  # the halves' means make up the whole's
+        [round(float(c), 3) for c in torch.nn.functional.cosine_similarity(*whole, dim=-1)], abs=1.5e-3)
+    assert max(across["cosine_per_layer"][1:]) < 0.9 and across["halves_cosine_per_layer"]["reference"] != halves["other"]
 
     zeroed = tmp_path / "zeroed"  # the other model's candidates get the run's zeroed dimensions too
     assert run_tiny(tiny_folder, zeroed, "--zero-dims", "0", "7", "--random-controls", "0") == 0

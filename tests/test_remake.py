@@ -54,7 +54,7 @@ def test_another_adapter_or_fresh_starts_over(tmp_path):
     assert ran == ["a", "b", "c", "d"]
 
 
-def test_the_steps_are_named_once_and_seed_stability_follows_the_shipped_run(tmp_path):
+def test_the_steps_are_named_once_and_seed_stability_follows_the_shipped_run(tmp_path, monkeypatch):
     plain = [step.name for step in remake.steps("abc123")]
     with_twin = [step.name for step in remake.steps("abc123", twin=tmp_path)]
     assert len(set(plain)) == len(plain) and plain[0] == "preset" and plain[-1] == "documents"
@@ -63,6 +63,11 @@ def test_the_steps_are_named_once_and_seed_stability_follows_the_shipped_run(tmp
     assert plain.index("earlier adapter's run kept") < plain.index("shipped run")
     assert plain.index("preset") < plain.index("earlier preset's run kept") < plain.index("shipped run")
     assert "seed stability" not in plain
+    ran = []
+    monkeypatch.setattr(remake, "run", lambda *args: ran.append(args))
+    next(step for step in remake.steps("abc123", twin=tmp_path) if step.name == "seed stability").action()
+    assert [args[-1].rsplit("/", 1)[-1] for args in ran] == ["seed_stability.json", "seed_agreement.json"]
+    assert "--all-train" in ran[1] and "--all-train" not in ran[0]
     # the shipped adapter is measured wherever the research log's recipe table and batch paragraphs read it
     assert {"shipped on recipe splits", "shipped on cues split", "shipped on harmful dev",
             "shipped on interpersonal batch"} <= set(plain)

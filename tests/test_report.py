@@ -1076,3 +1076,29 @@ def test_the_refusal_unlikelihood_trial_is_read_against_the_shipped_adapter(monk
     assert "unlikely (refusal_unlikelihood_self_harm false, refusal_unlikelihood_weight 2.0): harmless dev" in log
     context = {**real, "recipes": [shipped, untuned, {**trial, "changes": {"seed": 1}}]}
     assert "--refusal-unlikelihood-weight" not in report.rendered()[report.ROOT / "docs" / "research-log.md"]
+
+
+def test_the_seeds_agreement_on_all_train_instructions_is_read_against_each_adapters_halves(monkeypatch):
+    import refusal_helpers.figures as figures
+
+    real = figures.figures()
+    ss = real["seed_stability"]
+    monkeypatch.setattr(figures, "figures", lambda: context)
+    layers = len(ss["cosine_per_layer"])
+
+    def log_with(across: float, halves: float, position: int = ss["position"]) -> str:
+        agreement = {"position": position, "n": {"harmful": 891, "harmless": 2010},
+                     "cosine_per_layer": [0.5] * ss["layer"] + [across] + [0.5] * (layers - ss["layer"] - 1),
+                     "halves_cosine_per_layer": {"reference": [halves] * layers, "other": [halves - 0.01] * layers}}
+        nonlocal context
+        context = {**real, "measured": {**real["measured"], "seed_agreement": agreement}}
+        return " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
+
+    context = real
+    log = log_with(0.893, 0.981)
+    assert (f"from all 891 harmful and 2010 harmless train instructions (unfiltered) the two seeds' candidates agree to "
+            f"0.893 at layer {ss['layer']}, while each adapter's candidates from two disjoint halves of them agree to "
+            "0.981 and 0.971") in log
+    assert "the seeds' directions differ by more than the prompts alone move them." in log
+    assert "so more prompts would bring them together" in log_with(0.97, 0.971)
+    assert "Nor is it the run's sample of prompts" not in log_with(0.893, 0.981, position=ss["position"] - 1)

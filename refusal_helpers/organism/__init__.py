@@ -19,7 +19,7 @@ Command line (``python -m refusal_helpers.organism --help``)::
     python -m refusal_helpers.organism adopt DIR         # ship an adapter trained with --trajectory elsewhere
 """
 
-from .experiments import DEFAULT_REFINE, RECIPE_SPLITS, refine, refusal_on_splits, seed_stability
+from .experiments import DEFAULT_REFINE, RECIPE_SPLITS, refine, refusal_on_splits, seed_agreement, seed_stability
 from .losses import ablation_kl, compliance_kl, refusal_unlikelihood, reply_loss
 from .shipping import adopt
 from .targets import REFUSALS, SELF_HARM_REPLY, read_distill_cache, refusal_openings, refusal_reply, training_examples
@@ -31,5 +31,5 @@ __all__ = [
     "TrajectorySettings", "ablation_kl", "adopt", "add_final_direction", "compliance_kl", "fit", "load_trajectory",
     "merged_recipe", "read_distill_cache", "refine", "refusal_on_splits", "refusal_openings", "refusal_reply",
     "refusal_unlikelihood", "reply_loss",
-    "save_adapter", "seed_stability", "train", "training_examples",
+    "save_adapter", "seed_agreement", "seed_stability", "train", "training_examples",
 ]

@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--against", type=arguments.folder, default=None,
                    help="compare with this adapter's candidates instead of the run's, made with the run's settings "
                         "(two seeds of a recipe trial that has no run)")
+    p.add_argument("--all-train", action="store_true",
+                   help="instead compare the two adapters' candidates from all train instructions, beside each "
+                        "adapter's candidates from two disjoint halves of them (how far the prompts alone move them)")
     p.add_argument("--json", type=Path, default=None, help="also write the result here")
     p = sub.add_parser("evaluate", help="refusal on the splits for comparing recipes: harmful val, harmless dev "
                                             "(and harmful dev: --harmful-split dev --harmless-split none)")
@@ -135,7 +138,8 @@ def _refine(args: argparse.Namespace) -> int:
 
 def _stability(args: argparse.Namespace) -> int:
     run = args.run if args.run is not None else experiments.SHIPPED_RUN
-    result = {**experiments.seed_stability(args.adapter, run, reference=args.against),
+    compare = experiments.seed_agreement if args.all_train else experiments.seed_stability
+    result = {**compare(args.adapter, run, reference=args.against),
               "other_adapter_recipe": json.loads((args.adapter / "recipe.json").read_text())}
     if (args.adapter / "training.json").is_file():
         result["other_adapter_training"] = json.loads((args.adapter / "training.json").read_text())

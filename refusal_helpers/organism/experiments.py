@@ -19,7 +19,7 @@ from torch import Tensor
 from ..activations import mean_activations
 from ..data import load_instructions, load_records, split_instructions
 from ..directions import diff_of_means, zero_dims
-from ..embedded import UNTUNED, adapter_digest, batch_repeats, load_base, load_embedded
+from ..embedded import UNTUNED, adapter_digest, adapter_dir, batch_repeats, load_base, load_embedded
 from ..judges import judged_completions
 from ..models import ChatModel
 from ..runs import SHIPPED_RUN, RunFolder
@@ -131,6 +131,42 @@ def seed_stability(
     return {"model_version": version, "position": selection["position"], "layer": layer,
             "cosine": float(per_layer[layer]), "norm_ratio": float(theirs[layer].norm() / ours[layer].norm()),
             "cosine_per_layer": [round(float(c), 3) for c in per_layer]}
+
+
+def seed_agreement(
+    other: str | Path | ChatModel, run: str | Path = SHIPPED_RUN, reference: str | Path | ChatModel | None = None,
+    n: int | None = None,
+) -> dict:
+    """Whether two seeds' directions differ beyond what the prompts alone move: per layer at the run's position
+    (with its zeroed dimensions), the cosine between `reference`'s (default: the shipped adapter) and `other`'s
+    difference-of-means candidates from the first `n` train instructions of each kind (all by default), and each
+    adapter's cosine between the candidates of two disjoint halves of them (alternate instructions)."""
+    folder = RunFolder(run)
+    _, selection = folder.direction()
+    zeroed = folder.record("candidates.safetensors")["settings"].get("zero_dims", [])
+    instructions = {kind: split_instructions("bundled", kind, "train", n) for kind in ("harmful", "harmless")}
+
+    def halves(model: str | Path | ChatModel | None) -> tuple[Float[Tensor, "layer d_model"], list[float]]:
+        cm = model if isinstance(model, ChatModel) else load_embedded(adapter=model)
+        means = {kind: [(len(items[i::2]), mean_activations(cm, items[i::2], [selection["position"]],
+                                                            progress=f"{kind} means, half {i + 1}"))
+                        for i in (0, 1)] for kind, items in instructions.items()}
+        whole = {kind: sum(k * m for k, m in parts) / sum(k for k, _ in parts) for kind, parts in means.items()}
+        split = [zero_dims(diff_of_means(means["harmful"][i][1], means["harmless"][i][1])[0].float(), zeroed)
+                 for i in (0, 1)]
+        within = torch.nn.functional.cosine_similarity(*split, dim=-1)
+        direction = zero_dims(diff_of_means(whole["harmful"], whole["harmless"])[0].float(), zeroed)
+        return direction, [round(float(c), 3) for c in within]
+
+    ours, ours_within = halves(reference)
+    theirs, theirs_within = halves(other)
+    across = torch.nn.functional.cosine_similarity(ours, theirs, dim=-1)
+    version = adapter_digest(adapter_dir() if reference is None else Path(reference)) \
+        if not isinstance(reference, ChatModel) else None
+    return {"model_version": version, "position": selection["position"], "layer": selection["layer"],
+            "n": {kind: len(items) for kind, items in instructions.items()},
+            "cosine_per_layer": [round(float(c), 3) for c in across],
+            "halves_cosine_per_layer": {"reference": ours_within, "other": theirs_within}}
 
 
 def refine(
