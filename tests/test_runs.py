@@ -336,9 +336,12 @@ def test_a_killed_or_interrupted_run_leaves_a_consistent_folder_and_resumes_to_t
         assert "interrupted: finished artifacts are kept" in err
         assert not (out / "run.lock").exists()
     assert_consistent(out)
+    finished = load_direction(out)[0] if (out / "direction.safetensors.record.json").exists() else None
     resumed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert_consistent(out)
+    if finished is not None:  # a direction finished before the signal is kept, not made again
+        assert torch.equal(load_direction(out)[0], finished)
     assert torch.equal(load_direction(out)[0], uninterrupted)
 
 
