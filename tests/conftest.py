@@ -2,9 +2,6 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-# MKL's float results may depend on the memory alignment of its inputs unless its conditional numerical
-# reproducibility is on; with it, a command run in a subprocess gives bit for bit the numbers of one run here.
-os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import pytest
 import torch
