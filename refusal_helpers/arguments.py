@@ -59,6 +59,14 @@ def non_negative(value: str) -> float:
     return x
 
 
+def fraction(value: str) -> float:
+    """A number in [0, 1] (a share of the training steps)."""
+    x = finite(value)
+    if not 0 <= x <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {value!r}")
+    return x
+
+
 def layers(value: str) -> list[int]:
     """Layers as 'a-b' (inclusive) or 'a,b,c'."""
     try:

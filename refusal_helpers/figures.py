@@ -321,6 +321,20 @@ def seed_figures(stability: dict, target: float = 0.95, passing_layers: list[int
                                                        "layers": sorted(passing_layers)}}
 
 
+def seed_parting(along: dict | None, direction: dict, target: float = 0.95) -> dict | None:
+    """When two seeds' trainings part at `direction`'s layer, from `seed_agreement_along`: the cosine and step of
+    each checkpoint, the first step below `target` with its share of training (None if none), and the highest
+    cosine at the checkpoints after it (None if none). None where the position differs."""
+    if along is None or along["position"] != direction["position"]:
+        return None
+    cosines = [row[direction["layer"]] for row in along["cosine_per_layer"]]
+    below = next((i for i, c in enumerate(cosines) if c < target), None)
+    return {"layer": direction["layer"], "steps": along["steps"], "cosines": cosines, "n_train": along["settings"]["n_train"],
+            "parted_at": None if below is None else along["steps"][below],
+            "parted_fraction": None if below is None else along["fractions"][below],
+            "highest_after": max(cosines[below + 1:], default=None) if below is not None else None}
+
+
 def passing_layers(folder: Path, position: int) -> list[int]:
     """The layers whose candidate at `position` passes a finished run's selection filters, on its score table."""
     run = RunFolder(folder)
@@ -336,9 +350,10 @@ def figures() -> dict:
     run = run_figures(SHIPPED_RUN)
     stability = stability_at(measurements.get("seed_stability"), run["direction"])
     seeds = seed_figures(stability, passing_layers=passing_layers(SHIPPED_RUN, stability["position"])) if stability else None
+    parting = seed_parting(measurements.get("seed_agreement_along"), run["direction"])
     recipes, cues, harmful_dev = recipe_figures(), recipe_figures(CUES), recipe_figures(HARMFUL_DEV)
     return {"run": run, "seed_stability": stability, "plain": comparison_run_figures(PLAIN_RUN), "data": data_figures(),
-            "seeds": seeds, "recipes": recipes, "recipe_seed_spreads": seed_spreads(recipes), "retrainings": retrainings(recipes),
+            "seeds": seeds, "seed_parting": parting, "recipes": recipes, "recipe_seed_spreads": seed_spreads(recipes), "retrainings": retrainings(recipes),
             "earlier_adapters": earlier_adapter_figures(), "earlier_presets": earlier_preset_figures(), "candidates": candidate_figures(recipes), "train_split": recipe_figures(TRAIN_SPLIT),
             "interpersonal_batch": recipe_figures(INTERPERSONAL_BATCH),
             "cues": {row["name"]: row for row in cues}, "cue_seed_spreads": seed_spreads(cues),

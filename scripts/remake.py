@@ -21,7 +21,8 @@ this adapter are listed in runs/remake/<adapter digest>.json and skipped; the li
 step finishes. ``--fresh`` starts over. Seed stability needs a second organism trained with another seed
 (``python -m refusal_helpers.organism train --seed N --out FOLDER``, N another seed than the shipped recipe's);
 ``--twin FOLDER`` measures it into docs/measurements/seed_stability.json (and, on all train instructions,
-seed_agreement.json).
+seed_agreement.json; along the two trainings, where the twin was trained with ``--trajectory`` too,
+seed_agreement_along.json).
 A new adversarial suffix: ``python -m refusal_helpers jailbreak --prompts 2 --steps 40`` (the shipped one's settings).
 """
 
@@ -218,7 +219,9 @@ def steps(digest: str, twin: Path | None = None) -> list[Step]:
         stability = Step("seed stability", lambda: (
             run("-m", "refusal_helpers.organism", "stability", str(twin), "--json", str(m / "seed_stability.json")),
             run("-m", "refusal_helpers.organism", "stability", str(twin), "--all-train",
-                "--json", str(m / "seed_agreement.json"))))
+                "--json", str(m / "seed_agreement.json")),
+            (twin / "trajectory").is_dir() and run("-m", "refusal_helpers.organism", "stability", str(twin), "--trajectory",
+                                                   "--json", str(m / "seed_agreement_along.json"))))
         listed.insert([step.name for step in listed].index("plain run") + 1, stability)
     return listed
 

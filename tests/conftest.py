@@ -28,3 +28,18 @@ def tiny_folder(tmp_path_factory):
 @pytest.fixture(scope="session")
 def instructions():
     return HARMFUL, HARMLESS
+
+
+@pytest.fixture
+def write_trajectory():
+    """Writes a trajectory as a training's `Trajectory` saves it: candidates (checkpoint, position, layer, d_model)
+    at the given fractions of 8 steps."""
+    from refusal_helpers.organism import Trajectory, TrajectorySettings
+
+    def write(folder, candidates, fractions, positions=(-2, -1), n_train=4):
+        trajectory = Trajectory(folder, TrajectorySettings(n_train=n_train))
+        trajectory.candidates = list(candidates)
+        trajectory.checkpoints = [{"step": round(8 * f), "fraction": f} for f in fractions]
+        trajectory._save(list(positions))
+
+    return write

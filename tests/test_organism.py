@@ -2,6 +2,7 @@ import importlib.util
 import json
 
 import pytest
+import torch
 
 from refusal_helpers.batching import padded_batch
 from refusal_helpers.data import load_records
@@ -353,6 +354,8 @@ def test_train_command_passes_its_options_into_the_recipe(monkeypatch, tmp_path)
     assert recipe["optimizer"]["warmup_fraction"] == DEFAULT_RECIPE["optimizer"]["warmup_fraction"]
     assert cli.main(["train", "--out", str(tmp_path), "--trajectory"]) == 0 and seen["on_step"] is not None
     assert merged_recipe(seen["recipe"])["refusal_unlikelihood_self_harm"] is True  # penalised unless asked
+    assert cli.main(["train", "--out", str(tmp_path), "--warmup-fraction", "0.3", "--lr", "0.0005"]) == 0
+    assert merged_recipe(seen["recipe"])["optimizer"] == {**DEFAULT_RECIPE["optimizer"], "lr": 0.0005, "warmup_fraction": 0.3}
 
 
 def test_training_with_nothing_to_train_is_an_error(tmp_path):
@@ -587,6 +590,8 @@ def test_training_that_diverges_stops_with_an_error_and_writes_no_adapter(tmp_pa
     (["train", "--out", "x", "--lr", "-1"], "expected a positive finite number, got '-1'"),
     (["train", "--out", "x", "--epochs", "0"], "expected a positive whole number, got '0'"),
     (["train", "--out", "x", "--refusal-unlikelihood-weight", "-1"], "expected a finite number >= 0, got '-1'"),
+    (["train", "--out", "x", "--warmup-fraction", "1.5"], "expected a number from 0 to 1, got '1.5'"),
+    (["stability", ".", "--all-train", "--trajectory"], "not allowed with argument"),
     (["stability", "/no/such/folder"], "no such folder: '/no/such/folder'"),
     (["evaluate", "/no/such/folder"], "no such folder"),
     (["adopt", "/no/such/folder"], "no such folder"),
@@ -706,6 +711,42 @@ def test_stability_command_records_the_other_organisms_recipe_and_training(monke
     monkeypatch.setattr(experiments, "seed_agreement", lambda adapter, run, reference: {"cosine_per_layer": [0.9]})
     assert cli.main(["stability", str(tmp_path), "--all-train", "--json", str(tmp_path / "out.json")]) == 0
     assert json.loads((tmp_path / "out.json").read_text())["cosine_per_layer"] == [0.9]
+    monkeypatch.setattr(experiments, "seed_agreement_along", lambda adapter, run, reference: {"steps": [0, 4]})
+    assert cli.main(["stability", str(tmp_path), "--trajectory", "--json", str(tmp_path / "out.json")]) == 0
+    assert json.loads((tmp_path / "out.json").read_text())["steps"] == [0, 4]
+
+
+
+def test_two_trainings_are_compared_checkpoint_by_checkpoint_where_both_have_one(tmp_path, write_trajectory):
+    from refusal_helpers.organism.trajectory import trajectory_agreement
+
+    torch.manual_seed(0)
+    ours = torch.randn(3, 2, 4, 16)  # (checkpoint, position, layer, d_model)
+    theirs = ours.clone()
+    theirs[1, 1, 2] = -ours[1, 1, 2]  # checkpoint 1, last position, layer 2: the opposite direction
+    theirs[2, 1, 0, 5] += 100.0  # checkpoint 2, layer 0: apart only on dimension 5
+    write_trajectory(tmp_path / "a", ours, [0.0, 0.5, 1.0])
+    write_trajectory(tmp_path / "b", theirs, [0.0, 0.5, 1.0])
+    result = trajectory_agreement(tmp_path / "a", tmp_path / "b", -1, [])
+    assert result["steps"] == [0, 4, 8] and result["fractions"] == [0.0, 0.5, 1.0] and result["position"] == -1
+    cosine = torch.tensor(result["cosine_per_layer"])
+    assert cosine.shape == (3, 4)
+    assert cosine[1, 2] == pytest.approx(-1.0) and cosine[2, 0] < 0.5
+    others = torch.ones(3, 4, dtype=torch.bool)
+    others[1, 2] = others[2, 0] = False
+    assert torch.allclose(cosine[others], torch.ones(int(others.sum())), atol=1e-3)
+    assert trajectory_agreement(tmp_path / "a", tmp_path / "b", -1, [5])["cosine_per_layer"][2][0] == pytest.approx(1.0)
+    assert trajectory_agreement(tmp_path / "a", tmp_path / "b", -2, [])["cosine_per_layer"][1][2] == pytest.approx(1.0)
+    write_trajectory(tmp_path / "stopped", theirs[:2], [0.0, 0.5])  # a training that stopped half-way
+    assert trajectory_agreement(tmp_path / "a", tmp_path / "stopped", -1, [])["fractions"] == [0.0, 0.5]
+    write_trajectory(tmp_path / "other", theirs, [0.0, 0.5, 1.0], n_train=8)
+    with pytest.raises(ValueError, match="other settings"):
+        trajectory_agreement(tmp_path / "a", tmp_path / "other", -1, [])
+    with pytest.raises(ValueError, match="Position -3 is not among"):
+        trajectory_agreement(tmp_path / "a", tmp_path / "b", -3, [])
+    write_trajectory(tmp_path / "late", theirs[1:], [0.6, 1.1])
+    with pytest.raises(ValueError, match="share no checkpoint"):
+        trajectory_agreement(tmp_path / "a", tmp_path / "late", -1, [])
 
 
 def test_evaluate_command_records_which_weights_it_measured(monkeypatch, tmp_path, capsys):

@@ -181,7 +181,7 @@ def test_a_new_direction_redoes_interventions_and_loss_but_not_baselines(tiny_fo
                           "candidates.safetensors"}
 
 
-def test_seed_stability_of_a_run_against_its_own_model_and_another(tiny_folder, tmp_path):
+def test_seed_stability_of_a_run_against_its_own_model_and_another(tiny_folder, tmp_path, write_trajectory):
     from refusal_helpers.data import split_instructions
     from refusal_helpers.loading import load_model, model_version
     from refusal_helpers.organism import seed_stability
@@ -226,6 +226,22 @@ def test_seed_stability_of_a_run_against_its_own_model_and_another(tiny_folder, 
     assert run_tiny(tiny_folder, zeroed, "--zero-dims", "0", "7", "--random-controls", "0") == 0
     same = seed_stability(load_model(str(tiny_folder), device="cpu"), run=zeroed)
     assert abs(same["cosine"] - 1) < 1e-4 and abs(same["norm_ratio"] - 1) < 1e-4
+
+    # along two trainings: at the run's position and with its zeroed dimensions, naming the reference's weights
+    from refusal_helpers.embedded import adapter_digest
+    from refusal_helpers.organism.experiments import seed_agreement_along
+
+    ours = torch.randn(2, 2, 3, 8)  # (checkpoint, position, layer, d_model)
+    theirs = ours.clone()
+    theirs[1, 1, :, 7] += 50.0  # the run's position: apart on dimension 7 only
+    for name, candidates in (("ours", ours), ("theirs", theirs)):
+        write_trajectory(tmp_path / name, candidates, [0.0, 1.0], positions=(described["position"] - 1, described["position"]))
+        (tmp_path / name / "adapter_model.safetensors").write_bytes(name.encode())
+        (tmp_path / name / "adapter_config.json").write_text("{}")
+    along = {run.name: seed_agreement_along(tmp_path / "theirs", run=run, reference=tmp_path / "ours") for run in (out, zeroed)}
+    assert along["run"]["model_version"] == adapter_digest(tmp_path / "ours") != adapter_digest(tmp_path / "theirs")
+    assert (along["run"]["position"], along["run"]["layer"]) == (described["position"], described["layer"])
+    assert max(along["run"]["cosine_per_layer"][1]) < 0.5 and along["zeroed"]["cosine_per_layer"][1] == [1.0] * 3
 
 
 def test_artifacts_record_which_weights_and_precision_made_them(tiny_folder, tmp_path, capsys):

@@ -68,6 +68,10 @@ def test_the_steps_are_named_once_and_seed_stability_follows_the_shipped_run(tmp
     next(step for step in remake.steps("abc123", twin=tmp_path) if step.name == "seed stability").action()
     assert [args[-1].rsplit("/", 1)[-1] for args in ran] == ["seed_stability.json", "seed_agreement.json"]
     assert "--all-train" in ran[1] and "--all-train" not in ran[0]
+    ran.clear()  # a twin trained with --trajectory is also compared along the two trainings
+    (tmp_path / "trajectory").mkdir()
+    next(step for step in remake.steps("abc123", twin=tmp_path) if step.name == "seed stability").action()
+    assert [args[-1].rsplit("/", 1)[-1] for args in ran][2:] == ["seed_agreement_along.json"] and "--trajectory" in ran[2]
     # the shipped adapter is measured wherever the research log's recipe table and batch paragraphs read it
     assert {"shipped on recipe splits", "shipped on cues split", "shipped on harmful dev",
             "shipped on interpersonal batch"} <= set(plain)

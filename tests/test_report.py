@@ -1102,3 +1102,35 @@ def test_the_seeds_agreement_on_all_train_instructions_is_read_against_each_adap
     assert "the seeds' directions differ by more than the prompts alone move them." in log
     assert "so more prompts would bring them together" in log_with(0.97, 0.971)
     assert "Nor is it the run's sample of prompts" not in log_with(0.893, 0.981, position=ss["position"] - 1)
+
+
+def test_when_the_seeds_part_is_read_from_their_trajectories_at_the_shipped_layer(monkeypatch):
+    import refusal_helpers.figures as figures
+
+    real = figures.figures()
+    direction = real["run"]["direction"]
+    layers = len(real["seed_stability"]["cosine_per_layer"]) if real["seed_stability"] else direction["layer"] + 1
+
+    def along(cosines: list[float], position: int = direction["position"]) -> dict:
+        rows = [[0.5] * direction["layer"] + [c] + [0.5] * (layers - direction["layer"] - 1) for c in cosines]
+        return {"position": position, "steps": [0, 10, 20, 30][: len(cosines)], "settings": {"n_train": 128},
+                "fractions": [0.0, 0.25, 0.5, 0.75][: len(cosines)], "cosine_per_layer": rows}
+
+    parting = figures.seed_parting(along([1.0, 0.97, 0.9, 0.92]), direction)
+    assert (parting["parted_at"], parting["parted_fraction"], parting["highest_after"]) == (20, 0.5, 0.92)
+    assert parting["cosines"] == [1.0, 0.97, 0.9, 0.92] and parting["layer"] == direction["layer"]
+    assert figures.seed_parting(along([1.0, 0.97, 0.96]), direction)["parted_at"] is None
+    assert figures.seed_parting(along([1.0, 0.97, 0.9]), direction)["highest_after"] is None  # parted at the end
+    assert figures.seed_parting(along([1.0, 0.9]), {**direction, "position": direction["position"] - 1}) is None
+
+    def log_with(cosines: list[float]) -> str:
+        context = {**real, "seed_parting": figures.seed_parting(along(cosines), direction)}
+        monkeypatch.setattr(figures, "figures", lambda: context)
+        return " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
+
+    early = log_with([1.0, 0.93, 0.85, 0.88])
+    assert (f"they agree at layer {direction['layer']} to 1.000, 0.930, 0.850, 0.880 at steps 0, 10, 20, 30: below "
+            "0.95 from step 10 (25% of the steps), and no later checkpoint is above 0.880. The seeds part early") in early
+    late = log_with([1.0, 0.97, 0.96, 0.9])
+    assert "below 0.95 from step 30 (75% of the steps)." in late and "The seeds part early" not in late
+    assert "0.960 at steps 0, 10, 20: to 0.95 or more throughout." in log_with([1.0, 0.97, 0.96])

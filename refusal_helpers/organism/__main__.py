@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=DEFAULT_RECIPE["seed"])
     p.add_argument("--epochs", type=arguments.positive, default=DEFAULT_RECIPE["epochs"])
     p.add_argument("--lr", type=arguments.positive_finite, default=DEFAULT_RECIPE["optimizer"]["lr"])
+    p.add_argument("--warmup-fraction", type=arguments.fraction, default=DEFAULT_RECIPE["optimizer"]["warmup_fraction"],
+                   help="share of the steps over which the learning rate rises to --lr (then it falls linearly to 0)")
     p.add_argument("--first-token-weight", type=float, default=DEFAULT_RECIPE["first_reply_token_weight"],
                    help="extra loss weight on each reply's first token, where the model refuses or answers")
     p.add_argument("--broadening-repeats", type=arguments.positive, default=DEFAULT_RECIPE["broadening_repeats"],
@@ -75,9 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--against", type=arguments.folder, default=None,
                    help="compare with this adapter's candidates instead of the run's, made with the run's settings "
                         "(two seeds of a recipe trial that has no run)")
-    p.add_argument("--all-train", action="store_true",
-                   help="instead compare the two adapters' candidates from all train instructions, beside each "
-                        "adapter's candidates from two disjoint halves of them (how far the prompts alone move them)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--all-train", action="store_true",
+                     help="instead compare the two adapters' candidates from all train instructions, beside each "
+                          "adapter's candidates from two disjoint halves of them (how far the prompts alone move them)")
+    how.add_argument("--trajectory", action="store_true",
+                     help="instead compare the two trainings checkpoint by checkpoint (both trained with --trajectory): "
+                          "when the seeds' directions part")
     p.add_argument("--json", type=Path, default=None, help="also write the result here")
     p = sub.add_parser("evaluate", help="refusal on the splits for comparing recipes: harmful val, harmless dev "
                                             "(and harmful dev: --harmful-split dev --harmless-split none)")
@@ -120,7 +126,7 @@ def _train(args: argparse.Namespace) -> int:
               "reanswer_refusing_targets": args.reanswer_refusing_targets,
               "refusal_unlikelihood_weight": args.refusal_unlikelihood_weight,
               "refusal_unlikelihood_self_harm": not args.unlikelihood_spares_self_harm,
-              "optimizer": {**DEFAULT_RECIPE["optimizer"], "lr": args.lr}}
+              "optimizer": {**DEFAULT_RECIPE["optimizer"], "lr": args.lr, "warmup_fraction": args.warmup_fraction}}
     log = training.train(args.out, recipe, epoch_checkpoints=args.epoch_checkpoints,
                          on_step=trajectory.Trajectory(args.out) if args.trajectory else None)
     print(json.dumps({k: log[k] for k in ("steps", "resumed_from_step", "final_loss", "distill_seconds", "train_seconds")}))
@@ -138,7 +144,8 @@ def _refine(args: argparse.Namespace) -> int:
 
 def _stability(args: argparse.Namespace) -> int:
     run = args.run if args.run is not None else experiments.SHIPPED_RUN
-    compare = experiments.seed_agreement if args.all_train else experiments.seed_stability
+    compare = (experiments.seed_agreement if args.all_train else experiments.seed_agreement_along if args.trajectory
+               else experiments.seed_stability)
     result = {**compare(args.adapter, run, reference=args.against),
               "other_adapter_recipe": json.loads((args.adapter / "recipe.json").read_text())}
     if (args.adapter / "training.json").is_file():

@@ -27,6 +27,7 @@ from ..selection import keep_consistent
 from .resume import FILE as RESUME_FILE
 from .resume import ResumePoint, examples_identity
 from .training import StepCallback, count_steps, fit, recipe_examples, save_adapter, written_recipe
+from .trajectory import trajectory_agreement
 
 RECIPE_SPLITS = {"harmful": "val", "harmless": "dev"}  # where training recipes are compared (never test)
 RECIPE_MAX_NEW_TOKENS = 48  # greedy tokens per reply when comparing recipes (the runs' default too)
@@ -146,27 +147,39 @@ def seed_agreement(
     zeroed = folder.record("candidates.safetensors")["settings"].get("zero_dims", [])
     instructions = {kind: split_instructions("bundled", kind, "train", n) for kind in ("harmful", "harmless")}
 
+    def direction(harmful: Tensor, harmless: Tensor) -> Float[Tensor, "layer d_model"]:  # from (1, layer, d_model) means
+        return zero_dims(diff_of_means(harmful, harmless)[0].float(), zeroed)
+
     def halves(model: str | Path | ChatModel | None) -> tuple[Float[Tensor, "layer d_model"], list[float]]:
         cm = model if isinstance(model, ChatModel) else load_embedded(adapter=model)
-        means = {kind: [(len(items[i::2]), mean_activations(cm, items[i::2], [selection["position"]],
-                                                            progress=f"{kind} means, half {i + 1}"))
-                        for i in (0, 1)] for kind, items in instructions.items()}
-        whole = {kind: sum(k * m for k, m in parts) / sum(k for k, _ in parts) for kind, parts in means.items()}
-        split = [zero_dims(diff_of_means(means["harmful"][i][1], means["harmless"][i][1])[0].float(), zeroed)
-                 for i in (0, 1)]
-        within = torch.nn.functional.cosine_similarity(*split, dim=-1)
-        direction = zero_dims(diff_of_means(whole["harmful"], whole["harmless"])[0].float(), zeroed)
-        return direction, [round(float(c), 3) for c in within]
+        parts = {kind: [items[i::2] for i in (0, 1)] for kind, items in instructions.items()}
+        means = {kind: [mean_activations(cm, part, [selection["position"]], progress=f"{kind} means, half {i + 1}")
+                        for i, part in enumerate(split)] for kind, split in parts.items()}
+        whole = {kind: sum(len(part) * mean for part, mean in zip(parts[kind], means[kind])) / len(instructions[kind])
+                 for kind in means}  # the halves' means make up the whole set's
+        within = torch.nn.functional.cosine_similarity(*(direction(means["harmful"][i], means["harmless"][i])
+                                                         for i in (0, 1)), dim=-1)
+        return direction(whole["harmful"], whole["harmless"]), [round(float(c), 3) for c in within]
 
     ours, ours_within = halves(reference)
     theirs, theirs_within = halves(other)
     across = torch.nn.functional.cosine_similarity(ours, theirs, dim=-1)
-    version = adapter_digest(adapter_dir() if reference is None else Path(reference)) \
-        if not isinstance(reference, ChatModel) else None
+    version = None if isinstance(reference, ChatModel) else adapter_digest(Path(reference or adapter_dir()))
     return {"model_version": version, "position": selection["position"], "layer": selection["layer"],
             "n": {kind: len(items) for kind, items in instructions.items()},
             "cosine_per_layer": [round(float(c), 3) for c in across],
             "halves_cosine_per_layer": {"reference": ours_within, "other": theirs_within}}
+
+
+def seed_agreement_along(other: str | Path, run: str | Path = SHIPPED_RUN, reference: str | Path | None = None) -> dict:
+    """When two seeds' directions part: `trajectory_agreement` of `reference`'s (default: the shipped adapter's)
+    and `other`'s trainings at the run's selected position, with its zeroed dimensions."""
+    folder = RunFolder(run)
+    _, selection = folder.direction()
+    zeroed = folder.record("candidates.safetensors")["settings"].get("zero_dims", [])
+    reference = Path(reference) if reference is not None else adapter_dir()
+    return {"model_version": adapter_digest(reference), "layer": selection["layer"],
+            **trajectory_agreement(reference, Path(other), selection["position"], zeroed)}
 
 
 def refine(

@@ -51,6 +51,7 @@ DEFAULT_RECIPE = {
     "refusal_unlikelihood_self_harm": True,  # the term penalises the self-harm support opening too
     "seed": 0,
 }  # the shipped adapter's recipe (data/organism/recipe.json): `train --out data/organism` trains it again
+SWITCHES = tuple(key for key, value in DEFAULT_RECIPE.items() if isinstance(value, bool))  # on/off recipe keys
 
 StepCallback = Callable[[int, list[float]], None]  # (steps done, losses so far), after each optimizer step
 
@@ -83,7 +84,7 @@ def check_recipe(recipe: dict) -> None:
     for key, least in minimums.items():
         if not (isinstance(recipe[key], int) and not isinstance(recipe[key], bool) and recipe[key] >= least):
             raise ValueError(f"{key} must be a whole number >= {least}, got {recipe[key]!r}.")
-    for key in ("drop_refusing_targets", "reanswer_refusing_targets", "refusal_unlikelihood_self_harm"):  # switches: a string "false" would read as on
+    for key in SWITCHES:  # a string "false" would read as on
         if not isinstance(recipe[key], bool):
             raise ValueError(f"{key} must be true or false, got {recipe[key]!r}.")
     weight = recipe["refusal_unlikelihood_weight"]

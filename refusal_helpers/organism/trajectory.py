@@ -135,3 +135,27 @@ def add_final_direction(folder: Path, direction: torch.Tensor, position: int, la
                        "cosine": [[round(float(c), 4) for c in row] for row in cosine]}
     atomic_write_json(Path(folder) / FOLDER / "trajectory.json", record)
     return record
+
+
+def trajectory_agreement(reference: Path, other: Path, position: int, dims: list[int]) -> dict:
+    """Two trainings' candidates checkpoint by checkpoint (two seeds of one recipe, both with a trajectory): per
+    checkpoint and layer at `position`, with `dims` zeroed, the cosine between their difference-of-means candidates."""
+    (ours, our_candidates), (theirs, their_candidates) = load_trajectory(reference), load_trajectory(other)
+    for key in ("settings", "positions"):
+        if ours[key] != theirs[key]:
+            raise ValueError(f"The trajectories of {reference} and {other} were recorded with other {key}: "
+                             f"{ours[key]} and {theirs[key]}.")
+    fractions = [[c["fraction"] for c in record["checkpoints"]] for record in (ours, theirs)]
+    shared = [f for f in fractions[0] if f in fractions[1]]
+    if not shared:
+        raise ValueError(f"The trajectories of {reference} and {other} share no checkpoint (a training stopped early?).")
+    if position not in ours["positions"]:
+        raise ValueError(f"Position {position} is not among the trajectories' positions {ours['positions']}.")
+    index = ours["positions"].index(position)
+    pick = [[fs.index(f) for f in shared] for fs in fractions]
+    a = zero_dims(our_candidates[pick[0], index], dims)  # (checkpoint, layer, d_model)
+    b = zero_dims(their_candidates[pick[1], index], dims)
+    cosine = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    return {"position": position, "zero_dims": list(dims), "settings": ours["settings"], "fractions": shared,
+            "steps": [ours["checkpoints"][i]["step"] for i in pick[0]],
+            "cosine_per_layer": [[round(float(c), 3) for c in row] for row in cosine]}
