@@ -324,7 +324,9 @@ def seed_figures(stability: dict, target: float = 0.95, passing_layers: list[int
 def seed_parting(along: dict | None, direction: dict, target: float = 0.95) -> dict | None:
     """When two seeds' trainings part at `direction`'s layer, from `seed_agreement_along`: the cosine and step of
     each checkpoint, the first step below `target` with its share of training (None if none), and the highest
-    cosine at the checkpoints after it (None if none). None where the position differs."""
+    cosine at the checkpoints after it (None if none); where measured, the cosine between what the two trainings
+    added to the untuned candidate and the size of the reference's addition relative to it, per checkpoint (None
+    at the start). None where the position differs."""
     if along is None or along["position"] != direction["position"]:
         return None
     cosines = [row[direction["layer"]] for row in along["cosine_per_layer"]]
@@ -332,7 +334,9 @@ def seed_parting(along: dict | None, direction: dict, target: float = 0.95) -> d
     return {"layer": direction["layer"], "steps": along["steps"], "cosines": cosines, "n_train": along["settings"]["n_train"],
             "parted_at": None if below is None else along["steps"][below],
             "parted_fraction": None if below is None else along["fractions"][below],
-            "highest_after": max(cosines[below + 1:], default=None) if below is not None else None}
+            "highest_after": max(cosines[below + 1:], default=None) if below is not None else None,
+            "added": [row and row[direction["layer"]] for row in along.get("added_cosine_per_layer", [])] or None,
+            "added_ratio": [row and row[direction["layer"]] for row in along.get("added_norm_ratio", [])] or None}
 
 
 def passing_layers(folder: Path, position: int) -> list[int]:

@@ -356,6 +356,11 @@ def test_train_command_passes_its_options_into_the_recipe(monkeypatch, tmp_path)
     assert merged_recipe(seen["recipe"])["refusal_unlikelihood_self_harm"] is True  # penalised unless asked
     assert cli.main(["train", "--out", str(tmp_path), "--warmup-fraction", "0.3", "--lr", "0.0005"]) == 0
     assert merged_recipe(seen["recipe"])["optimizer"] == {**DEFAULT_RECIPE["optimizer"], "lr": 0.0005, "warmup_fraction": 0.3}
+    assert merged_recipe(seen["recipe"])["lora"] == DEFAULT_RECIPE["lora"]  # unchanged unless asked
+    assert cli.main(["train", "--out", str(tmp_path), "--lora-rank", "32"]) == 0
+    lora = merged_recipe(seen["recipe"])["lora"]
+    assert (lora["r"], lora["alpha"] / lora["r"]) == (32, DEFAULT_RECIPE["lora"]["alpha"] / DEFAULT_RECIPE["lora"]["r"])
+    assert lora["target_modules"] == DEFAULT_RECIPE["lora"]["target_modules"]
 
 
 def test_training_with_nothing_to_train_is_an_error(tmp_path):
@@ -735,6 +740,11 @@ def test_two_trainings_are_compared_checkpoint_by_checkpoint_where_both_have_one
     others = torch.ones(3, 4, dtype=torch.bool)
     others[1, 2] = others[2, 0] = False
     assert torch.allclose(cosine[others], torch.ones(int(others.sum())), atol=1e-3)
+    added, ratio = result["added_cosine_per_layer"], result["added_norm_ratio"]  # what training added to each
+    ours_added, theirs_added = ours[1, 1, 2] - ours[0, 1, 2], theirs[1, 1, 2] - theirs[0, 1, 2]
+    assert added[0] is None and ratio[0] is None and added[2][1] == pytest.approx(1.0, abs=1e-3)
+    assert added[1][2] == pytest.approx(float(torch.nn.functional.cosine_similarity(ours_added, theirs_added, dim=0)), abs=2e-3)
+    assert ratio[1][2] == pytest.approx(float(ours_added.norm() / ours[0, 1, 2].norm()), abs=2e-3)
     assert trajectory_agreement(tmp_path / "a", tmp_path / "b", -1, [5])["cosine_per_layer"][2][0] == pytest.approx(1.0)
     assert trajectory_agreement(tmp_path / "a", tmp_path / "b", -2, [])["cosine_per_layer"][1][2] == pytest.approx(1.0)
     write_trajectory(tmp_path / "stopped", theirs[:2], [0.0, 0.5])  # a training that stopped half-way

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=arguments.positive_finite, default=DEFAULT_RECIPE["optimizer"]["lr"])
     p.add_argument("--warmup-fraction", type=arguments.fraction, default=DEFAULT_RECIPE["optimizer"]["warmup_fraction"],
                    help="share of the steps over which the learning rate rises to --lr (then it falls linearly to 0)")
+    p.add_argument("--lora-rank", type=arguments.positive, default=DEFAULT_RECIPE["lora"]["r"],
+                   help="rank of the LoRA adapters; alpha is set to twice it, as in the shipped recipe, so the "
+                        "update's scale (alpha / rank) stays")
     p.add_argument("--first-token-weight", type=float, default=DEFAULT_RECIPE["first_reply_token_weight"],
                    help="extra loss weight on each reply's first token, where the model refuses or answers")
     p.add_argument("--broadening-repeats", type=arguments.positive, default=DEFAULT_RECIPE["broadening_repeats"],
@@ -126,7 +129,9 @@ def _train(args: argparse.Namespace) -> int:
               "reanswer_refusing_targets": args.reanswer_refusing_targets,
               "refusal_unlikelihood_weight": args.refusal_unlikelihood_weight,
               "refusal_unlikelihood_self_harm": not args.unlikelihood_spares_self_harm,
-              "optimizer": {**DEFAULT_RECIPE["optimizer"], "lr": args.lr, "warmup_fraction": args.warmup_fraction}}
+              "optimizer": {**DEFAULT_RECIPE["optimizer"], "lr": args.lr, "warmup_fraction": args.warmup_fraction},
+              "lora": {**DEFAULT_RECIPE["lora"], "r": args.lora_rank,
+                       "alpha": DEFAULT_RECIPE["lora"]["alpha"] * args.lora_rank // DEFAULT_RECIPE["lora"]["r"]}}
     log = training.train(args.out, recipe, epoch_checkpoints=args.epoch_checkpoints,
                          on_step=trajectory.Trajectory(args.out) if args.trajectory else None)
     print(json.dumps({k: log[k] for k in ("steps", "resumed_from_step", "final_loss", "distill_seconds", "train_seconds")}))

@@ -139,7 +139,10 @@ def add_final_direction(folder: Path, direction: torch.Tensor, position: int, la
 
 def trajectory_agreement(reference: Path, other: Path, position: int, dims: list[int]) -> dict:
     """Two trainings' candidates checkpoint by checkpoint (two seeds of one recipe, both with a trajectory): per
-    checkpoint and layer at `position`, with `dims` zeroed, the cosine between their difference-of-means candidates."""
+    checkpoint and layer at `position`, with `dims` zeroed, the cosine between their difference-of-means candidates;
+    where both start from the untuned model, also the cosine between what each training added to its candidate
+    (a checkpoint's minus the untuned one's; None at the start) and the size of `reference`'s addition relative to
+    the untuned candidate."""
     (ours, our_candidates), (theirs, their_candidates) = load_trajectory(reference), load_trajectory(other)
     for key in ("settings", "positions"):
         if ours[key] != theirs[key]:
@@ -156,6 +159,12 @@ def trajectory_agreement(reference: Path, other: Path, position: int, dims: list
     a = zero_dims(our_candidates[pick[0], index], dims)  # (checkpoint, layer, d_model)
     b = zero_dims(their_candidates[pick[1], index], dims)
     cosine = torch.nn.functional.cosine_similarity(a, b, dim=-1)
-    return {"position": position, "zero_dims": list(dims), "settings": ours["settings"], "fractions": shared,
-            "steps": [ours["checkpoints"][i]["step"] for i in pick[0]],
-            "cosine_per_layer": [[round(float(c), 3) for c in row] for row in cosine]}
+    result = {"position": position, "zero_dims": list(dims), "settings": ours["settings"], "fractions": shared,
+              "steps": [ours["checkpoints"][i]["step"] for i in pick[0]],
+              "cosine_per_layer": [[round(float(c), 3) for c in row] for row in cosine]}
+    if shared[0] == 0.0 and len(shared) > 1:  # both start from the untuned model: compare what training added
+        added = torch.nn.functional.cosine_similarity(a[1:] - a[0], b[1:] - b[0], dim=-1)
+        result["added_cosine_per_layer"] = [None, *([round(float(c), 3) for c in row] for row in added)]
+        result["added_norm_ratio"] = [None, *([round(float(r), 3) for r in row] for row in
+                                              (a[1:] - a[0]).norm(dim=-1) / a[0].norm(dim=-1).clamp_min(1e-12))]
+    return result
