@@ -77,6 +77,14 @@ def signed(x: float, digits: int = 3) -> str:
     return f"{x:+.{digits}f}"
 
 
+def train_time(log: dict) -> str:
+    """A training log's time as the documents write it: "3935 s", or why it is unknown."""
+    from .organism.training import train_seconds
+
+    seconds = train_seconds(log)
+    return f"{seconds:.0f} s" if seconds is not None else f"an unrecorded time (resumed from step {log['resumed_from_step']})"
+
+
 def recipe_text(changes: dict) -> str:
     """Recipe changes as the documents write them, by key: "epochs 2, reanswer_refusing_targets true" (values as in
     recipe.json)."""
@@ -97,12 +105,14 @@ def render(template: Path, context: dict) -> str:
 
     from .embedded import train_only_batches
     from .figures import twin_seed
+    from .organism.training import train_seconds
     from .spreads import largest_spread
     from .trials import batch_trials, nearest_shipped, trial_preset_of
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(percent=percent, signed=signed, recipe_text=recipe_text, train_only_batches=train_only_batches,
+    env.filters.update(percent=percent, signed=signed, recipe_text=recipe_text, train_time=train_time,
+                       train_seconds=train_seconds, train_only_batches=train_only_batches,
                        largest_spread=largest_spread, twin_seed=twin_seed,
                        trial_preset_of=trial_preset_of)
     env.globals.update(batch_trials=batch_trials, nearest_shipped=nearest_shipped)

@@ -652,15 +652,33 @@ def test_a_stopped_training_continues_to_the_same_adapter(tmp_path):
               on_step=stop_at(6), resume_every=5)
     assert (parts / "resume.pt").is_file() and not (parts / "adapter_model.safetensors").exists()
     (parts / "epoch-1" / "adapter_model.safetensors").unlink()  # saved before the stop: not saved again
+    earlier = torch.load(parts / "resume.pt", weights_only=True)["seconds"]  # the first run's, up to step 5
     log = train(parts, RESUMABLE, base=tiny_chat_model("llama", n_layers=2), limit=8, epoch_checkpoints=True,
                 resume_every=5)
     assert log["resumed_from_step"] == 5 and log["steps"] == 8
+    assert earlier > 0 and log["train_seconds"] == pytest.approx(earlier + log["train_seconds_this_run"], abs=0.11)
     assert not (parts / "resume.pt").exists()  # removed once the adapter is written
     assert not (parts / "epoch-1" / "adapter_model.safetensors").exists()
     expected, got = load_file(whole / "adapter_model.safetensors"), load_file(parts / "adapter_model.safetensors")
     assert expected.keys() == got.keys() and all(expected[k].equal(got[k]) for k in expected)
     assert log["final_loss"] == json.loads((whole / "training.json").read_text())["final_loss"]
     assert json.loads((whole / "training.json").read_text())["resumed_from_step"] == 0
+
+
+def test_the_time_of_a_training_resumed_from_a_state_without_it_is_unknown(tmp_path):
+    from refusal_helpers.organism.training import train_seconds
+
+    with pytest.raises(Stop):
+        train(tmp_path, RESUMABLE, base=tiny_chat_model("llama", n_layers=2), limit=8, on_step=stop_at(3), resume_every=2)
+    state = torch.load(tmp_path / "resume.pt", weights_only=True)
+    torch.save({k: v for k, v in state.items() if k != "seconds"}, tmp_path / "resume.pt")  # as saved before it was kept
+    log = train(tmp_path, RESUMABLE, base=tiny_chat_model("llama", n_layers=2), limit=8, resume_every=2)
+    assert log["resumed_from_step"] == 2 and log["train_seconds"] is None and log["train_seconds_this_run"] > 0
+    assert train_seconds(log) is None
+    # logs written before the seconds were summed across runs: only a training never stopped has its whole time
+    assert train_seconds({"resumed_from_step": 250, "train_seconds": 1369.0}) is None
+    assert train_seconds({"resumed_from_step": 0, "train_seconds": 3935.0}) == 3935.0
+    assert train_seconds({"resumed_from_step": 2, "train_seconds": 9.0, "train_seconds_this_run": 4.0}) == 9.0
 
 
 def test_a_stopped_training_is_not_continued_with_another_recipe(tmp_path):
@@ -819,12 +837,14 @@ def test_a_stopped_refinement_continues_to_the_same_adapter(tmp_path):
         refine(tmp_path / "a", tmp_path / "parts", settings, base=tiny_chat_model("llama", n_layers=2), limit=4,
                on_step=stop_at(3), resume_every=2)
     assert (tmp_path / "parts" / "resume.pt").is_file()
+    earlier = torch.load(tmp_path / "parts" / "resume.pt", weights_only=True)["seconds"]
     with pytest.raises(ValueError, match=r"another training \(its refine differ\)"):
         refine(tmp_path / "a", tmp_path / "parts", {**settings, "kl_weight": 5.0},
                base=tiny_chat_model("llama", n_layers=2), limit=4)
     log = refine(tmp_path / "a", tmp_path / "parts", settings, base=tiny_chat_model("llama", n_layers=2), limit=4,
                  resume_every=2)["refine"]
     assert (log["resumed_from_step"], log["steps"], whole["refine"]["resumed_from_step"]) == (2, 4, 0)
+    assert log["train_seconds"] == pytest.approx(earlier + log["train_seconds_this_run"], abs=0.11) and earlier > 0
     assert not (tmp_path / "parts" / "resume.pt").exists() and log["final_loss"] == whole["refine"]["final_loss"]
     expected, got = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("whole", "parts"))
     assert expected.keys() == got.keys() and all(expected[k].equal(got[k]) for k in expected)

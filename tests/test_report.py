@@ -1143,3 +1143,10 @@ def test_when_the_seeds_part_is_read_from_their_trajectories_at_the_shipped_laye
     late = log_with([1.0, 0.97, 0.96, 0.9])
     assert "below 0.95 from step 30 (75% of the steps)." in late
     assert "0.960 at steps 0, 10, 20: to 0.95 or more throughout." in log_with([1.0, 0.97, 0.96])
+
+
+def test_a_training_time_is_written_only_where_it_covers_the_whole_training():
+    assert report.train_time({"resumed_from_step": 0, "train_seconds": 3934.6}) == "3935 s"
+    assert report.train_time({"resumed_from_step": 250, "train_seconds": 3794.0}) == (
+        "an unrecorded time (resumed from step 250)")
+    assert report.train_time({"resumed_from_step": 250, "train_seconds": 7000.2, "train_seconds_this_run": 10.0}) == "7000 s"

@@ -226,10 +226,13 @@ def refine(
     save_adapter(model, out, recipe["base_model"])
     resume.clear()
     recipe["refine"] = refined
+    this_run = round(time.time() - start, 1)
+    whole = None if resume.earlier_seconds is None else round(resume.earlier_seconds + this_run, 1)
     (out / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
     log = {"refine": {"direction_norm": float(f"{float(direction.norm()):.6g}"), "steps": steps,
                       "resumed_from_step": resume.resumed_from,
-                      "final_loss": sum(losses[-20:]) / len(losses[-20:]), "train_seconds": round(time.time() - start, 1),
+                      "final_loss": sum(losses[-20:]) / len(losses[-20:]), "train_seconds": whole,
+                      "train_seconds_this_run": this_run,
                       "machine": f"{platform.machine()}, {torch.get_num_threads()} threads"}}
     (out / "training.json").write_text(json.dumps(log, indent=2) + "\n")
     return log

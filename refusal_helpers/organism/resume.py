@@ -8,7 +8,8 @@ to the same adapter as an uninterrupted run; the file is removed once the adapte
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,10 +37,12 @@ class ResumePoint:
     identity: dict
     every: int = 25  # optimizer steps between saves (one save costs well under a step of the embedded model)
     resumed_from: int = 0  # the step the last `load` continued from (0: from the start)
+    earlier_seconds: float | None = 0.0  # training seconds of the runs before, up to that step (None: not recorded)
+    started: float = field(default_factory=time.time)  # when this run's training started (reset by `load`)
 
     def load(self, model, optimizer: torch.optim.Optimizer, scheduler) -> tuple[int, list[float]]:
         """Restore the state an earlier run of the same training saved; (steps done, losses so far), (0, []) if none."""
-        self.resumed_from = 0
+        self.resumed_from, self.earlier_seconds, self.started = 0, 0.0, time.time()
         if not self.path.is_file():
             return 0, []
         state = torch.load(self.path, weights_only=True)
@@ -59,13 +62,17 @@ class ResumePoint:
         torch.set_rng_state(state["rng"])
         if state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.resumed_from = state["step"]
+        self.resumed_from, self.earlier_seconds = state["step"], state.get("seconds")  # None: saved without it
         return state["step"], list(state["losses"])
+
+    def seconds(self) -> float | None:
+        """Training seconds up to now across every run of this training (None where an earlier one did not record them)."""
+        return None if self.earlier_seconds is None else self.earlier_seconds + time.time() - self.started
 
     def save(self, model, optimizer: torch.optim.Optimizer, scheduler, step: int, losses: list[float]) -> None:
         """Write the state after `step` optimizer steps (atomically: a stop while writing keeps the previous one)."""
         state = {
-            "identity": self.identity, "step": step, "losses": list(losses),
+            "identity": self.identity, "step": step, "losses": list(losses), "seconds": self.seconds(),
             "lora": {name: p.detach().clone() for name, p in trainable_parameters(model).items()},
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "rng": torch.get_rng_state(),

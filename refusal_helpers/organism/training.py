@@ -145,6 +145,8 @@ def train(
     resume.clear()
     (out / "recipe.json").write_text(json.dumps({**recipe, "base_model": base_model}, indent=2) + "\n")
     n_harmless = sum(e["kind"] == "harmless" for e in examples)
+    this_run = round(time.time() - start - distill_seconds, 1)
+    whole = None if resume.earlier_seconds is None else round(resume.earlier_seconds + this_run, 1)
     log = {
         "data": {"harmful_train": len(examples) - n_harmless, "harmless_train": n_harmless,
                  "harmless_dropped_refusing_target": len(dropped),
@@ -154,12 +156,21 @@ def train(
         "resumed_from_step": resume.resumed_from,
         "final_loss": sum(losses[-20:]) / len(losses[-20:]),
         "distill_seconds": round(distill_seconds, 1),
-        "train_seconds": round(time.time() - start - distill_seconds, 1),  # this process's (after resumed_from_step)
+        "train_seconds": whole,  # every run's, where a training stopped part-way (None: an earlier run's unknown)
+        "train_seconds_this_run": this_run,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "versions": {p: package_version(p) for p in ("torch", "transformers", "peft", "gguf")},
     }
     (out / "training.json").write_text(json.dumps(log, indent=2) + "\n")
     return log
+
+
+def train_seconds(log: dict) -> float | None:
+    """A training log's seconds for the whole training, whether or not it stopped part-way; None where unknown
+    (a run resumed from a state saved without them, or a log written before they were summed across runs)."""
+    if log.get("resumed_from_step") and "train_seconds_this_run" not in log:
+        return None
+    return log.get("train_seconds")
 
 
 def recipe_examples(
