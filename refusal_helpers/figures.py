@@ -39,6 +39,7 @@ HARMFUL_DEV = MEASUREMENTS / "harmful-dev"
 TRIAL_PRESETS = MEASUREMENTS / "trial-presets"
 # `organism stability <seed-0 twin> --against <trial>`: two seeds of a recipe trial, named as in RECIPES
 SEED_PAIRS = MEASUREMENTS / "seed-pairs"
+SEED_TRAJECTORIES = MEASUREMENTS / "seed-trajectories"  # `stability --trajectory --against`: two seeds of a trial
 EARLIER = MEASUREMENTS / "earlier-adapters"  # the shipped run of each adapter shipped before (scripts/remake.py)
 EARLIER_PRESETS = MEASUREMENTS / "earlier-presets"  # the shipped adapter's runs under earlier presets (scripts/remake.py)
 CANDIDATES = ROOT / "candidates"  # adapters trained with a recipe chosen to ship, for `make remake ADOPT=<folder>`
@@ -339,6 +340,26 @@ def seed_parting(along: dict | None, direction: dict, target: float = 0.95) -> d
             "added_ratio": [row and row[direction["layer"]] for row in along.get("added_norm_ratio", [])] or None}
 
 
+def seed_trajectory_figures(parting: dict | None, direction: dict, folder: Path | None = None) -> dict[str, dict]:
+    """Two seeds of each recipe trial compared along their trainings (in `folder`, default
+    ``docs/measurements/seed-trajectories``), by name: `seed_parting` at `direction`'s layer, the trial's recipe
+    changes from the shipped one (seed aside), and the shipped pair's (`parting`) cosines and additions' cosines at
+    the same steps (None where it has no checkpoint at one of them)."""
+    shipped = _json(adapter_dir() / "recipe.json") or {}
+    pairs = {}
+    for path in sorted((folder or SEED_TRAJECTORIES).glob("*.json")):
+        pair = json.loads(path.read_text())
+        figures = seed_parting(pair, direction)
+        if figures is None:
+            continue
+        changes = recipe_changes(pair.get("reference_recipe") or pair["other_adapter_recipe"], shipped)
+        at = [parting["steps"].index(step) if parting and step in parting["steps"] else None for step in figures["steps"]]
+        baseline = None if None in at else {"cosines": [parting["cosines"][i] for i in at],
+                                            "added": [parting["added"][i] for i in at] if parting["added"] else None}
+        pairs[path.stem] = {**figures, "changes": {k: v for k, v in changes.items() if k != "seed"}, "baseline": baseline}
+    return pairs
+
+
 def passing_layers(folder: Path, position: int) -> list[int]:
     """The layers whose candidate at `position` passes a finished run's selection filters, on its score table."""
     run = RunFolder(folder)
@@ -357,7 +378,8 @@ def figures() -> dict:
     parting = seed_parting(measurements.get("seed_agreement_along"), run["direction"])
     recipes, cues, harmful_dev = recipe_figures(), recipe_figures(CUES), recipe_figures(HARMFUL_DEV)
     return {"run": run, "seed_stability": stability, "plain": comparison_run_figures(PLAIN_RUN), "data": data_figures(),
-            "seeds": seeds, "seed_parting": parting, "recipes": recipes, "recipe_seed_spreads": seed_spreads(recipes), "retrainings": retrainings(recipes),
+            "seeds": seeds, "seed_parting": parting,
+            "seed_trajectories": seed_trajectory_figures(parting, run["direction"]), "recipes": recipes, "recipe_seed_spreads": seed_spreads(recipes), "retrainings": retrainings(recipes),
             "earlier_adapters": earlier_adapter_figures(), "earlier_presets": earlier_preset_figures(), "candidates": candidate_figures(recipes), "train_split": recipe_figures(TRAIN_SPLIT),
             "interpersonal_batch": recipe_figures(INTERPERSONAL_BATCH),
             "cues": {row["name"]: row for row in cues}, "cue_seed_spreads": seed_spreads(cues),

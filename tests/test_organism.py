@@ -653,6 +653,9 @@ def test_a_stopped_training_continues_to_the_same_adapter(tmp_path):
     assert (parts / "resume.pt").is_file() and not (parts / "adapter_model.safetensors").exists()
     (parts / "epoch-1" / "adapter_model.safetensors").unlink()  # saved before the stop: not saved again
     earlier = torch.load(parts / "resume.pt", weights_only=True)["seconds"]  # the first run's, up to step 5
+    from refusal_helpers.organism.resume import saved_recipe
+
+    assert saved_recipe(parts) == merged_recipe(RESUMABLE) and saved_recipe(whole) is None  # whole: finished
     log = train(parts, RESUMABLE, base=tiny_chat_model("llama", n_layers=2), limit=8, epoch_checkpoints=True,
                 resume_every=5)
     assert log["resumed_from_step"] == 5 and log["steps"] == 8
@@ -737,6 +740,18 @@ def test_stability_command_records_the_other_organisms_recipe_and_training(monke
     monkeypatch.setattr(experiments, "seed_agreement_along", lambda adapter, run, reference: {"steps": [0, 4]})
     assert cli.main(["stability", str(tmp_path), "--trajectory", "--json", str(tmp_path / "out.json")]) == 0
     assert json.loads((tmp_path / "out.json").read_text())["steps"] == [0, 4]
+    # two seeds still training: their recipes from the resume points
+    partial = {name: tmp_path / name for name in ("seed0", "seed1")}
+    for seed, folder in enumerate(partial.values()):
+        folder.mkdir()
+        torch.save({"identity": {"recipe": {"seed": seed, "lora": {"r": 32}}}}, folder / "resume.pt")
+    assert cli.main(["stability", str(partial["seed1"]), "--trajectory", "--against", str(partial["seed0"]),
+                     "--json", str(tmp_path / "out.json")]) == 0
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert result["other_adapter_recipe"]["seed"] == 1 and result["reference_recipe"]["seed"] == 0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli.main(["stability", str(empty), "--trajectory"]) == 2
 
 
 

@@ -242,6 +242,8 @@ def test_seed_stability_of_a_run_against_its_own_model_and_another(tiny_folder, 
     assert along["run"]["model_version"] == adapter_digest(tmp_path / "ours") != adapter_digest(tmp_path / "theirs")
     assert (along["run"]["position"], along["run"]["layer"]) == (described["position"], described["layer"])
     assert max(along["run"]["cosine_per_layer"][1]) < 0.5 and along["zeroed"]["cosine_per_layer"][1] == [1.0] * 3
+    (tmp_path / "ours" / "adapter_model.safetensors").unlink()  # a reference still training: no weights to name
+    assert seed_agreement_along(tmp_path / "theirs", run=out, reference=tmp_path / "ours")["model_version"] is None
 
 
 def test_artifacts_record_which_weights_and_precision_made_them(tiny_folder, tmp_path, capsys):

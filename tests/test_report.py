@@ -1150,3 +1150,39 @@ def test_a_training_time_is_written_only_where_it_covers_the_whole_training():
     assert report.train_time({"resumed_from_step": 250, "train_seconds": 3794.0}) == (
         "an unrecorded time (resumed from step 250)")
     assert report.train_time({"resumed_from_step": 250, "train_seconds": 7000.2, "train_seconds_this_run": 10.0}) == "7000 s"
+
+
+def test_two_seeds_of_a_trial_trained_part_way_are_set_against_the_shipped_pair_at_the_same_steps(monkeypatch, tmp_path):
+    import refusal_helpers.figures as figures
+    from refusal_helpers.embedded import adapter_dir
+
+    real = figures.figures()
+    direction = real["run"]["direction"]
+    layer = direction["layer"]
+    shipped_recipe = json.loads((adapter_dir() / "recipe.json").read_text())
+
+    def rows(values):
+        return [None if v is None else [0.5] * layer + [v] + [0.5] for v in values]
+
+    parting = {"steps": [0, 84, 168, 251], "cosines": [1.0, 0.94, 0.85, 0.87], "added": [None, 0.68, 0.63, 0.74]}
+    trial = {"position": direction["position"], "steps": [0, 84, 168], "fractions": [0.0, 0.1, 0.2],
+             "settings": {"n_train": 128}, "cosine_per_layer": rows([1.0, 0.89, 0.8]),
+             "added_cosine_per_layer": rows([None, 0.69, 0.61]), "added_norm_ratio": rows([None, 0.8, 1.2]),
+             "other_adapter_recipe": {**shipped_recipe, "seed": 1, "lora": {**shipped_recipe["lora"], "r": 32}},
+             "reference_recipe": {**shipped_recipe, "seed": 0, "lora": {**shipped_recipe["lora"], "r": 32}}}
+    (tmp_path / "rank32.json").write_text(json.dumps(trial))
+    (tmp_path / "elsewhere.json").write_text(json.dumps({**trial, "position": direction["position"] - 1}))
+    pairs = figures.seed_trajectory_figures(parting, direction, tmp_path)
+    assert list(pairs) == ["rank32"]  # another position: not read at the shipped direction
+    pair = pairs["rank32"]
+    assert pair["changes"] == {"lora.r": 32} and pair["cosines"] == [1.0, 0.89, 0.8]
+    assert pair["baseline"] == {"cosines": [1.0, 0.94, 0.85], "added": [None, 0.68, 0.63]}
+    assert figures.seed_trajectory_figures({**parting, "steps": [0, 83, 167, 251]}, direction, tmp_path)["rank32"]["baseline"] is None
+    assert figures.seed_trajectory_figures(None, direction, tmp_path)["rank32"]["baseline"] is None
+    monkeypatch.setattr(figures, "figures", lambda: {**real, "seed_trajectories": pairs})
+    log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
+    assert ("Two seeds of the recipe trial rank32 (lora.r 32), trained part-way with their trajectories and compared "
+            "at the checkpoints both reached") in log
+    assert (f"agree at layer {layer} to 1.000, 0.890, 0.800 at steps 0, 84, 168 (the shipped recipe's two seeds: 1.000, "
+            "0.940, 0.850); what training added agrees to 0.690, 0.610 after the start (the shipped recipe's: 0.680, "
+            "0.630). By the last step compared the trial's seeds agree less than the shipped recipe's") in log

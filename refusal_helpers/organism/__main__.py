@@ -14,7 +14,7 @@ from ..data import SPLITS
 from ..embedded import adapter_dir, load_base, load_embedded, train_only_batches
 from ..files import atomic_write_json
 from ..runs import RunFolder
-from . import experiments, formation, shipping, training, trajectory
+from . import experiments, formation, resume, shipping, training, trajectory
 from .experiments import DEFAULT_REFINE, RECIPE_SPLITS
 from .training import DEFAULT_RECIPE
 
@@ -151,8 +151,14 @@ def _stability(args: argparse.Namespace) -> int:
     run = args.run if args.run is not None else experiments.SHIPPED_RUN
     compare = (experiments.seed_agreement if args.all_train else experiments.seed_agreement_along if args.trajectory
                else experiments.seed_stability)
-    result = {**compare(args.adapter, run, reference=args.against),
-              "other_adapter_recipe": json.loads((args.adapter / "recipe.json").read_text())}
+    recipe = (json.loads((args.adapter / "recipe.json").read_text()) if (args.adapter / "recipe.json").is_file()
+              else resume.saved_recipe(args.adapter))  # a training stopped part-way (only with --trajectory)
+    if recipe is None:
+        raise ValueError(f"{args.adapter} holds no adapter (recipe.json) and no training stopped part-way (resume.pt).")
+    result = {**compare(args.adapter, run, reference=args.against), "other_adapter_recipe": recipe}
+    if args.against is not None and args.trajectory:
+        result["reference_recipe"] = (json.loads((args.against / "recipe.json").read_text())
+                                      if (args.against / "recipe.json").is_file() else resume.saved_recipe(args.against))
     if (args.adapter / "training.json").is_file():
         result["other_adapter_training"] = json.loads((args.adapter / "training.json").read_text())
     print(json.dumps(result, indent=1))

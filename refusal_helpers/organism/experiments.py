@@ -173,12 +173,15 @@ def seed_agreement(
 
 def seed_agreement_along(other: str | Path, run: str | Path = SHIPPED_RUN, reference: str | Path | None = None) -> dict:
     """When two seeds' directions part: `trajectory_agreement` of `reference`'s (default: the shipped adapter's)
-    and `other`'s trainings at the run's selected position, with its zeroed dimensions."""
+    and `other`'s trainings at the run's selected position, with its zeroed dimensions. Either may still be
+    training (stopped part-way): then their checkpoints so far are compared, and an unfinished reference has
+    no ``model_version``."""
     folder = RunFolder(run)
     _, selection = folder.direction()
     zeroed = folder.record("candidates.safetensors")["settings"].get("zero_dims", [])
     reference = Path(reference) if reference is not None else adapter_dir()
-    return {"model_version": adapter_digest(reference), "layer": selection["layer"],
+    finished = (reference / "adapter_model.safetensors").is_file()  # two seeds of a trial may still be training
+    return {"model_version": adapter_digest(reference) if finished else None, "layer": selection["layer"],
             **trajectory_agreement(reference, Path(other), selection["position"], zeroed)}
 
 

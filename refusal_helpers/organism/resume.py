@@ -19,6 +19,12 @@ from ..files import atomic_write
 FILE = "resume.pt"
 
 
+def saved_recipe(folder: Path) -> dict | None:
+    """The recipe of a training that stopped part-way in `folder` (from its resume point), None if there is none."""
+    path = Path(folder) / FILE
+    return torch.load(path, weights_only=True)["identity"]["recipe"] if path.is_file() else None
+
+
 def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
     """The parameters training updates (a peft model's LoRA weights), by name."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
