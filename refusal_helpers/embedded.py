@@ -76,6 +76,14 @@ def adapter_digest(folder: Path | None = None) -> str:
     return digest.hexdigest()[:12]
 
 
+def train_seconds(log: dict) -> float | None:
+    """A training log's seconds for the whole training, whether or not it stopped part-way; None where unknown
+    (a run resumed from a state saved without them, or a log written before they were summed across runs)."""
+    if log.get("resumed_from_step") and "train_seconds_this_run" not in log:
+        return None
+    return log.get("train_seconds")
+
+
 # Recipe keys added after adapters were trained without them, each with the value those adapters had in effect.
 LATER_KEYS = {"broadening_repeats": 1, "breadth_repeats": 0, "interpersonal_repeats": 0, "gaps_repeats": 0,
               "ordinary_repeats": 0, "reanswer_refusing_targets": False, "refusal_unlikelihood_weight": 0.0,

@@ -79,7 +79,7 @@ def signed(x: float, digits: int = 3) -> str:
 
 def train_time(log: dict) -> str:
     """A training log's time as the documents write it: "3935 s", or why it is unknown."""
-    from .organism.training import train_seconds
+    from .embedded import train_seconds
 
     seconds = train_seconds(log)
     return f"{seconds:.0f} s" if seconds is not None else f"an unrecorded time (resumed from step {log['resumed_from_step']})"
@@ -103,9 +103,8 @@ def render(template: Path, context: dict) -> str:
     """The text of one generated document."""
     import jinja2
 
-    from .embedded import train_only_batches
+    from .embedded import train_only_batches, train_seconds
     from .figures import twin_seed
-    from .organism.training import train_seconds
     from .spreads import largest_spread
     from .trials import batch_trials, nearest_shipped, trial_preset_of
 

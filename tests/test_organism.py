@@ -332,7 +332,7 @@ def test_first_token_weight_changes_training_and_is_recorded(tmp_path):
     assert any(not a[k].equal(b[k]) for k in a if "lora_B" in k)
 
 
-def test_train_command_passes_its_options_into_the_recipe(monkeypatch, tmp_path):
+def test_train_command_passes_its_options_into_the_recipe(monkeypatch, tmp_path, capsys):
     from refusal_helpers.organism import DEFAULT_RECIPE, training
     from refusal_helpers.organism import __main__ as cli
 
@@ -355,12 +355,20 @@ def test_train_command_passes_its_options_into_the_recipe(monkeypatch, tmp_path)
     assert cli.main(["train", "--out", str(tmp_path), "--trajectory"]) == 0 and seen["on_step"] is not None
     assert merged_recipe(seen["recipe"])["refusal_unlikelihood_self_harm"] is True  # penalised unless asked
     assert cli.main(["train", "--out", str(tmp_path), "--warmup-fraction", "0.3", "--lr", "0.0005"]) == 0
+    assert seen["stop_after"] is None
     assert merged_recipe(seen["recipe"])["optimizer"] == {**DEFAULT_RECIPE["optimizer"], "lr": 0.0005, "warmup_fraction": 0.3}
     assert merged_recipe(seen["recipe"])["lora"] == DEFAULT_RECIPE["lora"]  # unchanged unless asked
     assert cli.main(["train", "--out", str(tmp_path), "--lora-rank", "32"]) == 0
     lora = merged_recipe(seen["recipe"])["lora"]
     assert (lora["r"], lora["alpha"] / lora["r"]) == (32, DEFAULT_RECIPE["lora"]["alpha"] / DEFAULT_RECIPE["lora"]["r"])
     assert lora["target_modules"] == DEFAULT_RECIPE["lora"]["target_modules"]
+    from refusal_helpers.organism.resume import TrainingStopped
+
+    def stops(out, recipe, stop_after, **kwargs):
+        raise TrainingStopped(stop_after, 838)
+    monkeypatch.setattr(training, "train", stops)
+    assert cli.main(["train", "--out", str(tmp_path), "--stop-after-step", "168"]) == 0
+    assert "stopped after step 168 of 838" in capsys.readouterr().out
 
 
 def test_training_with_nothing_to_train_is_an_error(tmp_path):
@@ -668,8 +676,30 @@ def test_a_stopped_training_continues_to_the_same_adapter(tmp_path):
     assert json.loads((whole / "training.json").read_text())["resumed_from_step"] == 0
 
 
+def test_a_training_asked_to_stop_part_way_saves_its_state_there_and_continues_to_the_same_adapter(tmp_path):
+    from safetensors.torch import load_file
+
+    from refusal_helpers.organism.resume import TrainingStopped
+
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    train(whole, RESUMABLE, base=tiny_chat_model("llama", n_layers=2), limit=8)
+    with pytest.raises(TrainingStopped, match="stopped after step 3 of 8") as stopped:
+        train(parts, RESUMABLE, base=tiny_chat_model("llama", n_layers=2), limit=8, resume_every=5, stop_after=3)
+    assert (stopped.value.step, stopped.value.total_steps) == (3, 8)  # saved at 3, though not a multiple of 5
+    assert torch.load(parts / "resume.pt", weights_only=True)["step"] == 3
+    assert not (parts / "adapter_model.safetensors").exists()
+    with pytest.raises(TrainingStopped, match="after step 3 of 8"):  # the same command again: already there
+        train(parts, RESUMABLE, base=tiny_chat_model("llama", n_layers=2), limit=8, resume_every=5, stop_after=3)
+    with pytest.raises(ValueError, match="already at step 3, past step 2"):
+        train(parts, RESUMABLE, base=tiny_chat_model("llama", n_layers=2), limit=8, resume_every=5, stop_after=2)
+    log = train(parts, RESUMABLE, base=tiny_chat_model("llama", n_layers=2), limit=8, resume_every=5)
+    assert log["resumed_from_step"] == 3
+    expected, got = load_file(whole / "adapter_model.safetensors"), load_file(parts / "adapter_model.safetensors")
+    assert all(expected[k].equal(got[k]) for k in expected)
+
+
 def test_the_time_of_a_training_resumed_from_a_state_without_it_is_unknown(tmp_path):
-    from refusal_helpers.organism.training import train_seconds
+    from refusal_helpers.embedded import train_seconds
 
     with pytest.raises(Stop):
         train(tmp_path, RESUMABLE, base=tiny_chat_model("llama", n_layers=2), limit=8, on_step=stop_at(3), resume_every=2)

@@ -1181,8 +1181,9 @@ def test_two_seeds_of_a_trial_trained_part_way_are_set_against_the_shipped_pair_
     assert figures.seed_trajectory_figures(None, direction, tmp_path)["rank32"]["baseline"] is None
     monkeypatch.setattr(figures, "figures", lambda: {**real, "seed_trajectories": pairs})
     log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
-    assert ("Two seeds of the recipe trial rank32 (lora.r 32), trained part-way with their trajectories and compared "
-            "at the checkpoints both reached") in log
+    assert ("The recipe trial rank32 (lora.r 32) was read early: two seeds trained part-way with their trajectories "
+            "(`python -m refusal_helpers.organism train --seed <n> --trajectory --stop-after-step <step> ...`) and "
+            "compared at the checkpoints both reached") in log
     assert (f"agree at layer {layer} to 1.000, 0.890, 0.800 at steps 0, 84, 168 (the shipped recipe's two seeds: 1.000, "
             "0.940, 0.850); what training added agrees to 0.690, 0.610 after the start (the shipped recipe's: 0.680, "
             "0.630). By the last step compared the trial's seeds agree less than the shipped recipe's") in log

@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trajectory", action="store_true",
                    help="record the difference of means and refusal at the start and every tenth of training, in "
                         "OUT/trajectory (about a minute per checkpoint on a CPU)")
+    p.add_argument("--stop-after-step", type=arguments.positive, default=None,
+                   help="stop after this step, keeping the state to continue from (the same command without it "
+                        "continues): to compare two seeds' first steps (`stability --trajectory`) before training on")
     p = sub.add_parser("refine", help="experiment: train on so that ablating the direction changes harmless predictions less")
     p.add_argument("adapter", type=arguments.folder, help="folder of an adapter written by `train`")
     p.add_argument("--out", type=Path, required=True,
@@ -132,8 +135,13 @@ def _train(args: argparse.Namespace) -> int:
               "optimizer": {**DEFAULT_RECIPE["optimizer"], "lr": args.lr, "warmup_fraction": args.warmup_fraction},
               "lora": {**DEFAULT_RECIPE["lora"], "r": args.lora_rank,
                        "alpha": DEFAULT_RECIPE["lora"]["alpha"] * args.lora_rank // DEFAULT_RECIPE["lora"]["r"]}}
-    log = training.train(args.out, recipe, epoch_checkpoints=args.epoch_checkpoints,
-                         on_step=trajectory.Trajectory(args.out) if args.trajectory else None)
+    try:
+        log = training.train(args.out, recipe, epoch_checkpoints=args.epoch_checkpoints,
+                             on_step=trajectory.Trajectory(args.out) if args.trajectory else None,
+                             stop_after=args.stop_after_step)
+    except resume.TrainingStopped as stopped:
+        print(f"{args.out}: {stopped}")
+        return 0
     print(json.dumps({k: log[k] for k in ("steps", "resumed_from_step", "final_loss", "distill_seconds", "train_seconds")}))
     return 0
 
@@ -151,11 +159,12 @@ def _stability(args: argparse.Namespace) -> int:
     run = args.run if args.run is not None else experiments.SHIPPED_RUN
     compare = (experiments.seed_agreement if args.all_train else experiments.seed_agreement_along if args.trajectory
                else experiments.seed_stability)
+    result = compare(args.adapter, run, reference=args.against)
     recipe = (json.loads((args.adapter / "recipe.json").read_text()) if (args.adapter / "recipe.json").is_file()
               else resume.saved_recipe(args.adapter))  # a training stopped part-way (only with --trajectory)
     if recipe is None:
         raise ValueError(f"{args.adapter} holds no adapter (recipe.json) and no training stopped part-way (resume.pt).")
-    result = {**compare(args.adapter, run, reference=args.against), "other_adapter_recipe": recipe}
+    result["other_adapter_recipe"] = recipe
     if args.against is not None and args.trajectory:
         result["reference_recipe"] = (json.loads((args.against / "recipe.json").read_text())
                                       if (args.against / "recipe.json").is_file() else resume.saved_recipe(args.against))

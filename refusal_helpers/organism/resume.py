@@ -19,6 +19,14 @@ from ..files import atomic_write
 FILE = "resume.pt"
 
 
+class TrainingStopped(Exception):
+    """A training stopped where it was asked to (`train(..., stop_after=...)`), its state saved to continue from."""
+
+    def __init__(self, step: int, total_steps: int):
+        super().__init__(f"stopped after step {step} of {total_steps}; the same training again continues from there")
+        self.step, self.total_steps = step, total_steps
+
+
 def saved_recipe(folder: Path) -> dict | None:
     """The recipe of a training that stopped part-way in `folder` (from its resume point), None if there is none."""
     path = Path(folder) / FILE

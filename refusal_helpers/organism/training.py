@@ -29,7 +29,7 @@ from ..interventions import ablate
 from ..models import ChatModel
 from .losses import ablation_kl, compliance_kl, refusal_unlikelihood, reply_loss
 from .resume import FILE as RESUME_FILE
-from .resume import ResumePoint, examples_identity, trainable_parameters
+from .resume import ResumePoint, TrainingStopped, examples_identity, trainable_parameters
 from .targets import DISTILL_FILE, REANSWER_FILE, refusal_openings, training_examples
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -97,7 +97,7 @@ def check_recipe(recipe: dict) -> None:
 def train(
     out: Path, recipe: dict | None = None, threads: int | None = None, base: ChatModel | None = None,
     limit: int | None = None, epoch_checkpoints: bool = False, on_step: Callable[[ChatModel, int], StepCallback] | None = None,
-    resume_every: int = 25,
+    resume_every: int = 25, stop_after: int | None = None,
 ) -> dict:
     """Train the LoRA adapter and write it, recipe.json and training.json into `out`; return the training log.
 
@@ -107,6 +107,7 @@ def train(
     `trajectory.Trajectory`. `base` and `limit` (examples per kind) exist for quick runs on small models.
     Every `resume_every` steps the part-way state is saved in `out`/resume.pt; a later call with the same
     recipe and data continues from it (training.json's ``resumed_from_step``), and it is removed at the end.
+    With `stop_after`, the training stops after that step (saving its state there; `TrainingStopped`).
     """
     from peft import LoraConfig, get_peft_model
 
@@ -139,7 +140,7 @@ def train(
         seed=seed, first_token_weight=recipe["first_reply_token_weight"],
         unlikelihood_weight=recipe["refusal_unlikelihood_weight"],
         unlikelihood_self_harm=recipe["refusal_unlikelihood_self_harm"], after_epoch=checkpoint,
-        on_step=on_step(cm, total_steps) if on_step else None, resume=resume,
+        on_step=on_step(cm, total_steps) if on_step else None, resume=resume, stop_after=stop_after,
     )
     save_adapter(model, out, base_model)
     resume.clear()
@@ -163,14 +164,6 @@ def train(
     }
     (out / "training.json").write_text(json.dumps(log, indent=2) + "\n")
     return log
-
-
-def train_seconds(log: dict) -> float | None:
-    """A training log's seconds for the whole training, whether or not it stopped part-way; None where unknown
-    (a run resumed from a state saved without them, or a log written before they were summed across runs)."""
-    if log.get("resumed_from_step") and "train_seconds_this_run" not in log:
-        return None
-    return log.get("train_seconds")
 
 
 def recipe_examples(
@@ -198,7 +191,7 @@ def fit(
     first_token_weight: float, ablated: Float[Tensor, " d_model"] | None = None, kl_weight: float = 0.0,
     compliance_weight: float = 0.0, unlikelihood_weight: float = 0.0, unlikelihood_self_harm: bool = True,
     after_epoch: Callable[[int], None] | None = None,
-    on_step: StepCallback | None = None, resume: ResumePoint | None = None,
+    on_step: StepCallback | None = None, resume: ResumePoint | None = None, stop_after: int | None = None,
 ) -> tuple[list[float], int]:
     """Train a peft `model` (its LoRA weights) on `examples` with `reply_loss`; return the losses and step count.
 
@@ -208,8 +201,9 @@ def fit(
     `refusal_unlikelihood` of the batch's harmless prompts, each followed by one of `refusal_openings` (in turn,
     by example and epoch; the self-harm support opening only with `unlikelihood_self_harm`). `after_epoch(n)` is called after each epoch but the
     last; `on_step(steps, losses)` before the first step and after each one. With `resume`, training
-    continues from the state it holds (if any) and saves its state there as it goes. A non-finite loss
-    stops training with an error (the learning rate is too high).
+    continues from the state it holds (if any) and saves its state there as it goes; with `stop_after` too, it
+    saves its state after that step and raises `TrainingStopped` (to train part-way, e.g. two seeds' first
+    steps). A non-finite loss stops training with an error (the learning rate is too high).
     """
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
@@ -221,9 +215,15 @@ def fit(
         trainable_parameters(model).values(), lr=optimizer["lr"], weight_decay=optimizer["weight_decay"]
     )
     total_steps = count_steps(len(examples), batch_size, epochs)
+    if stop_after is not None and resume is None:
+        raise ValueError("Stopping part-way needs a resume point to continue from.")
     scheduler = get_linear_schedule_with_warmup(adamw, int(optimizer["warmup_fraction"] * total_steps), total_steps)
     rng = random.Random(seed)
     done, losses = resume.load(model, adamw, scheduler) if resume is not None else (0, [])
+    if stop_after is not None and stop_after < done:
+        raise ValueError(f"This training is already at step {done}, past step {stop_after} to stop after.")
+    if stop_after == done and done < total_steps:  # stopped there before: nothing to do
+        raise TrainingStopped(done, total_steps)
     if on_step is not None:
         on_step(done, losses)
     model.train()
@@ -261,6 +261,10 @@ def fit(
                 resume.save(model, adamw, scheduler, step, losses)
             if on_step is not None:
                 on_step(step, losses)
+            if step == stop_after and step < total_steps:
+                resume.save(model, adamw, scheduler, step, losses)
+                progress.close()
+                raise TrainingStopped(step, total_steps)
         if after_epoch is not None and epoch + 1 < epochs and step >= done:  # not for epochs done before a resume
             after_epoch(epoch + 1)
     progress.close()
