@@ -155,19 +155,25 @@ def _refine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipe_of(folder: Path) -> dict:
+    """An adapter's recipe.json, or the recipe of a training stopped part-way in `folder` (only `--trajectory`
+    compares those)."""
+    if (folder / "recipe.json").is_file():
+        return json.loads((folder / "recipe.json").read_text())
+    recipe = resume.saved_recipe(folder)
+    if recipe is None:
+        raise ValueError(f"{folder} holds no adapter (recipe.json) and no training stopped part-way (resume.pt).")
+    return recipe
+
+
 def _stability(args: argparse.Namespace) -> int:
     run = args.run if args.run is not None else experiments.SHIPPED_RUN
     compare = (experiments.seed_agreement if args.all_train else experiments.seed_agreement_along if args.trajectory
                else experiments.seed_stability)
     result = compare(args.adapter, run, reference=args.against)
-    recipe = (json.loads((args.adapter / "recipe.json").read_text()) if (args.adapter / "recipe.json").is_file()
-              else resume.saved_recipe(args.adapter))  # a training stopped part-way (only with --trajectory)
-    if recipe is None:
-        raise ValueError(f"{args.adapter} holds no adapter (recipe.json) and no training stopped part-way (resume.pt).")
-    result["other_adapter_recipe"] = recipe
+    result["other_adapter_recipe"] = _recipe_of(args.adapter)
     if args.against is not None and args.trajectory:
-        result["reference_recipe"] = (json.loads((args.against / "recipe.json").read_text())
-                                      if (args.against / "recipe.json").is_file() else resume.saved_recipe(args.against))
+        result["reference_recipe"] = _recipe_of(args.against)
     if (args.adapter / "training.json").is_file():
         result["other_adapter_training"] = json.loads((args.adapter / "training.json").read_text())
     print(json.dumps(result, indent=1))
