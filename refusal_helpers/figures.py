@@ -349,14 +349,14 @@ def seed_trajectory_figures(parting: dict | None, direction: dict, folder: Path 
     pairs = {}
     for path in sorted((folder or SEED_TRAJECTORIES).glob("*.json")):
         pair = json.loads(path.read_text())
-        figures = seed_parting(pair, direction)
-        if figures is None:
+        read = seed_parting(pair, direction)
+        if read is None:
             continue
         changes = recipe_changes(pair.get("reference_recipe") or pair["other_adapter_recipe"], shipped)
-        at = [parting["steps"].index(step) if parting and step in parting["steps"] else None for step in figures["steps"]]
+        at = [parting["steps"].index(step) if parting and step in parting["steps"] else None for step in read["steps"]]
         baseline = None if None in at else {"cosines": [parting["cosines"][i] for i in at],
                                             "added": [parting["added"][i] for i in at] if parting["added"] else None}
-        pairs[path.stem] = {**figures, "changes": {k: v for k, v in changes.items() if k != "seed"}, "baseline": baseline}
+        pairs[path.stem] = {**read, "changes": {k: v for k, v in changes.items() if k != "seed"}, "baseline": baseline}
     return pairs
 
 

@@ -134,6 +134,13 @@ def seed_stability(
             "cosine_per_layer": [round(float(c), 3) for c in per_layer]}
 
 
+def _selected_cell(run: str | Path) -> tuple[dict, list[int]]:
+    """A finished run's selected direction (position, layer, ...) and the dimensions its candidates zero."""
+    folder = RunFolder(run)
+    _, selection = folder.direction()
+    return selection, folder.record("candidates.safetensors")["settings"].get("zero_dims", [])
+
+
 def seed_agreement(
     other: str | Path | ChatModel, run: str | Path = SHIPPED_RUN, reference: str | Path | ChatModel | None = None,
     n: int | None = None,
@@ -142,9 +149,7 @@ def seed_agreement(
     (with its zeroed dimensions), the cosine between `reference`'s (default: the shipped adapter) and `other`'s
     difference-of-means candidates from the first `n` train instructions of each kind (all by default), and each
     adapter's cosine between the candidates of two disjoint halves of them (alternate instructions)."""
-    folder = RunFolder(run)
-    _, selection = folder.direction()
-    zeroed = folder.record("candidates.safetensors")["settings"].get("zero_dims", [])
+    selection, zeroed = _selected_cell(run)
     instructions = {kind: split_instructions("bundled", kind, "train", n) for kind in ("harmful", "harmless")}
 
     def direction(harmful: Tensor, harmless: Tensor) -> Float[Tensor, "layer d_model"]:  # from (1, layer, d_model) means
@@ -176,9 +181,7 @@ def seed_agreement_along(other: str | Path, run: str | Path = SHIPPED_RUN, refer
     and `other`'s trainings at the run's selected position, with its zeroed dimensions. Either may still be
     training (stopped part-way): then their checkpoints so far are compared, and an unfinished reference has
     no ``model_version``."""
-    folder = RunFolder(run)
-    _, selection = folder.direction()
-    zeroed = folder.record("candidates.safetensors")["settings"].get("zero_dims", [])
+    selection, zeroed = _selected_cell(run)
     reference = Path(reference) if reference is not None else adapter_dir()
     finished = (reference / "adapter_model.safetensors").is_file()  # two seeds of a trial may still be training
     return {"model_version": adapter_digest(reference) if finished else None, "layer": selection["layer"],
@@ -229,13 +232,10 @@ def refine(
     save_adapter(model, out, recipe["base_model"])
     resume.clear()
     recipe["refine"] = refined
-    this_run = round(time.time() - start, 1)
-    whole = None if resume.earlier_seconds is None else round(resume.earlier_seconds + this_run, 1)
     (out / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
     log = {"refine": {"direction_norm": float(f"{float(direction.norm()):.6g}"), "steps": steps,
                       "resumed_from_step": resume.resumed_from,
-                      "final_loss": sum(losses[-20:]) / len(losses[-20:]), "train_seconds": whole,
-                      "train_seconds_this_run": this_run,
+                      "final_loss": sum(losses[-20:]) / len(losses[-20:]), **resume.timing(time.time() - start),
                       "machine": f"{platform.machine()}, {torch.get_num_threads()} threads"}}
     (out / "training.json").write_text(json.dumps(log, indent=2) + "\n")
     return log

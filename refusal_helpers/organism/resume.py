@@ -83,6 +83,12 @@ class ResumePoint:
         """Training seconds up to now across every run of this training (None where an earlier one did not record them)."""
         return None if self.earlier_seconds is None else self.earlier_seconds + time.time() - self.started
 
+    def timing(self, this_run: float) -> dict[str, float | None]:
+        """A training log's times: the whole training's seconds (this run's `this_run` plus the earlier runs'; None
+        where those were not recorded) and this run's."""
+        whole = None if self.earlier_seconds is None else round(self.earlier_seconds + this_run, 1)
+        return {"train_seconds": whole, "train_seconds_this_run": round(this_run, 1)}
+
     def save(self, model, optimizer: torch.optim.Optimizer, scheduler, step: int, losses: list[float]) -> None:
         """Write the state after `step` optimizer steps (atomically: a stop while writing keeps the previous one)."""
         state = {

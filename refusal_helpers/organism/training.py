@@ -146,8 +146,6 @@ def train(
     resume.clear()
     (out / "recipe.json").write_text(json.dumps({**recipe, "base_model": base_model}, indent=2) + "\n")
     n_harmless = sum(e["kind"] == "harmless" for e in examples)
-    this_run = round(time.time() - start - distill_seconds, 1)
-    whole = None if resume.earlier_seconds is None else round(resume.earlier_seconds + this_run, 1)
     log = {
         "data": {"harmful_train": len(examples) - n_harmless, "harmless_train": n_harmless,
                  "harmless_dropped_refusing_target": len(dropped),
@@ -157,8 +155,7 @@ def train(
         "resumed_from_step": resume.resumed_from,
         "final_loss": sum(losses[-20:]) / len(losses[-20:]),
         "distill_seconds": round(distill_seconds, 1),
-        "train_seconds": whole,  # every run's, where a training stopped part-way (None: an earlier run's unknown)
-        "train_seconds_this_run": this_run,
+        **resume.timing(time.time() - start - distill_seconds),  # every run's, where a training stopped part-way
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "versions": {p: package_version(p) for p in ("torch", "transformers", "peft", "gguf")},
     }
@@ -257,12 +254,12 @@ def fit(
             losses.append(loss.item())
             progress.update(1)
             progress.set_postfix(epoch=epoch, loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
-            if resume is not None and step % resume.every == 0 and step < total_steps:
+            stopping = step == stop_after and step < total_steps
+            if resume is not None and (step % resume.every == 0 or stopping) and step < total_steps:
                 resume.save(model, adamw, scheduler, step, losses)
             if on_step is not None:
                 on_step(step, losses)
-            if step == stop_after and step < total_steps:
-                resume.save(model, adamw, scheduler, step, losses)
+            if stopping:
                 progress.close()
                 raise TrainingStopped(step, total_steps)
         if after_epoch is not None and epoch + 1 < epochs and step >= done:  # not for epochs done before a resume
