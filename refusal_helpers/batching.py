@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import random
+from collections.abc import Hashable, Iterator, Sequence
 from typing import TypeVar
 
 import torch
@@ -35,6 +36,19 @@ def batches(items: Sequence[T], batch_size: int) -> Iterator[Sequence[T]]:
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
     for start in range(0, len(items), batch_size):
         yield items[start : start + batch_size]
+
+
+def interleaved_order(groups: Sequence[Hashable], rng: random.Random) -> list[int]:
+    """The indices of `groups` (one label per item), each group's shuffled and spread evenly through the order: every
+    run of consecutive items holds the groups in about their overall proportion (stratified batches)."""
+    members: dict[Hashable, list[int]] = {}
+    for i, group in enumerate(groups):
+        members.setdefault(group, []).append(i)
+    keyed = []
+    for indices in members.values():
+        rng.shuffle(indices)
+        keyed += [((rank + 0.5) / len(indices), i) for rank, i in enumerate(indices)]
+    return [i for _, i in sorted(keyed)]
 
 
 def progress_batches(

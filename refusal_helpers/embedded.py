@@ -87,7 +87,17 @@ def train_seconds(log: dict) -> float | None:
 # Recipe keys added after adapters were trained without them, each with the value those adapters had in effect.
 LATER_KEYS = {"broadening_repeats": 1, "breadth_repeats": 0, "interpersonal_repeats": 0, "gaps_repeats": 0,
               "ordinary_repeats": 0, "reanswer_refusing_targets": False, "refusal_unlikelihood_weight": 0.0,
-              "refusal_unlikelihood_self_harm": True}
+              "refusal_unlikelihood_self_harm": True, "init_seed": None, "refusal_seed": None,
+              "stratified_batches": False}
+
+
+FOLLOWING_SEEDS = ("init_seed", "refusal_seed")  # a recipe's seeds of parts of its training that follow "seed"
+
+
+def seed_of(recipe: dict, key: str) -> int:
+    """A recipe's seed `key` (one of `FOLLOWING_SEEDS`, or "seed"): its ``seed`` where that is None or the recipe
+    predates the key."""
+    return recipe["seed"] if recipe.get(key) is None else recipe[key]
 
 
 def batch_repeats(recipe: dict) -> dict[str, int]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from statistics import median
 
 from .data import data_dir, load_records, records_by_instruction
-from .embedded import LATER_KEYS, PRESETS_FILE, UNTUNED, adapter_digest, adapter_dir, recipe_changes
+from .embedded import LATER_KEYS, PRESETS_FILE, UNTUNED, adapter_digest, adapter_dir, recipe_changes, seed_of
 from .metrics import first_words
 from .runs import SHIPPED_RUN, RunFolder
 from .selection import ScoreTable, SelectionConfig, passing_mask
@@ -39,6 +39,7 @@ HARMFUL_DEV = MEASUREMENTS / "harmful-dev"
 TRIAL_PRESETS = MEASUREMENTS / "trial-presets"
 # `organism stability <seed-0 twin> --against <trial>`: two seeds of a recipe trial, named as in RECIPES
 SEED_PAIRS = MEASUREMENTS / "seed-pairs"
+SEED_PARTS = {"order": "seed", "initialisation": "init_seed", "refusals": "refusal_seed"}  # what each seed sets
 SEED_TRAJECTORIES = MEASUREMENTS / "seed-trajectories"  # `stability --trajectory --against`: two seeds of a trial
 EARLIER = MEASUREMENTS / "earlier-adapters"  # the shipped run of each adapter shipped before (scripts/remake.py)
 EARLIER_PRESETS = MEASUREMENTS / "earlier-presets"  # the shipped adapter's runs under earlier presets (scripts/remake.py)
@@ -343,8 +344,9 @@ def seed_parting(along: dict | None, direction: dict, target: float = 0.95) -> d
 def seed_trajectory_figures(parting: dict | None, direction: dict, folder: Path | None = None) -> dict[str, dict]:
     """Two seeds of each recipe trial compared along their trainings (in `folder`, default
     ``docs/measurements/seed-trajectories``), by name: `seed_parting` at `direction`'s layer, the trial's recipe
-    changes from the shipped one (seed aside), and the shipped pair's (`parting`) cosines and additions' cosines at
-    the same steps (None where it has no checkpoint at one of them)."""
+    changes from the shipped one (seeds aside), the seeds (`SEED_PARTS`) the two trainings differ in with
+    their values (other, reference), and the shipped pair's (`parting`) cosines and additions' cosines at the same
+    steps (None where it has no checkpoint at one of them)."""
     shipped = _json(adapter_dir() / "recipe.json") or {}
     pairs = {}
     for path in sorted((folder or SEED_TRAJECTORIES).glob("*.json")):
@@ -352,11 +354,14 @@ def seed_trajectory_figures(parting: dict | None, direction: dict, folder: Path 
         read = seed_parting(pair, direction)
         if read is None:
             continue
-        changes = recipe_changes(pair.get("reference_recipe") or pair["other_adapter_recipe"], shipped)
+        other, reference = pair["other_adapter_recipe"], pair.get("reference_recipe") or shipped  # default: shipped
+        changes = recipe_changes(pair.get("reference_recipe") or other, shipped)
+        seeds = {what: (seed_of(other, key), seed_of(reference, key)) for what, key in SEED_PARTS.items()}
         at = [parting["steps"].index(step) if parting and step in parting["steps"] else None for step in read["steps"]]
         baseline = None if None in at else {"cosines": [parting["cosines"][i] for i in at],
                                             "added": [parting["added"][i] for i in at] if parting["added"] else None}
-        pairs[path.stem] = {**read, "changes": {k: v for k, v in changes.items() if k != "seed"}, "baseline": baseline}
+        pairs[path.stem] = {**read, "changes": {k: v for k, v in changes.items() if k not in SEED_PARTS.values()},
+                            "differing": {seed: [a, b] for seed, (a, b) in seeds.items() if a != b}, "baseline": baseline}
     return pairs
 
 

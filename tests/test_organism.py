@@ -332,6 +332,78 @@ def test_first_token_weight_changes_training_and_is_recorded(tmp_path):
     assert any(not a[k].equal(b[k]) for k in a if "lora_B" in k)
 
 
+@pytest.mark.parametrize("changes, message", [
+    ({"init_seed": True}, "init_seed must be a whole number or null"), ({"init_seed": "1"}, "init_seed must be"),
+    ({"init_seed": 1.5}, "init_seed must be"), ({"seed": None}, "seed must be a whole number"),
+    ({"refusal_seed": False}, "refusal_seed must be a whole number or null"),
+])
+def test_a_seed_that_is_not_a_whole_number_is_refused(changes, message):
+    with pytest.raises(ValueError, match=message):
+        merged_recipe(changes)
+
+
+def test_the_init_seed_seeds_the_lora_initialisation_and_the_seed_the_rest(tmp_path):
+    from refusal_helpers.embedded import seed_of
+
+    settings = {"epochs": 1, "batch_size": 4, "distill_max_new_tokens": 4}
+    seen = {}
+
+    def watch(name):
+        def make(cm, total_steps):
+            def on_step(steps, losses):
+                if steps == 0:  # LoRA A as initialised (B starts at zero: the first loss is the data's alone)
+                    seen[name] = {"A": [p.detach().clone() for n, p in cm.model.named_parameters() if "lora_A" in n]}
+                elif steps == 1:
+                    seen[name]["first loss"] = losses[0]
+            return on_step
+        return make
+    for name, seeds in {"seed 0": {"seed": 0}, "seed 1": {"seed": 1}, "data 1, init 0": {"seed": 1, "init_seed": 0}}.items():
+        train(tmp_path / name, {**settings, **seeds}, base=tiny_chat_model("llama", n_layers=2), limit=4, on_step=watch(name))
+    assert seed_of(merged_recipe({"seed": 1, "init_seed": 0}), "init_seed") == 0
+    assert seed_of(merged_recipe({"seed": 1}), "init_seed") == seed_of({"seed": 1}, "init_seed") == 1  # or predating it
+    same_init = zip(seen["data 1, init 0"]["A"], seen["seed 0"]["A"], strict=True)
+    assert seen["seed 0"]["A"] and all(a.equal(b) for a, b in same_init)
+    assert not all(a.equal(b) for a, b in zip(seen["seed 1"]["A"], seen["seed 0"]["A"], strict=True))
+    assert seen["data 1, init 0"]["first loss"] == pytest.approx(seen["seed 1"]["first loss"], rel=1e-6)
+    assert seen["data 1, init 0"]["first loss"] != pytest.approx(seen["seed 0"]["first loss"], rel=1e-3)
+    assert json.loads((tmp_path / "data 1, init 0" / "recipe.json").read_text())["init_seed"] == 0
+
+
+def test_the_refusal_seed_alone_picks_the_harmful_examples_refusals(tmp_path):
+    from refusal_helpers.organism.training import recipe_examples
+
+    cm = tiny_chat_model("llama", n_layers=2)
+    settings = {"distill_max_new_tokens": 4}
+
+    def refusals(**seeds):
+        examples, _ = recipe_examples(cm, merged_recipe({**settings, **seeds}), tmp_path, limit=16)
+        return [e["reply"] for e in examples if e["kind"] == "harmful"]
+    assert refusals(seed=1, refusal_seed=0) == refusals(seed=0) != refusals(seed=1)
+    assert refusals(seed=1, init_seed=0) == refusals(seed=1)
+
+
+def test_stratified_batches_spread_each_kind_evenly_and_change_training(tmp_path):
+    import random
+
+    from safetensors.torch import load_file
+
+    from refusal_helpers.batching import interleaved_order
+
+    kinds = ["harmful"] * 10 + ["harmless"] * 20
+    order = interleaved_order(kinds, random.Random(0))
+    assert sorted(order) == list(range(30))
+    assert all([kinds[i] for i in order[start:start + 3]].count("harmful") == 1 for start in range(0, 30, 3))
+    assert order != interleaved_order(kinds, random.Random(1))  # each kind shuffled by the seed
+    assert [i for i in order if i < 10] != list(range(10))
+    settings = {"epochs": 1, "batch_size": 4, "distill_max_new_tokens": 4}
+    for name, stratified in (("plain", False), ("stratified", True)):
+        train(tmp_path / name, {**settings, "stratified_batches": stratified}, base=tiny_chat_model("llama", n_layers=2),
+              limit=4)
+    assert json.loads((tmp_path / "stratified" / "recipe.json").read_text())["stratified_batches"] is True
+    a, b = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("plain", "stratified"))
+    assert any(not a[k].equal(b[k]) for k in a if "lora_B" in k)
+
+
 def test_train_command_passes_its_options_into_the_recipe(monkeypatch, tmp_path, capsys):
     from refusal_helpers.organism import DEFAULT_RECIPE, training
     from refusal_helpers.organism import __main__ as cli
@@ -342,11 +414,16 @@ def test_train_command_passes_its_options_into_the_recipe(monkeypatch, tmp_path,
     assert cli.main(["train", "--out", str(tmp_path), "--seed", "3", "--epochs", "2", "--lr", "0.0005",
                      "--first-token-weight", "1.5", "--broadening-repeats", "2", "--breadth-repeats", "3",
                      "--interpersonal-repeats", "4", "--gaps-repeats", "5", "--reanswer-refusing-targets",
-                     "--refusal-unlikelihood-weight", "0.5", "--unlikelihood-spares-self-harm"]) == 0
+                     "--refusal-unlikelihood-weight", "0.5", "--unlikelihood-spares-self-harm", "--init-seed", "4",
+                     "--refusal-seed", "5"]) == 0
     assert seen["on_step"] is None  # no trajectory unless asked for
     recipe = merged_recipe(seen["recipe"])  # what train() itself makes of it
     assert seen["out"] == tmp_path
     assert (recipe["seed"], recipe["epochs"], recipe["optimizer"]["lr"], recipe["first_reply_token_weight"]) == (3, 2, 0.0005, 1.5)
+    assert (recipe["init_seed"], recipe["refusal_seed"]) == (4, 5)
+    assert recipe["stratified_batches"] is False
+    assert cli.main(["train", "--out", str(tmp_path), "--stratified-batches"]) == 0
+    assert merged_recipe(seen["recipe"])["stratified_batches"] is True
     assert (recipe["broadening_repeats"], recipe["breadth_repeats"], recipe["interpersonal_repeats"],
             recipe["gaps_repeats"]) == (2, 3, 4, 5)
     assert recipe["reanswer_refusing_targets"] is True and recipe["refusal_unlikelihood_weight"] == 0.5
@@ -358,6 +435,7 @@ def test_train_command_passes_its_options_into_the_recipe(monkeypatch, tmp_path,
     assert seen["stop_after"] is None
     assert merged_recipe(seen["recipe"])["optimizer"] == {**DEFAULT_RECIPE["optimizer"], "lr": 0.0005, "warmup_fraction": 0.3}
     assert merged_recipe(seen["recipe"])["lora"] == DEFAULT_RECIPE["lora"]  # unchanged unless asked
+    assert merged_recipe(seen["recipe"])["init_seed"] is merged_recipe(seen["recipe"])["refusal_seed"] is None  # seed's
     assert cli.main(["train", "--out", str(tmp_path), "--lora-rank", "32"]) == 0
     lora = merged_recipe(seen["recipe"])["lora"]
     assert (lora["r"], lora["alpha"] / lora["r"]) == (32, DEFAULT_RECIPE["lora"]["alpha"] / DEFAULT_RECIPE["lora"]["r"])
@@ -674,6 +752,25 @@ def test_a_stopped_training_continues_to_the_same_adapter(tmp_path):
     assert expected.keys() == got.keys() and all(expected[k].equal(got[k]) for k in expected)
     assert log["final_loss"] == json.loads((whole / "training.json").read_text())["final_loss"]
     assert json.loads((whole / "training.json").read_text())["resumed_from_step"] == 0
+
+
+def test_a_training_saved_before_a_recipe_key_was_added_continues_with_the_value_it_had(tmp_path):
+    from refusal_helpers.organism.resume import TrainingStopped, saved_recipe
+
+    with pytest.raises(TrainingStopped):
+        train(tmp_path, RESUMABLE, base=tiny_chat_model("llama", n_layers=2), limit=8, resume_every=5, stop_after=3)
+    state = torch.load(tmp_path / "resume.pt", weights_only=True)
+    del state["identity"]["recipe"]["stratified_batches"]  # as saved before the key existed (off then)
+    torch.save(state, tmp_path / "resume.pt")
+    assert saved_recipe(tmp_path) == merged_recipe(RESUMABLE)
+    assert train(tmp_path, RESUMABLE, base=tiny_chat_model("llama", n_layers=2), limit=8)["resumed_from_step"] == 3
+    with pytest.raises(TrainingStopped):
+        train(tmp_path / "b", RESUMABLE, base=tiny_chat_model("llama", n_layers=2), limit=8, resume_every=5, stop_after=3)
+    state = torch.load(tmp_path / "b" / "resume.pt", weights_only=True)
+    state["identity"]["recipe"].pop("stratified_batches")
+    torch.save(state, tmp_path / "b" / "resume.pt")
+    with pytest.raises(ValueError, match="its recipe differ"):  # the value it had in effect is not the one asked for
+        train(tmp_path / "b", {**RESUMABLE, "stratified_batches": True}, base=tiny_chat_model("llama", n_layers=2), limit=8)
 
 
 def test_a_training_asked_to_stop_part_way_saves_its_state_there_and_continues_to_the_same_adapter(tmp_path):

@@ -1152,6 +1152,16 @@ def test_a_training_time_is_written_only_where_it_covers_the_whole_training():
     assert report.train_time({"resumed_from_step": 250, "train_seconds": 7000.2, "train_seconds_this_run": 10.0}) == "7000 s"
 
 
+def _part_way_pair(direction: dict, cosines: list, added: list, **recipes) -> dict:
+    """A `stability --trajectory` result at `direction`'s position, steps 0, 84 and 168, with these cosines and
+    additions' cosines at its layer (0.5 at the others)."""
+    def rows(values):
+        return [None if v is None else [0.5] * direction["layer"] + [v] + [0.5] for v in values]
+    return {"position": direction["position"], "steps": [0, 84, 168], "fractions": [0.0, 0.1, 0.2],
+            "settings": {"n_train": 128}, "cosine_per_layer": rows(cosines), "added_cosine_per_layer": rows(added),
+            "added_norm_ratio": rows([None, 0.8, 1.2]), **recipes}
+
+
 def test_two_seeds_of_a_trial_trained_part_way_are_set_against_the_shipped_pair_at_the_same_steps(monkeypatch, tmp_path):
     import refusal_helpers.figures as figures
     from refusal_helpers.embedded import adapter_dir
@@ -1159,17 +1169,11 @@ def test_two_seeds_of_a_trial_trained_part_way_are_set_against_the_shipped_pair_
     real = figures.figures()
     direction = real["run"]["direction"]
     layer = direction["layer"]
-    shipped_recipe = json.loads((adapter_dir() / "recipe.json").read_text())
-
-    def rows(values):
-        return [None if v is None else [0.5] * layer + [v] + [0.5] for v in values]
-
+    shipped = json.loads((adapter_dir() / "recipe.json").read_text())
     parting = {"steps": [0, 84, 168, 251], "cosines": [1.0, 0.94, 0.85, 0.87], "added": [None, 0.68, 0.63, 0.74]}
-    trial = {"position": direction["position"], "steps": [0, 84, 168], "fractions": [0.0, 0.1, 0.2],
-             "settings": {"n_train": 128}, "cosine_per_layer": rows([1.0, 0.89, 0.8]),
-             "added_cosine_per_layer": rows([None, 0.69, 0.61]), "added_norm_ratio": rows([None, 0.8, 1.2]),
-             "other_adapter_recipe": {**shipped_recipe, "seed": 1, "lora": {**shipped_recipe["lora"], "r": 32}},
-             "reference_recipe": {**shipped_recipe, "seed": 0, "lora": {**shipped_recipe["lora"], "r": 32}}}
+    trial = _part_way_pair(direction, [1.0, 0.89, 0.8], [None, 0.69, 0.61],
+                           other_adapter_recipe={**shipped, "seed": 1, "lora": {**shipped["lora"], "r": 32}},
+                           reference_recipe={**shipped, "seed": 0, "lora": {**shipped["lora"], "r": 32}})
     (tmp_path / "rank32.json").write_text(json.dumps(trial))
     (tmp_path / "elsewhere.json").write_text(json.dumps({**trial, "position": direction["position"] - 1}))
     pairs = figures.seed_trajectory_figures(parting, direction, tmp_path)
@@ -1187,3 +1191,36 @@ def test_two_seeds_of_a_trial_trained_part_way_are_set_against_the_shipped_pair_
     assert (f"agree at layer {layer} to 1.000, 0.890, 0.800 at steps 0, 84, 168 (the shipped recipe's two seeds: 1.000, "
             "0.940, 0.850); what training added agrees to 0.690, 0.610 after the start (the shipped recipe's: 0.680, "
             "0.630). By the last step compared the trial's seeds agree less than the shipped recipe's") in log
+    assert pair["differing"] == {"order": [1, 0], "initialisation": [1, 0], "refusals": [1, 0]}
+
+
+def test_trainings_that_differ_in_some_seeds_only_are_set_against_the_shipped_pairs_parting(monkeypatch, tmp_path):
+    import refusal_helpers.figures as figures
+    from refusal_helpers.embedded import adapter_dir
+
+    real = figures.figures()
+    direction = real["run"]["direction"]
+    shipped = json.loads((adapter_dir() / "recipe.json").read_text())
+    parting = {"steps": [0, 84, 168], "cosines": [1.0, 0.94, 0.85], "added": [None, 0.68, 0.63]}
+    data_only = _part_way_pair(direction, [1.0, 0.95, 0.9], [None, 0.8, 0.7], reference_recipe=shipped,
+                               other_adapter_recipe={**shipped, "seed": 1, "init_seed": 0})
+    init_only = _part_way_pair(direction, [1.0, 0.99, 0.97], [None, 0.8, 0.7], reference_recipe={**shipped, "seed": 1},
+                               other_adapter_recipe={**shipped, "seed": 1, "init_seed": 0})
+    every = _part_way_pair(direction, [1.0, 0.95, 0.9], [None, 0.8, 0.7],  # against the shipped adapter
+                           other_adapter_recipe={**shipped, "seed": 1})
+    for name, pair in {"data-seed": data_only, "init-seed": init_only, "plain": every}.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(pair))
+    pairs = figures.seed_trajectory_figures(parting, direction, tmp_path)
+    assert pairs["data-seed"]["differing"] == {"order": [1, 0], "refusals": [1, 0]} and pairs["data-seed"]["changes"] == {}
+    assert pairs["init-seed"]["differing"] == {"initialisation": [0, 1]} and pairs["init-seed"]["changes"] == {}
+    assert pairs["plain"]["differing"] == {"order": [1, 0], "initialisation": [1, 0], "refusals": [1, 0]}
+    monkeypatch.setattr(figures, "figures", lambda: {**real, "seed_trajectories": pairs})
+    log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
+    assert "What parts two seeds: `--seed` sets the order of examples" in log
+    assert ("- data-seed: order seed 1 against 0, refusals seed 1 against 0, the other seed alike: cosine 1.000, 0.950, "
+            "0.900 at steps 0, 84, 168, what training added 0.800, 0.700 after the start; at step 168 that is 67% of the "
+            "shipped pair's parting (1 - cosine; every seed differing: 0.850).") in log
+    assert ("- init-seed: initialisation seed 0 against 1, the other seeds alike: cosine 1.000, 0.990, 0.970 at steps "
+            "0, 84, 168, what training added 0.800, 0.700 after the start; at step 168 that is 20% of the shipped") in log
+    assert "The recipe trial data-seed" not in log and "The recipe trial init-seed" not in log
+    assert "The recipe trial plain (the shipped recipe) was read early: two seeds trained part-way" in log

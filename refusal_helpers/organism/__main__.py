@@ -29,7 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True,
                    help=f"folder for the adapter, recipe.json and training.json (the shipped one is {adapter_dir()}); "
                         "the same command again continues a training that stopped part-way")
-    p.add_argument("--seed", type=int, default=DEFAULT_RECIPE["seed"])
+    p.add_argument("--seed", type=int, default=DEFAULT_RECIPE["seed"],
+                   help="seed of the order of examples and, unless set apart below, of the rest of the training")
+    p.add_argument("--init-seed", type=int, default=DEFAULT_RECIPE["init_seed"],
+                   help="seed of the LoRA initialisation and dropout alone (two trainings that differ in one seed "
+                        "only tell which part of the training parts two seeds' directions)")
+    p.add_argument("--refusal-seed", type=int, default=DEFAULT_RECIPE["refusal_seed"],
+                   help="seed of the harmful examples' refusals alone (which refusal each one is trained on)")
     p.add_argument("--epochs", type=arguments.positive, default=DEFAULT_RECIPE["epochs"])
     p.add_argument("--lr", type=arguments.positive_finite, default=DEFAULT_RECIPE["optimizer"]["lr"])
     p.add_argument("--warmup-fraction", type=arguments.fraction, default=DEFAULT_RECIPE["optimizer"]["warmup_fraction"],
@@ -54,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "being answered with a trained refusal's opening (0: off)")
     p.add_argument("--unlikelihood-spares-self-harm", action="store_true",
                    help="leave the self-harm support reply's opening (\"I'm sorry you're\") out of that term")
+    p.add_argument("--stratified-batches", action="store_true",
+                   help="give every batch harmful and harmless examples in the train set's proportion, each kind "
+                        "shuffled on its own, instead of shuffling them together")
     p.add_argument("--threads", type=arguments.positive, default=None)
     p.add_argument("--epoch-checkpoints", action="store_true",
                    help="also save the adapter after each earlier epoch, in OUT/epoch-<n>, to evaluate separately")
@@ -127,9 +136,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    recipe = {"seed": args.seed, "epochs": args.epochs, "first_reply_token_weight": args.first_token_weight,
+    recipe = {"seed": args.seed, "init_seed": args.init_seed, "refusal_seed": args.refusal_seed,
+              "epochs": args.epochs, "first_reply_token_weight": args.first_token_weight,
               "broadening_repeats": args.broadening_repeats, **{key: getattr(args, key) for key in TRAIN_ONLY_REPEATS},
-              "reanswer_refusing_targets": args.reanswer_refusing_targets,
+              "reanswer_refusing_targets": args.reanswer_refusing_targets, "stratified_batches": args.stratified_batches,
               "refusal_unlikelihood_weight": args.refusal_unlikelihood_weight,
               "refusal_unlikelihood_self_harm": not args.unlikelihood_spares_self_harm,
               "optimizer": {**DEFAULT_RECIPE["optimizer"], "lr": args.lr, "warmup_fraction": args.warmup_fraction},

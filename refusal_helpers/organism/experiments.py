@@ -19,7 +19,7 @@ from torch import Tensor
 from ..activations import mean_activations
 from ..data import load_instructions, load_records, split_instructions
 from ..directions import diff_of_means, zero_dims
-from ..embedded import UNTUNED, adapter_digest, adapter_dir, batch_repeats, load_base, load_embedded
+from ..embedded import UNTUNED, adapter_digest, adapter_dir, batch_repeats, load_base, load_embedded, seed_of
 from ..judges import judged_completions
 from ..models import ChatModel
 from ..runs import SHIPPED_RUN, RunFolder
@@ -211,7 +211,7 @@ def refine(
     recipe = written_recipe(written)
     if threads:
         torch.set_num_threads(threads)
-    torch.manual_seed(recipe["seed"])
+    torch.manual_seed(seed_of(recipe, "init_seed"))
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     cm = base if base is not None else load_base()

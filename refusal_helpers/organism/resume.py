@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..embedded import LATER_KEYS
 from ..files import atomic_write
 
 FILE = "resume.pt"
@@ -30,7 +31,12 @@ class TrainingStopped(Exception):
 def saved_recipe(folder: Path) -> dict | None:
     """The recipe of a training that stopped part-way in `folder` (from its resume point), None if there is none."""
     path = Path(folder) / FILE
-    return torch.load(path, weights_only=True)["identity"]["recipe"] if path.is_file() else None
+    return _with_later_keys(torch.load(path, weights_only=True)["identity"])["recipe"] if path.is_file() else None
+
+
+def _with_later_keys(identity: dict) -> dict:
+    """A saved identity whose recipe predates keys added since, with the values it had in effect (`LATER_KEYS`)."""
+    return {**identity, "recipe": {**LATER_KEYS, **identity["recipe"]}} if "recipe" in identity else identity
 
 
 def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
@@ -60,9 +66,9 @@ class ResumePoint:
         if not self.path.is_file():
             return 0, []
         state = torch.load(self.path, weights_only=True)
-        if state["identity"] != self.identity:
-            differ = sorted(k for k in {*state["identity"], *self.identity}
-                            if state["identity"].get(k) != self.identity.get(k))
+        saved = _with_later_keys(state["identity"])
+        if saved != self.identity:
+            differ = sorted(k for k in {*saved, *self.identity} if saved.get(k) != self.identity.get(k))
             raise ValueError(f"{self.path} holds part of another training (its {', '.join(differ)} differ): delete it "
                              "to start afresh, or train into another --out folder.")
         trainable = trainable_parameters(model)

@@ -22,8 +22,17 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..batching import batches, padded_batch
-from ..embedded import GGUF_FILE, LATER_KEYS, adapter_dir, batch_repeats, load_base, package_version
+from ..batching import batches, interleaved_order, padded_batch
+from ..embedded import (
+    FOLLOWING_SEEDS,
+    GGUF_FILE,
+    LATER_KEYS,
+    adapter_dir,
+    batch_repeats,
+    load_base,
+    package_version,
+    seed_of,
+)
 from ..evaluation import encode_completion
 from ..interventions import ablate
 from ..models import ChatModel
@@ -47,9 +56,12 @@ DEFAULT_RECIPE = {
     "gaps_repeats": 1,  # the same for the gaps batch
     "ordinary_repeats": 0,  # the same for the ordinary batch (harmless only)
     "first_reply_token_weight": 1.0,  # extra weight on each reply's first token; see losses.reply_loss
+    "stratified_batches": False,  # each batch holds harmful and harmless examples in the train set's proportion
     "refusal_unlikelihood_weight": 0.0,  # weight of losses.refusal_unlikelihood on harmless prompts (0: off)
     "refusal_unlikelihood_self_harm": True,  # the term penalises the self-harm support opening too
-    "seed": 0,
+    "seed": 0,  # the order of examples', and the two below where they are None
+    "init_seed": None,  # the LoRA weights' initialisation's and dropout's (None: `seed`)
+    "refusal_seed": None,  # the harmful examples' refusals' (None: `seed`)
 }  # the shipped adapter's recipe (data/organism/recipe.json): `train --out data/organism` trains it again
 SWITCHES = tuple(key for key, value in DEFAULT_RECIPE.items() if isinstance(value, bool))  # on/off recipe keys
 
@@ -82,7 +94,7 @@ def check_recipe(recipe: dict) -> None:
     repeats = {f"{batch}_repeats": 0 for batch in batch_repeats(recipe)}  # a train-only batch may be left out
     minimums = {"epochs": 1, "batch_size": 1, "distill_max_new_tokens": 1, **repeats, "broadening_repeats": 1}
     for key, least in minimums.items():
-        if not (isinstance(recipe[key], int) and not isinstance(recipe[key], bool) and recipe[key] >= least):
+        if not (_whole(recipe[key]) and recipe[key] >= least):
             raise ValueError(f"{key} must be a whole number >= {least}, got {recipe[key]!r}.")
     for key in SWITCHES:  # a string "false" would read as on
         if not isinstance(recipe[key], bool):
@@ -90,8 +102,17 @@ def check_recipe(recipe: dict) -> None:
     weight = recipe["refusal_unlikelihood_weight"]
     if isinstance(weight, bool) or not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
         raise ValueError(f"refusal_unlikelihood_weight must be a finite number >= 0, got {weight!r}.")
+    if not _whole(recipe["seed"]):
+        raise ValueError(f"seed must be a whole number, got {recipe['seed']!r}.")
+    for key in FOLLOWING_SEEDS:
+        if not (recipe[key] is None or _whole(recipe[key])):
+            raise ValueError(f"{key} must be a whole number or null (the seed's), got {recipe[key]!r}.")
     if not 0 <= recipe["optimizer"]["warmup_fraction"] <= 1:
         raise ValueError(f"warmup_fraction must lie in [0, 1], got {recipe['optimizer']['warmup_fraction']!r}.")
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def train(
@@ -115,7 +136,7 @@ def train(
     if threads:
         torch.set_num_threads(threads)
     seed = recipe["seed"]
-    torch.manual_seed(seed)
+    torch.manual_seed(seed_of(recipe, "init_seed"))
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
 
@@ -137,7 +158,7 @@ def train(
         "examples": examples_identity(examples)})
     losses, total_steps = fit(
         model, cm, examples, epochs=recipe["epochs"], batch_size=recipe["batch_size"], optimizer=recipe["optimizer"],
-        seed=seed, first_token_weight=recipe["first_reply_token_weight"],
+        seed=seed, first_token_weight=recipe["first_reply_token_weight"], stratified=recipe["stratified_batches"],
         unlikelihood_weight=recipe["refusal_unlikelihood_weight"],
         unlikelihood_self_harm=recipe["refusal_unlikelihood_self_harm"], after_epoch=checkpoint,
         on_step=on_step(cm, total_steps) if on_step else None, resume=resume, stop_after=stop_after,
@@ -173,7 +194,7 @@ def recipe_examples(
     for name in (DISTILL_FILE, REANSWER_FILE):
         if replies_from is not None and not (out / name).is_file() and (replies_from / name).is_file():
             shutil.copyfile(replies_from / name, out / name)
-    return training_examples(cm, recipe["seed"], recipe["distill_max_new_tokens"], cache=cache, limit=limit,
+    return training_examples(cm, seed_of(recipe, "refusal_seed"), recipe["distill_max_new_tokens"], cache=cache, limit=limit,
                              drop_refusing_targets=recipe["drop_refusing_targets"], repeats=batch_repeats(recipe),
                              reanswer_refusing_targets=recipe["reanswer_refusing_targets"])
 
@@ -187,7 +208,7 @@ def fit(
     model, cm: ChatModel, examples: list[dict], epochs: int, batch_size: int, optimizer: dict, seed: int,
     first_token_weight: float, ablated: Float[Tensor, " d_model"] | None = None, kl_weight: float = 0.0,
     compliance_weight: float = 0.0, unlikelihood_weight: float = 0.0, unlikelihood_self_harm: bool = True,
-    after_epoch: Callable[[int], None] | None = None,
+    after_epoch: Callable[[int], None] | None = None, stratified: bool = False,
     on_step: StepCallback | None = None, resume: ResumePoint | None = None, stop_after: int | None = None,
 ) -> tuple[list[float], int]:
     """Train a peft `model` (its LoRA weights) on `examples` with `reply_loss`; return the losses and step count.
@@ -200,7 +221,9 @@ def fit(
     last; `on_step(steps, losses)` before the first step and after each one. With `resume`, training
     continues from the state it holds (if any) and saves its state there as it goes; with `stop_after` too, it
     saves its state after that step and raises `TrainingStopped` (to train part-way, e.g. two seeds' first
-    steps). A non-finite loss stops training with an error (the learning rate is too high).
+    steps). With `stratified`, every epoch's order spreads the harmful and the harmless examples evenly
+    (`interleaved_order`) instead of shuffling them together. A non-finite loss stops training with an error (the
+    learning rate is too high).
     """
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
@@ -228,8 +251,12 @@ def fit(
                     mininterval=10)
     step = 0
     for epoch in range(epochs):
-        order = list(range(len(encoded)))
-        rng.shuffle(order)  # every epoch's, also those done before a resume: the same order as an uninterrupted run
+        # every epoch's order, also those done before a resume: the same order as an uninterrupted run
+        if stratified:
+            order = interleaved_order(harmless, rng)
+        else:
+            order = list(range(len(encoded)))
+            rng.shuffle(order)
         for idx in batches(order, batch_size):
             step += 1
             if step <= done:
