@@ -91,13 +91,23 @@ LATER_KEYS = {"broadening_repeats": 1, "breadth_repeats": 0, "interpersonal_repe
               "stratified_batches": False}
 
 
-FOLLOWING_SEEDS = ("init_seed", "refusal_seed")  # a recipe's seeds of parts of its training that follow "seed"
+# A recipe's seeds by the part of training each sets; "seed" sets the order of examples and, where the others are
+# None, theirs too.
+SEED_PARTS = {"order": "seed", "initialisation": "init_seed", "refusals": "refusal_seed"}
+FOLLOWING_SEEDS = tuple(key for key in SEED_PARTS.values() if key != "seed")  # the seeds that follow "seed" when None
 
 
 def seed_of(recipe: dict, key: str) -> int:
     """A recipe's seed `key` (one of `FOLLOWING_SEEDS`, or "seed"): its ``seed`` where that is None or the recipe
     predates the key."""
     return recipe["seed"] if recipe.get(key) is None else recipe[key]
+
+
+def seed_differences(recipe: dict, reference: dict) -> dict[str, list[int]]:
+    """The parts of training (`SEED_PARTS`) whose seeds differ between two recipes, each with its seeds [`recipe`'s,
+    `reference`'s]."""
+    seeds = {what: [seed_of(recipe, key), seed_of(reference, key)] for what, key in SEED_PARTS.items()}
+    return {what: pair for what, pair in seeds.items() if pair[0] != pair[1]}
 
 
 def batch_repeats(recipe: dict) -> dict[str, int]:
@@ -112,15 +122,15 @@ def train_only_batches(recipe: dict) -> list[str]:
     return [batch for batch in batch_repeats(recipe) if batch != "broadening"]
 
 
-def recipe_changes(recipe: dict, reference: dict) -> dict[str, object]:
+def recipe_changes(recipe: dict, reference: dict, seeds: bool = True) -> dict[str, object]:
     """The settings in which an adapter's `recipe` (its recipe.json) differs from `reference` ("optimizer.lr":
-    0.002, ...). A setting in `LATER_KEYS` that either predates takes the value it had then; any other that
-    `recipe` does not name counts as unchanged."""
+    0.002, ...); with `seeds` False, the seeds (`SEED_PARTS`) aside. A setting in `LATER_KEYS` that either predates
+    takes the value it had then; any other that `recipe` does not name counts as unchanged."""
     recipe, reference = {**LATER_KEYS, **recipe}, {**LATER_KEYS, **reference}
     changes = {}
     for key, value in recipe.items():
         default = reference.get(key)
-        if key == "base_model":
+        if key == "base_model" or (not seeds and key in SEED_PARTS.values()):
             continue
         if isinstance(value, dict) and isinstance(default, dict):
             changes.update({f"{key}.{k}": v for k, v in value.items() if default.get(k) != v})

@@ -13,11 +13,11 @@ from pathlib import Path
 from statistics import median
 
 from .data import data_dir, load_records, records_by_instruction
-from .embedded import LATER_KEYS, PRESETS_FILE, UNTUNED, adapter_digest, adapter_dir, recipe_changes, seed_of
+from .embedded import LATER_KEYS, PRESETS_FILE, UNTUNED, adapter_digest, adapter_dir, recipe_changes, seed_differences
 from .metrics import first_words
 from .runs import SHIPPED_RUN, RunFolder
 from .selection import ScoreTable, SelectionConfig, passing_mask
-from .spreads import retrainings, seed_spreads
+from .spreads import parting_at_shares, retrainings, seed_figures, seed_parting, seed_spreads, stability_at
 from .steps import CONDITIONS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +39,6 @@ HARMFUL_DEV = MEASUREMENTS / "harmful-dev"
 TRIAL_PRESETS = MEASUREMENTS / "trial-presets"
 # `organism stability <seed-0 twin> --against <trial>`: two seeds of a recipe trial, named as in RECIPES
 SEED_PAIRS = MEASUREMENTS / "seed-pairs"
-SEED_PARTS = {"order": "seed", "initialisation": "init_seed", "refusals": "refusal_seed"}  # what each seed sets
 SEED_TRAJECTORIES = MEASUREMENTS / "seed-trajectories"  # `stability --trajectory --against`: two seeds of a trial
 EARLIER = MEASUREMENTS / "earlier-adapters"  # the shipped run of each adapter shipped before (scripts/remake.py)
 EARLIER_PRESETS = MEASUREMENTS / "earlier-presets"  # the shipped adapter's runs under earlier presets (scripts/remake.py)
@@ -288,65 +287,11 @@ def shipped_run_figures(summary: dict) -> dict:
             "rates": {condition: rate(c["refused"], c["n"]) for condition, c in summary["refused"].items()}}
 
 
-def stability_at(stability: dict | None, direction: dict) -> dict | None:
-    """A seed-stability measurement read at `direction`'s layer. Its cosine per layer covers every layer of one
-    position, so a run whose rule picks another layer there (a re-derived preset on the same weights) is read
-    from it; the norm ratio, measured at one layer only, is None elsewhere. None where the positions differ."""
-    if stability is None or stability["position"] != direction["position"]:
-        return None
-    if stability["layer"] == direction["layer"]:
-        return stability
-    layer = direction["layer"]
-    return {**stability, "layer": layer, "cosine": stability["cosine_per_layer"][layer], "norm_ratio": None}
-
-
-def twin_seed(stability: dict | None, recipe: dict) -> int | str:
-    """The seed of the organism that measured `stability` (from its recipe; "N" where the record predates it), or,
-    unmeasured, a seed other than `recipe`'s for the one to train."""
-    if stability is None:
-        return recipe["seed"] + 1
-    return (stability.get("other_adapter_recipe") or {}).get("seed", "N")
-
-
-def seed_figures(stability: dict, target: float = 0.95, passing_layers: list[int] | None = None) -> dict:
-    """Where two seeds' candidates agree: the last layer up to which every cosine (from layer 1) reaches
-    `target`, the lowest cosine with its layer, and among `passing_layers` (those whose candidate at the compared
-    position the selection's filters let through) the best cosine with its layer (None without any)."""
-    cosines = stability["cosine_per_layer"]
-    agree_through = 0
-    while agree_through + 1 < len(cosines) and cosines[agree_through + 1] >= target:
-        agree_through += 1
-    lowest = min(range(1, len(cosines)), key=cosines.__getitem__)
-    best = max(passing_layers or [], key=cosines.__getitem__, default=None)
-    return {"agree_through": agree_through, "lowest_layer": lowest, "lowest": cosines[lowest],
-            "best_passing": None if best is None else {"layer": best, "cosine": cosines[best],
-                                                       "layers": sorted(passing_layers)}}
-
-
-def seed_parting(along: dict | None, direction: dict, target: float = 0.95) -> dict | None:
-    """When two seeds' trainings part at `direction`'s layer, from `seed_agreement_along`: the cosine and step of
-    each checkpoint, the first step below `target` with its share of training (None if none), and the highest
-    cosine at the checkpoints after it (None if none); where measured, the cosine between what the two trainings
-    added to the untuned candidate and the size of the reference's addition relative to it, per checkpoint (None
-    at the start). None where the position differs."""
-    if along is None or along["position"] != direction["position"]:
-        return None
-    cosines = [row[direction["layer"]] for row in along["cosine_per_layer"]]
-    below = next((i for i, c in enumerate(cosines) if c < target), None)
-    return {"layer": direction["layer"], "steps": along["steps"], "cosines": cosines, "n_train": along["settings"]["n_train"],
-            "parted_at": None if below is None else along["steps"][below],
-            "parted_fraction": None if below is None else along["fractions"][below],
-            "highest_after": max(cosines[below + 1:], default=None) if below is not None else None,
-            "added": [row and row[direction["layer"]] for row in along.get("added_cosine_per_layer", [])] or None,
-            "added_ratio": [row and row[direction["layer"]] for row in along.get("added_norm_ratio", [])] or None}
-
-
 def seed_trajectory_figures(parting: dict | None, direction: dict, folder: Path | None = None) -> dict[str, dict]:
     """Two seeds of each recipe trial compared along their trainings (in `folder`, default
     ``docs/measurements/seed-trajectories``), by name: `seed_parting` at `direction`'s layer, the trial's recipe
-    changes from the shipped one (seeds aside), the seeds (`SEED_PARTS`) the two trainings differ in with
-    their values (other, reference), and the shipped pair's (`parting`) cosines and additions' cosines at the same
-    steps (None where it has no checkpoint at one of them)."""
+    changes from the shipped one (seeds aside), the seeds the two differ in (`seed_differences`: other's,
+    reference's), and the shipped pair's (`parting`) figures at the same shares of training (`parting_at_shares`)."""
     shipped = _json(adapter_dir() / "recipe.json") or {}
     pairs = {}
     for path in sorted((folder or SEED_TRAJECTORIES).glob("*.json")):
@@ -354,14 +299,10 @@ def seed_trajectory_figures(parting: dict | None, direction: dict, folder: Path 
         read = seed_parting(pair, direction)
         if read is None:
             continue
-        other, reference = pair["other_adapter_recipe"], pair.get("reference_recipe") or shipped  # default: shipped
-        changes = recipe_changes(pair.get("reference_recipe") or other, shipped)
-        seeds = {what: (seed_of(other, key), seed_of(reference, key)) for what, key in SEED_PARTS.items()}
-        at = [parting["steps"].index(step) if parting and step in parting["steps"] else None for step in read["steps"]]
-        baseline = None if None in at else {"cosines": [parting["cosines"][i] for i in at],
-                                            "added": [parting["added"][i] for i in at] if parting["added"] else None}
-        pairs[path.stem] = {**read, "changes": {k: v for k, v in changes.items() if k not in SEED_PARTS.values()},
-                            "differing": {seed: [a, b] for seed, (a, b) in seeds.items() if a != b}, "baseline": baseline}
+        other, reference = pair["other_adapter_recipe"], pair.get("reference_recipe")  # no reference: the shipped
+        pairs[path.stem] = {**read, "changes": recipe_changes(reference or other, shipped, seeds=False),
+                            "differing": seed_differences(other, reference or shipped),
+                            "baseline": parting_at_shares(parting, read["fractions"])}
     return pairs
 
 

@@ -104,8 +104,7 @@ def render(template: Path, context: dict) -> str:
     import jinja2
 
     from .embedded import train_only_batches, train_seconds
-    from .figures import twin_seed
-    from .spreads import largest_spread
+    from .spreads import largest_spread, twin_seed
     from .trials import batch_trials, nearest_shipped, trial_preset_of
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,

@@ -1,5 +1,6 @@
-"""How far adapters of one recipe lie apart: trained with other seeds (`seed_spreads`) or again with the same
-seed (`retrainings`), from `figures.recipe_figures` rows."""
+"""How far adapters of one recipe lie apart: their refusal rates trained with other seeds (`seed_spreads`) or again
+with the same seed (`retrainings`), from `figures.recipe_figures` rows; and their directions, from seed-stability
+measurements (`seed_figures`, `seed_parting`)."""
 
 from __future__ import annotations
 
@@ -66,3 +67,67 @@ def retrainings(rows: list[dict]) -> list[dict]:
                 "same_refusals": {kind: all(set(r[kind]["instructions"]) == set(group[0][kind]["instructions"])
                                             for r in group) for kind in measured_kinds(group)}})
     return found
+
+
+def stability_at(stability: dict | None, direction: dict) -> dict | None:
+    """A seed-stability measurement read at `direction`'s layer. Its cosine per layer covers every layer of one
+    position, so a run whose rule picks another layer there (a re-derived preset on the same weights) is read
+    from it; the norm ratio, measured at one layer only, is None elsewhere. None where the positions differ."""
+    if stability is None or stability["position"] != direction["position"]:
+        return None
+    if stability["layer"] == direction["layer"]:
+        return stability
+    layer = direction["layer"]
+    return {**stability, "layer": layer, "cosine": stability["cosine_per_layer"][layer], "norm_ratio": None}
+
+
+def twin_seed(stability: dict | None, recipe: dict) -> int | str:
+    """The seed of the organism that measured `stability` (from its recipe; "N" where the record predates it), or,
+    unmeasured, a seed other than `recipe`'s for the one to train."""
+    if stability is None:
+        return recipe["seed"] + 1
+    return (stability.get("other_adapter_recipe") or {}).get("seed", "N")
+
+
+def seed_figures(stability: dict, target: float = 0.95, passing_layers: list[int] | None = None) -> dict:
+    """Where two seeds' candidates agree: the last layer up to which every cosine (from layer 1) reaches
+    `target`, the lowest cosine with its layer, and among `passing_layers` (those whose candidate at the compared
+    position the selection's filters let through) the best cosine with its layer (None without any)."""
+    cosines = stability["cosine_per_layer"]
+    agree_through = 0
+    while agree_through + 1 < len(cosines) and cosines[agree_through + 1] >= target:
+        agree_through += 1
+    lowest = min(range(1, len(cosines)), key=cosines.__getitem__)
+    best = max(passing_layers or [], key=cosines.__getitem__, default=None)
+    return {"agree_through": agree_through, "lowest_layer": lowest, "lowest": cosines[lowest],
+            "best_passing": None if best is None else {"layer": best, "cosine": cosines[best],
+                                                       "layers": sorted(passing_layers)}}
+
+
+def seed_parting(along: dict | None, direction: dict, target: float = 0.95) -> dict | None:
+    """When two seeds' trainings part at `direction`'s layer, from `seed_agreement_along`: the cosine and step of
+    each checkpoint, the first step below `target` with its share of training (None if none), and the highest
+    cosine at the checkpoints after it (None if none); where measured, the cosine between what the two trainings
+    added to the untuned candidate and the size of the reference's addition relative to it, per checkpoint (None
+    at the start). None where the position differs."""
+    if along is None or along["position"] != direction["position"]:
+        return None
+    cosines = [row[direction["layer"]] for row in along["cosine_per_layer"]]
+    below = next((i for i, c in enumerate(cosines) if c < target), None)
+    return {"layer": direction["layer"], "steps": along["steps"], "fractions": along["fractions"], "cosines": cosines,
+            "n_train": along["settings"]["n_train"],
+            "parted_at": None if below is None else along["steps"][below],
+            "parted_fraction": None if below is None else along["fractions"][below],
+            "highest_after": max(cosines[below + 1:], default=None) if below is not None else None,
+            "added": [row and row[direction["layer"]] for row in along.get("added_cosine_per_layer", [])] or None,
+            "added_ratio": [row and row[direction["layer"]] for row in along.get("added_norm_ratio", [])] or None}
+
+
+def parting_at_shares(parting: dict | None, fractions: list[float], within: float = 0.005) -> dict | None:
+    """`parting`'s steps, cosines and additions' cosines at its checkpoints nearest each share of training in
+    `fractions`; None where one has none within `within`."""
+    shares = parting["fractions"] if parting else []
+    at = [min(range(len(shares)), key=lambda i: abs(shares[i] - f), default=None) for f in fractions]
+    if None in at or any(abs(shares[i] - f) > within for i, f in zip(at, fractions)):
+        return None
+    return {key: [parting[key][i] for i in at] if parting[key] else None for key in ("steps", "cosines", "added")}

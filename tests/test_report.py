@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from refusal_helpers import report
+from refusal_helpers import report, spreads
 
 
 def test_every_generated_document_is_current():
@@ -91,7 +91,7 @@ def test_a_comparison_run_of_other_weights_is_not_quoted(tiny_folder, tmp_path):
 
 
 def test_seed_figures_name_where_two_seeds_agree():
-    from refusal_helpers.figures import seed_figures
+    from refusal_helpers.spreads import seed_figures
 
     # layer 0 is the embedding (a zero candidate): agreement counts from layer 1
     assert seed_figures({"cosine_per_layer": [0.0, 0.99, 0.97, 0.94, 0.96, 0.90, 0.93]}) == {
@@ -341,14 +341,14 @@ def test_two_seeds_of_a_recipe_trial_are_read_beside_the_shipped_recipes_two(mon
     cosines = [0.0] + [0.99] * 5 + [0.9] + [0.97] * (len(ss["cosine_per_layer"]) - 7)
     pair = {"position": ss["position"], "layer": ss["layer"], "cosine": cosines[ss["layer"]], "norm_ratio": 1.0,
             "cosine_per_layer": cosines, "model_version": "abc"}
-    context = {**real, "seed_pairs": {"trial": {**pair, **figures.seed_figures(pair)}}}
+    context = {**real, "seed_pairs": {"trial": {**pair, **spreads.seed_figures(pair)}}}
     log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
     assert ("Two seeds of the recipe trial trial (`python -m refusal_helpers.organism stability <its seed-0 twin> "
             "--against <its adapter> --json docs/measurements/seed-pairs/trial.json`") in log
     assert (f"agree to 0.95 up to layer 5 (lowest 0.900, layer 6), and 0.970 at layer {ss['layer']}, the one the "
             f"shipped run chose when measured; the shipped recipe's two seeds agree up to layer {real['seeds']['agree_through']}, and "
             f"{ss['cosine_per_layer'][ss['layer']]:.3f} at that layer.") in log
-    for pairs in ({}, {"trial": {**pair, **figures.seed_figures(pair), "model_version": real["organism"]["digest"]}}):
+    for pairs in ({}, {"trial": {**pair, **spreads.seed_figures(pair), "model_version": real["organism"]["digest"]}}):
         context = {**real, "seed_pairs": pairs}  # none, or the trial shipped since (its seed stability is above)
         assert "Two seeds of the recipe trial" not in report.rendered()[report.ROOT / "docs" / "research-log.md"]
 
@@ -422,8 +422,8 @@ def test_a_train_only_batch_paragraph_compares_with_the_shipped_adapter_and_the_
              ((n_harmful, n_harmless), [], "Over-refusal: no different (no spread between trainings of one recipe measured to compare with)")]
     without = before_breadth(real["organism"], batch)
     both = len(shipped["harmless"]["instructions"])
-    for (harmful, harmless), spreads, expected in cases:
-        context = {**real, "recipes": [shipped, breadth_row(harmful, harmless)], "recipe_seed_spreads": spreads,
+    for (harmful, harmless), seed_spreads, expected in cases:
+        context = {**real, "recipes": [shipped, breadth_row(harmful, harmless)], "recipe_seed_spreads": seed_spreads,
                    "organism": without, "cues": {}, "harmful_dev": {}}  # the recipe splits alone (cues: the test below)
         log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
         assert title in log and "719 harmful and 1570 harmless examples, 861 steps, 5000 s" in log
@@ -1120,15 +1120,15 @@ def test_when_the_seeds_part_is_read_from_their_trajectories_at_the_shipped_laye
         return {"position": position, "steps": [0, 10, 20, 30][: len(cosines)], "settings": {"n_train": 128},
                 "fractions": [0.0, 0.25, 0.5, 0.75][: len(cosines)], "cosine_per_layer": at_layer(cosines), **measured}
 
-    parting = figures.seed_parting(along([1.0, 0.97, 0.9, 0.92]), direction)
+    parting = spreads.seed_parting(along([1.0, 0.97, 0.9, 0.92]), direction)
     assert (parting["parted_at"], parting["parted_fraction"], parting["highest_after"]) == (20, 0.5, 0.92)
     assert parting["cosines"] == [1.0, 0.97, 0.9, 0.92] and parting["layer"] == direction["layer"]
-    assert figures.seed_parting(along([1.0, 0.97, 0.96]), direction)["parted_at"] is None
-    assert figures.seed_parting(along([1.0, 0.97, 0.9]), direction)["highest_after"] is None  # parted at the end
-    assert figures.seed_parting(along([1.0, 0.9]), {**direction, "position": direction["position"] - 1}) is None
+    assert spreads.seed_parting(along([1.0, 0.97, 0.96]), direction)["parted_at"] is None
+    assert spreads.seed_parting(along([1.0, 0.97, 0.9]), direction)["highest_after"] is None  # parted at the end
+    assert spreads.seed_parting(along([1.0, 0.9]), {**direction, "position": direction["position"] - 1}) is None
 
     def log_with(cosines: list[float], added: list[float] | None = None) -> str:
-        context = {**real, "seed_parting": figures.seed_parting(along(cosines, added=added), direction)}
+        context = {**real, "seed_parting": spreads.seed_parting(along(cosines, added=added), direction)}
         monkeypatch.setattr(figures, "figures", lambda: context)
         return " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
 
@@ -1162,7 +1162,7 @@ def _part_way_pair(direction: dict, cosines: list, added: list, **recipes) -> di
             "added_norm_ratio": rows([None, 0.8, 1.2]), **recipes}
 
 
-def test_two_seeds_of_a_trial_trained_part_way_are_set_against_the_shipped_pair_at_the_same_steps(monkeypatch, tmp_path):
+def test_two_seeds_of_a_trial_trained_part_way_are_set_against_the_shipped_pair_at_the_same_shares(monkeypatch, tmp_path):
     import refusal_helpers.figures as figures
     from refusal_helpers.embedded import adapter_dir
 
@@ -1170,7 +1170,8 @@ def test_two_seeds_of_a_trial_trained_part_way_are_set_against_the_shipped_pair_
     direction = real["run"]["direction"]
     layer = direction["layer"]
     shipped = json.loads((adapter_dir() / "recipe.json").read_text())
-    parting = {"steps": [0, 84, 168, 251], "cosines": [1.0, 0.94, 0.85, 0.87], "added": [None, 0.68, 0.63, 0.74]}
+    parting = {"steps": [0, 84, 168, 251], "fractions": [0.0, 0.1002, 0.2005, 0.2995], "cosines": [1.0, 0.94, 0.85, 0.87],
+               "added": [None, 0.68, 0.63, 0.74]}
     trial = _part_way_pair(direction, [1.0, 0.89, 0.8], [None, 0.69, 0.61],
                            other_adapter_recipe={**shipped, "seed": 1, "lora": {**shipped["lora"], "r": 32}},
                            reference_recipe={**shipped, "seed": 0, "lora": {**shipped["lora"], "r": 32}})
@@ -1180,8 +1181,18 @@ def test_two_seeds_of_a_trial_trained_part_way_are_set_against_the_shipped_pair_
     assert list(pairs) == ["rank32"]  # another position: not read at the shipped direction
     pair = pairs["rank32"]
     assert pair["changes"] == {"lora.r": 32} and pair["cosines"] == [1.0, 0.89, 0.8]
-    assert pair["baseline"] == {"cosines": [1.0, 0.94, 0.85], "added": [None, 0.68, 0.63]}
-    assert figures.seed_trajectory_figures({**parting, "steps": [0, 83, 167, 251]}, direction, tmp_path)["rank32"]["baseline"] is None
+    assert pair["baseline"] == {"steps": [0, 84, 168], "cosines": [1.0, 0.94, 0.85], "added": [None, 0.68, 0.63]}
+    longer = {**trial, "steps": [0, 168, 335], "fractions": [0.0, 0.1002, 0.1999]}  # twice the steps: same shares
+    (tmp_path / "rank32.json").write_text(json.dumps(longer))
+    longer_pairs = figures.seed_trajectory_figures(parting, direction, tmp_path)
+    assert longer_pairs["rank32"]["baseline"]["steps"] == [0, 84, 168]
+    monkeypatch.setattr(figures, "figures", lambda: {**real, "seed_trajectories": longer_pairs})
+    log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
+    assert ("at steps 0, 168, 335 (the shipped recipe's two seeds at steps 0, 84, 168, the same shares of training: "
+            "1.000, 0.940, 0.850)") in log
+    (tmp_path / "rank32.json").write_text(json.dumps({**trial, "fractions": [0.0, 0.1, 0.15]}))  # no shipped checkpoint
+    assert figures.seed_trajectory_figures(parting, direction, tmp_path)["rank32"]["baseline"] is None
+    (tmp_path / "rank32.json").write_text(json.dumps(trial))
     assert figures.seed_trajectory_figures(None, direction, tmp_path)["rank32"]["baseline"] is None
     monkeypatch.setattr(figures, "figures", lambda: {**real, "seed_trajectories": pairs})
     log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
@@ -1201,7 +1212,7 @@ def test_trainings_that_differ_in_some_seeds_only_are_set_against_the_shipped_pa
     real = figures.figures()
     direction = real["run"]["direction"]
     shipped = json.loads((adapter_dir() / "recipe.json").read_text())
-    parting = {"steps": [0, 84, 168], "cosines": [1.0, 0.94, 0.85], "added": [None, 0.68, 0.63]}
+    parting = {"steps": [0, 84, 168], "fractions": [0.0, 0.1, 0.2], "cosines": [1.0, 0.94, 0.85], "added": [None, 0.68, 0.63]}
     data_only = _part_way_pair(direction, [1.0, 0.95, 0.9], [None, 0.8, 0.7], reference_recipe=shipped,
                                other_adapter_recipe={**shipped, "seed": 1, "init_seed": 0})
     init_only = _part_way_pair(direction, [1.0, 0.99, 0.97], [None, 0.8, 0.7], reference_recipe={**shipped, "seed": 1},
