@@ -1203,6 +1203,9 @@ def test_two_seeds_of_a_trial_trained_part_way_are_set_against_the_shipped_pair_
             "0.940, 0.850); what training added agrees to 0.690, 0.610 after the start (the shipped recipe's: 0.680, "
             "0.630). By the last step compared the trial's seeds agree less than the shipped recipe's") in log
     assert pair["differing"] == {"order": [1, 0], "initialisation": [1, 0], "refusals": [1, 0]}
+    monkeypatch.setattr(figures, "figures", lambda: {**real, "seed_trajectories": {"a": pair, "b": pair}})
+    raw = report.rendered()[report.ROOT / "docs" / "research-log.md"]
+    assert raw.count("\n\nThe recipe trial ") == 2  # each trial its own paragraph
 
 
 def test_trainings_that_differ_in_some_seeds_only_are_set_against_the_shipped_pairs_parting(monkeypatch, tmp_path):
