@@ -124,10 +124,11 @@ def seed_parting(along: dict | None, direction: dict, target: float = 0.95) -> d
 
 
 def parting_at_shares(parting: dict | None, fractions: list[float], within: float = 0.005) -> dict | None:
-    """`parting`'s steps, cosines and additions' cosines at its checkpoints nearest each share of training in
-    `fractions`; None where one has none within `within`."""
+    """`parting`'s steps, cosines, additions' cosines and additions' lengths at its checkpoints nearest each share of
+    training in `fractions`; None where one has none within `within`."""
     shares = parting["fractions"] if parting else []
     at = [min(range(len(shares)), key=lambda i: abs(shares[i] - f), default=None) for f in fractions]
     if None in at or any(abs(shares[i] - f) > within for i, f in zip(at, fractions)):
         return None
-    return {key: [parting[key][i] for i in at] if parting[key] else None for key in ("steps", "cosines", "added")}
+    keys = ("steps", "cosines", "added", "added_ratio")
+    return {key: [parting[key][i] for i in at] if parting.get(key) else None for key in keys}

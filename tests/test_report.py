@@ -1171,7 +1171,7 @@ def test_two_seeds_of_a_trial_trained_part_way_are_set_against_the_shipped_pair_
     layer = direction["layer"]
     shipped = json.loads((adapter_dir() / "recipe.json").read_text())
     parting = {"steps": [0, 84, 168, 251], "fractions": [0.0, 0.1002, 0.2005, 0.2995], "cosines": [1.0, 0.94, 0.85, 0.87],
-               "added": [None, 0.68, 0.63, 0.74]}
+               "added": [None, 0.68, 0.63, 0.74], "added_ratio": [None, 0.57, 1.08, 1.48]}
     trial = _part_way_pair(direction, [1.0, 0.89, 0.8], [None, 0.69, 0.61],
                            other_adapter_recipe={**shipped, "seed": 1, "lora": {**shipped["lora"], "r": 32}},
                            reference_recipe={**shipped, "seed": 0, "lora": {**shipped["lora"], "r": 32}})
@@ -1181,7 +1181,8 @@ def test_two_seeds_of_a_trial_trained_part_way_are_set_against_the_shipped_pair_
     assert list(pairs) == ["rank32"]  # another position: not read at the shipped direction
     pair = pairs["rank32"]
     assert pair["changes"] == {"lora.r": 32} and pair["cosines"] == [1.0, 0.89, 0.8]
-    assert pair["baseline"] == {"steps": [0, 84, 168], "cosines": [1.0, 0.94, 0.85], "added": [None, 0.68, 0.63]}
+    assert pair["baseline"] == {"steps": [0, 84, 168], "cosines": [1.0, 0.94, 0.85], "added": [None, 0.68, 0.63],
+                                "added_ratio": [None, 0.57, 1.08]}
     longer = {**trial, "steps": [0, 168, 335], "fractions": [0.0, 0.1002, 0.1999]}  # twice the steps: same shares
     (tmp_path / "rank32.json").write_text(json.dumps(longer))
     longer_pairs = figures.seed_trajectory_figures(parting, direction, tmp_path)
@@ -1201,7 +1202,9 @@ def test_two_seeds_of_a_trial_trained_part_way_are_set_against_the_shipped_pair_
             "compared at the checkpoints both reached") in log
     assert (f"agree at layer {layer} to 1.000, 0.890, 0.800 at steps 0, 84, 168 (the shipped recipe's two seeds: 1.000, "
             "0.940, 0.850); what training added agrees to 0.690, 0.610 after the start (the shipped recipe's: 0.680, "
-            "0.630). By the last step compared the trial's seeds agree less than the shipped recipe's") in log
+            "0.630); the reference seed's addition is 0.80, 1.20 times the untuned candidate's length (the shipped "
+            "recipe's: 0.57, 1.08; how far each has learned). By the last step compared the trial's seeds agree less "
+            "than the shipped recipe's") in log
     assert pair["differing"] == {"order": [1, 0], "initialisation": [1, 0], "refusals": [1, 0]}
     monkeypatch.setattr(figures, "figures", lambda: {**real, "seed_trajectories": {"a": pair, "b": pair}})
     raw = report.rendered()[report.ROOT / "docs" / "research-log.md"]
