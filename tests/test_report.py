@@ -1190,7 +1190,14 @@ def test_two_seeds_of_a_trial_trained_part_way_are_set_against_the_shipped_pair_
     monkeypatch.setattr(figures, "figures", lambda: {**real, "seed_trajectories": longer_pairs})
     log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
     assert ("at steps 0, 168, 335 (the shipped recipe's two seeds at steps 0, 84, 168, the same shares of training: "
-            "1.000, 0.940, 0.850)") in log
+            "1.000, 0.940, 0.850)") in log and "agree more than" not in log
+    closer = {**trial, "cosine_per_layer": _part_way_pair(direction, [1.0, 0.95, 0.9], [None, 0.7, 0.8])["cosine_per_layer"]}
+    (tmp_path / "rank32.json").write_text(json.dumps(closer))
+    monkeypatch.setattr(figures, "figures", lambda: {**real, "seed_trajectories": figures.seed_trajectory_figures(
+        parting, direction, tmp_path)})
+    log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
+    assert "By the last step compared the trial's seeds agree more than the shipped recipe's (0.900 against 0.850)." in log
+    assert "agree less than" not in log
     (tmp_path / "rank32.json").write_text(json.dumps({**trial, "fractions": [0.0, 0.1, 0.15]}))  # no shipped checkpoint
     assert figures.seed_trajectory_figures(parting, direction, tmp_path)["rank32"]["baseline"] is None
     (tmp_path / "rank32.json").write_text(json.dumps(trial))
