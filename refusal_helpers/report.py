@@ -77,6 +77,11 @@ def signed(x: float, digits: int = 3) -> str:
     return f"{x:+.{digits}f}"
 
 
+def fixed(xs: list[float], digits: int = 3, sep: str = ", ") -> str:
+    """Figures as the documents list them, each to `digits` decimals: "0.947, 0.939, 0.940"."""
+    return sep.join(f"{x:.{digits}f}" for x in xs)
+
+
 def train_time(log: dict) -> str:
     """A training log's time as the documents write it: "3935 s", or why it is unknown."""
     from .embedded import train_seconds
@@ -109,7 +114,7 @@ def render(template: Path, context: dict) -> str:
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(percent=percent, signed=signed, recipe_text=recipe_text, train_time=train_time,
+    env.filters.update(percent=percent, signed=signed, fixed=fixed, recipe_text=recipe_text, train_time=train_time,
                        train_seconds=train_seconds, train_only_batches=train_only_batches,
                        largest_spread=largest_spread, twin_seed=twin_seed,
                        trial_preset_of=trial_preset_of)

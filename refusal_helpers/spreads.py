@@ -123,12 +123,19 @@ def seed_parting(along: dict | None, direction: dict, target: float = 0.95) -> d
             "added_ratio": [row and row[direction["layer"]] for row in along.get("added_norm_ratio", [])] or None}
 
 
-def parting_at_shares(parting: dict | None, fractions: list[float], within: float = 0.005) -> dict | None:
-    """`parting`'s steps, cosines, additions' cosines and additions' lengths at its checkpoints nearest each share of
-    training in `fractions`; None where one has none within `within`."""
-    shares = parting["fractions"] if parting else []
-    at = [min(range(len(shares)), key=lambda i: abs(shares[i] - f), default=None) for f in fractions]
-    if None in at or any(abs(shares[i] - f) > within for i, f in zip(at, fractions)):
+def at_shares(shares: list[float], wanted: list[float], within: float = 0.005) -> list[int | None]:
+    """For each share of training in `wanted`, the index of the nearest of `shares` (a training's checkpoints'
+    fractions of its steps), or None where none lies within `within`: trainings with other step counts round their
+    checkpoints' shares differently (251 of 838 steps, 503 of 1676)."""
+    nearest = [min(range(len(shares)), key=lambda i: abs(shares[i] - f), default=None) for f in wanted]
+    return [i if i is not None and abs(shares[i] - f) <= within else None for i, f in zip(nearest, wanted)]
+
+
+def parting_at_shares(parting: dict | None, fractions: list[float]) -> dict | None:
+    """`parting`'s steps, cosines, additions' cosines and additions' lengths at its checkpoints at each share of
+    training in `fractions` (`at_shares`); None where one has none."""
+    at = at_shares(parting["fractions"] if parting else [], fractions)
+    if None in at:
         return None
     keys = ("steps", "cosines", "added", "added_ratio")
     return {key: [parting[key][i] for i in at] if parting.get(key) else None for key in keys}

@@ -909,6 +909,9 @@ def test_two_trainings_are_compared_checkpoint_by_checkpoint_where_both_have_one
     assert trajectory_agreement(tmp_path / "a", tmp_path / "b", -2, [])["cosine_per_layer"][1][2] == pytest.approx(1.0)
     write_trajectory(tmp_path / "stopped", theirs[:2], [0.0, 0.5])  # a training that stopped half-way
     assert trajectory_agreement(tmp_path / "a", tmp_path / "stopped", -1, [])["fractions"] == [0.0, 0.5]
+    write_trajectory(tmp_path / "longer", theirs[[0, 0, 1, 1, 2]], [0.0, 0.2502, 0.4998, 0.7501, 1.0])  # more steps
+    longer = trajectory_agreement(tmp_path / "a", tmp_path / "longer", -1, [])
+    assert longer["fractions"] == [0.0, 0.5, 1.0] and longer["cosine_per_layer"] == result["cosine_per_layer"]
     write_trajectory(tmp_path / "other", theirs, [0.0, 0.5, 1.0], n_train=8)
     with pytest.raises(ValueError, match="other settings"):
         trajectory_agreement(tmp_path / "a", tmp_path / "other", -1, [])

@@ -26,6 +26,7 @@ from ..evaluation import refusal_scores
 from ..files import atomic_write, atomic_write_json
 from ..judges import judged_completions, refused_count
 from ..models import ChatModel
+from ..spreads import at_shares
 from .training import StepCallback
 
 FOLDER = "trajectory"
@@ -138,7 +139,8 @@ def add_final_direction(folder: Path, direction: torch.Tensor, position: int, la
 
 
 def trajectory_agreement(reference: Path, other: Path, position: int, dims: list[int]) -> dict:
-    """Two trainings' candidates checkpoint by checkpoint (two seeds of one recipe, both with a trajectory): per
+    """Two trainings' candidates checkpoint by checkpoint (two seeds of one recipe, both with a trajectory), at the
+    checkpoints they share by share of training (`spreads.at_shares`, so trainings of other step counts pair up): per
     checkpoint and layer at `position`, with `dims` zeroed, the cosine between their difference-of-means candidates;
     where both start from the untuned model, also the cosine between what each training added to its candidate
     (a checkpoint's minus the untuned one's; None at the start) and the size of `reference`'s addition relative to
@@ -149,18 +151,20 @@ def trajectory_agreement(reference: Path, other: Path, position: int, dims: list
             raise ValueError(f"The trajectories of {reference} and {other} were recorded with other {key}: "
                              f"{ours[key]} and {theirs[key]}.")
     fractions = [[c["fraction"] for c in record["checkpoints"]] for record in (ours, theirs)]
-    shared = [f for f in fractions[0] if f in fractions[1]]
+    at = at_shares(fractions[1], fractions[0])  # theirs at each of our checkpoints' shares of training
+    ours_at = [i for i, j in enumerate(at) if j is not None]
+    theirs_at = [at[i] for i in ours_at]
+    shared = [fractions[0][i] for i in ours_at]
     if not shared:
         raise ValueError(f"The trajectories of {reference} and {other} share no checkpoint (a training stopped early?).")
     if position not in ours["positions"]:
         raise ValueError(f"Position {position} is not among the trajectories' positions {ours['positions']}.")
     index = ours["positions"].index(position)
-    pick = [[fs.index(f) for f in shared] for fs in fractions]
-    a = zero_dims(our_candidates[pick[0], index], dims)  # (checkpoint, layer, d_model)
-    b = zero_dims(their_candidates[pick[1], index], dims)
+    a = zero_dims(our_candidates[ours_at, index], dims)  # (checkpoint, layer, d_model)
+    b = zero_dims(their_candidates[theirs_at, index], dims)
     cosine = torch.nn.functional.cosine_similarity(a, b, dim=-1)
     result = {"position": position, "zero_dims": list(dims), "settings": ours["settings"], "fractions": shared,
-              "steps": [ours["checkpoints"][i]["step"] for i in pick[0]],
+              "steps": [ours["checkpoints"][i]["step"] for i in ours_at],
               "cosine_per_layer": [[round(float(c), 3) for c in row] for row in cosine]}
     if shared[0] == 0.0 and len(shared) > 1:  # both start from the untuned model: compare what training added
         added = torch.nn.functional.cosine_similarity(a[1:] - a[0], b[1:] - b[0], dim=-1)
