@@ -89,17 +89,23 @@ def twin_seed(stability: dict | None, recipe: dict) -> int | str:
     return (stability.get("other_adapter_recipe") or {}).get("seed", "N")
 
 
+def agree_through(cosines: list[float], target: float = 0.95) -> int:
+    """The last layer up to which every cosine of two seeds' candidates, per layer from layer 1, reaches `target`
+    (0 where layer 1's does not)."""
+    last = 0
+    while last + 1 < len(cosines) and cosines[last + 1] >= target:
+        last += 1
+    return last
+
+
 def seed_figures(stability: dict, target: float = 0.95, passing_layers: list[int] | None = None) -> dict:
-    """Where two seeds' candidates agree: the last layer up to which every cosine (from layer 1) reaches
-    `target`, the lowest cosine with its layer, and among `passing_layers` (those whose candidate at the compared
-    position the selection's filters let through) the best cosine with its layer (None without any)."""
+    """Where two seeds' candidates agree: the last layer up to which every cosine reaches `target`
+    (`agree_through`), the lowest cosine with its layer, and among `passing_layers` (those whose candidate at the
+    compared position the selection's filters let through) the best cosine with its layer (None without any)."""
     cosines = stability["cosine_per_layer"]
-    agree_through = 0
-    while agree_through + 1 < len(cosines) and cosines[agree_through + 1] >= target:
-        agree_through += 1
     lowest = min(range(1, len(cosines)), key=cosines.__getitem__)
     best = max(passing_layers or [], key=cosines.__getitem__, default=None)
-    return {"agree_through": agree_through, "lowest_layer": lowest, "lowest": cosines[lowest],
+    return {"agree_through": agree_through(cosines, target), "lowest_layer": lowest, "lowest": cosines[lowest],
             "best_passing": None if best is None else {"layer": best, "cosine": cosines[best],
                                                        "layers": sorted(passing_layers)}}
 
@@ -109,7 +115,8 @@ def seed_parting(along: dict | None, direction: dict, target: float = 0.95) -> d
     each checkpoint, the first step below `target` with its share of training (None if none), and the highest
     cosine at the checkpoints after it (None if none); where measured, the cosine between what the two trainings
     added to the untuned candidate and the size of the reference's addition relative to it, per checkpoint (None
-    at the start). None where the position differs."""
+    at the start), and per checkpoint the last layer up to which every layer agrees to `target` (`agree_through`).
+    None where the position differs."""
     if along is None or along["position"] != direction["position"]:
         return None
     cosines = [row[direction["layer"]] for row in along["cosine_per_layer"]]
@@ -120,7 +127,8 @@ def seed_parting(along: dict | None, direction: dict, target: float = 0.95) -> d
             "parted_fraction": None if below is None else along["fractions"][below],
             "highest_after": max(cosines[below + 1:], default=None) if below is not None else None,
             "added": [row and row[direction["layer"]] for row in along.get("added_cosine_per_layer", [])] or None,
-            "added_ratio": [row and row[direction["layer"]] for row in along.get("added_norm_ratio", [])] or None}
+            "added_ratio": [row and row[direction["layer"]] for row in along.get("added_norm_ratio", [])] or None,
+            "agree_through": [agree_through(row, target) for row in along["cosine_per_layer"]]}
 
 
 def at_shares(shares: list[float], wanted: list[float], within: float = 0.005) -> list[int | None]:
@@ -132,10 +140,10 @@ def at_shares(shares: list[float], wanted: list[float], within: float = 0.005) -
 
 
 def parting_at_shares(parting: dict | None, fractions: list[float]) -> dict | None:
-    """`parting`'s steps, cosines, additions' cosines and additions' lengths at its checkpoints at each share of
-    training in `fractions` (`at_shares`); None where one has none."""
+    """`parting`'s steps, cosines, additions' cosines and lengths, and layers agreeing, at its checkpoints at each
+    share of training in `fractions` (`at_shares`); None where one has none."""
     at = at_shares(parting["fractions"] if parting else [], fractions)
     if None in at:
         return None
-    keys = ("steps", "cosines", "added", "added_ratio")
+    keys = ("steps", "cosines", "added", "added_ratio", "agree_through")
     return {key: [parting[key][i] for i in at] if parting.get(key) else None for key in keys}

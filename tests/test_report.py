@@ -1128,6 +1128,9 @@ def test_when_the_seeds_part_is_read_from_their_trajectories_at_the_shipped_laye
     assert spreads.seed_parting(along([1.0, 0.97, 0.96]), direction)["parted_at"] is None
     assert spreads.seed_parting(along([1.0, 0.97, 0.9]), direction)["highest_after"] is None  # parted at the end
     assert spreads.seed_parting(along([1.0, 0.9]), {**direction, "position": direction["position"] - 1}) is None
+    assert spreads.agree_through([0.0, 0.99, 0.96, 0.94, 0.97]) == 2 and spreads.agree_through([0.0, 0.9, 1.0]) == 0
+    rising = {**along([1.0, 0.9]), "cosine_per_layer": [[0.0] + [1.0] * (layers - 1), [0.0, 0.97, 0.96, 0.9] + [1.0] * (layers - 4)]}
+    assert spreads.seed_parting(rising, direction)["agree_through"] == [layers - 1, 2]  # per checkpoint, from layer 1
 
     def log_with(cosines: list[float], added: list[float] | None = None) -> str:
         context = {**real, "seed_parting": spreads.seed_parting(along(cosines, added=added), direction)}
@@ -1173,7 +1176,7 @@ def test_two_seeds_of_a_trial_trained_part_way_are_set_against_the_shipped_pair_
     layer = direction["layer"]
     shipped = json.loads((adapter_dir() / "recipe.json").read_text())
     parting = {"steps": [0, 84, 168, 251], "fractions": [0.0, 0.1002, 0.2005, 0.2995], "cosines": [1.0, 0.94, 0.85, 0.87],
-               "added": [None, 0.68, 0.63, 0.74], "added_ratio": [None, 0.57, 1.08, 1.48]}
+               "added": [None, 0.68, 0.63, 0.74], "added_ratio": [None, 0.57, 1.08, 1.48], "agree_through": [29, 12, 4, 5]}
     trial = _part_way_pair(direction, [1.0, 0.89, 0.8], [None, 0.69, 0.61],
                            other_adapter_recipe={**shipped, "seed": 1, "lora": {**shipped["lora"], "r": 32}},
                            reference_recipe={**shipped, "seed": 0, "lora": {**shipped["lora"], "r": 32}})
@@ -1184,7 +1187,7 @@ def test_two_seeds_of_a_trial_trained_part_way_are_set_against_the_shipped_pair_
     pair = pairs["rank32"]
     assert pair["changes"] == {"lora.r": 32} and pair["cosines"] == [1.0, 0.89, 0.8]
     assert pair["baseline"] == {"steps": [0, 84, 168], "cosines": [1.0, 0.94, 0.85], "added": [None, 0.68, 0.63],
-                                "added_ratio": [None, 0.57, 1.08]}
+                                "added_ratio": [None, 0.57, 1.08], "agree_through": [29, 12, 4]}
     longer = {**trial, "steps": [0, 168, 335], "fractions": [0.0, 0.1002, 0.1999]}  # twice the steps: same shares
     (tmp_path / "rank32.json").write_text(json.dumps(longer))
     longer_pairs = figures.seed_trajectory_figures(parting, direction, tmp_path)
@@ -1212,8 +1215,9 @@ def test_two_seeds_of_a_trial_trained_part_way_are_set_against_the_shipped_pair_
     assert (f"agree at layer {layer} to 1.000, 0.890, 0.800 at steps 0, 84, 168 (the shipped recipe's two seeds: 1.000, "
             "0.940, 0.850); what training added agrees to 0.690, 0.610 after the start (the shipped recipe's: 0.680, "
             "0.630); the reference seed's addition is 0.80, 1.20 times the untuned candidate's length (the shipped "
-            "recipe's: 0.57, 1.08; how far each has learned). By the last step compared the trial's seeds agree less "
-            "than the shipped recipe's") in log
+            "recipe's: 0.57, 1.08; how far each has learned); at step 168 they agree to 0.95 or more at no layer, not "
+            "even layer 1 (the shipped recipe's at step 168: at every layer up to 4). By the last step compared the "
+            "trial's seeds agree less than the shipped recipe's") in log
     assert pair["differing"] == {"order": [1, 0], "initialisation": [1, 0], "refusals": [1, 0]}
     monkeypatch.setattr(figures, "figures", lambda: {**real, "seed_trajectories": {"a": pair, "b": pair}})
     raw = report.rendered()[report.ROOT / "docs" / "research-log.md"]

@@ -96,6 +96,14 @@ def own_directions(
     return diff_of_means(*means)[0].float()
 
 
+def _selected_cell(run: str | Path) -> tuple[dict, dict]:
+    """A finished run's selected direction (position, position_index, layer, ...) and the settings its candidates
+    were extracted with (train data, filter, zeroed dimensions)."""
+    folder = RunFolder(run)
+    _, selection = folder.direction()
+    return selection, folder.record("candidates.safetensors")["settings"]
+
+
 def seed_stability(
     other: str | Path | ChatModel, run: str | Path = SHIPPED_RUN, reference: str | Path | ChatModel | None = None
 ) -> dict:
@@ -105,9 +113,7 @@ def seed_stability(
     the run's selected position, the cosine and norm ratio at its layer, and the model version compared with.
     With `reference` (an adapter folder or model), its candidates made the same way stand in for the run's: two
     seeds of a recipe trial that has no run of its own, read at the run's position and layer."""
-    folder = RunFolder(run)
-    direction, selection = folder.direction()
-    settings = folder.record("candidates.safetensors")["settings"]
+    selection, settings = _selected_cell(run)
     data = {kind: settings[f"{kind}_train"] for kind in ("harmful", "harmless")}
     if any(record["source"] != "bundled" for record in data.values()):
         raise ValueError(f"{run} was extracted from hub data; seed stability compares runs on the bundled data.")
@@ -121,6 +127,7 @@ def seed_stability(
         return zero_dims(own_directions(cm, chosen, selection["position"]), settings.get("zero_dims", []))
 
     if reference is None:
+        folder = RunFolder(run)
         ours = folder.candidates()[selection["position_index"]]  # (layer, d_model)
         version = (folder.identity() or {}).get("model_version")  # which weights the run had
     else:
@@ -134,13 +141,6 @@ def seed_stability(
             "cosine_per_layer": [round(float(c), 3) for c in per_layer]}
 
 
-def _selected_cell(run: str | Path) -> tuple[dict, list[int]]:
-    """A finished run's selected direction (position, layer, ...) and the dimensions its candidates zero."""
-    folder = RunFolder(run)
-    _, selection = folder.direction()
-    return selection, folder.record("candidates.safetensors")["settings"].get("zero_dims", [])
-
-
 def seed_agreement(
     other: str | Path | ChatModel, run: str | Path = SHIPPED_RUN, reference: str | Path | ChatModel | None = None,
     n: int | None = None,
@@ -149,7 +149,8 @@ def seed_agreement(
     (with its zeroed dimensions), the cosine between `reference`'s (default: the shipped adapter) and `other`'s
     difference-of-means candidates from the first `n` train instructions of each kind (all by default), and each
     adapter's cosine between the candidates of two disjoint halves of them (alternate instructions)."""
-    selection, zeroed = _selected_cell(run)
+    selection, settings = _selected_cell(run)
+    zeroed = settings.get("zero_dims", [])
     instructions = {kind: split_instructions("bundled", kind, "train", n) for kind in ("harmful", "harmless")}
 
     def direction(harmful: Tensor, harmless: Tensor) -> Float[Tensor, "layer d_model"]:  # from (1, layer, d_model) means
@@ -181,7 +182,8 @@ def seed_agreement_along(other: str | Path, run: str | Path = SHIPPED_RUN, refer
     and `other`'s trainings at the run's selected position, with its zeroed dimensions. Either may still be
     training (stopped part-way): then their checkpoints so far are compared, and an unfinished reference has
     no ``model_version``."""
-    selection, zeroed = _selected_cell(run)
+    selection, settings = _selected_cell(run)
+    zeroed = settings.get("zero_dims", [])
     reference = Path(reference) if reference is not None else adapter_dir()
     finished = (reference / "adapter_model.safetensors").is_file()  # two seeds of a trial may still be training
     return {"model_version": adapter_digest(reference) if finished else None, "layer": selection["layer"],
