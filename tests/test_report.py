@@ -1157,11 +1157,11 @@ def test_a_training_time_is_written_only_where_it_covers_the_whole_training():
     assert report.train_time({"resumed_from_step": 250, "train_seconds": 7000.2, "train_seconds_this_run": 10.0}) == "7000 s"
 
 
-def _part_way_pair(direction: dict, cosines: list, added: list, **recipes) -> dict:
+def _part_way_pair(direction: dict, cosines: list, added: list, elsewhere: float = 0.5, **recipes) -> dict:
     """A `stability --trajectory` result at `direction`'s position, steps 0, 84 and 168, with these cosines and
-    additions' cosines at its layer (0.5 at the others)."""
+    additions' cosines at its layer (`elsewhere` at the others)."""
     def rows(values):
-        return [None if v is None else [0.5] * direction["layer"] + [v] + [0.5] for v in values]
+        return [None if v is None else [elsewhere] * direction["layer"] + [v] + [elsewhere] for v in values]
     return {"position": direction["position"], "steps": [0, 84, 168], "fractions": [0.0, 0.1, 0.2],
             "settings": {"n_train": 128}, "cosine_per_layer": rows(cosines), "added_cosine_per_layer": rows(added),
             "added_norm_ratio": rows([None, 0.8, 1.2]), **recipes}
@@ -1196,12 +1196,15 @@ def test_two_seeds_of_a_trial_trained_part_way_are_set_against_the_shipped_pair_
     log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
     assert ("at steps 0, 168, 335 (the shipped recipe's two seeds at steps 0, 84, 168, the same shares of training: "
             "1.000, 0.940, 0.850)") in log and "agree more than" not in log
-    closer = {**trial, "cosine_per_layer": _part_way_pair(direction, [1.0, 0.95, 0.9], [None, 0.7, 0.8])["cosine_per_layer"]}
+    closer = {**trial, "cosine_per_layer": _part_way_pair(direction, [1.0, 0.95, 0.9], [None, 0.7, 0.8],
+                                                          elsewhere=0.99)["cosine_per_layer"]}
     (tmp_path / "rank32.json").write_text(json.dumps(closer))
     monkeypatch.setattr(figures, "figures", lambda: {**real, "seed_trajectories": figures.seed_trajectory_figures(
         parting, direction, tmp_path)})
     log = " ".join(report.rendered()[report.ROOT / "docs" / "research-log.md"].split())
     assert "By the last step compared the trial's seeds agree more than the shipped recipe's (0.900 against 0.850)." in log
+    assert (f"at step 168 they agree to 0.95 or more at every layer up to {layer - 1} (the shipped recipe's at step 168: "
+            "at every layer up to 4)") in log  # the trial's layers agree below the shipped layer
     assert "agree less than" not in log
     (tmp_path / "rank32.json").write_text(json.dumps({**trial, "fractions": [0.0, 0.1, 0.15]}))  # no shipped checkpoint
     assert figures.seed_trajectory_figures(parting, direction, tmp_path)["rank32"]["baseline"] is None
